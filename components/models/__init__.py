@@ -1,0 +1,120 @@
+"""Models and tokenizers: the tiny demo model built from a config in the repo, and safe loading.
+
+A model is always a Hugging Face directory (config.json, *.safetensors, tokenizer files), so every stage
+can start from a user's base model or from any other stage's output. Weights load from safetensors only:
+nothing from a user path goes through pickle, and `trust_remote_code` stays off.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+log = logging.getLogger(__name__)
+
+TINY_CONFIG = Path(__file__).with_name("tiny.yaml")
+
+# Special tokens of the character-level tokenizer. `<|end|>` closes every chat turn and is the EOS token,
+# so generation stops when the assistant's message ends.
+PAD, EOS, BOS = "<|pad|>", "<|end|>", "<|bos|>"
+ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_char_tokenizer():
+    """A character-level tokenizer over printable ASCII and newline, with chat special tokens.
+
+    Every task family writes prompts and completions in printable ASCII, so this alphabet covers them all;
+    an unknown character maps to `<|unk|>` rather than failing.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, EOS, BOS, "<|unk|>"] + [f"<|{r}|>" for r in ROLES]
+    chars = list("\n" + "".join(chr(c) for c in range(32, 127)))
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token="<|unk|>",
+        additional_special_tokens=[f"<|{r}|>" for r in ROLES],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"  # generation pads on the left; training packs and never pads inside a sequence
+    return fast
+
+
+def tiny_config(vocab_size: int, config_path: Path = TINY_CONFIG):
+    from transformers import LlamaConfig, Qwen2Config
+
+    spec = yaml.safe_load(config_path.read_text())
+    arch = spec.pop("architecture")
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}.get(arch)
+    if cls is None:
+        raise ValueError(f"{config_path}: architecture {arch!r} is not one of qwen2, llama")
+    return cls(vocab_size=vocab_size, use_cache=True, **spec)
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, config_path: Path = TINY_CONFIG) -> Path:
+    """Build the random-init tiny model and its tokenizer and save both (safetensors) to `out_dir`."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    tok = build_char_tokenizer()
+    cfg = tiny_config(len(tok), config_path)
+    cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("built tiny model (%s, %.2fM parameters) in %s", cfg.model_type, n / 1e6, out)
+    return out
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A model directory must hold config.json and safetensors weights; pickle weights are refused."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: not a model directory (no config.json)")
+    if not any(p.glob("*.safetensors")):
+        pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
+        extra = f" (found {', '.join(pickled)}; convert them to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"{p}: no *.safetensors weights{extra}; only safetensors are loaded")
+    return p
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+    """Load a causal LM from a Hugging Face directory, safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    p = check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        p, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+    )
+    return model.to(device)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+__all__ = ["build_char_tokenizer", "build_tiny_model", "check_model_dir", "load_model", "load_tokenizer",
+           "tiny_config", "TINY_CONFIG"]

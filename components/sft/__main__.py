@@ -1,0 +1,3 @@
+from components.sft.main import main
+
+main()

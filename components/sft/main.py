@@ -1,0 +1,112 @@
+"""SFT stage: supervised fine-tuning with method sft, psft or sft_kl, on a JSONL dataset, by path.
+
+Single device:   python -m components.sft --config sft.yaml      (or: posttrain stage sft --config sft.yaml)
+N ranks:         torchrun --nproc-per-node N -m components.sft --config sft.yaml   (DeepSpeed ZeRO)
+
+It differs from a plain fine-tuning script in three ways: only completion tokens are trained and they are
+packed (no padding, no attention across sequences); PSFT trains against a π_old frozen for
+`updates_per_batch` steps with a clipped ratio, which keeps entropy from collapsing; SFT-KL adds β·KL to
+a reference model. Every row problem is reported by file and line before any training starts.
+
+Outputs in `output_dir`: model/ (Hugging Face, safetensors), metrics.jsonl (one line per step),
+summary.json (data statistics and the final step's metrics), checkpoints/ (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from components.config import load_config
+from components.datasets import load_sft_examples
+from components.models import load_model, load_tokenizer
+from components.training import distributed
+from components.training.loop import TrainConfig, train
+
+log = logging.getLogger("components.sft")
+
+
+@dataclass(kw_only=True)
+class SFTConfig(TrainConfig):
+    """An SFT stage: the training settings plus where the model and data are."""
+
+    model: str
+    """Base model: a Hugging Face directory with safetensors weights."""
+    train_data: str
+    """SFT JSONL: {"prompt", "completion"} or {"messages"} rows."""
+    output_dir: str
+    """Where model/, metrics.jsonl, summary.json and checkpoints/ go."""
+    ref_model: str | None = None
+    """SFT-KL: the reference model (default: the base model)."""
+    max_length: int = 1024
+    """Longest sequence in tokens (prompt + completion)."""
+    overlong: str = "drop"
+    """What to do with a longer row: drop or truncate (both counted)."""
+    max_bad_fraction: float = 0.0
+    """Share of unusable rows (bad JSON, missing fields, empty completions) tolerated; each is logged and counted."""
+    trust_remote_code: bool = False
+    """Allow model code from the model directory (only for models you trust)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa, flash_attention_2 (GPU, flash-attn installed), flex_attention or eager."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length} is invalid: an integer ≥ 2")
+        if not 0 <= self.max_bad_fraction < 1:
+            raise ValueError(f"max_bad_fraction={self.max_bad_fraction} is invalid: a number in [0, 1)")
+
+
+def run(cfg: SFTConfig) -> dict:
+    out = Path(cfg.output_dir)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    examples, stats = load_sft_examples(cfg.train_data, tokenizer, max_length=cfg.max_length,
+                                        overlong=cfg.overlong, max_bad_fraction=cfg.max_bad_fraction)
+    log.info("data %s: %s", cfg.train_data, stats.as_dict())
+
+    load = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    model = load_model(cfg.model, **load)
+    ref_model = load_model(cfg.ref_model or cfg.model, **load) if cfg.method == "sft_kl" else None
+
+    train_fields = {k: v for k, v in asdict(cfg).items() if k in TrainConfig.__dataclass_fields__}
+    history = train(TrainConfig(**train_fields), model, examples, out, pad_id=tokenizer.pad_token_id,
+                    ref_model=ref_model)
+
+    dist = distributed.init()
+    summary = {"method": cfg.method, "data": stats.as_dict(), "steps": len(history),
+               "final": history[-1] if history else None}
+    save_model(model, tokenizer, out / "model", dist)
+    if dist.rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("saved %s", out / "model")
+    return summary
+
+
+def save_model(model, tokenizer, path: Path, dist) -> None:
+    """Save a Hugging Face directory (safetensors) from rank 0; ZeRO-3 shards are gathered first."""
+    if dist.world > 1:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if dist.rank == 0:
+                model.save_pretrained(path, safe_serialization=True)
+    else:
+        model.save_pretrained(path, safe_serialization=True)
+    if dist.rank == 0:
+        tokenizer.save_pretrained(path)
+    dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m components.sft", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="stage config YAML (see components/sft/README.md)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(load_config(SFTConfig, args.config))
+
+
+if __name__ == "__main__":
+    main()

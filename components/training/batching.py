@@ -1,0 +1,143 @@
+"""Batching: chat templates, completion-only loss masks, and packing into token-budget micro-batches.
+
+A training example is a prompt and a completion turned into token ids. Only completion tokens are
+trained (the loss mask is 0 on the prompt). Examples are packed into one row per micro-batch, up to
+`token_budget` tokens, with position ids restarting at 0 for every sequence. Transformers derives the
+document mask from those position ids (sdpa, eager and flex attention build a block-diagonal causal
+mask; flash-attention runs varlen), so attention never crosses a sequence boundary and no compute is
+spent on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(slots=True)
+class Example:
+    """One tokenized sequence: `input_ids[completion_start:]` is the completion to train on."""
+    input_ids: list[int]
+    completion_start: int
+    source: str = ""  # "file:line" of the row it came from, for error messages
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def render_prompt_completion(tokenizer, prompt, completion: str) -> tuple[str, str]:
+    """Render a prompt (a string or chat messages) and its completion as text through the chat template.
+
+    Returns (prompt_text, completion_text), prompt_text ending with the generation prompt, so that
+    the completion's tokens are exactly what a model generates. Without a chat template, a string prompt
+    is used as is and the completion ends with the EOS token.
+    """
+    if tokenizer.chat_template is None:
+        if not isinstance(prompt, str):
+            raise ValueError("chat messages need a tokenizer with a chat template")
+        return prompt, completion + (tokenizer.eos_token or "")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
+                                              tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+    return prompt_text, full_text[len(prompt_text):]
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """The text a model is given to generate a completion for `prompt`."""
+    if tokenizer.chat_template is None:
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_example(tokenizer, prompt, completion: str, source: str = "") -> Example:
+    """Tokenize prompt and completion separately, so no token ever straddles the boundary."""
+    prompt_text, completion_text = render_prompt_completion(tokenizer, prompt, completion)
+    p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    return Example(input_ids=p + c, completion_start=len(p), source=source)
+
+
+def pack_sequences(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Group sequence indices into bins of at most `token_budget` tokens (first-fit decreasing).
+
+    Deterministic for given lengths. A sequence longer than the budget gets a bin of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for b, r in enumerate(room):
+            if n <= r:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(token_budget - n)
+    for b in bins:
+        b.sort()
+    return bins
+
+
+@dataclass(slots=True)
+class PackedBatch:
+    """One micro-batch: a single row of packed sequences (shape [1, T]).
+
+    `targets[t]` is the token that position t predicts; `loss_mask[t]` is 1 where that target is a
+    completion token of the same sequence; `seq_index[t]` is the index (in the step's list of examples)
+    of the sequence position t belongs to, −1 on padding.
+    """
+    input_ids: Tensor
+    position_ids: Tensor
+    targets: Tensor
+    loss_mask: Tensor
+    seq_index: Tensor
+
+    def to(self, device) -> PackedBatch:
+        return PackedBatch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__slots__))
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.seq_index >= 0).sum())
+
+
+def collate_packed(examples: list[Example], indices: list[int], pad_id: int, pad_to_multiple: int = 8,
+                   ) -> PackedBatch:
+    ids, pos, tgt, mask, seq = [], [], [], [], []
+    for i in indices:
+        ex = examples[i]
+        n = len(ex.input_ids)
+        ids += ex.input_ids
+        pos += range(n)
+        tgt += ex.input_ids[1:] + [pad_id]
+        # position t predicts token t+1: trained when t+1 is a completion token of this sequence
+        mask += [1.0 if ex.completion_start <= t + 1 < n else 0.0 for t in range(n)]
+        seq += [i] * n
+    pad = (-len(ids)) % pad_to_multiple
+    ids += [pad_id] * pad
+    pos += range(pad)
+    tgt += [pad_id] * pad
+    mask += [0.0] * pad
+    seq += [-1] * pad
+    as_row = lambda xs, dt: torch.tensor(xs, dtype=dt).unsqueeze(0)  # noqa: E731
+    return PackedBatch(as_row(ids, torch.long), as_row(pos, torch.long), as_row(tgt, torch.long),
+                       as_row(mask, torch.float32), as_row(seq, torch.long))
+
+
+def micro_batches(examples: list[Example], token_budget: int, pad_id: int) -> list[PackedBatch]:
+    """Pack a step's examples into micro-batches of at most `token_budget` tokens each."""
+    return [collate_packed(examples, b, pad_id) for b in pack_sequences([len(e) for e in examples], token_budget)]
+
+
+def sequence_sums(values: Tensor, batch: PackedBatch, num_seqs: int) -> Tensor:
+    """Sum a per-token quantity (masked by the loss mask) per sequence: a [num_seqs] tensor."""
+    idx = batch.seq_index.clamp(min=0).reshape(-1)
+    out = torch.zeros(num_seqs, dtype=values.dtype, device=values.device)
+    return out.index_add(0, idx, (values * batch.loss_mask).reshape(-1))

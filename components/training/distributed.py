@@ -1,0 +1,184 @@
+"""One device with plain torch, or several ranks under DeepSpeed ZeRO, behind the same small interface.
+
+`init()` reads the torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK). With one rank the engine is
+plain torch: AdamW, gradient-norm clipping, a LambdaLR schedule. With more, DeepSpeed ZeRO stage 2 or 3
+(optimizer states, and with stage 3 parameters, partitioned across ranks; optional CPU offload) wraps the
+same model, optimizer and schedule. The loop only calls backward / step / lr / save / load.
+
+Checkpoints are directories `step-NNNNNNNN` holding a COMPLETE marker written last: a checkpoint
+interrupted while being written is never resumed from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    def _reduce(self, values: list[float], op) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=op)
+        return t.tolist()
+
+    def all_reduce_sum(self, x: float) -> float:
+        return self._reduce([x], torch.distributed.ReduceOp.SUM if self.world > 1 else None)[0]
+
+    def all_reduce_max(self, x: int) -> int:
+        return int(self._reduce([float(x)], torch.distributed.ReduceOp.MAX if self.world > 1 else None)[0])
+
+    def all_reduce_sums(self, d: dict[str, float]) -> dict[str, float]:
+        keys = sorted(d)
+        vals = self._reduce([d[k] for k in keys], torch.distributed.ReduceOp.SUM if self.world > 1 else None)
+        return dict(zip(keys, vals))
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def _param_groups(model, cfg) -> list[dict]:
+    """Weight decay on matrices only, not on norms and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _optimizer(model, cfg):
+    cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=cfg.adam_betas, fused=cuda)
+
+
+def make_engine(model, cfg, lr_lambda, dist: Dist):
+    if dist.world == 1:
+        return PlainEngine(model, cfg, lr_lambda)
+    return DeepSpeedEngine(model, cfg, lr_lambda, dist)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = sorted(p for p in Path(root).glob("step-*") if (p / COMPLETE).exists())
+    return done[-1] if done else None
+
+
+class PlainEngine:
+    def __init__(self, model, cfg, lr_lambda):
+        self.model, self.cfg = model, cfg
+        self.optimizer = _optimizer(model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+
+    def backward(self, loss, last: bool):
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, path: Path, client_state: dict):
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), **client_state}, tmp / "state.pt")
+        (tmp / COMPLETE).touch()
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+
+    def load(self, path: Path) -> dict:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state.pop("model"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self.scheduler.load_state_dict(state.pop("scheduler"))
+        return state
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO with gradient accumulation over a variable number of micro-batches per step."""
+
+    def __init__(self, model, cfg, lr_lambda, dist: Dist):
+        import deepspeed
+
+        self.dist = dist
+        offload = {"device": "cpu", "pin_memory": dist.device.type == "cuda"}
+        zero = {"stage": cfg.zero_stage, "overlap_comm": dist.device.type == "cuda", "contiguous_gradients": True}
+        if cfg.offload:
+            zero["offload_optimizer"] = offload
+            if cfg.zero_stage == 3:
+                zero["offload_param"] = offload
+        # bf16-mixed means bf16 autocast (applied by the loop) over fp32 weights, gradients and optimizer, as
+        # on one device. DeepSpeed's own bf16 mode would instead cast the model to bf16 (fp32 only in the
+        # optimizer's master copy), so forward, gradient reduction and the saved model would differ: keep it off.
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.grad_clip, "zero_optimization": zero, "bf16": {"enabled": False},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30, "wall_clock_breakdown": False,
+        }
+        if cfg.offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(_param_groups(model, cfg), lr=cfg.lr, betas=cfg.adam_betas)
+        else:
+            optimizer = _optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    def backward(self, loss, last: bool):
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, path: Path, client_state: dict):
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state)
+        self.dist.barrier()
+        if self.dist.rank == 0:
+            (path / COMPLETE).touch()
+        self.dist.barrier()
+
+    def load(self, path: Path) -> dict:
+        _, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        return client_state

@@ -1,0 +1,47 @@
+"""Per-token log-probabilities and entropies, computed in chunks.
+
+A forward over a packed micro-batch yields hidden states [T, H]; the language-model head maps them to
+[T, V] logits. For V ≈ 150k and T ≈ 8k, fp32 logits alone would take 5 GB, and autograd would keep
+them for the backward pass. Here the head, the log-softmax, the gather of the target token and the
+entropy run on `chunk_size` tokens at a time inside an activation checkpoint: only one chunk's logits
+ever exist, in the forward and again when the backward recomputes them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_logp_entropy(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    logits = head(hidden).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = lse - (probs * logits).sum(-1)
+    return logp, entropy
+
+
+def token_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor, *, chunk_size: int = 2048,
+                   ) -> tuple[Tensor, Tensor]:
+    """log π(targets[t] | hidden[t]) and the entropy of π(· | hidden[t]) for every position t.
+
+    hidden: [..., H]; targets: [...] token ids (use any valid id where the position is masked out).
+    Returns two fp32 tensors shaped like `targets`; the log-probs carry gradients, the entropies do not.
+    """
+    shape = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    logps, ents = [], []
+    for s in range(0, h.shape[0], chunk_size):
+        hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
+        if grad:
+            lp, en = checkpoint(_chunk_logp_entropy, head, hc, yc, use_reentrant=False)
+        else:
+            lp, en = _chunk_logp_entropy(head, hc, yc)
+        logps.append(lp)
+        ents.append(en)
+    return torch.cat(logps).reshape(shape), torch.cat(ents).reshape(shape)

@@ -1,15 +1,15 @@
 """`arithmetic`: integer addition and subtraction, the demo task.
 
 Chosen so that a tiny character-level model trained for a few CPU minutes is clearly imperfect in-domain
-(carries and borrows across three digits are hard for it), which leaves room for RL, while the
+(carries, borrows and signs of two-digit sums and differences are hard for it), which leaves room for RL, while the
 out-of-domain split asks for generalization the model never saw:
 
 - in-domain ("id"): `a+b=` or `a-b=`, each operand a non-negative integer with 1..`max_digits_id` digits
   (the digit count is drawn uniformly first, then the value, so short operands are not drowned out).
-  Prompt `347+58=`, completion `405`; `12-345=` -> `-333`.
+  Prompt `47+58=`, completion `105`; `12-45=` -> `-33`.
 - out-of-domain ("ood"), always test problems, two kinds mixed:
   - longer operands: two operands with 1..`ood_digits` digits, at least one longer than `max_digits_id`
-    (`4821-37=`);
+    (`482-37=`);
   - an unseen form: three in-domain-sized terms (`12+34-5=`), evaluated left to right.
 
 The train/test part of an in-domain problem is a hash of its prompt (see `_common.is_test_problem`).
@@ -32,6 +32,7 @@ from ._common import check_args, effective_part, is_test_problem, make_rng, samp
 MAX_DIGITS_ID = 2             # in-domain operands have 1..MAX_DIGITS_ID digits
 OOD_DIGITS = 3                # ood "long" operands have up to OOD_DIGITS digits (> MAX_DIGITS_ID)
 OOD_THREE_TERM_FRACTION = 0.5  # share of ood rows in the three-term form
+OPS = "+-"                    # the operators drawn
 
 MAX_ANSWER_CHARS = 64  # longer completions are wrong without parsing them (no huge int conversions)
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -73,8 +74,11 @@ class Arithmetic:
     max_digits_id: int = MAX_DIGITS_ID
     ood_digits: int = OOD_DIGITS
     ood_three_term_fraction: float = OOD_THREE_TERM_FRACTION
+    ops: str = OPS
 
     def __post_init__(self) -> None:
+        if not self.ops or set(self.ops) - set("+-"):
+            raise ValueError(f"ops must be a non-empty subset of '+-', got {self.ops!r}")
         if self.max_digits_id < 1:
             raise ValueError(f"max_digits_id must be >= 1, got {self.max_digits_id}")
         if self.ood_digits <= self.max_digits_id:
@@ -86,17 +90,17 @@ class Arithmetic:
 
     def _draw_id(self, rng: random.Random) -> tuple[list[int], list[str]]:
         operands = [draw_operand(rng, rng.randint(1, self.max_digits_id)) for _ in range(2)]
-        return operands, [rng.choice("+-")]
+        return operands, [rng.choice(self.ops)]
 
     def _draw_ood(self, rng: random.Random) -> tuple[list[int], list[str]]:
         if rng.random() < self.ood_three_term_fraction:
             operands = [draw_operand(rng, rng.randint(1, self.max_digits_id)) for _ in range(3)]
-            return operands, [rng.choice("+-"), rng.choice("+-")]
+            return operands, [rng.choice(self.ops), rng.choice(self.ops)]
         while True:  # at least one operand longer than in-domain; ends fast (P >= 1 - (max_id/ood)^2)
             digits = [rng.randint(1, self.ood_digits) for _ in range(2)]
             if max(digits) > self.max_digits_id:
                 break
-        return [draw_operand(rng, d) for d in digits], [rng.choice("+-")]
+        return [draw_operand(rng, d) for d in digits], [rng.choice(self.ops)]
 
     def _draw(self, rng: random.Random, split: str, part: str) -> tuple[str, str, str] | None:
         operands, ops = self._draw_ood(rng) if split == "ood" else self._draw_id(rng)

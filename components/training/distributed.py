@@ -161,6 +161,12 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     def backward(self, loss, last: bool):
+        # The loop runs the wrapped model directly, not `engine(...)`, so do what engine.forward does at the
+        # start of every micro-batch: tell the ZeRO optimizer a new micro-batch begins. Without it ZeRO-3
+        # never advances its micro-step counter and each micro-batch's gradients overwrite the previous
+        # ones instead of accumulating (ZeRO-2 skips its per-micro-batch reset). Nothing reads this state
+        # between the forward and the backward, so calling it here is the same.
+        self.engine.optimizer.clear_backward_seen_flag()
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 

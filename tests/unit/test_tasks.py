@@ -174,7 +174,7 @@ def test_arithmetic_ood_rows_are_long_or_three_terms():
             assert all(len(t) <= task.max_digits_id for t in terms)
         else:
             kinds.add("long")
-            assert max(len(t) for t in terms) == task.ood_digits  # 4 > max_digits_id == 3
+            assert max(len(t) for t in terms) == task.ood_digits  # longer than any in-domain operand
         assert int(row["answer"]) == eval_plus_minus(row["prompt"][:-1])  # trusted, generated text only
     assert kinds == {"three_terms", "long"}
 
@@ -357,3 +357,11 @@ def test_verify_never_raises_on_non_strings(name, bad):
     row = task.generate(1, seed=0)[0]
     assert task.verify(row["prompt"], bad, row["answer"]) == 0.0
     assert task.verify(bad, bad, bad) == 0.0
+
+
+def test_arithmetic_ops_restrict_the_operators():
+    task = Arithmetic(ops="+")
+    for split in ("id", "ood"):
+        assert all("-" not in r["prompt"] for r in task.generate(100, seed=0, split=split))
+    with pytest.raises(ValueError, match="ops"):
+        Arithmetic(ops="*")

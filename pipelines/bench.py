@@ -1,0 +1,483 @@
+"""`posttrain bench`: throughput, MFU and peak memory of our objectives, optionally against TRL on the same data.
+
+    posttrain bench --size tiny|0.5b|1.5b --objectives sft,psft [--peers trl] [--json]
+                    [--steps 15] [--warmup 5] [--batch-size 8] [--min-len 128] [--max-len 1024]
+                    [--token-budget T] [--updates-per-batch 8] [--peer-dtype auto|bf16|fp32] [--out FILE]
+
+Workload (the peer anchors' SFT workload, /work/shared/bench/peer_anchors.py `sft()`)
+    A random-init Qwen2 of the chosen shape (the same SIZES table, tie_word_embeddings, rope_theta 1e6, sdpa,
+    torch.manual_seed(0)), and batch_size × (warmup + steps + 2) rows drawn with random.Random(0) exactly as
+    the anchors draw them: n ~ uniform[min_len, max_len], prompt = n // 4 words "t<id>" (id uniform in
+    [3, vocab)), completion = the other n - n // 4. With the defaults (15 measured + 5 warm-up steps) the
+    rows are the anchors' default rows, one for one; the row sequence is prefix-stable in the row count.
+
+    Our loop gets the words directly as token ids ("t<i>" -> i): prompt ids, completion ids, then EOS (id 2,
+    as TRL appends it), so n + 1 tokens with completion_start = n // 4; the loss covers the completion and
+    the EOS. No chat template.
+
+    The TRL peer gets the same rows as text, with two changes that make it see exactly those n + 1 tokens
+    (checked: the "same_tokens" field of the trl_sft line compares TRL's tokenized dataset with our
+    Examples, ids and loss masks):
+    - the tokenizer's special tokens t0/t1/t2 (unk/pad/eos) are single-word added tokens. In peer_anchors'
+      tokenizer they are plain added tokens, which match *inside* words: "t200" -> [t2, unk], "t135" ->
+      [t1, unk], so about 48% of the words (43% at vocab 512) become two tokens, TRL trains on ~1.48 n
+      tokens per row (truncated at max_length) and the anchors' tokens_per_s, which counts n words, is
+      that much below what TRL actually processed.
+    - the completion is given as " " + completion + " t2": TRL tokenizes prompt + completion as one
+      string and appends EOS with no separator, so otherwise the last prompt word and the first completion
+      word ("t66t100"), and the last completion word and EOS ("t53t2"), merge into unknown tokens.
+
+Measurement
+    Each objective runs `components.training.loop.train` for warmup + steps optimizer steps of batch_size
+    sequences (token_budget tokens per packed micro-batch: 16384 on GPU, 4096 on CPU unless given; PSFT
+    with updates_per_batch π_old snapshots, 8 as in the reference setting, so a snapshot's extra forward
+    pass falls in the measured window in proportion). Precision is the loop's "auto": fp32 weights and
+    AdamW with bf16 autocast on GPU, fp32 on CPU.
+
+    - tokens_per_s: non-pad tokens of the measured steps (the steps after warm-up) / the sum of their
+      step_time_s (a step's time covers packing, forward, backward, optimizer step, up to a device sync).
+    - mfu: the FLOPs of those steps (components.training.flops.training_flops over the sequences each step
+      actually trained) / that time / peak_flops (PEAK_TFLOPS, or a known GPU's bf16 peak); null on CPU
+      unless PEAK_TFLOPS is set.
+    - peak_mem_gb: torch.cuda.max_memory_allocated during the measurement (null on CPU); peak_rss_gb: the
+      process's peak resident set during the measurement (VmHWM, reset per measurement through
+      /proc/self/clear_refs; where that is not possible, resource.getrusage's ru_maxrss since the process
+      started: "peak_rss_scope": "process").
+
+    The TRL peer (`--peers trl`, SFT only) runs SFTTrainer as the anchors do (packing=False, no activation
+    checkpointing, lr 1e-5, bf16=True on GPU; weights bf16 on GPU as in the anchors, see --peer-dtype) with
+    max_length = max_len + 1 (nothing is truncated). Time: from the end of warm-up step `warmup` to the end
+    of the last step, synchronized at both ends (the anchors' Clock callback, minus the trainer's teardown);
+    tokens and FLOPs: the lengths of the batches its collator actually built for the measured steps (TRL
+    samples its own random rows of the same set; rates are per token, so that is fair). Our lines get
+    "speedup_vs_trl" = our tokens_per_s / TRL's tokens_per_s ("vs": "trl_sft"; for psft too, as the cost of
+    PSFT relative to TRL's SFT). TRL is an optional extra (pip install -e '.[bench]'), imported lazily; when
+    it is missing the trl_sft line carries an "error" and the rest still runs.
+
+Output
+    One JSON line per measurement (what: posttrain_<objective> | trl_sft), e.g.
+    {"what": "posttrain_sft", "size": "tiny", "bs": 8, "steps": 15, "warmup": 5, "tokens_per_s": ...,
+     "sec_per_step": ..., "mfu": null, "peak_mem_gb": null, "peak_rss_gb": ..., "device": "cpu", ...}
+    With --json only those lines go to stdout (logs and the trainers' own output go to stderr); without it
+    a table. --out FILE also appends the JSON lines to FILE. Exit status 0, or 1 when one of our objectives
+    failed (its line then carries "error"), 2 on bad arguments (unknown objective or peer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+log = logging.getLogger("posttrain.bench")
+
+# The peer anchors' model shapes (peer_anchors.py SIZES), random-init Qwen2.
+SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936),
+}
+OBJECTIVES = ("sft", "psft")  # objectives this benchmark knows; dpo / grpo come later
+PEERS = ("trl",)
+UNK_ID, PAD_ID, EOS_ID = 0, 1, 2  # "t0", "t1", "t2": the anchors' unk / pad / eos
+TRL_MISSING = "trl not installed: pip install -e '.[bench]'"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model and workload
+
+def qwen2_config(size: str):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**SIZES[size], tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=1e6,
+                       attn_implementation="sdpa", use_cache=True)
+
+
+def build_model(size: str, dtype: torch.dtype = torch.float32):
+    """The anchors' random-init model (seed 0), on the CPU; the trainers move it."""
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(qwen2_config(size)).to(dtype=dtype)
+
+
+def text(n: int, vocab: int, rng: random.Random) -> str:
+    """peer_anchors.text: n words "t<id>", id uniform in [3, vocab)."""
+    return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(n))
+
+
+def workload_rows(vocab: int, num_rows: int, min_len: int, max_len: int) -> list[dict]:
+    """The anchors' SFT rows: the same RNG (random.Random(0)) drawn in the same order as peer_anchors.sft()."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(num_rows):
+        n = rng.randint(min_len, max_len)
+        p = n // 4
+        rows.append({"prompt": text(p, vocab, rng), "completion": text(n - p, vocab, rng)})
+    return rows
+
+
+def row_example(row: dict):
+    """A row as our Example: prompt ids, completion ids, EOS; the loss covers completion and EOS."""
+    from components.training.batching import Example
+
+    prompt = [int(w[1:]) for w in row["prompt"].split()]
+    completion = [int(w[1:]) for w in row["completion"].split()]
+    return Example(input_ids=prompt + completion + [EOS_ID], completion_start=len(prompt))
+
+
+def peer_row(row: dict) -> dict:
+    """The row as TRL gets it: separated so that no words merge, EOS given (TRL then appends none)."""
+    return {"prompt": row["prompt"], "completion": " " + row["completion"] + " t2"}
+
+
+def peer_tokenizer(vocab: int):
+    """The anchors' WordLevel tokenizer, with t0/t1/t2 as single-word special tokens (see the module doc)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    special = lambda s: AddedToken(s, single_word=True, special=True)  # noqa: E731
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=special("t0"), pad_token=special("t1"),
+                                   eos_token=special("t2"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device, memory
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _reset_peaks(dev: torch.device) -> bool:
+    """Free what the last measurement left and reset the peak counters; True if the RSS peak could be reset."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _peaks(dev: torch.device, rss_reset: bool) -> dict:
+    rss_gb = None
+    if rss_reset:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        rss_gb = int(line.split()[1]) * 1024 / 2**30
+        except OSError:
+            pass
+    if rss_gb is None:
+        rss_reset = False
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        rss_gb = maxrss / 2**30 if sys.platform == "darwin" else maxrss * 1024 / 2**30
+    return {"peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+            "peak_rss_gb": rss_gb, "peak_rss_scope": "measurement" if rss_reset else "process"}
+
+
+def _sync(dev: torch.device):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Our loop
+
+def run_ours(a, objective: str, examples: list, dev: torch.device, token_budget: int) -> dict:
+    from components.training.flops import peak_flops, training_flops
+    from components.training.loop import TrainConfig, step_indices, train
+
+    total = a.warmup + a.steps
+    cfg = TrainConfig(method=objective, max_steps=total, batch_size=a.batch_size, token_budget=token_budget,
+                      lr=1e-5, seed=0, updates_per_batch=a.updates_per_batch if objective == "psft" else 1,
+                      log_every=total, precision="auto")
+    rss_reset = _reset_peaks(dev)
+    model = build_model(a.size, torch.float32)
+    with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as out:
+        hist = train(cfg, model, examples, out, pad_id=PAD_ID)
+    mem = _peaks(dev, rss_reset)
+    measured = hist[a.warmup:]
+    sec = sum(r["step_time_s"] for r in measured)
+    tokens = int(sum(r["tokens"] for r in measured))
+    step_lengths = [[len(examples[i]) for i in step_indices(len(examples), a.batch_size, r["step"] - 1, cfg.seed)]
+                    for r in measured]  # the sequences each measured step trained
+    flops = sum(training_flops(model, lengths) for lengths in step_lengths)
+    peak = peak_flops(dev)
+    res = {"tokens_per_s": tokens / sec, "sec_per_step": sec / len(measured),
+           "mfu": flops / sec / peak if peak else None,
+           **mem, "tokens": tokens, "trained_tokens": int(sum(r["trained_tokens"] for r in measured)),
+           "token_budget": token_budget, "weights": "fp32",
+           "autocast": "bf16" if dev.type == "cuda" else None, "final_loss": hist[-1]["loss"]}
+    if objective == "psft":
+        res["updates_per_batch"] = cfg.updates_per_batch
+    del model, hist
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# The TRL peer
+
+@contextlib.contextmanager
+def _no_fingerprints():
+    """As the anchors do: datasets hashes map functions with dill, which fails on some images; restored after."""
+    import datasets.fingerprint as fp
+
+    saved = fp.Hasher.__dict__["hash"], fp.update_fingerprint
+    fp.Hasher.hash = classmethod(lambda cls, value: os.urandom(16).hex())
+    fp.update_fingerprint = lambda *args, **kw: os.urandom(16).hex()
+    try:
+        yield
+    finally:
+        fp.Hasher.hash, fp.update_fingerprint = saved
+
+
+def run_trl(a, rows: list[dict], examples: list, dev: torch.device) -> dict:
+    try:
+        import datasets
+        import trl
+        from trl import SFTConfig, SFTTrainer
+    except ImportError:
+        return {"error": TRL_MISSING}
+    import dataclasses
+
+    import transformers
+    from transformers import TrainerCallback
+
+    from components.training.flops import peak_flops, training_flops
+
+    total = a.warmup + a.steps
+    bf16_weights = a.peer_dtype == "bf16" or (a.peer_dtype == "auto" and dev.type == "cuda")
+
+    class Clock(TrainerCallback):
+        """Seconds from the end of step `skip` (or the start) to the end of the last step, synchronized."""
+
+        def __init__(self, skip: int):
+            self.skip, self.t0, self.t1 = skip, None, None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if self.skip == 0:
+                _sync(dev)
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == self.skip:
+                _sync(dev)
+                self.t0 = time.perf_counter()
+            if state.global_step == state.max_steps:
+                _sync(dev)
+                self.t1 = time.perf_counter()
+
+    rss_reset = _reset_peaks(dev)
+    model = build_model(a.size, torch.bfloat16 if bf16_weights else torch.float32)
+    tok = peer_tokenizer(SIZES[a.size]["vocab_size"])
+    out = tempfile.TemporaryDirectory(prefix="posttrain-bench-trl-")
+    kw = dict(output_dir=out.name, per_device_train_batch_size=a.batch_size,
+              max_length=a.max_len + 1, max_steps=total, bf16=dev.type == "cuda", report_to="none",
+              logging_steps=1000, save_strategy="no", packing=False, learning_rate=1e-5, dataloader_num_workers=0,
+              disable_tqdm=True, dataloader_pin_memory=dev.type == "cuda")
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    # TRL defaults gradient checkpointing on; transformers 5 renamed it activation_checkpointing
+    kw["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = False
+    clock = Clock(a.warmup)
+    with _no_fingerprints():
+        tr = SFTTrainer(model=model, args=SFTConfig(**kw), train_dataset=datasets.Dataset.from_list(
+            [peer_row(r) for r in rows]), processing_class=tok, callbacks=[clock])
+    same = _same_tokens(tr.train_dataset, examples)
+    if not same:
+        log.warning("TRL tokenized the rows differently from our Examples: the comparison is not like for like")
+
+    batch_lengths: list[list[int]] = []  # the k-th batch collated is step k+1's (prefetching keeps the order)
+    batch_trained: list[int] = []  # targets with a label (the model shifts labels by one)
+    inner = tr.data_collator
+
+    def collate(features):
+        batch_lengths.append([len(f["input_ids"]) for f in features])
+        batch_trained.append(sum(lab != -100 for f in features for lab in f.get("labels", [])[1:]))
+        return inner(features)
+
+    tr.data_collator = collate
+    try:
+        tr.train()
+    finally:
+        out.cleanup()
+    mem = _peaks(dev, rss_reset)
+    if len(batch_lengths) < total or clock.t0 is None or clock.t1 is None:
+        raise RuntimeError(f"TRL ran {len(batch_lengths)} batches, expected {total}: cannot count its tokens")
+    measured = batch_lengths[a.warmup:total]
+    sec = clock.t1 - clock.t0
+    tokens = sum(sum(b) for b in measured)
+    trained = sum(batch_trained[a.warmup:total])
+    flops = sum(training_flops(model, b) for b in measured)
+    peak = peak_flops(dev)
+    res = {"tokens_per_s": tokens / sec, "sec_per_step": sec / a.steps, "mfu": flops / sec / peak if peak else None,
+           **mem, "tokens": tokens, "trained_tokens": trained or None, "weights": "bf16" if bf16_weights else "fp32",
+           "autocast": "bf16" if dev.type == "cuda" else None, "same_tokens": same,
+           "trl": trl.__version__, "transformers": transformers.__version__,
+           "note": "rows as peer_anchors, given as (prompt, ' '+completion+' t2') with single-word special tokens so "
+                   "TRL sees prompt+completion+eos ids exactly as ours; peer_anchors' own tokenizer splits ~48% of "
+                   "words in two"}
+    del tr, model
+    return res
+
+
+def _same_tokens(dataset, examples: list) -> bool:
+    """TRL's tokenized rows equal our Examples: the same ids, and labels only on the completion (and EOS)."""
+    if len(dataset) != len(examples):
+        return False
+    for row, ex in zip(dataset, examples):
+        if row["input_ids"] != ex.input_ids:
+            return False
+        if "labels" in row:
+            trained = [t for t, lab in enumerate(row["labels"]) if lab != -100]
+        elif "completion_mask" in row:
+            trained = [t for t, m in enumerate(row["completion_mask"]) if m]
+        else:
+            return False
+        if trained != list(range(ex.completion_start, len(ex))):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model shape (default: tiny)")
+    p.add_argument("--objectives", default="sft,psft",
+                   help=f"comma-separated, of {', '.join(OBJECTIVES)} (default: sft,psft)")
+    p.add_argument("--peers", default="", help="comma-separated peers to run on the same rows: trl")
+    p.add_argument("--json", action="store_true", help="print only JSON lines on stdout")
+    p.add_argument("--steps", type=int, default=15, help="measured optimizer steps (default: 15)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up steps before measuring (default: 5)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step (default: 8)")
+    p.add_argument("--min-len", type=int, default=128, help="shortest row, prompt + completion words (default: 128)")
+    p.add_argument("--max-len", type=int, default=1024, help="longest row (default: 1024)")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="tokens per packed micro-batch (default: 16384 on GPU, 4096 on CPU)")
+    p.add_argument("--updates-per-batch", type=int, default=8,
+                   help="PSFT optimizer steps per π_old snapshot (default: 8)")
+    p.add_argument("--peer-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the TRL model's weights: auto = bf16 on GPU, fp32 on CPU, as the anchors (default: auto)")
+    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    return p
+
+
+def _split(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _table(results: list[dict]) -> str:
+    cols = [("what", "{}"), ("size", "{}"), ("bs", "{}"), ("steps", "{}"), ("tokens_per_s", "{:.0f}"),
+            ("sec_per_step", "{:.3f}"), ("mfu", "{:.3f}"), ("peak_mem_gb", "{:.2f}"), ("peak_rss_gb", "{:.2f}"),
+            ("speedup_vs_trl", "{:.2f}x")]
+    def cell(r, k, f):
+        if "error" in r and k not in ("what", "size", "bs", "steps"):
+            return r["error"][:60] if k == "tokens_per_s" else ""
+        v = r.get(k)
+        return "-" if v is None else f.format(v)
+    rows = [[k for k, _ in cols]] + [[cell(r, k, f) for k, f in cols] for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `posttrain bench -- --size ...`: what the CLI's REMAINDER passes through
+        argv = argv[1:]
+    a = _parser().parse_args(argv)
+    objectives, peers = _split(a.objectives), _split(a.peers)
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad or not objectives:
+        print(f"posttrain bench: unknown objective(s) {', '.join(bad) or '(none given)'}; "
+              f"known: {', '.join(OBJECTIVES)}", file=sys.stderr)
+        return 2
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        print(f"posttrain bench: unknown peer(s) {', '.join(bad)}; known: {', '.join(PEERS)}", file=sys.stderr)
+        return 2
+    if a.steps < 1 or a.warmup < 0 or a.batch_size < 1 or not 1 <= a.min_len <= a.max_len:
+        print("posttrain bench: need --steps ≥ 1, --warmup ≥ 0, --batch-size ≥ 1, 1 ≤ --min-len ≤ --max-len",
+              file=sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    stdout = sys.stdout  # results only; everything else (our logs, the trainers' prints) goes to stderr
+    dev = _device()
+    token_budget = a.token_budget or (16384 if dev.type == "cuda" else 4096)
+    total = a.warmup + a.steps
+    rows = workload_rows(SIZES[a.size]["vocab_size"], a.batch_size * (total + 2), a.min_len, a.max_len)
+    examples = [row_example(r) for r in rows]
+    common = {"size": a.size, "bs": a.batch_size, "steps": a.steps, "warmup": a.warmup, "min_len": a.min_len,
+              "max_len": a.max_len, "seq": "prompt+completion+eos", "device": dev.type,
+              "device_name": _device_name(dev)}
+    results: list[dict] = []
+    failed = False
+
+    def emit(rec: dict):
+        results.append(rec)
+        line = json.dumps(rec)
+        if a.json:
+            print(line, file=stdout, flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(line + "\n")
+
+    def measure(what: str, fn) -> dict:
+        log.info("measuring %s (%s, %d+%d steps of %d sequences)", what, a.size, a.warmup, a.steps, a.batch_size)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                return fn()
+        except Exception as e:  # keep the other measurements
+            traceback.print_exc()
+            return {"error": f"{type(e).__name__}: {e}"[:400]}
+
+    trl_rate = None
+    if "trl" in peers:
+        res = measure("trl_sft", lambda: run_trl(a, rows, examples, dev))
+        trl_rate = res.get("tokens_per_s")
+        emit({"what": "trl_sft", **common, **res})
+    for obj in objectives:
+        res = measure(f"posttrain_{obj}", lambda: run_ours(a, obj, examples, dev, token_budget))
+        failed |= "error" in res
+        if trl_rate and "tokens_per_s" in res:
+            res["speedup_vs_trl"] = res["tokens_per_s"] / trl_rate
+            res["vs"] = "trl_sft"
+        emit({"what": f"posttrain_{obj}", **common, **res})
+    if not a.json:
+        print(_table(results), file=stdout, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,7 @@
                     [--steps 15] [--warmup 5] [--batch-size 8] [--min-len 128] [--max-len 1024]
                     [--token-budget T] [--updates-per-batch 8] [--peer-dtype auto|bf16|fp32] [--out FILE]
 
-Workload (the peer anchors' SFT workload, /work/shared/bench/peer_anchors.py `sft()`)
+Workload (the peer anchors' SFT workload: the one TRL's SFTTrainer was measured on, on one H100)
     A random-init Qwen2 of the chosen shape (the same SIZES table, tie_word_embeddings, rope_theta 1e6, sdpa,
     torch.manual_seed(0)), and batch_size × (warmup + steps + 2) rows drawn with random.Random(0) exactly as
     the anchors draw them: n ~ uniform[min_len, max_len], prompt = n // 4 words "t<id>" (id uniform in

@@ -84,3 +84,12 @@ def sample_rows(n: int, rng: random.Random, draw: Draw, *, task: str, split: str
         seen.add(prompt)
         rows.append({"prompt": prompt, "completion": completion, "answer": answer, "task": task, "split": split})
     return rows
+
+
+def generate_rows(task: str, draw: Callable[[random.Random, str, str], tuple[str, str, str] | None], n: int, *,
+                  seed: int, split: str, part: str) -> list[dict]:
+    """The shared body of every task's `generate`: check arguments, seed, and sample `n` distinct rows."""
+    check_args(n, split, part)
+    part = effective_part(split, part)
+    rng = make_rng(task, seed, split, part)
+    return sample_rows(n, rng, lambda r: draw(r, split, part), task=task, split=split, part=part)

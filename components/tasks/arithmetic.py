@@ -26,7 +26,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from ._common import check_args, effective_part, is_test_problem, make_rng, sample_rows
+from ._common import generate_rows, is_test_problem
 
 # Difficulty knobs (the defaults of the `Arithmetic` dataclass).
 MAX_DIGITS_ID = 2             # in-domain operands have 1..MAX_DIGITS_ID digits
@@ -114,10 +114,7 @@ class Arithmetic:
 
     def generate(self, n: int, *, seed: int, split: str = "id", part: str = "train") -> list[dict]:
         """`n` distinct problems of `split`; `part` selects train/test in-domain and is ignored for ood."""
-        check_args(n, split, part)
-        part = effective_part(split, part)
-        rng = make_rng(self.name, seed, split, part)
-        return sample_rows(n, rng, lambda r: self._draw(r, split, part), task=self.name, split=split, part=part)
+        return generate_rows(self.name, self._draw, n, seed=seed, split=split, part=part)
 
     def verify(self, prompt: str, completion: str, answer: str) -> float:
         """1.0 iff the completion is exactly one integer equal to `answer`; never raises."""

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from ._common import check_args, effective_part, is_test_problem, make_rng, sample_rows
+from ._common import generate_rows, is_test_problem
 
 TARGET = 24
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
@@ -348,10 +348,7 @@ class GeneralPoints:
 
     def generate(self, n: int, *, seed: int, split: str = "id", part: str = "train") -> list[dict]:
         """`n` distinct solvable hands of `split`; `part` selects train/test in-domain, ignored for ood."""
-        check_args(n, split, part)
-        part = effective_part(split, part)
-        rng = make_rng(self.name, seed, split, part)
-        return sample_rows(n, rng, lambda r: self._draw(r, split, part), task=self.name, split=split, part=part)
+        return generate_rows(self.name, self._draw, n, seed=seed, split=split, part=part)
 
     def verify(self, prompt: str, completion: str, answer: str) -> float:
         """1.0 iff the completion is a valid equation over the prompt's cards equal to `answer`; never raises."""

@@ -74,7 +74,7 @@ class TrainConfig:
     beta: float = 0.1
     """SFT-KL: weight of the KL penalty to the reference model."""
     checkpoint_every: int = 0
-    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    """Save a resumable checkpoint every N steps (0: none; the stage saves the final model either way)."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep."""
     precision: str = "auto"

@@ -94,12 +94,29 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
+def resolve_attention(name: str = "auto") -> str:
+    """"auto": flash-attention varlen on a GPU with flash-attn installed, else sdpa.
+
+    Both mask packed sequences from their position ids (flash-attention through cu_seqlens, sdpa through a
+    block-diagonal causal mask that transformers derives from them).
+    """
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+               attn_implementation: str = "auto", trust_remote_code: bool = False):
     """Load a causal LM from a Hugging Face directory, safetensors only."""
     from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path)
+    attn_implementation = resolve_attention(attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
         p, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
@@ -117,4 +134,4 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 __all__ = ["build_char_tokenizer", "build_tiny_model", "check_model_dir", "load_model", "load_tokenizer",
-           "tiny_config", "TINY_CONFIG"]
+           "resolve_attention", "tiny_config", "TINY_CONFIG"]

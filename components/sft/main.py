@@ -49,8 +49,9 @@ class SFTConfig(TrainConfig):
     """Share of unusable rows (bad JSON, missing fields, empty completions) tolerated; each is logged and counted."""
     trust_remote_code: bool = False
     """Allow model code from the model directory (only for models you trust)."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel: sdpa, flash_attention_2 (GPU, flash-attn installed), flex_attention or eager."""
+    attn_implementation: str = "auto"
+    """Attention kernel: auto (flash_attention_2 on a GPU with flash-attn installed, else sdpa), sdpa,
+    flash_attention_2, flex_attention or eager."""
 
     def __post_init__(self):
         super().__post_init__()

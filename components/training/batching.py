@@ -88,7 +88,7 @@ def pack_sequences(lengths: list[int], token_budget: int) -> list[list[int]]:
 
 @dataclass(slots=True)
 class PackedBatch:
-    """One micro-batch: a single row of packed sequences (shape [1, T]).
+    """One micro-batch: rows of packed sequences (shape [R, T]).
 
     `targets[t]` is the token that position t predicts; `loss_mask[t]` is 1 where that target is a
     completion token of the same sequence; `seq_index[t]` is the index (in the step's list of examples)
@@ -108,32 +108,50 @@ class PackedBatch:
         return int((self.seq_index >= 0).sum())
 
 
-def collate_packed(examples: list[Example], indices: list[int], pad_id: int, pad_to_multiple: int = 8,
-                   ) -> PackedBatch:
-    ids, pos, tgt, mask, seq = [], [], [], [], []
-    for i in indices:
-        ex = examples[i]
-        n = len(ex.input_ids)
-        ids += ex.input_ids
-        pos += range(n)
-        tgt += ex.input_ids[1:] + [pad_id]
-        # position t predicts token t+1: trained when t+1 is a completion token of this sequence
-        mask += [1.0 if ex.completion_start <= t + 1 < n else 0.0 for t in range(n)]
-        seq += [i] * n
-    pad = (-len(ids)) % pad_to_multiple
-    ids += [pad_id] * pad
-    pos += range(pad)
-    tgt += [pad_id] * pad
-    mask += [0.0] * pad
-    seq += [-1] * pad
-    as_row = lambda xs, dt: torch.tensor(xs, dtype=dt).unsqueeze(0)  # noqa: E731
-    return PackedBatch(as_row(ids, torch.long), as_row(pos, torch.long), as_row(tgt, torch.long),
-                       as_row(mask, torch.float32), as_row(seq, torch.long))
+def collate_packed(examples: list[Example], rows: list[list[int]], pad_id: int, width: int) -> PackedBatch:
+    """Lay out `rows` (lists of example indices, each fitting in `width` tokens) as a [len(rows), width] batch."""
+    cols = {name: [] for name in ("ids", "pos", "tgt", "mask", "seq")}
+    for row in rows:
+        ids, pos, tgt, mask, seq = [], [], [], [], []
+        for i in row:
+            ex = examples[i]
+            n = len(ex.input_ids)
+            ids += ex.input_ids
+            pos += range(n)
+            tgt += ex.input_ids[1:] + [pad_id]
+            # position t predicts token t+1: trained when t+1 is a completion token of this sequence
+            mask += [1.0 if ex.completion_start <= t + 1 < n else 0.0 for t in range(n)]
+            seq += [i] * n
+        pad = width - len(ids)
+        if pad < 0:
+            raise ValueError(f"row of {len(ids)} tokens does not fit in width {width}")
+        # padding is a sequence of its own (positions restart at 0) that nothing attends to or trains on
+        for name, values, fill in (("ids", ids, [pad_id] * pad), ("pos", pos, range(pad)), ("tgt", tgt, [pad_id] * pad),
+                                   ("mask", mask, [0.0] * pad), ("seq", seq, [-1] * pad)):
+            cols[name].append(list(values) + list(fill))
+    as_t = lambda k, dt: torch.tensor(cols[k], dtype=dt)  # noqa: E731
+    return PackedBatch(as_t("ids", torch.long), as_t("pos", torch.long), as_t("tgt", torch.long),
+                       as_t("mask", torch.float32), as_t("seq", torch.long))
 
 
-def micro_batches(examples: list[Example], token_budget: int, pad_id: int) -> list[PackedBatch]:
-    """Pack a step's examples into micro-batches of at most `token_budget` tokens each."""
-    return [collate_packed(examples, b, pad_id) for b in pack_sequences([len(e) for e in examples], token_budget)]
+def micro_batches(examples: list[Example], token_budget: int, pad_id: int, *, single_row: bool = False,
+                  multiple: int = 8) -> list[PackedBatch]:
+    """Pack a step's examples into micro-batches of at most `token_budget` tokens each.
+
+    single_row: one packed row per micro-batch (for varlen kernels such as flash-attention, whose cost is
+    Σ n² whatever the row). Otherwise rows are as wide as the longest sequence (rounded up to `multiple`)
+    and a micro-batch holds token_budget // width of them: kernels that apply a dense block-diagonal mask
+    (sdpa, eager) then pay width² per row instead of token_budget² for one long row.
+    """
+    lengths = [len(e) for e in examples]
+    if single_row:
+        bins = pack_sequences(lengths, token_budget)
+        return [collate_packed(examples, [b], pad_id, -(-sum(lengths[i] for i in b) // multiple) * multiple)
+                for b in bins]
+    width = -(-max(lengths) // multiple) * multiple
+    rows = pack_sequences(lengths, width)
+    per_batch = max(1, token_budget // width)
+    return [collate_packed(examples, rows[i:i + per_batch], pad_id, width) for i in range(0, len(rows), per_batch)]
 
 
 def sequence_sums(values: Tensor, batch: PackedBatch, num_seqs: int) -> Tensor:

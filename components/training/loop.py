@@ -207,10 +207,12 @@ def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Pa
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
     history: list[dict] = []
 
+    varlen = model.config._attn_implementation in ("flash_attention_2", "flash_attention_3")
+
     def step_batches(step: int) -> tuple[list[PackedBatch], list[int]]:
         idx = step_indices(len(examples), cfg.batch_size, step, cfg.seed)[dist.rank::dist.world]
         local = [examples[i] for i in idx]
-        mbs = micro_batches(local, cfg.token_budget, pad_id)
+        mbs = micro_batches(local, cfg.token_budget, pad_id, single_row=varlen)
         # every rank runs the same number of micro-batches (collectives must match): pad with empty ones
         for _ in range(dist.all_reduce_max(len(mbs)) - len(mbs)):
             mbs.append(micro_batches([Example([pad_id] * 8, 8)], 8, pad_id)[0])

@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 import torch
 
 from components.models import load_model, load_tokenizer
@@ -16,12 +18,13 @@ def _examples(tok, n=12, seed=0):
             for _ in range(n)]
 
 
-def test_packed_equals_unpacked_per_sequence(tiny_model_dir):
+@pytest.mark.parametrize("single_row", [False, True])
+def test_packed_equals_unpacked_per_sequence(tiny_model_dir, single_row):
     tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir).eval()
     exs = _examples(tok)
     # packed: all sequences in few rows
     packed = {}
-    for mb in micro_batches(exs, 64, tok.pad_token_id):
+    for mb in micro_batches(exs, 64, tok.pad_token_id, single_row=single_row):
         with torch.no_grad():
             lp, _ = forward_logprobs(model, mb, 16, autocast=False)
         sums = sequence_sums(lp, mb, len(exs))
@@ -54,7 +57,7 @@ def test_pack_sequences_respects_budget_and_keeps_everything():
 
 def test_collate_masks_only_completion_targets_within_a_sequence():
     exs = [Example([10, 11, 12, 13], 2), Example([20, 21, 22], 1)]
-    b = collate_packed(exs, [0, 1], pad_id=0, pad_to_multiple=8)
+    b = collate_packed(exs, [[0, 1]], pad_id=0, width=8)
     assert b.input_ids.tolist() == [[10, 11, 12, 13, 20, 21, 22, 0]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0]]
     # position t predicts t+1: seq 0 trains targets 12, 13; seq 1 trains 21, 22; nothing across the boundary
@@ -68,3 +71,14 @@ def test_chat_template_completion_is_what_the_model_generates(tiny_model_dir):
     e = encode_example(tok, "12+3=", "15")
     assert tok.decode(e.input_ids[:e.completion_start]) == "<|user|>12+3=<|end|><|assistant|>"
     assert tok.decode(e.input_ids[e.completion_start:]) == "15<|end|>"
+
+
+def test_micro_batches_rows_fit_the_longest_sequence_and_the_budget():
+    exs = [Example(list(range(3, 3 + n)), 1) for n in (5, 9, 3, 7, 12, 1, 8)]
+    mbs = micro_batches(exs, 32, pad_id=0)
+    assert all(mb.input_ids.shape[1] == 16 and mb.input_ids.numel() <= 32 for mb in mbs)
+    seen = sorted(i for mb in mbs for i in set(mb.seq_index.flatten().tolist()) - {-1})
+    assert seen == list(range(len(exs)))
+    assert sum(mb.num_tokens for mb in mbs) == sum(len(e) for e in exs)
+    (one,) = micro_batches(exs, 64, pad_id=0, single_row=True)
+    assert one.input_ids.shape == (1, 48) and one.num_tokens == 45

@@ -57,6 +57,8 @@ class SFTConfig(TrainConfig):
         super().__post_init__()
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length} is invalid: an integer ≥ 2")
+        if self.overlong not in ("drop", "truncate"):
+            raise ValueError(f"overlong={self.overlong!r} is invalid: drop or truncate")
         if not 0 <= self.max_bad_fraction < 1:
             raise ValueError(f"max_bad_fraction={self.max_bad_fraction} is invalid: a number in [0, 1)")
 

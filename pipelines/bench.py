@@ -207,12 +207,19 @@ def _sync(dev: torch.device):
         torch.cuda.synchronize()
 
 
+def _rates(tokens: int, sec: float, flops: float, steps: int, dev: torch.device) -> dict:
+    """Throughput and MFU of a measured window, the same way for ours and the peer."""
+    from components.training.flops import peak_flops
+
+    peak = peak_flops(dev)
+    return {"tokens_per_s": tokens / sec, "sec_per_step": sec / steps, "mfu": flops / sec / peak if peak else None}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Our loop
 
 def run_ours(a, objective: str, examples: list, dev: torch.device, token_budget: int) -> dict:
-    from components.training.flops import peak_flops, training_flops
-    from components.training.loop import TrainConfig, step_indices, train
+    from components.training.loop import TrainConfig, train
 
     total = a.warmup + a.steps
     cfg = TrainConfig(method=objective, max_steps=total, batch_size=a.batch_size, token_budget=token_budget,
@@ -226,13 +233,8 @@ def run_ours(a, objective: str, examples: list, dev: torch.device, token_budget:
     measured = hist[a.warmup:]
     sec = sum(r["step_time_s"] for r in measured)
     tokens = int(sum(r["tokens"] for r in measured))
-    step_lengths = [[len(examples[i]) for i in step_indices(len(examples), a.batch_size, r["step"] - 1, cfg.seed)]
-                    for r in measured]  # the sequences each measured step trained
-    flops = sum(training_flops(model, lengths) for lengths in step_lengths)
-    peak = peak_flops(dev)
-    res = {"tokens_per_s": tokens / sec, "sec_per_step": sec / len(measured),
-           "mfu": flops / sec / peak if peak else None,
-           **mem, "tokens": tokens, "trained_tokens": int(sum(r["trained_tokens"] for r in measured)),
+    flops = sum(r["flops"] for r in measured)  # the loop counts the sequences each step trained
+    res = {**_rates(tokens, sec, flops, len(measured), dev), **mem, "tokens": tokens, "trained_tokens": int(sum(r["trained_tokens"] for r in measured)),
            "token_budget": token_budget, "weights": "fp32",
            "autocast": "bf16" if dev.type == "cuda" else None, "final_loss": hist[-1]["loss"]}
     if objective == "psft":
@@ -270,7 +272,7 @@ def run_trl(a, rows: list[dict], examples: list, dev: torch.device) -> dict:
     import transformers
     from transformers import TrainerCallback
 
-    from components.training.flops import peak_flops, training_flops
+    from components.training.flops import training_flops
 
     total = a.warmup + a.steps
     bf16_weights = a.peer_dtype == "bf16" or (a.peer_dtype == "auto" and dev.type == "cuda")
@@ -335,9 +337,7 @@ def run_trl(a, rows: list[dict], examples: list, dev: torch.device) -> dict:
     tokens = sum(sum(b) for b in measured)
     trained = sum(batch_trained[a.warmup:total])
     flops = sum(training_flops(model, b) for b in measured)
-    peak = peak_flops(dev)
-    res = {"tokens_per_s": tokens / sec, "sec_per_step": sec / a.steps, "mfu": flops / sec / peak if peak else None,
-           **mem, "tokens": tokens, "trained_tokens": trained or None, "weights": "bf16" if bf16_weights else "fp32",
+    res = {**_rates(tokens, sec, flops, a.steps, dev), **mem, "tokens": tokens, "trained_tokens": trained or None, "weights": "bf16" if bf16_weights else "fp32",
            "autocast": "bf16" if dev.type == "cuda" else None, "same_tokens": same,
            "trl": trl.__version__, "transformers": transformers.__version__,
            "note": "rows as peer_anchors, given as (prompt, ' '+completion+' t2') with single-word special tokens so "

@@ -144,11 +144,13 @@ def micro_batches(examples: list[Example], token_budget: int, pad_id: int, *, si
     (sdpa, eager) then pay width² per row instead of token_budget² for one long row.
     """
     lengths = [len(e) for e in examples]
+    if not lengths:
+        return []
+    round_up = lambda n: -(-n // multiple) * multiple  # noqa: E731
     if single_row:
-        bins = pack_sequences(lengths, token_budget)
-        return [collate_packed(examples, [b], pad_id, -(-sum(lengths[i] for i in b) // multiple) * multiple)
-                for b in bins]
-    width = -(-max(lengths) // multiple) * multiple
+        return [collate_packed(examples, [b], pad_id, round_up(sum(lengths[i] for i in b)))
+                for b in pack_sequences(lengths, token_budget)]
+    width = round_up(max(lengths))
     rows = pack_sequences(lengths, width)
     per_batch = max(1, token_budget // width)
     return [collate_packed(examples, rows[i:i + per_batch], pad_id, width) for i in range(0, len(rows), per_batch)]

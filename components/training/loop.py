@@ -261,7 +261,7 @@ def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Pa
         flops = dist.all_reduce_sum(training_flops(model, lengths))
         rec = {"step": step + 1, "loss": totals.pop("loss"),
                **{k: v / max(normalizer, 1.0) for k, v in totals.items()},
-               "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "trained_tokens": normalizer,
+               "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "trained_tokens": normalizer, "flops": flops,
                "tokens_per_s": tokens / dt, "mfu": flops / dt / (peak * dist.world) if peak else None,
                "step_time_s": dt}
         history.append(rec)

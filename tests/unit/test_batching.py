@@ -82,3 +82,8 @@ def test_micro_batches_rows_fit_the_longest_sequence_and_the_budget():
     assert sum(mb.num_tokens for mb in mbs) == sum(len(e) for e in exs)
     (one,) = micro_batches(exs, 64, pad_id=0, single_row=True)
     assert one.input_ids.shape == (1, 48) and one.num_tokens == 45
+
+
+def test_no_examples_make_no_micro_batches():
+    # a rank whose shard of a step is empty (batch_size < world size) packs nothing
+    assert micro_batches([], 64, pad_id=0) == []

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast run bench clean
+.PHONY: install test test-fast run bench clean images push constraints k8s-validate
 
 install: $(STAMP)
 
@@ -27,3 +27,31 @@ bench: install           ## throughput of the objectives on the tiny model (JSON
 
 clean:
 	rm -rf .posttrain build *.egg-info
+
+# Images: the same names as pipelines/images.py (POSTTRAIN_REGISTRY / POSTTRAIN_TAG, or REGISTRY= TAG=).
+REGISTRY ?= $(or $(POSTTRAIN_REGISTRY),ghcr.io/posttrain)
+TAG ?= $(or $(POSTTRAIN_TAG),0.1.0)
+DOCKER ?= docker
+IMAGES := trainer runtime mlflow
+
+images:                  ## build the trainer, runtime and MLflow server images (from the repository root)
+	for name in $(IMAGES); do \
+	  $(DOCKER) build -f images/$$name/Dockerfile -t $(REGISTRY)/posttrain-$$name:$(TAG) . || exit 1; \
+	done
+
+push: images             ## push them to $(REGISTRY)
+	for name in $(IMAGES); do $(DOCKER) push $(REGISTRY)/posttrain-$$name:$(TAG) || exit 1; done
+
+constraints: install     ## re-pin images/constraints.txt to the versions installed in $(VENV)
+	$(PY) images/freeze_constraints.py > images/constraints.txt.new
+	mv images/constraints.txt.new images/constraints.txt
+
+k8s-validate: install    ## render every kustomize overlay, validate against the Kubernetes schemas, check policies
+	$(PY) k8s/validate.py
+
+.PHONY: stack-up stack-down
+stack-up: install        ## a local MLflow server (UI on :5000, sqlite) whose artifacts go to S3 (moto) on :9000
+	$(VENV)/bin/posttrain stack up
+
+stack-down:              ## stop it (pid files and logs in .posttrain/stack)
+	$(VENV)/bin/posttrain stack down

@@ -63,3 +63,19 @@ def load_config(cls, path: str | Path):
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read YAML: {e}") from e
     return from_mapping(cls, data, str(path))
+
+
+def stage_main(module_name: str, cls, run, argv: list[str] | None = None):
+    """The command line of every stage: `python -m components.<stage> --config FILE.yaml`; returns run's result."""
+    import argparse
+    import logging
+    import sys
+
+    module = sys.modules[module_name]
+    stage = (module.__spec__.name if module.__spec__ else module_name).split(".")[1]
+    doc = (module.__doc__ or stage).strip().split("\n")[0]
+    p = argparse.ArgumentParser(prog=f"python -m components.{stage}", description=doc)
+    p.add_argument("--config", required=True, help=f"stage config YAML (see components/{stage}/README.md)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(load_config(cls, args.config))

@@ -4,6 +4,13 @@
     posttrain stage sft --config cfg.yaml          run one stage (same as python -m components.sft)
     posttrain tiny-model OUT                       build the tiny model + tokenizer (safetensors) in OUT
     posttrain bench --size tiny --objectives sft,psft [--peers trl] --json
+    posttrain models list|promote|rollback --name NAME   registry aliases (champion, challenger), with an audit trail
+    posttrain stack up|down                        a local MLflow server whose artifacts go to S3 on loopback
+    posttrain run SPEC [--out DIR]                 the whole DAG of a spec (a bundled name or a path) locally
+    posttrain compile SPEC -o pipeline.yaml        KFP IR YAML for a cluster
+    posttrain submit SPEC --host URL               upload the pipeline (or a new version) and start a run
+    posttrain schedule SPEC --host URL --cron EXPR     a recurring run (max concurrency 1, no catch-up)
+    posttrain runs list --host URL                 the latest runs
 """
 
 from __future__ import annotations
@@ -12,13 +19,15 @@ import argparse
 import logging
 import sys
 
-STAGES = {"sft": "components.sft.main"}
+STAGES = {"sft": "components.sft.main", "data_prep": "components.data_prep.main",
+          "reward_scoring": "components.reward_scoring.main", "dpo": "components.dpo.main", "grpo": "components.grpo.main",
+          "evaluate": "components.evaluate.main", "register": "components.register.main"}
 
 
 def _demo(args) -> int:
     from pipelines.demo import DEMO_SPEC, run_demo
 
-    run_demo(args.out, args.spec or DEMO_SPEC)
+    run_demo(args.out, args.spec or DEMO_SPEC, stages=tuple(s for s in args.stages.split(",") if s))
     return 0
 
 
@@ -42,6 +51,71 @@ def _bench(args) -> int:
     return bench_main(args.rest)
 
 
+def _models(args) -> int:
+    from components.register.models import main as models_main
+
+    return models_main(args.rest)
+
+
+def _stack(args) -> int:
+    from pipelines.stack import main as stack_main
+
+    return stack_main(args.rest)
+
+
+def _user_errors(fn):
+    """A bad spec, parameter or URI is the user's to fix: its message, not a traceback (exit status 2)."""
+    def wrapped(args) -> int:
+        try:
+            return fn(args)
+        except ValueError as e:  # ConfigError and SpecError are ValueErrors
+            print(f"posttrain {args.command}: {e}", file=sys.stderr)
+            return 2
+    return wrapped
+
+
+def _run(args) -> int:
+    from pipelines.local import run_local
+    from pipelines.posttrain import parse_params
+    from pipelines.spec import load_spec
+
+    spec = load_spec(args.spec)
+    summary = run_local(spec, args.out, arguments=parse_params(spec, args.param), verbose=args.verbose)
+    return 0 if summary["status"] == "succeeded" else 1
+
+
+def _compile(args) -> int:
+    from pipelines.posttrain import compile_spec
+
+    print(compile_spec(args.spec, args.output))
+    return 0
+
+
+def _submit(args) -> int:
+    import json
+
+    from pipelines.posttrain import parse_params, schedule, submit
+    from pipelines.spec import load_spec
+
+    spec = load_spec(args.spec)
+    params = parse_params(spec, args.param)
+    if args.command == "submit":
+        result = submit(spec, args.host, params=params, namespace=args.namespace)
+    else:
+        result = schedule(spec, args.host, cron=args.cron, max_concurrency=args.max_concurrency,
+                          catchup=args.catchup, params=params, namespace=args.namespace)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _runs(args) -> int:
+    from pipelines.posttrain import list_runs
+
+    for r in list_runs(args.host, experiment=args.experiment, namespace=args.namespace, limit=args.limit):
+        print(f"{r['run_id']}  {r['state'] or '-':<10}  {r['created_at']:<26}  {r['name']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training as a declarative workflow.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="train the tiny model with SFT and PSFT and compare them on held-out data")
     d.add_argument("--out", default=".posttrain/demo", help="output directory (default: .posttrain/demo)")
     d.add_argument("--spec", default=None, help="demo settings YAML (default: the bundled sft-psft-demo.yaml)")
+    d.add_argument("--stages", default="sft,psft",
+                   help="comma-separated: sft, psft, dpo, grpo (dpo and grpo start from the SFT model; default: sft,psft)")
     d.set_defaults(fn=_demo)
 
     s = sub.add_parser("stage", help="run one stage by name, e.g. posttrain stage sft --config cfg.yaml")
@@ -65,9 +141,56 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_bench)
 
+    m = sub.add_parser("models", help="list | promote | rollback --name NAME (posttrain models --help)", add_help=False)
+    m.add_argument("rest", nargs=argparse.REMAINDER)
+    m.set_defaults(fn=_models)
+
+    k = sub.add_parser("stack", help="up | down: a local MLflow server with S3 artifacts (posttrain stack --help)",
+                       add_help=False)
+    k.add_argument("rest", nargs=argparse.REMAINDER)
+    k.set_defaults(fn=_stack)
+
+    r = sub.add_parser("run", help="run a spec's whole DAG here (kfp.local, MLflow in .posttrain/mlflow.db)")
+    r.add_argument("spec", help="a bundled spec (demo, cluster) or a path")
+    r.add_argument("--out", default=None, help="where run_summary.json goes (default: .posttrain/<spec name>)")
+    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a pipeline parameter, e.g. psft_max_steps=100 (repeatable)")
+    r.add_argument("--verbose", action="store_true", help="print every step's output (always in <out>/run.log)")
+    r.set_defaults(fn=_user_errors(_run))
+
+    c = sub.add_parser("compile", help="compile a spec to KFP IR YAML")
+    c.add_argument("spec", help="a bundled spec (demo, cluster) or a path")
+    c.add_argument("-o", "--output", required=True, help="the YAML file to write")
+    c.set_defaults(fn=_user_errors(_compile))
+
+    for name, text in (("submit", "upload the pipeline (or a new version of it) to KFP and start a run"),
+                       ("schedule", "upload the pipeline and create a recurring run on that (latest) version")):
+        u = sub.add_parser(name, help=text)
+        u.add_argument("spec", help="a bundled spec or a path")
+        u.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kfp.example.com "
+                                                     "(a bearer token, if needed: env POSTTRAIN_KFP_TOKEN)")
+        u.add_argument("--namespace", default=None, help="the KFP namespace (multi-user deployments)")
+        u.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="a pipeline parameter for the run(s) (repeatable)")
+        if name == "schedule":
+            u.add_argument("--cron", default=None, help='6-field cron with seconds, e.g. "0 0 3 * * 1" '
+                                                        "(default: the spec's schedule)")
+            u.add_argument("--max-concurrency", type=int, default=None, help="runs at once (default 1)")
+            u.add_argument("--catchup", action=argparse.BooleanOptionalAction, default=None,
+                           help="start the runs missed while paused (default: no)")
+        u.set_defaults(fn=_user_errors(_submit))
+
+    rl = sub.add_parser("runs", help="list the latest runs on a KFP host")
+    rl.add_argument("action", choices=["list"])
+    rl.add_argument("--host", required=True, help="the KFP API endpoint")
+    rl.add_argument("--experiment", default=None, help="only this experiment's runs")
+    rl.add_argument("--namespace", default=None, help="the KFP namespace (multi-user deployments)")
+    rl.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    rl.set_defaults(fn=_runs)
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # bench parses its own flags (argparse.REMAINDER does not take leading dashes)
-        argv = ["bench", "--", *argv[1:]]
+    if argv[:1] in (["bench"], ["models"], ["stack"]):  # they parse their own flags (REMAINDER takes no leading dash)
+        argv = [argv[0], "--", *argv[1:]]
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.fn(args)

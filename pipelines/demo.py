@@ -18,7 +18,7 @@ import yaml
 
 from components.config import from_mapping
 from components.datasets import write_jsonl
-from components.evaluate import evaluate_task
+from components.evaluate.main import evaluate_task
 from components.models import build_tiny_model, load_model, load_tokenizer
 from components.sft.main import SFTConfig, run as run_sft
 from components.tasks import get_task
@@ -33,7 +33,16 @@ def evaluate_model(path: Path, task, spec: dict) -> dict:
                                  max_new_tokens=spec["max_new_tokens"]) for split in ("id", "ood")}
 
 
-def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict | None = None) -> dict:
+STAGES = ("sft", "psft", "dpo", "grpo")
+
+
+def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict | None = None,
+             stages: tuple[str, ...] = ("sft", "psft")) -> dict:
+    """Train and evaluate the demo's `stages`; dpo and grpo start from the SFT model (trained here, or
+    reused from an earlier run in the same output directory)."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown demo stages {unknown}: choose from {', '.join(STAGES)}")
     spec = yaml.safe_load(Path(spec_path).read_text())
     for k, v in (overrides or {}).items():
         (spec["train"] if k in SFTConfig.__dataclass_fields__ else spec)[k] = v
@@ -44,14 +53,42 @@ def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict
     data = out / "data" / "train.jsonl"
     write_jsonl(data, task.generate(spec["train_rows"], seed=spec["seed"], split="id", part="train"))
 
+    def timed(name: str, fn, model_dir: Path) -> None:
+        t0 = time.perf_counter()
+        summary = fn()
+        results[name] = {"train_seconds": time.perf_counter() - t0, "final": summary.get("final"),
+                         "eval": evaluate_model(model_dir, task, spec)}
+
     results = {"base": {"eval": evaluate_model(base, task, spec)}}
     for name in ("sft", "psft"):
+        if name not in stages:
+            continue
         cfg = from_mapping(SFTConfig, {**spec["train"], **spec[name], "model": str(base), "train_data": str(data),
                                        "output_dir": str(out / name), "seed": spec["seed"]}, f"{spec_path}:{name}")
-        t0 = time.perf_counter()
-        summary = run_sft(cfg)
-        results[name] = {"train_seconds": time.perf_counter() - t0, "final": summary["final"],
-                         "eval": evaluate_model(out / name / "model", task, spec)}
+        timed(name, lambda: run_sft(cfg), out / name / "model")
+    start = out / "sft" / "model"
+    if ("dpo" in stages or "grpo" in stages) and "sft" not in results:
+        if not (start / "config.json").exists():
+            raise ValueError(f"dpo and grpo start from the SFT model: add sft to the stages (no {start} yet)")
+        results["sft"] = {"eval": evaluate_model(start, task, spec)}
+    if "dpo" in stages:
+        from components.dpo.main import DPOConfig, run as run_dpo
+        from components.reward_scoring.main import RewardScoringConfig, run as run_scoring
+
+        def dpo():
+            scoring = from_mapping(RewardScoringConfig, {**spec["reward_scoring"], "model": str(start),
+                                                         "task": spec["task"], "output_dir": str(out / "scoring"),
+                                                         "seed": spec["seed"]}, f"{spec_path}:reward_scoring")
+            run_scoring(scoring)
+            return run_dpo(from_mapping(DPOConfig, {**spec["dpo"], "model": str(start), "seed": spec["seed"],
+                                                    "train_data": str(out / "scoring" / "pairs.jsonl"),
+                                                    "output_dir": str(out / "dpo")}, f"{spec_path}:dpo"))
+        timed("dpo", dpo, out / "dpo" / "model")
+    if "grpo" in stages:
+        from components.grpo.main import GRPOConfig, run as run_grpo
+        cfg = from_mapping(GRPOConfig, {**spec["grpo"], "model": str(start), "task": spec["task"],
+                                        "output_dir": str(out / "grpo"), "seed": spec["seed"]}, f"{spec_path}:grpo")
+        timed("grpo", lambda: run_grpo(cfg), out / "grpo" / "model")
     (out / "demo_summary.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))
     return results
@@ -61,7 +98,7 @@ def format_table(results: dict) -> str:
     rows = [f"{'model':<6} {'train s':>8} {'id acc':>7} {'ood acc':>8} {'id entropy':>11} {'ood entropy':>12}"]
     for name, r in results.items():
         ev = r["eval"]
-        secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "-"
+        secs = f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "-"
         rows.append(f"{name:<6} {secs:>8} {ev['id']['accuracy']:>7.1%} {ev['ood']['accuracy']:>8.1%} "
                     f"{ev['id']['entropy']:>11.3f} {ev['ood']['entropy']:>12.3f}")
     return "\n".join(rows)

@@ -14,13 +14,13 @@ summary.json (data statistics and the final step's metrics), checkpoints/ (resum
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from components.config import load_config
+from components import tracking
+from components.config import stage_main
 from components.datasets import load_sft_examples
 from components.models import load_model, load_tokenizer
 from components.training import distributed
@@ -63,6 +63,9 @@ class SFTConfig(TrainConfig):
             raise ValueError(f"max_bad_fraction={self.max_bad_fraction} is invalid: a number in [0, 1)")
 
 
+CONFIG = SFTConfig
+
+
 def run(cfg: SFTConfig) -> dict:
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -75,8 +78,9 @@ def run(cfg: SFTConfig) -> dict:
     ref_model = load_model(cfg.ref_model or cfg.model, **load) if cfg.method == "sft_kl" else None
 
     train_fields = {k: v for k, v in asdict(cfg).items() if k in TrainConfig.__dataclass_fields__}
-    history = train(TrainConfig(**train_fields), model, examples, out, pad_id=tokenizer.pad_token_id,
-                    ref_model=ref_model)
+    with tracking.stage_run("sft", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI
+        history = train(TrainConfig(**train_fields), model, examples, out, pad_id=tokenizer.pad_token_id,
+                        ref_model=ref_model, on_metrics=tracked.log_metrics)
 
     dist = distributed.init()
     summary = {"method": cfg.method, "data": stats.as_dict(), "steps": len(history),
@@ -104,11 +108,7 @@ def save_model(model, tokenizer, path: Path, dist) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m components.sft", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="stage config YAML (see components/sft/README.md)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(load_config(SFTConfig, args.config))
+    stage_main(__name__, SFTConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -135,23 +135,28 @@ def collate_packed(examples: list[Example], rows: list[list[int]], pad_id: int, 
 
 
 def micro_batches(examples: list[Example], token_budget: int, pad_id: int, *, single_row: bool = False,
-                  multiple: int = 8) -> list[PackedBatch]:
+                  multiple: int = 8, groups: list[list[int]] | None = None) -> list[PackedBatch]:
     """Pack a step's examples into micro-batches of at most `token_budget` tokens each.
+
+    groups: lists of example indices that must share a row (DPO's chosen and rejected, whose loss couples
+    them); by default every example is a group of its own.
 
     single_row: one packed row per micro-batch (for varlen kernels such as flash-attention, whose cost is
     Σ n² whatever the row). Otherwise rows are as wide as the longest sequence (rounded up to `multiple`)
     and a micro-batch holds token_budget // width of them: kernels that apply a dense block-diagonal mask
     (sdpa, eager) then pay width² per row instead of token_budget² for one long row.
     """
-    lengths = [len(e) for e in examples]
+    groups = groups if groups is not None else [[i] for i in range(len(examples))]
+    lengths = [sum(len(examples[i]) for i in g) for g in groups]
     if not lengths:
         return []
     round_up = lambda n: -(-n // multiple) * multiple  # noqa: E731
+    expand = lambda bins: [[i for b in bin_ for i in groups[b]] for bin_ in bins]  # noqa: E731
     if single_row:
-        return [collate_packed(examples, [b], pad_id, round_up(sum(lengths[i] for i in b)))
-                for b in pack_sequences(lengths, token_budget)]
+        return [collate_packed(examples, [row], pad_id, round_up(sum(len(examples[i]) for i in row)))
+                for row in expand(pack_sequences(lengths, token_budget))]
     width = round_up(max(lengths))
-    rows = pack_sequences(lengths, width)
+    rows = expand(pack_sequences(lengths, width))
     per_batch = max(1, token_budget // width)
     return [collate_packed(examples, rows[i:i + per_batch], pad_id, width) for i in range(0, len(rows), per_batch)]
 
@@ -161,3 +166,18 @@ def sequence_sums(values: Tensor, batch: PackedBatch, num_seqs: int) -> Tensor:
     idx = batch.seq_index.clamp(min=0).reshape(-1)
     out = torch.zeros(num_seqs, dtype=values.dtype, device=values.device)
     return out.index_add(0, idx, (values * batch.loss_mask).reshape(-1))
+
+
+def completion_values(batch: PackedBatch, examples: list[Example], values: list[Tensor]) -> Tensor:
+    """Lay per-completion-token values (values[i][j]: the j-th completion token of examples[i], e.g. the
+    rollout's log-probs) out like `batch.targets`; 0 where the loss mask is 0."""
+    starts, flat, offset = [], [], 0
+    for ex, v in zip(examples, values):
+        starts.append(offset - (ex.completion_start - 1))  # position p predicts token p+1
+        flat.append(v.reshape(-1).float())
+        offset += v.numel()
+    flat_t = torch.cat(flat + [torch.zeros(1)]).to(batch.targets.device)
+    start_t = torch.tensor(starts, dtype=torch.long, device=batch.targets.device)
+    mask = batch.loss_mask > 0
+    idx = torch.where(mask, start_t[batch.seq_index.clamp(min=0)] + batch.position_ids, offset)
+    return flat_t[idx] * mask

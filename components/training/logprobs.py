@@ -14,8 +14,11 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_logp_entropy(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def _chunk_logp_entropy(head: torch.nn.Module, hidden: Tensor, targets: Tensor, temperature: float,
+                        ) -> tuple[Tensor, Tensor]:
     logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     with torch.no_grad():
@@ -25,8 +28,10 @@ def _chunk_logp_entropy(head: torch.nn.Module, hidden: Tensor, targets: Tensor) 
 
 
 def token_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor, *, chunk_size: int = 2048,
-                   ) -> tuple[Tensor, Tensor]:
+                   temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """log π(targets[t] | hidden[t]) and the entropy of π(· | hidden[t]) for every position t.
+
+    With a temperature, π is softmax(logits / temperature): the distribution a rollout sampled from.
 
     hidden: [..., H]; targets: [...] token ids (use any valid id where the position is masked out).
     Returns two fp32 tensors shaped like `targets`; the log-probs carry gradients, the entropies do not.
@@ -39,9 +44,9 @@ def token_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor, *, ch
     for s in range(0, h.shape[0], chunk_size):
         hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
         if grad:
-            lp, en = checkpoint(_chunk_logp_entropy, head, hc, yc, use_reentrant=False)
+            lp, en = checkpoint(_chunk_logp_entropy, head, hc, yc, temperature, use_reentrant=False)
         else:
-            lp, en = _chunk_logp_entropy(head, hc, yc)
+            lp, en = _chunk_logp_entropy(head, hc, yc, temperature)
         logps.append(lp)
         ents.append(en)
     return torch.cat(logps).reshape(shape), torch.cat(ents).reshape(shape)

@@ -1,4 +1,4 @@
-"""The training loop shared by every objective that trains on dataset tokens (SFT, PSFT, SFT-KL).
+"""The training loop: `Session` (shared by every objective) and `train` for dataset tokens (SFT, PSFT, SFT-KL).
 
 One optimizer step takes `batch_size` sequences (split across ranks), packs them into micro-batches of at
 most `token_budget` tokens, and accumulates gradients over them; the loss is the token-mean over the
@@ -157,68 +157,150 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 # ----------------------------------------------------------------------------------------------------
 # Forward: hidden states of a packed row, then chunked log-probs through the head.
 
-def forward_logprobs(model, batch: PackedBatch, chunk_size: int, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_logprobs(model, batch: PackedBatch, chunk_size: int, autocast: bool, temperature: float = 1.0,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log π(target) and entropy for a packed micro-batch (attention masked by position ids)."""
     with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                   use_cache=False).last_hidden_state
-        return token_logprobs(model.get_output_embeddings(), hidden, batch.targets, chunk_size=chunk_size)
+        return token_logprobs(model.get_output_embeddings(), hidden, batch.targets, chunk_size=chunk_size,
+                              temperature=temperature)
 
 
 # ----------------------------------------------------------------------------------------------------
 
+class Session:
+    """What every training loop shares: device and precision, the engine (plain or DeepSpeed), resume from
+    the latest checkpoint, one optimizer step over packed micro-batches, and the per-step metrics record.
+
+    The loops differ only in where a step's micro-batches come from and in the loss of each (SFT/PSFT/SFT-KL
+    below; DPO and GRPO in their stages).
+    """
+
+    def __init__(self, cfg: TrainConfig, model, output_dir: str | Path,
+                 on_metrics: Callable[[dict], None] | None = None):
+        self.cfg, self.model, self.out, self.on_metrics = cfg, model, Path(output_dir), on_metrics
+        self.dist = dist = distributed.init()
+        self.device = dist.device
+        self.autocast = cfg.precision == "bf16-mixed" or (cfg.precision == "auto" and self.device.type == "cuda")
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        model.to(self.device)
+        model.config.use_cache = False
+        model.train()
+        self.engine = distributed.make_engine(model, cfg, lr_lambda(cfg), dist)
+        self.varlen = model.config._attn_implementation in ("flash_attention_2", "flash_attention_3")
+        self.ckpt_root = self.out / "checkpoints"
+        self.start_step, self.resumed = 0, {}
+        latest = distributed.latest_checkpoint(self.ckpt_root)
+        if latest is not None:
+            state = self.engine.load(latest)
+            self.start_step, self.resumed = state["step"], state
+            random.setstate(_to_pystate(state["py_rng"]))
+            torch.set_rng_state(state["torch_rng"])
+            log.info("resumed from %s at step %d", latest, self.start_step)
+        self.peak = peak_flops(self.device)
+        self.metrics_path = self.out / "metrics.jsonl"
+        if dist.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.metrics_path.exists():  # keep the lines of the steps resumed from, drop any after them
+                kept = [ln for ln in self.metrics_path.read_text().splitlines()
+                        if json.loads(ln)["step"] <= self.start_step]
+                self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        self.history: list[dict] = []
+
+    def forward(self, model, mb: PackedBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_logprobs(model, mb, self.cfg.loss_chunk_size, self.autocast, temperature)
+
+    def micro_batches(self, examples: list[Example], pad_id: int, groups: list[list[int]] | None = None,
+                      ) -> list[PackedBatch]:
+        """This rank's micro-batches on the device; every rank gets the same count (collectives must match)."""
+        mbs = micro_batches(examples, self.cfg.token_budget, pad_id, single_row=self.varlen, groups=groups)
+        for _ in range(self.dist.all_reduce_max(len(mbs)) - len(mbs)):
+            mbs.append(micro_batches([Example([pad_id] * 8, 8)], 8, pad_id)[0])
+        return [mb.to(self.device) for mb in mbs]
+
+    def optimize(self, batches: list[PackedBatch], loss_fn) -> tuple[float, dict[str, float], float, float]:
+        """Backward `loss_fn(i, mb) -> (loss, metric sums)` over every micro-batch, then one optimizer step.
+
+        Returns (summed loss, summed metrics, grad norm, the step's learning rate); sums are local to this rank.
+        """
+        sums: dict[str, float] = {}
+        loss_total = 0.0
+        for i, mb in enumerate(batches):
+            loss, m = loss_fn(i, mb)
+            self.engine.backward(loss * self.dist.world, last=i == len(batches) - 1)
+            loss_total += float(loss.detach())
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        lr = self.engine.lr()
+        grad_norm = self.engine.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss_total, sums, grad_norm, lr
+
+    def record(self, step: int, loss: float, sums: dict[str, float], normalizer: float, grad_norm: float, lr: float,
+               lengths: list[int], seconds: float, extra: dict | None = None) -> dict:
+        """Reduce a step's numbers over ranks, write its metrics line (rank 0) and return it.
+
+        `sums` are divided by `normalizer` (the step's trained-token count); `extra` is reported as is.
+        """
+        dist = self.dist
+        totals = dist.all_reduce_sums({"loss": loss, **sums})
+        tokens = dist.all_reduce_sum(float(sum(lengths)))
+        flops = dist.all_reduce_sum(training_flops(self.model, lengths))
+        rec = {"step": step + 1, "loss": totals.pop("loss"),
+               **{k: v / max(normalizer, 1.0) for k, v in totals.items()}, **(extra or {}),
+               "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "trained_tokens": normalizer, "flops": flops,
+               "tokens_per_s": tokens / seconds, "mfu": flops / seconds / (self.peak * dist.world) if self.peak else None,
+               "step_time_s": seconds}
+        self.history.append(rec)
+        if dist.rank == 0:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if self.on_metrics:
+                self.on_metrics(rec)
+            if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.max_steps:
+                shown = " ".join(f"{k} {rec[k]:.4g}" for k in ("loss", "nll", "entropy", "reward", "rewards/accuracies",
+                                                              "grad_norm", "lr", "tokens_per_s") if rec.get(k) is not None)
+                log.info("step %d/%d %s", step + 1, self.cfg.max_steps, shown)
+        return rec
+
+    def maybe_checkpoint(self, step: int, state: dict | None = None) -> None:
+        """After optimizer step `step` (0-based): save a resumable checkpoint when one is due."""
+        cfg = self.cfg
+        if not (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps):
+            return
+        self.engine.save(self.ckpt_root / f"step-{step + 1:08d}", {
+            "step": step + 1, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+            "config": asdict(cfg), **(state or {})})
+        if self.dist.rank == 0:
+            for old in sorted(self.ckpt_root.glob("step-*"))[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def finish(self) -> list[dict]:
+        self.model.eval()
+        return self.history
+
+
 def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Path, *, pad_id: int,
           ref_model=None, on_metrics: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train `model` in place on `examples`; returns the per-step metrics (also in output_dir/metrics.jsonl).
-
-    Resumes from the latest checkpoint in output_dir/checkpoints when there is one.
+    """Train `model` in place on `examples` with SFT, PSFT or SFT-KL; returns the per-step metrics (also in
+    output_dir/metrics.jsonl). Resumes from the latest checkpoint in output_dir/checkpoints when there is one.
     """
-    out = Path(output_dir)
-    dist = distributed.init()
-    device = dist.device
-    autocast = cfg.precision == "bf16-mixed" or (cfg.precision == "auto" and device.type == "cuda")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    model.to(device)
-    model.config.use_cache = False
-    model.train()
-    if cfg.method == "sft_kl":
-        if ref_model is None:
-            raise ValueError("method sft_kl needs a reference model")
-        ref_model.to(device).eval().requires_grad_(False)
-    engine = distributed.make_engine(model, cfg, lr_lambda(cfg), dist)
-
-    ckpt_root = out / "checkpoints"
-    start_step, old_cache = 0, {}
-    latest = distributed.latest_checkpoint(ckpt_root)
-    if latest is not None:
-        state = engine.load(latest)
-        start_step, old_cache = state["step"], state["old_logp"]
-        random.setstate(_to_pystate(state["py_rng"]))
-        torch.set_rng_state(state["torch_rng"])
-        log.info("resumed from %s at step %d", latest, start_step)
-
-    peak = peak_flops(device)
-    metrics_path = out / "metrics.jsonl"
-    if dist.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if metrics_path.exists():  # keep the lines of the steps being resumed from, drop any after them
-            kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    history: list[dict] = []
-
-    varlen = model.config._attn_implementation in ("flash_attention_2", "flash_attention_3")
+    if cfg.method == "sft_kl" and ref_model is None:
+        raise ValueError("method sft_kl needs a reference model")
+    sess = Session(cfg, model, output_dir, on_metrics)
+    if ref_model is not None:
+        ref_model.to(sess.device).eval().requires_grad_(False)
+    old_cache = sess.resumed.get("old_logp", {})
 
     def step_batches(step: int) -> tuple[list[PackedBatch], list[int]]:
-        idx = step_indices(len(examples), cfg.batch_size, step, cfg.seed)[dist.rank::dist.world]
+        idx = step_indices(len(examples), cfg.batch_size, step, cfg.seed)[sess.dist.rank::sess.dist.world]
         local = [examples[i] for i in idx]
-        mbs = micro_batches(local, cfg.token_budget, pad_id, single_row=varlen)
-        # every rank runs the same number of micro-batches (collectives must match): pad with empty ones
-        for _ in range(dist.all_reduce_max(len(mbs)) - len(mbs)):
-            mbs.append(micro_batches([Example([pad_id] * 8, 8)], 8, pad_id)[0])
-        return [mb.to(device) for mb in mbs], [len(e) for e in local]
+        return sess.micro_batches(local, pad_id), [len(e) for e in local]
 
-    for step in range(start_step, cfg.max_steps):
+    for step in range(sess.start_step, cfg.max_steps):
         t0 = time.perf_counter()
         batches, lengths = step_batches(step)
         use_clip = cfg.method == "psft" and step >= cfg.sft_warmup_steps
@@ -229,61 +311,29 @@ def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Pa
             with torch.no_grad():
                 for s in range(step, min(step + cfg.updates_per_batch, cfg.max_steps)):
                     mbs = batches if s == step else step_batches(s)[0]
-                    old_cache[s] = [forward_logprobs(model, mb, cfg.loss_chunk_size, autocast)[0].cpu() for mb in mbs]
+                    old_cache[s] = [sess.forward(model, mb)[0].cpu() for mb in mbs]
             model.train()
-        normalizer = dist.all_reduce_sum(sum(float(mb.loss_mask.sum()) for mb in batches))
-        sums: dict[str, float] = {}
-        loss_total = 0.0
-        for i, mb in enumerate(batches):
-            logp, entropy = forward_logprobs(model, mb, cfg.loss_chunk_size, autocast)
+        normalizer = sess.dist.all_reduce_sum(sum(float(mb.loss_mask.sum()) for mb in batches))
+
+        def loss_fn(i: int, mb: PackedBatch):
+            logp, entropy = sess.forward(model, mb)
             mask = mb.loss_mask
             if use_clip:
-                loss, m = psft_loss(logp, old_cache[step][i].to(device), mask, normalizer,
+                loss, m = psft_loss(logp, old_cache[step][i].to(sess.device), mask, normalizer,
                                     epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high)
             elif cfg.method == "sft_kl":
                 with torch.no_grad():
-                    ref_logp = forward_logprobs(ref_model, mb, cfg.loss_chunk_size, autocast)[0]
+                    ref_logp = sess.forward(ref_model, mb)[0]
                 loss, m = sft_kl_loss(logp, ref_logp, mask, normalizer, beta=cfg.beta)
             else:
                 loss, m = sft_loss(logp, mask, normalizer)
             m["entropy"] = (entropy * mask).sum()
-            engine.backward(loss * dist.world, last=i == len(batches) - 1)
-            loss_total += float(loss.detach())
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        lr = engine.lr()
-        grad_norm = engine.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        totals = dist.all_reduce_sums({"loss": loss_total, **sums})
-        tokens = dist.all_reduce_sum(float(sum(lengths)))
-        flops = dist.all_reduce_sum(training_flops(model, lengths))
-        rec = {"step": step + 1, "loss": totals.pop("loss"),
-               **{k: v / max(normalizer, 1.0) for k, v in totals.items()},
-               "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "trained_tokens": normalizer, "flops": flops,
-               "tokens_per_s": tokens / dt, "mfu": flops / dt / (peak * dist.world) if peak else None,
-               "step_time_s": dt}
-        history.append(rec)
-        if dist.rank == 0:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if on_metrics:
-                on_metrics(rec)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-                log.info("step %d/%d loss %.4f nll %.4f entropy %.3f grad_norm %.3f lr %.2e tok/s %.0f",
-                         step + 1, cfg.max_steps, rec["loss"], rec.get("nll", float("nan")), rec["entropy"],
-                         rec["grad_norm"], lr, rec["tokens_per_s"])
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-            keep = {s: v for s, v in old_cache.items() if s > step}
-            engine.save(ckpt_root / f"step-{step + 1:08d}", {
-                "step": step + 1, "old_logp": keep, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-                "config": asdict(cfg)})
-            if dist.rank == 0:
-                for old in sorted(ckpt_root.glob("step-*"))[:-cfg.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
-    model.eval()
-    return history
+            return loss, m
+
+        loss, sums, grad_norm, lr = sess.optimize(batches, loss_fn)
+        sess.record(step, loss, sums, normalizer, grad_norm, lr, lengths, time.perf_counter() - t0)
+        sess.maybe_checkpoint(step, {"old_logp": {s: v for s, v in old_cache.items() if s > step}})
+    return sess.finish()
 
 
 def _to_pystate(s):

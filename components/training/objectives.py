@@ -27,12 +27,15 @@ def sft_loss(logp: Tensor, mask: Tensor, normalizer: float) -> tuple[Tensor, dic
 
 
 def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor | float, mask: Tensor,
-                        normalizer: float, epsilon_low: float, epsilon_high: float) -> tuple[Tensor, dict[str, Tensor]]:
+                        normalizer: float, epsilon_low: float, epsilon_high: float, count_mask: Tensor | None = None,
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate: −Σ_t m_t min(r_t Â_t, clip(r_t, 1−ε_low, 1+ε_high) Â_t) / N, r_t = π_θ/π_old.
 
     A token whose ratio is already past the clip in the direction its advantage pushes gets no gradient.
     Metrics follow TRL: a token is clipped low when r < 1−ε_low and Â < 0, high when r > 1+ε_high and Â > 0.
+    They are sums over `count_mask` (default: `mask`; pass the 0/1 token mask when `mask` holds weights).
     """
+    count = mask if count_mask is None else count_mask
     adv = torch.as_tensor(advantages, dtype=logp.dtype, device=logp.device)
     log_ratio = logp - old_logp.detach()
     ratio = torch.exp(log_ratio)
@@ -40,12 +43,12 @@ def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor | flo
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
     with torch.no_grad():
-        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype) * mask
-        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(mask.dtype) * mask
-        kl_old = (kl_k3(logp.detach(), old_logp) * mask).sum()
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(count.dtype) * count
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(count.dtype) * count
+        kl_old = (kl_k3(logp.detach(), old_logp) * count).sum()
     return (per_token * mask).sum() / normalizer, {
         "clip_ratio/low": low.sum(), "clip_ratio/high": high.sum(), "kl_old": kl_old,
-        "nll": -(logp.detach() * mask).sum(),
+        "nll": -(logp.detach() * count).sum(),
     }
 
 
@@ -74,3 +77,103 @@ def sft_kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, normalizer: float,
     kl = kl_k3(logp, ref_logp.detach()) * mask
     nll = -(logp * mask).sum()
     return (nll + beta * kl.sum()) / normalizer, {"nll": nll.detach(), "kl": kl.sum().detach()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# GRPO: group-normalized advantages, aggregation weights, and the clipped loss with an optional k3 KL.
+
+SCALE_REWARDS = ("group", "batch", "none")
+LOSS_AGGREGATIONS = ("token", "sequence", "constant")
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """Â_i = (R_i − mean_G R) / (std R + eps), rewards in prompt-major order ([P·G]).
+
+    scale: "group" divides by each group's std, "batch" by the std of the whole batch (the mean stays the
+    group's), "none" only centers (Dr. GRPO). std is the unbiased one, as in TRL. A group whose rewards are
+    all equal gets Â = 0: it carries no signal.
+    """
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale!r} is invalid: one of {', '.join(SCALE_REWARDS)}")
+    r = rewards.float().reshape(-1, group_size)
+    centered = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+        centered = centered / (std + eps)
+    elif scale == "batch":
+        centered = centered / (r.std() + eps if r.numel() > 1 else eps)
+    return centered.reshape(-1)
+
+
+def aggregation_weights(completion_lengths: Tensor, mode: str, max_completion_length: int) -> Tensor:
+    """Per-token weight of each sequence's tokens in one optimizer step's loss (Σ over tokens of the step).
+
+    token (DAPO, default): 1 / Σ_i |o_i| — every token counts the same;
+    sequence (original GRPO): 1 / (S·|o_i|) — mean over tokens, then over sequences;
+    constant (Dr. GRPO): 1 / (S·max_completion_length) — no length bias.
+    """
+    lengths = completion_lengths.float().clamp(min=1)
+    s = lengths.numel()
+    if mode == "token":
+        return torch.full_like(lengths, 1.0 / float(lengths.sum()))
+    if mode == "sequence":
+        return 1.0 / (s * lengths)
+    if mode == "constant":
+        return torch.full_like(lengths, 1.0 / (s * max_completion_length))
+    raise ValueError(f"loss_aggregation={mode!r} is invalid: one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, weights: Tensor, *,
+              epsilon_low: float, epsilon_high: float, ref_logp: Tensor | None = None, beta: float = 0.0,
+              ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Σ_t w_t [−min(r_t Â_t, clip(r_t, 1−ε_low, 1+ε_high) Â_t) + β·KL_k3(π_θ‖π_ref)_t].
+
+    advantages and weights are per token (a sequence's value repeated over its tokens); `mask` marks the
+    completion tokens; metric sums count tokens (divide by the step's token count to report them).
+    """
+    w = weights * mask
+    loss, m = clipped_policy_loss(logp, old_logp, advantages, w, 1.0, epsilon_low, epsilon_high, count_mask=mask)
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs reference log-probs")
+        kl = kl_k3(logp, ref_logp.detach())
+        loss = loss + beta * (kl * w).sum()
+        m["kl"] = (kl.detach() * mask).sum()
+    return loss, m
+
+
+# ----------------------------------------------------------------------------------------------------
+# DPO: a function of per-sequence log-prob sums of the policy and the reference.
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def dpo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair DPO losses (a [P] tensor; the caller averages) and reward metrics (per pair).
+
+    h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)):
+    sigmoid −log σ(βh) (with label smoothing ε: −(1−ε) log σ(βh) − ε log σ(−βh)); ipo (h − 1/(2β))²
+    (pass length-averaged log-probs, as IPO defines it); hinge max(0, 1 − βh); robust, the unbiased
+    noisy-label loss (−(1−ε) log σ(βh) + ε log σ(−βh)) / (1 − 2ε).
+    """
+    chosen_ratio = chosen - ref_chosen.detach()
+    rejected_ratio = rejected - ref_rejected.detach()
+    h = chosen_ratio - rejected_ratio
+    logsig = torch.nn.functional.logsigmoid
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * logsig(beta * h) - label_smoothing * logsig(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - label_smoothing) * logsig(beta * h) + label_smoothing * logsig(-beta * h)) \
+            / (1 - 2 * label_smoothing)
+    else:
+        raise ValueError(f"loss_type={loss_type!r} is invalid: one of {', '.join(DPO_LOSSES)}")
+    with torch.no_grad():
+        rc, rr = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+        metrics = {"rewards/chosen": rc, "rewards/rejected": rr, "rewards/accuracies": (rc > rr).float(),
+                   "rewards/margins": rc - rr}
+    return losses, metrics

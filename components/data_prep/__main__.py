@@ -1,0 +1,3 @@
+from components.data_prep.main import main
+
+main()

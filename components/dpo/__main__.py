@@ -1,0 +1,3 @@
+from components.dpo.main import main
+
+main()

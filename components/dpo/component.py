@@ -1,0 +1,44 @@
+"""The dpo stage as a KFP component."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from pipelines.images import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def dpo(model: Input[Model], pairs: Input[Dataset], pairs_file: str, settings: str, lr: float, max_steps: int,
+        stage: str, workspace: str, tracking_uri: str, parent_run_id: str, s3_endpoint: str, nproc: int,
+        trained_model: Output[Model], metrics: Output[Metrics]):
+    """Direct preference optimization on {prompt, chosen, rejected} pairs.
+
+    The reference model's log-probs are computed once before training (the reference is the starting policy
+    unless the settings name another); chosen and rejected share one forward. Checkpoints go to the run's
+    workspace, so a retried step resumes from the last one. With nproc > 1 it runs under torchrun.
+
+    Args:
+        model: The policy to start from (the previous training stage's model).
+        pairs: The preference pairs: reward_scoring's output, or data_prep's.
+        pairs_file: The pairs' file inside it: pairs.jsonl or preference.train.jsonl.
+        settings: The stage's settings from the spec (JSON; keys of components/dpo/README.md).
+        lr: Peak learning rate.
+        max_steps: Optimizer steps.
+        stage: The stage's name, for its MLflow run and workspace directory.
+        workspace: The run's workspace; checkpoints go to <workspace>/<stage>.
+        tracking_uri: MLflow tracking URI.
+        parent_run_id: The pipeline's MLflow run.
+        s3_endpoint: S3 endpoint for s3:// URIs.
+        nproc: Processes, one per accelerator.
+        trained_model: The trained model (Hugging Face directory, safetensors).
+        metrics: The final step's metrics: rewards/accuracies, rewards/margins, ...
+    """
+    import os
+
+    from components.step import Step
+
+    step = Step(stage, settings, output_dir=os.path.join(workspace, stage), tracking_uri=tracking_uri,
+                parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc)
+    summary = step.run("dpo", model=model.path, train_data=os.path.join(pairs.path, pairs_file), lr=lr,
+                       max_steps=max_steps)
+    step.export("model", trained_model.path)
+    step.log_metrics(metrics, summary)

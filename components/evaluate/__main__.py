@@ -1,0 +1,3 @@
+from components.evaluate.main import main
+
+main()

@@ -1,0 +1,3 @@
+from components.grpo.main import main
+
+main()

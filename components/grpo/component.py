@@ -1,0 +1,45 @@
+"""The grpo stage as a KFP component."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from pipelines.images import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def grpo(model: Input[Model], data: Input[Dataset], settings: str, rewards: str, lr: float, max_steps: int,
+         stage: str, workspace: str, tracking_uri: str, parent_run_id: str, s3_endpoint: str, nproc: int,
+         trained_model: Output[Model], metrics: Output[Metrics]):
+    """Group relative policy optimization: sample a group of completions per prompt, reward them, and train on
+    group-normalized advantages with the clipped objective (and a KL penalty when beta > 0).
+
+    Checkpoints go to the run's workspace (between rounds), so a retried step resumes from the last one.
+    With nproc > 1 it runs under torchrun, one rank per accelerator.
+
+    Args:
+        model: The policy to start from (the previous training stage's model).
+        data: data_prep's output; the stage samples on prompts.train.jsonl.
+        settings: The stage's settings from the spec (JSON; keys of components/grpo/README.md).
+        rewards: The spec's reward functions (JSON list).
+        lr: Peak learning rate.
+        max_steps: Optimizer steps.
+        stage: The stage's name, for its MLflow run and workspace directory.
+        workspace: The run's workspace; checkpoints go to <workspace>/<stage>.
+        tracking_uri: MLflow tracking URI.
+        parent_run_id: The pipeline's MLflow run.
+        s3_endpoint: S3 endpoint for s3:// URIs.
+        nproc: Processes, one per accelerator.
+        trained_model: The trained model (Hugging Face directory, safetensors).
+        metrics: The final step's metrics: reward, per-function rewards, entropy, clip fractions, ...
+    """
+    import json
+    import os
+
+    from components.step import Step
+
+    step = Step(stage, settings, output_dir=os.path.join(workspace, stage), tracking_uri=tracking_uri,
+                parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc)
+    summary = step.run("grpo", model=model.path, prompts=os.path.join(data.path, "prompts.train.jsonl"),
+                       rewards=json.loads(rewards), lr=lr, max_steps=max_steps)
+    step.export("model", trained_model.path)
+    step.log_metrics(metrics, summary)

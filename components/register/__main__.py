@@ -1,0 +1,3 @@
+from components.register.main import main
+
+main()

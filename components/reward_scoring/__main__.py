@@ -1,0 +1,3 @@
+from components.reward_scoring.main import main
+
+main()

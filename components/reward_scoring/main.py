@@ -1,0 +1,138 @@
+"""reward_scoring stage: sample k completions per prompt from a model, score them, and write preference pairs.
+
+    python -m components.reward_scoring --config scoring.yaml    (or: posttrain stage reward_scoring --config ...)
+
+For each prompt, `num_samples` completions are sampled (the rollout engine, seeded) and scored by the reward
+functions (components/rewards). The best and the worst completion of a prompt make a preference pair for DPO;
+a prompt whose best and worst score the same (a tie) gives no pair, nor does one whose best or worst
+completion is empty or whose two completions are the same text; each is counted.
+
+Outputs in `output_dir`: scored.jsonl (every sample: prompt, completion, answer, reward and per-function
+rewards), pairs.jsonl ({"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"}), stats.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from components import tracking
+from components.config import stage_main
+from components.datasets import write_jsonl
+from components.models import load_model, load_tokenizer
+from components.prompts import PromptSource, require_answers
+from components.rewards import build_rewards
+from components.training.rollout import generate
+
+log = logging.getLogger("components.reward_scoring")
+
+
+@dataclass(kw_only=True)
+class RewardScoringConfig(PromptSource):
+    """A reward_scoring stage: the model, the prompts, the rewards and the sampling settings."""
+
+    model: str
+    """The policy to sample from: a Hugging Face directory with safetensors weights."""
+    output_dir: str
+    """Where scored.jsonl, pairs.jsonl and stats.json go."""
+    rewards: list[dict] = field(default_factory=lambda: [{"name": "task"}])
+    """Reward functions and weights (components/rewards)."""
+    num_samples: int = 4
+    """k: completions sampled per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 64
+    """Most tokens per completion."""
+    generation_batch_size: int = 256
+    """Sequences decoded together."""
+    seed: int = 0
+    """Sampling seed (and the seed of a generated task's prompts)."""
+    trust_remote_code: bool = False
+    """Allow model code from the model directory (only for models you trust)."""
+    attn_implementation: str = "auto"
+    """Attention kernel: auto, sdpa, flash_attention_2, flex_attention or eager."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.num_samples, int) or self.num_samples < 2:
+            raise ValueError(f"num_samples={self.num_samples!r} is invalid: an integer ≥ 2 (a pair needs two)")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} is invalid: a positive number")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} is invalid: a number in (0, 1]")
+
+
+def make_pairs(rows: list[dict], texts: list[str], totals: list[float], k: int) -> tuple[list[dict], Counter]:
+    """Best vs worst completion of each prompt's k samples (samples of a prompt are contiguous)."""
+    pairs, skipped = [], Counter()
+    for p, row in enumerate(rows):
+        group = list(range(p * k, (p + 1) * k))
+        best = max(group, key=lambda i: (totals[i], -i))
+        worst = min(group, key=lambda i: (totals[i], i))
+        if totals[best] == totals[worst]:
+            skipped["tie"] += 1
+        elif not texts[best].strip() or not texts[worst].strip():
+            skipped["empty completion"] += 1
+        elif texts[best].strip() == texts[worst].strip():
+            skipped["same text"] += 1
+        else:
+            pairs.append({"prompt": row["prompt"], "chosen": texts[best], "rejected": texts[worst],
+                          "chosen_reward": totals[best], "rejected_reward": totals[worst]})
+    return pairs, skipped
+
+
+def run(cfg: RewardScoringConfig) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rewards = build_rewards(cfg.rewards, where="rewards")
+    rows = cfg.load_prompts(cfg.seed)
+    require_answers(rows, rewards, cfg.prompts or f"task {cfg.task}")
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    if torch.cuda.is_available():
+        model.cuda()
+    t0 = time.perf_counter()
+    ro = generate(model, tokenizer, [r["prompt"] for r in rows], n=cfg.num_samples, temperature=cfg.temperature,
+                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                  batch_size=cfg.generation_batch_size)
+    gen_s = time.perf_counter() - t0
+    srows = [rows[i] for i in ro.prompt_index]
+    totals, per_fn = rewards.score([r["prompt"] for r in srows], ro.texts, [r.get("answer") for r in srows],
+                                   [r.get("task") for r in srows])
+    write_jsonl(out / "scored.jsonl", ({"prompt": r["prompt"], "completion": t, "answer": r.get("answer"),
+                                        "reward": tot, "rewards": {fn: v[i] for fn, v in per_fn.items()}}
+                                       for i, (r, t, tot) in enumerate(zip(srows, ro.texts, totals))))
+    pairs, skipped = make_pairs(rows, ro.texts, totals, cfg.num_samples)
+    write_jsonl(out / "pairs.jsonl", pairs)
+    t = torch.tensor(totals, dtype=torch.float64)
+    stats = {"prompts": len(rows), "samples": len(ro), "pairs": len(pairs), "skipped": dict(skipped),
+             "reward_mean": float(t.mean()), "reward_std": float(t.std()) if len(t) > 1 else 0.0,
+             **{f"rewards/{fn}/mean": float(torch.tensor(v, dtype=torch.float64).mean()) for fn, v in per_fn.items()},
+             "completions/mean_length": sum(ro.lengths) / len(ro), "tokens_per_s": sum(ro.lengths) / gen_s,
+             "rollout_s": gen_s}
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    with tracking.stage_run("reward_scoring", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI
+        tracked.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))}, step=0)
+    log.info("%d prompts × %d samples: reward %.3f ± %.3f, %d pairs (skipped %s), %.0f tok/s", len(rows),
+             cfg.num_samples, stats["reward_mean"], stats["reward_std"], len(pairs), dict(skipped),
+             stats["tokens_per_s"])
+    return stats
+
+
+CONFIG = RewardScoringConfig
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__name__, RewardScoringConfig, run, argv)
+
+
+if __name__ == "__main__":
+    main()

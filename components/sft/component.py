@@ -1,0 +1,44 @@
+"""The sft stage (methods sft, psft and sft_kl) as a KFP component."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from pipelines.images import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def sft(model: Input[Model], data: Input[Dataset], settings: str, lr: float, max_steps: int, stage: str,
+        workspace: str, tracking_uri: str, parent_run_id: str, s3_endpoint: str, nproc: int,
+        trained_model: Output[Model], metrics: Output[Metrics]):
+    """Supervised fine-tuning: SFT, Proximal SFT (a clipped ratio against a frozen π_old) or SFT with a KL
+    penalty, by the stage's method.
+
+    Trains only completion tokens, packed without padding, on data_prep's sft.train.jsonl. Checkpoints go to
+    the run's workspace, so a retried step resumes from the last one. With nproc > 1 it runs under torchrun,
+    one rank per accelerator, with DeepSpeed ZeRO.
+
+    Args:
+        model: The model to start from (a Hugging Face directory).
+        data: data_prep's output; the stage trains on sft.train.jsonl.
+        settings: The stage's settings from the spec (JSON; keys of components/sft/README.md).
+        lr: Peak learning rate.
+        max_steps: Optimizer steps.
+        stage: sft, psft or sft_kl: the method, the MLflow run's name and the workspace directory.
+        workspace: The run's workspace; checkpoints go to <workspace>/<stage>.
+        tracking_uri: MLflow tracking URI.
+        parent_run_id: The pipeline's MLflow run.
+        s3_endpoint: S3 endpoint for s3:// URIs.
+        nproc: Processes, one per accelerator.
+        trained_model: The trained model (Hugging Face directory, safetensors).
+        metrics: The final step's metrics and the data statistics.
+    """
+    import os
+
+    from components.step import Step
+
+    step = Step(stage, settings, output_dir=os.path.join(workspace, stage), tracking_uri=tracking_uri,
+                parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc)
+    summary = step.run("sft", model=model.path, train_data=os.path.join(data.path, "sft.train.jsonl"),
+                       method=stage, lr=lr, max_steps=max_steps)
+    step.export("model", trained_model.path)
+    step.log_metrics(metrics, summary)

@@ -1,0 +1,118 @@
+"""What runs inside a pipeline step: a stage's config from the step's inputs, the stage, and its outputs.
+
+A KFP component (components/<stage>/component.py) is a typed signature and a few lines; its body calls
+`Step(...).run(...)`, which
+
+- sets the environment the stage and its libraries read: MLFLOW_TRACKING_URI and POSTTRAIN_PARENT_RUN_ID
+  (the stage opens its own child run through components.tracking), the pipeline's lineage tags read from the
+  parent run (POSTTRAIN_KFP_RUN_ID, POSTTRAIN_SPEC_HASH, ...), and MLFLOW_S3_ENDPOINT_URL; credentials are
+  already in the environment, from Kubernetes Secrets, and never pass through here;
+- builds components.<module>.main.CONFIG from the spec's settings (JSON), the runtime parameters and the
+  input and output paths with components.config.from_mapping, so a bad value fails naming its key;
+- runs the stage in this process, or under torchrun with one rank per accelerator when nproc > 1.
+
+A training step gives its stage an output_dir in the run's workspace (<workspace>/<stage>), which outlives a
+failed attempt: a retried step resumes from the stage's last checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from components.config import from_mapping
+
+log = logging.getLogger("components.step")
+
+
+def numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """The finite numbers of a (nested) summary with '/'-joined keys: what a KFP Metrics artifact holds."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+class Step:
+    """One stage run inside one pipeline step."""
+
+    def __init__(self, stage: str, settings: str, *, output_dir: str, tracking_uri: str = "",
+                 parent_run_id: str = "", s3_endpoint: str = "", nproc: int = 1):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.stage = stage
+        self.settings = json.loads(settings) if settings else {}
+        self.output_dir = Path(output_dir)
+        self.nproc = nproc
+        if s3_endpoint:
+            os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
+        if tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        if tracking_uri and parent_run_id:
+            self._inherit_lineage(parent_run_id)
+
+    @staticmethod
+    def _inherit_lineage(parent_run_id: str) -> None:
+        """The parent run's lineage tags (preflight set them) as the environment components.tracking reads."""
+        from mlflow import MlflowClient
+
+        from components.tracking import LINEAGE_ENV, PARENT_ENV
+
+        os.environ[PARENT_ENV] = parent_run_id
+        tags = MlflowClient().get_run(parent_run_id).data.tags
+        for tag, env in LINEAGE_ENV.items():
+            if tags.get(tag):
+                os.environ[env] = tags[tag]
+
+    def run(self, module: str, **wiring) -> dict:
+        """Run components.<module> with the settings, then `wiring` (paths and runtime parameters) on top."""
+        stage_module = importlib.import_module(f"components.{module}.main")
+        values = {**self.settings, **wiring, "output_dir": str(self.output_dir)}
+        cfg = from_mapping(stage_module.CONFIG, values, f"stage {self.stage}")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.nproc <= 1:
+            return stage_module.run(cfg) or {}
+        config = self.output_dir / "step-config.yaml"
+        config.write_text(yaml.safe_dump(values, sort_keys=False))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
+               "-m", f"components.{module}", "--config", str(config)]
+        log.info("running %s", " ".join(cmd))
+        subprocess.run(cmd, check=True)
+        summary = self.output_dir / "summary.json"
+        return json.loads(summary.read_text()) if summary.exists() else {}
+
+    def path(self, *parts: str) -> str:
+        """A path under the stage's output_dir."""
+        return str(self.output_dir.joinpath(*parts))
+
+    def export(self, name: str, dest: str) -> None:
+        """Copy output_dir/<name> (a file or a directory) to a step output's path."""
+        src = self.output_dir / name
+        if not src.exists():
+            raise FileNotFoundError(f"stage {self.stage}: expected output {src} is missing")
+        if src.is_dir():
+            shutil.copytree(src, dest, dirs_exist_ok=True)
+        else:
+            Path(dest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+
+    @staticmethod
+    def log_metrics(metrics, summary: dict) -> None:
+        """The summary's numbers as a KFP Metrics artifact (shown in the KFP UI), also written as JSON at the
+        artifact's path: kfp.local's cache reuses a step only when every output exists as a file."""
+        values = dict(sorted(numbers(summary).items()))
+        for key, value in values.items():
+            metrics.log_metric(key, value)
+        Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics.path).write_text(json.dumps(values, indent=2))

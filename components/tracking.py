@@ -1,0 +1,456 @@
+"""MLflow tracking: one parent run per pipeline run, one child run per stage, metrics streamed by step.
+
+    parent = start_parent("my-spec", tags={...})          # the pipeline's first step; pass the id on
+    with stage_run("sft", cfg, parent_run_id=parent) as run:   # or env POSTTRAIN_PARENT_RUN_ID
+        train(..., on_metrics=run.log_metrics)
+    end_parent(parent, "FINISHED")
+
+Tracking is on when MLFLOW_TRACKING_URI is set; without it every call is a no-op and stages run as
+usual. Only rank 0 (env RANK) logs. Steps of one pipeline run in different processes and pods, so
+the parent run id travels between them as an argument or as POSTTRAIN_PARENT_RUN_ID; a child run
+goes into its parent's experiment and carries `mlflow.parentRunId`.
+
+A stage run records its config as params (flattened, secrets redacted) and lineage as tags: KFP run
+id, spec hash, base model URI, code version and image (POSTTRAIN_KFP_RUN_ID, POSTTRAIN_SPEC_HASH,
+POSTTRAIN_BASE_MODEL, POSTTRAIN_CODE_VERSION or the git commit, POSTTRAIN_IMAGE), and for every
+config field that names an input (an s3:// URI or an existing local path) the URI and, for a local
+file, its sha256 digest.
+
+An MLflow outage never stops training and loses no metric. Creating the run is synchronous (a wrong
+tracking URI fails the stage before any compute is spent); after that every write (metrics, params,
+tags, artifacts) is appended to a journal file and sent by a background thread in order, in batches,
+retried with backoff until it succeeds. Memory stays bounded however long the outage (the journal is
+on disk, the thread holds one batch); a resent batch is harmless (MLflow drops duplicate metric
+points, which carry their original timestamps). At the end of the stage the journal is flushed
+(waiting up to POSTTRAIN_TRACKING_FLUSH_TIMEOUT seconds, default 600) before the run is closed; what
+could not be sent stays in the journal file, whose path is logged. System metrics (CPU, memory, and
+per-GPU memory and utilization when there are GPUs) are sampled every
+POSTTRAIN_SYSTEM_METRICS_INTERVAL seconds (default 15, 0: off) into the same stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "POSTTRAIN_PARENT_RUN_ID"
+EXPERIMENT_ENV = "POSTTRAIN_EXPERIMENT"
+DEFAULT_EXPERIMENT = "posttrain"
+LINEAGE_ENV = {
+    "posttrain.kfp_run_id": "POSTTRAIN_KFP_RUN_ID",
+    "posttrain.spec_hash": "POSTTRAIN_SPEC_HASH",
+    "posttrain.base_model": "POSTTRAIN_BASE_MODEL",
+    "posttrain.image": "POSTTRAIN_IMAGE",
+}
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_USERNAME",
+              "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+"""Environment variables whose values never reach MLflow: they are replaced by *** in params and tags."""
+MAX_PARAM_LENGTH = 6000
+LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
+"""MLflow's log_batch limits per request, by kind; all kinds together at most BATCH_LIMIT."""
+BATCH_LIMIT = 1000
+
+
+def enabled() -> bool:
+    return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a run records: params, lineage, no secrets
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` without the values of SECRET_ENV and without user:password@ in URLs."""
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return _USERINFO.sub("***@", text)
+
+
+def flatten_params(cfg: Any) -> dict[str, str]:
+    """A config (dataclass or mapping) as MLflow params: nested keys joined with '.', values as strings."""
+    data = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg or {})
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            out[prefix] = redact(text)[:MAX_PARAM_LENGTH]
+    walk("", data)
+    return out
+
+
+def code_version() -> str:
+    """POSTTRAIN_CODE_VERSION (set in images), else the git commit of this checkout, else the package version."""
+    if os.environ.get("POSTTRAIN_CODE_VERSION"):
+        return os.environ["POSTTRAIN_CODE_VERSION"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return f"posttrain=={version('posttrain')}"
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def lineage_tags(cfg: Any = None) -> dict[str, str]:
+    """Where a run comes from: pipeline facts from the environment, and the inputs named in `cfg`."""
+    tags = {tag: os.environ[env] for tag, env in LINEAGE_ENV.items() if os.environ.get(env)}
+    tags["posttrain.code_version"] = code_version()
+    data = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg or {})
+    for field, value in data.items():
+        if field == "output_dir" or not isinstance(value, str) or not value:
+            continue
+        if value.startswith("s3://") or Path(value).exists():
+            tags[f"posttrain.input.{field}"] = value
+            if Path(value).is_file():
+                tags[f"posttrain.input.{field}.sha256"] = _sha256(Path(value))
+    return {k: redact(v) for k, v in tags.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parent runs
+
+def _experiment_id(client, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created by a concurrent step in the meantime
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def start_parent(experiment: str | None = None, run_name: str | None = None,
+                 tags: dict[str, str] | None = None) -> str | None:
+    """Create the pipeline run's parent run; returns its id (None when tracking is off)."""
+    if not enabled():
+        return None
+    client = _client()
+    exp = _experiment_id(client, experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT)
+    all_tags = {**lineage_tags(), **{k: redact(str(v)) for k, v in (tags or {}).items()}}
+    run = client.create_run(exp, run_name=run_name, tags=all_tags)
+    log.info("tracking: parent run %s in experiment %s", run.info.run_id, exp)
+    return run.info.run_id
+
+
+def end_parent(run_id: str | None, status: str = "FINISHED") -> None:
+    """Close the parent run with FINISHED, FAILED or KILLED."""
+    if run_id and enabled():
+        _client().set_terminated(run_id, status)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The journal: every write after run creation, sent in order by a background thread
+
+class RunWriter:
+    """Sends metrics, params, tags and artifacts to one run from a thread that retries until MLflow answers.
+
+    Writes are appended to a journal file (one JSON line each) and read back by the thread, so memory
+    holds one batch however long MLflow is away, and nothing is lost while the process lives.
+    """
+
+    def __init__(self, client, run_id: str, spool_dir: str | None = None):
+        self.client, self.run_id = client, run_id
+        fd, name = tempfile.mkstemp(prefix=f"posttrain-{run_id}-", suffix=".jsonl", dir=spool_dir)
+        self.path = Path(name)
+        self._out = os.fdopen(fd, "ab")
+        self._in = open(self.path, "rb")
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self.written = self.sent = 0
+        self._thread = threading.Thread(target=self._run, name=f"mlflow-writer-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def put(self, op: str, payload: Any, step: int = 0) -> None:
+        line = json.dumps({"op": op, "v": payload, "s": step, "t": int(time.time() * 1000)}) + "\n"
+        with self._lock:
+            self._out.write(line.encode())
+            self._out.flush()
+            self.written += 1
+        self._wake.set()
+
+    def _read_batch(self) -> list[dict]:
+        """The next ops that fit one request (an artifact goes alone); the read position ends after them."""
+        ops, counts = [], dict.fromkeys(LIMITS, 0)
+        while True:
+            pos = self._in.tell()
+            line = self._in.readline()
+            if not line.endswith(b"\n"):  # the end of the journal, or a line still being written
+                self._in.seek(pos)
+                return ops
+            op = json.loads(line)
+            kind = op["op"]
+            n = len(op["v"])
+            fits = kind != "artifact" and counts[kind] + n <= LIMITS[kind] and sum(counts.values()) + n <= BATCH_LIMIT
+            if ops and not fits:  # it opens the next batch
+                self._in.seek(pos)
+                return ops
+            ops.append(op)
+            if kind == "artifact":
+                return ops
+            counts[kind] += n
+
+    def _send(self, ops: list[dict]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        if ops[0]["op"] == "artifact":
+            self.client.log_artifact(self.run_id, ops[0]["v"]["path"], ops[0]["v"]["artifact_path"])
+            return
+        metrics, params, tags = [], [], []
+        for op in ops:
+            if op["op"] == "metrics":
+                metrics += [Metric(k, v, op["t"], op["s"]) for k, v in op["v"].items()]
+            elif op["op"] == "params":
+                params += [Param(k, v) for k, v in op["v"].items()]
+            else:
+                tags += [RunTag(k, v) for k, v in op["v"].items()]
+        self.client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
+
+    def _run(self) -> None:
+        wait, failing_since = 0.5, None
+        while True:
+            start = self._in.tell()
+            ops = self._read_batch()
+            if not ops:
+                if self._closing:
+                    return
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                self._send(ops)
+            except Exception as e:
+                if not _permanent(e):
+                    self._in.seek(start)
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        log.warning("tracking: MLflow unreachable (%s: %s); buffering in %s and retrying",
+                                    type(e).__name__, str(e)[:300], self.path)
+                    time.sleep(wait * random.uniform(0.8, 1.2))
+                    wait = min(wait * 2, 10.0)
+                    continue
+                log.error("tracking: MLflow rejected %d writes to run %s, dropped: %s", len(ops), self.run_id, e)
+            if failing_since is not None:
+                log.info("tracking: MLflow reachable again after %.0fs; sending the buffered writes",
+                         time.monotonic() - failing_since)
+                failing_since = None
+            wait = 0.5
+            self.sent += len(ops)
+
+    def close(self, timeout: float) -> bool:
+        """Wait up to `timeout` s until everything is sent; True when it was (the journal is then removed)."""
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout)
+        done = not self._thread.is_alive()
+        self._out.close()
+        if done:
+            self._in.close()
+            self.path.unlink(missing_ok=True)
+        else:
+            log.error("tracking: %d of %d writes to run %s not sent after %.0fs; they are kept in %s",
+                      self.written - self.sent, self.written, self.run_id, timeout, self.path)
+        return done
+
+
+def _permanent(e: Exception) -> bool:
+    """A 4xx answer (other than 429) will not change on retry; connection errors and 5xx may."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(e, MlflowException):
+        return isinstance(e, (ValueError, TypeError, FileNotFoundError))
+    status = e.get_http_status_code()
+    return 400 <= status < 500 and status != 429
+
+
+# ----------------------------------------------------------------------------------------------------
+# System metrics
+
+def sample_system_metrics() -> dict[str, float]:
+    """CPU and memory (psutil), and the GPUs (`_gpu_metrics`), under MLflow's system metric names."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(ImportError):
+        import psutil
+
+        out["system/cpu_utilization_percentage"] = psutil.cpu_percent()
+        out["system/system_memory_usage_megabytes"] = psutil.virtual_memory().used / 2**20
+    return out | _gpu_metrics()
+
+
+def _gpu_metrics() -> dict[str, float]:
+    """Every GPU's memory, utilization and power through NVML (which opens no CUDA context on another rank's
+    device); without NVML, the memory this process holds on its own device, if it uses one."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        out = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            out[f"system/gpu_{i}_memory_usage_megabytes"] = pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20
+            out[f"system/gpu_{i}_utilization_percentage"] = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+            out[f"system/gpu_{i}_power_usage_watts"] = pynvml.nvmlDeviceGetPowerUsage(h) / 1000
+        return out
+    except Exception:  # no NVML library or no driver
+        torch = sys.modules.get("torch")  # only a stage that already uses torch
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return {}
+        i = int(os.environ.get("LOCAL_RANK", "0"))
+        return {f"system/gpu_{i}_memory_usage_megabytes": torch.cuda.memory_reserved(i) / 2**20}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage runs
+
+class StageRun:
+    """What a stage logs through. With tracking off (or on a rank other than 0) every method does nothing."""
+
+    def __init__(self, writer: RunWriter | None = None):
+        self._writer = writer
+        self.run_id = writer.run_id if writer else None
+        self.last_step = 0
+
+    def log_metrics(self, rec: dict, step: int | None = None) -> None:
+        """The numbers in `rec` at `step` (default rec["step"]); other values (None, strings) are skipped."""
+        step = int(rec.get("step", self.last_step) if step is None else step)
+        self.last_step = step
+        values = {k: float(v) for k, v in rec.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._put("metrics", values, step)
+
+    def log_params(self, params: Any) -> None:
+        """A config (dataclass or mapping), flattened; secrets redacted."""
+        self._put("params", flatten_params(params))
+
+    def set_tags(self, tags: dict) -> None:
+        self._put("tags", {k: redact(str(v)) for k, v in tags.items()})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self._writer:
+            self._writer.put("artifact", {"path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def _put(self, kind: str, values: dict, step: int = 0) -> None:
+        if self._writer and values:
+            keys = list(values)
+            for i in range(0, len(keys), LIMITS[kind]):
+                self._writer.put(kind, {k: values[k] for k in keys[i:i + LIMITS[kind]]}, step)
+
+
+def _sample_loop(run: StageRun, writer: RunWriter, stop: threading.Event, interval: float) -> None:
+    """A sample every `interval` s and a last one when the stage ends (so even a short stage has one)."""
+    with contextlib.suppress(Exception):
+        sample_system_metrics()  # the first CPU reading only starts the measurement
+    while True:
+        stopped = stop.wait(interval)
+        with contextlib.suppress(Exception):  # a failed sample is skipped, never fatal
+            writer.put("metrics", sample_system_metrics(), run.last_step)
+        if stopped:
+            return
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, cfg: Any = None, parent_run_id: str | None = None) -> Iterator[StageRun]:
+    """A child run for `stage` under `parent_run_id` (default env POSTTRAIN_PARENT_RUN_ID).
+
+    Ends FINISHED, FAILED when the body raises, KILLED on KeyboardInterrupt; the body's exception propagates.
+    """
+    if not (enabled() and is_rank0()):
+        yield StageRun()
+        return
+    client = _client()
+    parent = parent_run_id or os.environ.get(PARENT_ENV) or None
+    if parent:
+        exp = client.get_run(parent).info.experiment_id
+    else:
+        exp = _experiment_id(client, os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT)
+    tags = {**lineage_tags(cfg), "posttrain.stage": stage}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    if re.fullmatch(r"[0-9a-f]{40}", tags["posttrain.code_version"]):
+        tags["mlflow.source.git.commit"] = tags["posttrain.code_version"]
+    run = client.create_run(exp, run_name=stage, tags=tags)
+    log.info("tracking: %s run %s (parent %s)", stage, run.info.run_id, parent)
+    writer = RunWriter(client, run.info.run_id, os.environ.get("POSTTRAIN_TRACKING_SPOOL"))
+    srun = StageRun(writer)
+    if cfg is not None:
+        srun.log_params(cfg)
+    stop = threading.Event()
+    interval = float(os.environ.get("POSTTRAIN_SYSTEM_METRICS_INTERVAL", "15"))
+    sampler = threading.Thread(target=_sample_loop, args=(srun, writer, stop, interval), daemon=True)
+    if interval > 0:
+        sampler.start()
+    status = "FAILED"
+    try:
+        yield srun
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        stop.set()
+        if sampler.is_alive():
+            sampler.join(timeout=10)
+        timeout = float(os.environ.get("POSTTRAIN_TRACKING_FLUSH_TIMEOUT", "600"))
+        deadline = time.monotonic() + timeout
+        if writer.close(timeout):
+            _retry_until(lambda: client.set_terminated(run.info.run_id, status), deadline,
+                         f"close run {run.info.run_id}")
+
+
+def _retry_until(fn: Callable[[], Any], deadline: float, what: str) -> None:
+    wait = 0.5
+    while True:
+        try:
+            fn()
+            return
+        except Exception as e:
+            if _permanent(e) or time.monotonic() + wait > deadline:
+                log.error("tracking: could not %s: %s", what, e)
+                return
+            time.sleep(wait)
+            wait = min(wait * 2, 10.0)

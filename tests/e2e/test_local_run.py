@@ -1,0 +1,88 @@
+"""The whole DAG on this machine (kfp.local, MLflow in a sqlite file): what `posttrain run demo` does.
+
+- A run whose data are missing stops at preflight, before any training, and the exit handler still closes the
+  pipeline's MLflow run, as failed.
+- A shortened demo runs every stage for real (data_prep → psft → reward_scoring → dpo → grpo → evaluate →
+  register → the promotion gate) and writes run_summary.json.
+"""
+
+import copy
+import importlib.util
+import json
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipelines.local import run_local
+from pipelines.spec import SPECS_DIR, parse_spec
+
+STAGE_MODULES = ["components.rewards", *(f"components.{m}.main" for m in
+                                        ("data_prep", "sft", "reward_scoring", "dpo", "grpo", "evaluate", "register"))]
+
+
+def parent_runs(summary: dict, experiment: str):
+    client = MlflowClient(summary["tracking_uri"])
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], "tags.`posttrain.role` = 'pipeline'")
+
+
+def test_missing_data_stops_at_preflight_and_the_mlflow_run_is_closed(tmp_path):
+    spec = parse_spec({
+        "name": "broken", "base_model": "bundled:tiny",
+        "data": {"sources": [{"uri": str(tmp_path / "nowhere" / "sft.jsonl"), "shape": "sft"}]},
+        "stages": [{"stage": "psft", "settings": {"max_steps": 2}}],
+    }, "broken.yaml")
+    summary = run_local(spec, tmp_path / "out", state=tmp_path / "state")
+
+    assert summary["status"] == "failed" and "preflight" in summary["error"]
+    assert json.loads((tmp_path / "out" / "run_summary.json").read_text())["status"] == "failed"
+    assert summary["stages"] == {}  # no stage ran
+    report = (tmp_path / "state" / "runs").glob("broken-*/preflight/report")
+    text = next(report).read_text()
+    assert "❌ failed | data:" in text and "nowhere/sft.jsonl: no such file or directory" in text
+    assert "✅ ok | model |" in text and "✅ ok | mlflow |" in text
+    assert "⏭️ skipped | s3 | no S3 endpoint" in text
+    assert "⏭️ skipped | secret posttrain-minio | not in a Kubernetes pod" in text
+    client, runs = parent_runs(summary, "broken")
+    (parent,) = runs
+    assert parent.info.status == "FAILED"  # closed by the exit handler
+    assert parent.data.tags["posttrain.final_state"] == "FAILED" and parent.data.tags["posttrain.spec"] == "broken"
+
+
+def missing(module: str) -> bool:
+    parent = module.rpartition(".")[0]
+    return importlib.util.find_spec(parent) is None or importlib.util.find_spec(module) is None
+
+
+@pytest.mark.skipif(any(missing(m) for m in STAGE_MODULES), reason="needs every stage module and components.rewards")
+def test_short_demo_runs_every_stage(tmp_path):
+    data = yaml.safe_load((SPECS_DIR / "demo.yaml").read_text())
+    data = copy.deepcopy(data)
+    data["data"]["sources"][0]["rows"] = 2000
+    data["data"]["sources"][1]["rows"] = 64
+    for suite in data["eval_suites"]:
+        suite["n_prompts"] = 20
+    spec = parse_spec(data, "demo.yaml (shortened)")
+    summary = run_local(spec, tmp_path / "out", state=tmp_path / "state",
+                        arguments={"psft_max_steps": 40, "dpo_max_steps": 4, "grpo_max_steps": 4})
+
+    assert summary["status"] == "succeeded", summary["error"]
+    assert json.loads((tmp_path / "out" / "run_summary.json").read_text()) == summary
+    stages = summary["stages"]
+    assert list(stages) == ["base", "psft", "reward_scoring", "dpo", "grpo"]
+    assert stages["psft"]["metrics"]["steps"] == 40 and stages["dpo"]["metrics"]["steps"] == 4
+    for name in ("base", "psft", "dpo", "grpo"):
+        for suite, split in (("arithmetic-id", "id"), ("arithmetic-ood", "ood")):
+            ev = stages[name]["eval"][suite]
+            assert ev["split"] == split and 0 <= ev["accuracy"] <= 1 and ev["entropy"] > 0, (name, suite)
+    assert summary["registered"]["name"] == "posttrain-demo" and summary["registered"]["version"] == "1"
+    promo = summary["promotion"]
+    assert promo["decision"] == "promote" and promo["promoted"] and "no champion yet" in promo["reason"]
+    client, (parent,) = parent_runs(summary, "posttrain-demo")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.data.tags["posttrain.stage"] for c in children} == {"sft", "reward_scoring", "dpo", "grpo", "evaluate",
+                                                                   "register"}
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["posttrain.kfp_run_id"] for c in children} == {parent.data.tags["posttrain.kfp_run_id"]}

@@ -1,0 +1,115 @@
+"""reward_scoring → DPO, and GRPO, on the tiny model: real sampling, real rewards, real training (seconds)."""
+import json
+import math
+
+import pytest
+
+from components.config import from_mapping
+from components.datasets import DataError, write_jsonl
+from components.dpo.main import DPOConfig, run as run_dpo
+from components.grpo.main import GRPOConfig, run as run_grpo
+from components.reward_scoring.main import RewardScoringConfig, make_pairs, run as run_scoring
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_make_pairs_best_vs_worst_and_skips():
+    rows = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
+    texts = ["x", "y", "z", "same", "same", "same", "", "ok", "no"]
+    totals = [0.0, 1.0, 0.5, 1.0, 1.0, 1.0, 0.0, 1.0, 0.2]
+    pairs, skipped = make_pairs(rows, texts, totals, 3)
+    assert pairs == [{"prompt": "a", "chosen": "y", "rejected": "x", "chosen_reward": 1.0, "rejected_reward": 0.0}]
+    assert skipped == {"tie": 1, "empty completion": 1}
+
+
+def test_scoring_then_dpo(tiny_model_dir, tmp_path):
+    cfg = from_mapping(RewardScoringConfig, {"model": str(tiny_model_dir), "output_dir": str(tmp_path / "score"),
+                                             "task": "arithmetic", "task_rows": 12, "num_samples": 4,
+                                             "max_new_tokens": 6, "temperature": 1.5, "seed": 1})
+    stats = run_scoring(cfg)
+    scored, pairs = lines(tmp_path / "score" / "scored.jsonl"), lines(tmp_path / "score" / "pairs.jsonl")
+    assert len(scored) == 48 and stats["samples"] == 48
+    assert stats["pairs"] == len(pairs) and stats["pairs"] + sum(stats["skipped"].values()) == 12
+    for p in pairs:
+        assert p["chosen_reward"] > p["rejected_reward"] and p["chosen"] != p["rejected"]
+    # a random model rarely gets arithmetic right: build pairs from known-good and bad completions instead
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(6) for b in range(4)]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    dcfg = from_mapping(DPOConfig, {"model": str(tiny_model_dir), "train_data": str(tmp_path / "pairs.jsonl"),
+                                    "output_dir": str(tmp_path / "dpo"), "max_steps": 6, "batch_size": 8,
+                                    "token_budget": 64, "lr": 3e-3, "beta": 0.5, "log_every": 1})
+    summary = run_dpo(dcfg)
+    hist = lines(tmp_path / "dpo" / "metrics.jsonl")
+    first = hist[0]
+    # step 1: the policy is the reference, so every implicit reward is 0 and the loss is log 2
+    assert first["rewards/margins"] == pytest.approx(0, abs=1e-5) and first["loss"] == pytest.approx(math.log(2), rel=1e-4)
+    assert hist[-1]["rewards/margins"] > 0 and hist[-1]["loss"] < math.log(2)
+    assert summary["pairs"] == 24 and (tmp_path / "dpo" / "model" / "model.safetensors").exists()
+
+
+def test_dpo_bad_rows_named(tiny_model_dir, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "2"}\n{"prompt": "", "chosen": "2", "rejected": "3"}\n')
+    cfg = from_mapping(DPOConfig, {"model": str(tiny_model_dir), "train_data": str(path),
+                                   "output_dir": str(tmp_path / "o"), "max_steps": 1})
+    with pytest.raises(DataError) as e:
+        run_dpo(cfg)
+    assert f"{path}:1" in str(e.value) and "rejected" in str(e.value) and "the same as chosen" in str(e.value)
+    assert f"{path}:2" in str(e.value) and "prompt" in str(e.value)
+
+
+def test_missing_answers_fail_before_sampling(tiny_model_dir, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    write_jsonl(path, [{"prompt": "1+1=", "answer": "2", "task": "arithmetic"}, {"prompt": "2+2=", "task": "arithmetic"}])
+    cfg = from_mapping(GRPOConfig, {"model": str(tiny_model_dir), "prompts": str(path), "output_dir": str(tmp_path / "g"),
+                                    "max_steps": 1, "prompts_per_round": 2, "num_generations": 2, "batch_size": 4})
+    with pytest.raises(ValueError, match=r"prompts.jsonl: 1 prompt rows have no 'answer' \(rows 2\)"):
+        run_grpo(cfg)
+
+
+def test_grpo_runs_and_resumes(tiny_model_dir, tmp_path):
+    base = {"model": str(tiny_model_dir), "task": "arithmetic", "task_rows": 32, "prompts_per_round": 4,
+            "num_generations": 4, "batch_size": 8, "num_iterations": 2, "max_new_tokens": 6, "lr": 1e-3,
+            "temperature": 1.2, "log_every": 1, "rewards": [{"name": "task"}, {"name": "format", "weight": 0.5}]}
+    full = run_grpo(from_mapping(GRPOConfig, {**base, "output_dir": str(tmp_path / "full"), "max_steps": 8}))
+    assert full["steps"] == 8 and full["rounds"] == 2
+    hist = lines(tmp_path / "full" / "metrics.jsonl")
+    for key in ("reward", "reward_std", "rewards/task/mean", "rewards/format/std", "frac_reward_zero_std",
+                "completions/mean_length", "clip_ratio/high", "kl_old", "entropy", "grad_norm"):
+        assert key in hist[0], key
+    # the first step of a round trains on-policy: the ratio is 1 up to the rollout/forward agreement
+    assert hist[0]["kl_old"] < 1e-6 and hist[4]["kl_old"] < 1e-6
+    # a run that checkpoints after round 1 (step 4), restarted: it resumes at step 5 and repeats the losses
+    part = {**base, "output_dir": str(tmp_path / "part"), "checkpoint_every": 4, "max_steps": 8}
+    run_grpo(from_mapping(GRPOConfig, part))
+    resumed_dir = tmp_path / "part"
+    assert [p.name for p in (resumed_dir / "checkpoints").iterdir()] == ["step-00000004"]
+    run_grpo(from_mapping(GRPOConfig, part))
+    again = lines(resumed_dir / "metrics.jsonl")
+    assert [h["step"] for h in again] == list(range(1, 9))
+    for a, b in zip(hist, again):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["reward"] == b["reward"]
+
+
+def test_grpo_config_errors(tiny_model_dir):
+    from components.config import ConfigError
+    base = {"model": "m", "output_dir": "o", "task": "arithmetic"}
+    with pytest.raises(ConfigError, match="batch_size=48 is invalid: it must divide"):
+        from_mapping(GRPOConfig, {**base, "batch_size": 48})
+    with pytest.raises(ConfigError, match="scale_rewards='std'"):
+        from_mapping(GRPOConfig, {**base, "scale_rewards": "std"})
+    with pytest.raises(ConfigError, match="give exactly one"):
+        from_mapping(GRPOConfig, {"model": "m", "output_dir": "o"})
+
+
+def test_dpo_rpo_adds_the_chosen_nll(tiny_model_dir, tmp_path):
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(4) for b in range(2)]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    run_dpo(from_mapping(DPOConfig, {"model": str(tiny_model_dir), "train_data": str(tmp_path / "pairs.jsonl"),
+                                     "output_dir": str(tmp_path / "rpo"), "max_steps": 1, "batch_size": 8,
+                                     "rpo_alpha": 0.5}))
+    [first] = lines(tmp_path / "rpo" / "metrics.jsonl")
+    # step 1: the DPO part is log 2 for every pair; RPO adds α × the chosen completions' mean token NLL
+    assert first["nll"] > 1.0 and first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll"], rel=1e-4)

@@ -1,0 +1,195 @@
+"""Compiling a spec to KFP IR: the DAG's shape, the runtime parameters, Kubernetes placement and credentials.
+
+The bundled specs are also compared with golden files (tests/golden/<spec>.yaml, the SDK version line
+removed), so any change to the compiled pipeline is seen in review. After an intended change:
+
+    POSTTRAIN_UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_compile.py
+"""
+
+import copy
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.cli import main as cli
+from pipelines.images import DEFAULT_REGISTRY, DEFAULT_TAG, image
+from pipelines.posttrain import compile_spec, pipeline_parameters, without_sdk_version
+from pipelines.spec import load_spec, parse_spec
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+SECRET_KEYS = {"posttrain-minio": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+               "posttrain-mlflow": ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]}
+GPU_POOL = {"accelerator": "nvidia.com/gpu", "gpus": 2, "node_selector": {"posttrain/pool": "gpu"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "retries": 2, "timeout": 3600, "shm_size": "8Gi"}
+MINI = {
+    "name": "mini", "base_model": "s3://posttrain-data/models/m",
+    "data": {"sources": [{"task": "arithmetic", "rows": 100, "shape": "sft"}]},
+    "stages": [{"stage": "psft", "settings": {"max_steps": 10, "lr": 0.001}}, {"stage": "evaluate"},
+               {"stage": "register"}],
+    "eval_suites": [{"task": "arithmetic", "split": "id"}],
+    "promotion": {"metric": "arithmetic-id/accuracy"},
+    "resources": GPU_POOL,
+}
+
+
+def compiled(spec, tmp_path) -> tuple[str, dict, dict]:
+    """(IR text, pipeline spec, kubernetes platform spec), with the default images whatever the environment."""
+    spec.images.trainer = image("trainer", DEFAULT_REGISTRY, DEFAULT_TAG)
+    spec.images.runtime = image("runtime", DEFAULT_REGISTRY, DEFAULT_TAG)
+    text = compile_spec(spec, tmp_path / f"{spec.name}.yaml").read_text()
+    pipeline, platform = yaml.safe_load_all(text)
+    return text, pipeline, platform["platforms"]["kubernetes"]
+
+
+def executor(pipeline: dict, name: str) -> dict:
+    return pipeline["deploymentSpec"]["executors"][f"exec-{name}"]["container"]
+
+
+def dag_tasks(pipeline: dict) -> dict:
+    """Every task of every DAG (the exit handler's and the gate's included), by task name."""
+    tasks = dict(pipeline["root"]["dag"]["tasks"])
+    for comp in pipeline["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def test_dag_shape_and_gate(tmp_path):
+    _, pipeline, _ = compiled(parse_spec(copy.deepcopy(MINI)), tmp_path)
+    tasks = dag_tasks(pipeline)
+    names = {t["taskInfo"]["name"]: n for n, t in tasks.items()}
+    assert {"base-model", "preflight", "data_prep", "psft", "evaluate", "register", "promote", "close-run",
+            "promotion-gate"} <= set(names)
+    # close-run is the exit handler: it runs whatever the steps inside did
+    closing = tasks[names["close-run"]]
+    assert closing["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert closing["inputs"]["parameters"]["status"]["taskFinalStatus"]["producerTask"] == "exit-handler-1"
+    # the gate: the promotion runs only when register decided to promote
+    gate = tasks[names["promotion-gate"]]
+    condition = "inputs.parameter_values['pipelinechannel--register-Output'] == 'promote'"
+    assert gate["triggerPolicy"]["condition"] == condition
+    # preflight first, then data_prep, then the training stage
+    assert names["preflight"] in tasks[names["data_prep"]]["dependentTasks"]
+    assert names["data_prep"] in tasks[names["psft"]]["dependentTasks"]
+    # caching: data_prep yes (same inputs, same rows); training, evaluation and registration run every time
+    assert tasks[names["data_prep"]]["cachingOptions"].get("enableCache") is True
+    for stage in ("preflight", "psft", "evaluate", "register", "promote", "close-run"):
+        assert not tasks[names[stage]]["cachingOptions"].get("enableCache"), stage
+
+
+def test_gpu_stage_placement(tmp_path):
+    _, pipeline, k8s = compiled(parse_spec(copy.deepcopy(MINI)), tmp_path)
+    tasks = dag_tasks(pipeline)
+    sft = executor(pipeline, "sft")
+    assert sft["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert sft["resources"]["accelerator"]["resourceCount"] == "2"
+    assert sft["image"] == image("trainer", DEFAULT_REGISTRY, DEFAULT_TAG)
+    assert executor(pipeline, "register")["image"] == image("runtime", DEFAULT_REGISTRY, DEFAULT_TAG)
+    assert "accelerator" not in executor(pipeline, "data-prep").get("resources", {})
+    plat = k8s["deploymentSpec"]["executors"]["exec-sft"]
+    assert plat["nodeSelector"]["labels"] == {"posttrain/pool": "gpu"}
+    assert plat["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert plat["activeDeadlineSeconds"] == "3600"
+    assert plat["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi",
+                                       "volumeName": "dshm"}]
+    assert plat["podMetadata"]["labels"] == {"posttrain/spec": "mini", "posttrain/stage": "psft"}
+    assert plat["imagePullPolicy"] == "IfNotPresent"
+    assert tasks["sft"]["retryPolicy"]["maxRetryCount"] == 2
+    # training writes checkpoints to the run's workspace (a PVC per run): a retry resumes from them
+    assert tasks["sft"]["inputs"]["parameters"]["workspace"]["runtimeValue"]["constant"] == "{{$.workspace_path}}"
+    assert k8s["pipelineConfig"]["workspace"]["size"] == "100Gi"
+    # torchrun with one rank per GPU
+    assert tasks["sft"]["inputs"]["parameters"]["nproc"]["runtimeValue"]["constant"] == 2
+
+
+def test_credentials_come_only_from_secrets(tmp_path):
+    text, pipeline, k8s = compiled(parse_spec(copy.deepcopy(MINI)), tmp_path)
+    executors = k8s["deploymentSpec"]["executors"]
+    assert set(executors) == {f"exec-{n}" for n in ("close-run", "data-prep", "evaluate", "preflight", "promote",
+                                                     "register", "sft")}
+    for name, plat in executors.items():
+        assert plat["secretAsEnv"], name
+        for entry in plat["secretAsEnv"]:
+            keys = [m["secretKey"] for m in entry["keyToEnv"]]
+            assert keys == SECRET_KEYS[entry["secretName"]], name
+            assert all(m["envVar"] == m["secretKey"] for m in entry["keyToEnv"])
+            assert entry["optional"] is (name == "exec-preflight")  # preflight reports a missing Secret itself
+    for name, ex in pipeline["deploymentSpec"]["executors"].items():
+        env = {e["name"] for e in ex.get("container", {}).get("env", [])}
+        assert not env & {k for keys in SECRET_KEYS.values() for k in keys}, name
+    params = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert not [n for n in params if any(w in n.upper() for w in ("KEY", "PASSWORD", "TOKEN", "SECRET"))]
+
+
+def test_cli_compile_writes_the_ir(tmp_path):
+    spec_file = tmp_path / "mini.yaml"
+    spec_file.write_text(yaml.safe_dump(MINI))
+    assert cli(["compile", str(spec_file), "-o", str(tmp_path / "out" / "p.yaml")]) == 0
+    pipeline, _ = yaml.safe_load_all((tmp_path / "out" / "p.yaml").read_text())
+    assert pipeline["pipelineInfo"]["name"] == "mini"
+    spec_file.write_text(yaml.safe_dump({**MINI, "stages": [{"stage": "dpo"}]}))
+    assert cli(["compile", str(spec_file), "-o", str(tmp_path / "bad.yaml")]) == 2  # a bad spec: a message
+    assert not (tmp_path / "bad.yaml").exists()
+
+
+# --- the bundled specs
+
+needs_rewards = pytest.mark.skipif(importlib.util.find_spec("components.rewards") is None,
+                                   reason="the bundled specs name reward functions (components.rewards)")
+
+
+@needs_rewards
+def test_cluster_training_stages_request_the_gpu_pool(tmp_path):
+    spec = load_spec("cluster")
+    _, pipeline, k8s = compiled(spec, tmp_path)
+    executors = k8s["deploymentSpec"]["executors"]
+    for exe, count in (("sft", "8"), ("grpo", "8"), ("evaluate", "1")):
+        acc = executor(pipeline, exe)["resources"]["accelerator"]
+        assert (acc["resourceType"], acc["resourceCount"]) == ("nvidia.com/gpu", count), exe
+        plat = executors[f"exec-{exe}"]
+        assert plat["nodeSelector"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in plat["tolerations"]
+        assert {"key": "posttrain/dedicated", "operator": "Equal", "value": "gpu-training",
+                "effect": "NoSchedule"} in plat["tolerations"]
+    for exe in ("preflight", "data-prep", "register", "promote", "close-run"):
+        assert "accelerator" not in executor(pipeline, exe).get("resources", {}), exe
+        assert "tolerations" not in executors[f"exec-{exe}"], exe
+    tasks = dag_tasks(pipeline)
+    assert tasks["sft"]["retryPolicy"]["maxRetryCount"] == 2 and tasks["grpo"]["retryPolicy"]["maxRetryCount"] == 2
+    assert k8s["pipelineConfig"]["workspace"]["size"] == "500Gi"
+    assert pipeline["defaultPipelineRoot"] == "s3://posttrain-pipelines"
+
+
+@needs_rewards
+def test_cluster_runtime_parameters_have_defaults_and_descriptions(tmp_path):
+    spec = load_spec("cluster")
+    _, pipeline, _ = compiled(spec, tmp_path)
+    params = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == {"base_model", "data_sources", "psft_lr", "psft_max_steps", "grpo_lr", "grpo_max_steps",
+                           "tracking_uri", "s3_endpoint"}
+    for name, kind, default, _ in pipeline_parameters(spec):
+        p = params[name]
+        assert p["description"] and p["isOptional"] is True, name
+        assert (json.loads(p["defaultValue"]) if name == "data_sources" else p["defaultValue"]) == (
+            json.loads(default) if name == "data_sources" else default), name
+    assert params["psft_lr"]["defaultValue"] == 1e-5 and params["psft_lr"]["parameterType"] == "NUMBER_DOUBLE"
+    assert params["grpo_max_steps"]["parameterType"] == "NUMBER_INTEGER"
+    assert params["base_model"]["defaultValue"] == "s3://posttrain-data/models/qwen2.5-1.5b-instruct"
+
+
+@needs_rewards
+@pytest.mark.parametrize("name", ["cluster", "demo"])
+def test_golden_ir(name, tmp_path):
+    text, _, _ = compiled(load_spec(name), tmp_path)
+    got = without_sdk_version(text)
+    golden = GOLDEN / f"{name}.yaml"
+    if os.environ.get("POSTTRAIN_UPDATE_GOLDEN"):
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(got)
+    assert "sdkVersion" not in got
+    assert golden.read_text() == got, (f"the compiled {name} pipeline changed; if intended: "
+                                       "POSTTRAIN_UPDATE_GOLDEN=1 pytest tests/unit/test_compile.py")

@@ -1,0 +1,91 @@
+"""GRPO and DPO objectives against hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from components.training.objectives import (aggregation_weights, dpo_loss, group_advantages, grpo_loss, kl_k3)
+
+
+def test_group_advantages_each_scale():
+    r = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1])
+    s_group = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    s_batch = math.sqrt((6 * 0.25**2 + 2 * 0.75**2) / 7)  # unbiased std of all 8 rewards
+    for scale, denom in (("group", s_group + 1e-4), ("batch", s_batch + 1e-4), ("none", 1.0)):
+        a = group_advantages(r, 4, scale)
+        expect = torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / denom
+        torch.testing.assert_close(a, expect, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="scale_rewards='bogus'.*group, batch, none"):
+        group_advantages(r, 4, "bogus")
+
+
+def test_aggregation_weights_each_mode():
+    lengths = torch.tensor([2, 4])
+    torch.testing.assert_close(aggregation_weights(lengths, "token", 8), torch.tensor([1 / 6, 1 / 6]))
+    torch.testing.assert_close(aggregation_weights(lengths, "sequence", 8), torch.tensor([1 / 4, 1 / 8]))
+    torch.testing.assert_close(aggregation_weights(lengths, "constant", 8), torch.tensor([1 / 16, 1 / 16]))
+
+
+@pytest.mark.parametrize("mode,seq_w", [("token", [1 / 6, 1 / 6]), ("sequence", [1 / 4, 1 / 8]),
+                                        ("constant", [1 / 16, 1 / 16])])
+def test_grpo_loss_each_aggregation(mode, seq_w):
+    # two sequences of 2 and 4 tokens laid out in one row of 6; r = 1 everywhere (π_θ = π_old)
+    logp = torch.log(torch.tensor([0.5, 0.25, 0.1, 0.2, 0.4, 0.8])).requires_grad_()
+    adv_seq, lengths = torch.tensor([1.5, -0.5]), torch.tensor([2, 4])
+    adv = adv_seq.repeat_interleave(lengths)
+    w = aggregation_weights(lengths, mode, 8).repeat_interleave(lengths)
+    loss, m = grpo_loss(logp, logp.detach(), adv, torch.ones(6), w, epsilon_low=0.2, epsilon_high=0.28)
+    expect = -(2 * seq_w[0] * 1.5 + 4 * seq_w[1] * -0.5)
+    assert float(loss.detach()) == pytest.approx(expect, rel=1e-6)
+    loss.backward()  # d/dlogp of −r·Â·w at r = 1 is −Â·w
+    torch.testing.assert_close(logp.grad, -(adv * w))
+    assert float(m["clip_ratio/high"]) == 0 and float(m["kl_old"]) == pytest.approx(0, abs=1e-7)
+
+
+def test_grpo_clip_and_kl():
+    old = torch.log(torch.tensor([0.5, 0.5]))
+    logp = torch.log(torch.tensor([0.8, 0.2])).requires_grad_()  # r = 1.6 (clipped high for Â>0), 0.4 (low for Â<0)
+    adv, w = torch.tensor([1.0, -1.0]), torch.tensor([0.5, 0.5])
+    ref = torch.log(torch.tensor([0.6, 0.3]))
+    loss, m = grpo_loss(logp, old, adv, torch.ones(2), w, epsilon_low=0.2, epsilon_high=0.28, ref_logp=ref, beta=0.1)
+    kl = [0.6 / 0.8 - math.log(0.6 / 0.8) - 1, 0.3 / 0.2 - math.log(0.3 / 0.2) - 1]
+    expect = 0.5 * (-1.28) + 0.5 * (0.8) + 0.1 * 0.5 * sum(kl)  # both surrogates clipped: −min(1.6, 1.28), −min(−0.4, −0.8)
+    assert float(loss.detach()) == pytest.approx(expect, rel=1e-6)
+    assert float(m["clip_ratio/high"]) == 1 and float(m["clip_ratio/low"]) == 1
+    assert float(m["kl"]) == pytest.approx(sum(kl), rel=1e-6)
+    loss.backward()  # clipped tokens get gradient only from the KL term
+    dkl = torch.tensor([1 - 0.6 / 0.8, 1 - 0.3 / 0.2])  # d/dlogp of exp(ref−logp) − (ref−logp) − 1
+    torch.testing.assert_close(logp.grad, 0.1 * 0.5 * dkl)
+    with pytest.raises(ValueError, match="beta > 0 needs reference"):
+        grpo_loss(logp, old, adv, torch.ones(2), w, epsilon_low=0.2, epsilon_high=0.28, beta=0.1)
+
+
+def test_equal_rewards_give_zero_policy_gradient():
+    logp = torch.randn(8).requires_grad_()
+    adv = group_advantages(torch.full((8,), 0.7), 4, "group")
+    loss, _ = grpo_loss(logp, logp.detach() + 0.05, adv, torch.ones(8), torch.full((8,), 1 / 8),
+                        epsilon_low=0.2, epsilon_high=0.28)
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(8))
+
+
+def test_k3_nonnegative_and_zero_when_equal():
+    a, b = torch.randn(1000), torch.randn(1000)
+    assert bool((kl_k3(a, b) >= 0).all())
+    assert torch.equal(kl_k3(a, a), torch.zeros(1000))
+
+
+def test_dpo_each_loss_type():
+    c, r, rc, rr = (torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -2.0))  # h = 1 − (−1) = 2
+    lsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731  log σ(x)
+    cases = {"sigmoid": (0.0, -lsig(0.2)), "ipo": (0.0, (2 - 1 / 0.2) ** 2), "hinge": (0.0, 1 - 0.2),
+             "robust": (0.1, (-0.9 * lsig(0.2) + 0.1 * lsig(-0.2)) / 0.8)}
+    for loss_type, (eps, expect) in cases.items():
+        losses, m = dpo_loss(c, r, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=eps)
+        assert float(losses) == pytest.approx(expect, rel=1e-6), loss_type
+    assert float(m["rewards/chosen"]) == pytest.approx(0.1) and float(m["rewards/rejected"]) == pytest.approx(-0.1)
+    assert float(m["rewards/accuracies"]) == 1 and float(m["rewards/margins"]) == pytest.approx(0.2)
+    smoothed, _ = dpo_loss(c, r, rc, rr, beta=0.1, loss_type="sigmoid", label_smoothing=0.1)
+    assert float(smoothed) == pytest.approx(-0.9 * lsig(0.2) - 0.1 * lsig(-0.2), rel=1e-6)
+    with pytest.raises(ValueError, match="loss_type='x'.*sigmoid, ipo, hinge, robust"):
+        dpo_loss(c, r, rc, rr, beta=0.1, loss_type="x")

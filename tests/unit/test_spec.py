@@ -1,0 +1,166 @@
+"""The workflow spec: the bundled specs load, and every kind of mistake fails naming the key's path, the bad
+value and what is allowed."""
+
+import copy
+
+import pytest
+import yaml
+
+from pipelines.spec import SpecError, load_spec, parse_spec
+
+# A valid spec with no stage that needs reward functions (they are checked by components.rewards).
+BASE = {
+    "name": "t",
+    "base_model": "s3://posttrain-data/models/m",
+    "data": {"sources": [{"task": "arithmetic", "rows": 100, "shape": "sft"}]},
+    "stages": [{"stage": "psft", "settings": {"max_steps": 10, "lr": 0.001}},
+               {"stage": "evaluate"},
+               {"stage": "register"}],
+    "eval_suites": [{"task": "arithmetic", "split": "id"}, {"task": "arithmetic", "split": "ood"}],
+    "promotion": {"metric": "arithmetic-id/accuracy", "guards": [{"metric": "arithmetic-ood/accuracy",
+                                                                  "max_drop": 0.02}]},
+}
+
+
+def spec_error(tmp_path, change) -> str:
+    """Write BASE changed by `change` to a file, load it, and return the SpecError's message."""
+    data = copy.deepcopy(BASE)
+    change(data)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    message = str(e.value)
+    assert message.startswith(str(path) + ": "), message  # every error names the file first
+    return message
+
+
+def test_base_spec_is_valid():
+    spec = parse_spec(copy.deepcopy(BASE))
+    assert [s.stage for s in spec.stages] == ["psft", "evaluate", "register"]
+    assert spec.tracking.experiment == "t" and spec.tracking.registered_model == "t"  # defaults: the name
+    assert spec.stages[0].module == "sft"
+    assert spec.runtime_defaults(spec.stages[0]) == {"lr": 0.001, "max_steps": 10}
+
+
+@pytest.mark.parametrize("name", ["demo", "cluster"])
+def test_bundled_specs_load_by_name(name):
+    pytest.importorskip("components.rewards", reason="the bundled specs name reward functions")
+    spec = load_spec(name)
+    assert spec.stages and spec.promotion is not None
+
+
+def test_cluster_spec_places_training_on_tainted_gpu_nodes():
+    pytest.importorskip("components.rewards", reason="the cluster spec names reward functions")
+    spec = load_spec("cluster")
+    psft = spec.stages[0]
+    res = spec.stage_resources(psft)
+    assert spec.base_model.startswith("s3://") and [s.stage for s in spec.stages[:2]] == ["psft", "grpo"]
+    assert (res.accelerator, res.gpus) == ("nvidia.com/gpu", 8) and res.tolerations and res.node_selector
+
+
+def test_unknown_key(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d["stages"][1].update(setings={"k": [1]}))
+    assert "stages[1].setings: unknown key; allowed: resources, settings, stage" in msg
+    msg = spec_error(tmp_path, lambda d: d.update(resources={"gpu": 8}))
+    assert "resources.gpu: unknown key; allowed: accelerator, cpu, gpus" in msg
+
+
+def test_unknown_stage_setting_is_checked_by_the_stage_config(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(lerning_rate=0.1))
+    assert "stages[0].settings: unknown key(s) 'lerning_rate'; allowed:" in msg and "lr" in msg
+
+
+def test_wrong_type(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d.update(resources={"accelerator": "nvidia.com/gpu", "gpus": "eight"}))
+    assert "resources.gpus: 'eight' is invalid: an integer" in msg
+    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(max_steps=2.5))
+    assert "stages[0].settings.max_steps: 2.5 is invalid: a positive integer" in msg
+
+
+def test_negative_learning_rate(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(lr=-0.001))
+    assert "stages[0].settings.lr: -0.001 is invalid: a positive number" in msg
+
+
+def test_dpo_without_preference_data(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d["stages"].insert(1, {"stage": "dpo"}))
+    assert "stages[1].stage: 'dpo' is invalid here: it needs preference data" in msg
+    assert "source of shape 'preference'" in msg and "reward_scoring stage before it" in msg
+
+
+def test_dpo_with_a_preference_source_is_valid():
+    data = copy.deepcopy(BASE)
+    data["data"]["sources"].append({"uri": "s3://posttrain-data/prefs.jsonl", "shape": "preference"})
+    data["stages"].insert(1, {"stage": "dpo", "settings": {"beta": 0.2}})
+    assert [s.stage for s in parse_spec(data).stages][:2] == ["psft", "dpo"]
+
+
+def test_grpo_without_rewards(tmp_path):
+    def change(d):
+        d["data"]["sources"].append({"task": "arithmetic", "rows": 50, "shape": "prompts", "seed": 1})
+        d["stages"].insert(1, {"stage": "grpo"})
+    msg = spec_error(tmp_path, change)
+    assert "stages[1].stage: 'grpo' is invalid: it scores completions, and `rewards` is empty" in msg
+
+
+def test_register_without_evaluate(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d["stages"].pop(1))
+    assert "stages[1].stage: 'register' is invalid here: it needs an evaluate stage before it" in msg
+
+
+def test_stage_that_needs_missing_data(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d["data"]["sources"][0].update(shape="prompts"))
+    assert "stages[0].stage: 'psft' is invalid here: it needs data of shape 'sft'" in msg
+    assert "shapes present: prompts" in msg
+
+
+def test_gpu_count_without_accelerator_type(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d["stages"][0].update(resources={"gpus": 8}))
+    assert "stages[0].resources.gpus: 8 is invalid: 0 unless `accelerator` names the accelerator type" in msg
+
+
+def test_promotion_metric_the_eval_does_not_produce(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d["promotion"].update(metric="arithmetic-test/accuracy"))
+    assert "promotion.metric: 'arithmetic-test/accuracy' is invalid: the eval will not produce it" in msg
+    assert "arithmetic-id, arithmetic-ood" in msg and "arithmetic-id/accuracy" in msg
+    msg = spec_error(tmp_path, lambda d: d["promotion"]["guards"][0].update(metric="arithmetic-ood/pass@4"))
+    assert "promotion.guards[0].metric: 'arithmetic-ood/pass@4' is invalid" in msg
+
+
+def test_pass_at_k_is_known_when_the_evaluate_stage_reports_it():
+    data = copy.deepcopy(BASE)
+    data["stages"][1]["settings"] = {"samples": 4, "k": [1, 4], "temperature": 0.7}
+    data["promotion"]["metric"] = "arithmetic-id/pass@4"
+    assert parse_spec(data).promotion.metric == "arithmetic-id/pass@4"
+
+
+def test_key_the_pipeline_sets(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(train_data="x.jsonl"))
+    assert "stages[0].settings.train_data: 'x.jsonl' is invalid here: set by the pipeline" in msg
+    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(method="sft"))
+    assert "stages[0].settings.method: 'sft' is invalid here: set by the stage kind" in msg
+
+
+def test_bad_values_inside_nested_parts(tmp_path):
+    tol = {"accelerator": "nvidia.com/gpu", "gpus": 1, "tolerations": [{"key": "gpu", "operator": "Maybe"}]}
+    msg = spec_error(tmp_path, lambda d: d.update(resources=tol))
+    assert "resources.tolerations[0].operator: 'Maybe' is invalid: Equal or Exists" in msg
+    msg = spec_error(tmp_path, lambda d: d.update(schedule={"cron": "0 3 * * 1"}))
+    assert "schedule.cron: '0 3 * * 1' is invalid: a cron expression of 6 fields" in msg
+    msg = spec_error(tmp_path, lambda d: d.update(name="My_Spec"))
+    assert "name: 'My_Spec' is invalid: lowercase letters, digits and '-'" in msg
+    msg = spec_error(tmp_path, lambda d: d.update(base_model="hf://Qwen/Qwen2.5-1.5B"))
+    assert "base_model: 'hf://Qwen/Qwen2.5-1.5B' is invalid: s3://bucket/key, a local path" in msg
+    msg = spec_error(tmp_path, lambda d: d["data"]["sources"][0].update(task="chess"))
+    assert "data: " in msg and "chess" in msg and "arithmetic" in msg  # data_prep's config lists known tasks
+
+
+def test_missing_required_key(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d.pop("base_model"))
+    assert "base_model: missing; this key is required" in msg
+
+
+def test_unknown_spec_name_lists_the_bundled_ones():
+    with pytest.raises(SpecError, match=r"nosuch: no such file, and no bundled spec .*\(bundled: demo, cluster\)"):
+        load_spec("nosuch")

@@ -18,8 +18,7 @@ import yaml
 
 from components.config import from_mapping
 from components.datasets import write_jsonl
-from components.evaluate.main import evaluate_task
-from components.models import build_tiny_model, load_model, load_tokenizer
+from components.models import build_tiny_model
 from components.sft.main import SFTConfig, run as run_sft
 from components.tasks import get_task
 
@@ -27,10 +26,27 @@ log = logging.getLogger("posttrain.demo")
 DEMO_SPEC = Path(__file__).parent / "specs" / "sft-psft-demo.yaml"
 
 
-def evaluate_model(path: Path, task, spec: dict) -> dict:
-    model, tok = load_model(path), load_tokenizer(path)
-    return {split: evaluate_task(model, tok, task, n=spec["eval_prompts"], seed=spec["seed"] + 1, split=split,
-                                 max_new_tokens=spec["max_new_tokens"]) for split in ("id", "ood")}
+def evaluate_all(out: Path, models: dict[str, Path], spec: dict) -> dict[str, dict]:
+    """One run of the evaluate stage: the last model as the candidate, the others as baselines, on the same
+    prompts; writes out/eval/{eval.json, report.html} and returns {model: {"id"|"ood": {accuracy, ...}}}."""
+    from components.evaluate.main import EvaluateConfig, run as run_evaluate
+
+    *others, last = models
+    suites = [{"task": spec["task"], "split": split, "n_prompts": spec["eval_prompts"], "seed": spec["seed"] + 1}
+              for split in ("id", "ood")]
+    cfg = from_mapping(EvaluateConfig, {
+        "model": str(models[last]), "name": last, "baselines": {n: str(models[n]) for n in others},
+        "output_dir": str(out / "eval"), "suites": suites, "max_new_tokens": spec["max_new_tokens"],
+        "seed": spec["seed"] + 1,
+        "training_metrics": {n: str(out / n / "metrics.jsonl") for n in models if (out / n / "metrics.jsonl").exists()}})
+    run_evaluate(cfg)
+    doc = json.loads((out / "eval" / "eval.json").read_text())
+    per_model = {last: doc["metrics"], **doc["baselines"]}
+    return {name: {split: {"accuracy": m[f"{spec['task']}-{split}/accuracy"],
+                           "accuracy_ci": [m[f"{spec['task']}-{split}/accuracy_ci_low"],
+                                           m[f"{spec['task']}-{split}/accuracy_ci_high"]],
+                           "entropy": m[f"{spec['task']}-{split}/entropy"], "n": spec["eval_prompts"]}
+                   for split in ("id", "ood")} for name, m in per_model.items()}
 
 
 STAGES = ("sft", "psft", "dpo", "grpo")
@@ -45,7 +61,10 @@ def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict
         raise ValueError(f"unknown demo stages {unknown}: choose from {', '.join(STAGES)}")
     spec = yaml.safe_load(Path(spec_path).read_text())
     for k, v in (overrides or {}).items():
-        (spec["train"] if k in SFTConfig.__dataclass_fields__ else spec)[k] = v
+        if isinstance(v, dict) and isinstance(spec.get(k), dict):
+            spec[k].update(v)  # e.g. {"grpo": {"max_steps": 10}}
+        else:
+            (spec["train"] if k in SFTConfig.__dataclass_fields__ else spec)[k] = v
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(spec["task"])
@@ -53,13 +72,15 @@ def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict
     data = out / "data" / "train.jsonl"
     write_jsonl(data, task.generate(spec["train_rows"], seed=spec["seed"], split="id", part="train"))
 
+    models = {"base": base}
+
     def timed(name: str, fn, model_dir: Path) -> None:
         t0 = time.perf_counter()
         summary = fn()
-        results[name] = {"train_seconds": time.perf_counter() - t0, "final": summary.get("final"),
-                         "eval": evaluate_model(model_dir, task, spec)}
+        results[name] = {"train_seconds": time.perf_counter() - t0, "final": summary.get("final")}
+        models[name] = model_dir
 
-    results = {"base": {"eval": evaluate_model(base, task, spec)}}
+    results = {"base": {}}
     for name in ("sft", "psft"):
         if name not in stages:
             continue
@@ -70,7 +91,8 @@ def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict
     if ("dpo" in stages or "grpo" in stages) and "sft" not in results:
         if not (start / "config.json").exists():
             raise ValueError(f"dpo and grpo start from the SFT model: add sft to the stages (no {start} yet)")
-        results["sft"] = {"eval": evaluate_model(start, task, spec)}
+        results["sft"] = {}
+        models["sft"] = start
     if "dpo" in stages:
         from components.dpo.main import DPOConfig, run as run_dpo
         from components.reward_scoring.main import RewardScoringConfig, run as run_scoring
@@ -89,8 +111,11 @@ def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict
         cfg = from_mapping(GRPOConfig, {**spec["grpo"], "model": str(start), "task": spec["task"],
                                         "output_dir": str(out / "grpo"), "seed": spec["seed"]}, f"{spec_path}:grpo")
         timed("grpo", lambda: run_grpo(cfg), out / "grpo" / "model")
+    for name, ev in evaluate_all(out, models, spec).items():
+        results[name]["eval"] = ev
     (out / "demo_summary.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))
+    print(f"report: {out / 'eval' / 'report.html'}")
     return results
 
 

@@ -346,21 +346,6 @@ def evaluate_model(model, tokenizer, suites: list[dict], rows: dict[str, list[di
     return runs
 
 
-def evaluate_task(model, tokenizer, task, *, n: int, seed: int, split: str, max_new_tokens: int = 32) -> dict:
-    """Greedy accuracy and teacher-forced mean entropy on `n` held-out test prompts of `task`'s split."""
-    from components.training.rollout import generate
-
-    rows = task.generate(n, seed=seed, split=split, part="test")
-    ro = generate(model, tokenizer, [r["prompt"] for r in rows], temperature=0.0, max_new_tokens=max_new_tokens,
-                  seed=seed)
-    scores = [task.verify(r["prompt"], c, r["answer"]) for r, c in zip(rows, ro.texts)]
-    examples = encode_references(tokenizer, rows, 10**9)
-    return {"accuracy": sum(scores) / len(scores), "n": len(rows),
-            "entropy": teacher_forced(model, examples, tokenizer.pad_token_id)["entropy"],
-            "samples": [{"prompt": r["prompt"], "completion": c, "answer": r["answer"], "score": s}
-                        for r, c, s in list(zip(rows, ro.texts, scores))[:5]]}
-
-
 # ----------------------------------------------------------------------------------------------------
 # Results: flat metrics, intervals, paired differences
 

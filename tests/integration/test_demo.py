@@ -1,17 +1,22 @@
-"""The demo, shortened: the same path as `posttrain demo` (tiny model, generated task, SFT and PSFT through
-the stage entrypoint, held-out evaluation), with fewer steps and prompts so it fits in CI."""
+"""The demo, shortened: the same path as `posttrain demo --stages sft,psft,dpo,grpo` (tiny model, generated
+task, every stage through its entrypoint, one evaluate-stage run with its report), with fewer steps and
+prompts so it fits in CI. The report is opened in headless Chromium and every figure must have rendered."""
 
 import json
 
 from pipelines.demo import run_demo
+from test_report import rendered  # the Chromium check of the report test
 
 
 def test_demo_short(tmp_path, capsys):
-    results = run_demo(tmp_path, overrides={"max_steps": 120, "eval_prompts": 60, "train_rows": 4000})
+    results = run_demo(tmp_path, overrides={"max_steps": 120, "eval_prompts": 60, "train_rows": 4000,
+                                            "reward_scoring": {"task_rows": 64}, "dpo": {"max_steps": 6},
+                                            "grpo": {"max_steps": 4, "prompts_per_round": 8, "batch_size": 64}},
+                       stages=("sft", "psft", "dpo", "grpo"))
     table = capsys.readouterr().out
-    assert "psft" in table and "id acc" in table
+    assert "psft" in table and "grpo" in table and "id acc" in table
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
-    assert set(summary) == {"base", "sft", "psft"}
+    assert list(summary) == ["base", "sft", "psft", "dpo", "grpo"]
     assert summary["base"]["eval"]["id"]["accuracy"] < 0.05
     for name in ("sft", "psft"):
         lines = [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -20,4 +25,15 @@ def test_demo_short(tmp_path, capsys):
         ev = results[name]["eval"]
         assert ev["id"]["entropy"] < summary["base"]["eval"]["id"]["entropy"]
         assert 0 <= ev["ood"]["accuracy"] <= 1 and ev["id"]["n"] == 60
+        low, high = ev["id"]["accuracy_ci"]
+        assert low <= ev["id"]["accuracy"] <= high
     assert "clip_ratio/high" in lines[-1] and "kl_old" in lines[-1]  # PSFT reports its clip statistics
+    assert (tmp_path / "scoring" / "pairs.jsonl").exists() and summary["dpo"]["final"]["rewards/accuracies"] >= 0
+    assert summary["grpo"]["final"]["frac_reward_zero_std"] >= 0
+
+    report = tmp_path / "eval" / "report.html"
+    html = report.read_text()
+    for name in ("base", "sft", "psft", "dpo", "grpo"):
+        assert name in html
+    images = rendered(report, tmp_path)
+    assert len(images.images) >= 3 and all(img.get("data-ok") == "1" for img in images.images)

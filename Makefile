@@ -19,8 +19,8 @@ test: install            ## the whole suite (unit, integration, acceptance runs)
 test-fast: install       ## unit tests only
 	$(PY) -m pytest tests/unit
 
-run: install             ## the demo: SFT vs PSFT on the tiny model, locally
-	$(VENV)/bin/posttrain demo --out .posttrain/demo
+run: install             ## the demo pipeline, locally (kfp.local): data_prep → psft → reward_scoring → dpo → grpo → evaluate → register
+	$(VENV)/bin/posttrain run demo
 
 bench: install           ## throughput of the objectives on the tiny model (JSON lines)
 	$(VENV)/bin/posttrain bench --size tiny --objectives sft,psft --json

@@ -40,13 +40,8 @@ class PromptSource:
             return get_task(self.task).generate(self.task_rows, seed=seed, split=self.task_split, part="train")
         return load_rows(self.prompts, prompt_row, max_bad_fraction=self.max_bad_fraction)
 
+    def check_rows(self, rows: list[dict], rewards) -> None:
+        """Fail before any model is loaded when the rewards need a field (answer, task) some prompt rows lack."""
+        rewards.check(len(rows), [r.get("answer") for r in rows], [r.get("task") for r in rows],
+                      source=self.prompts or f"task {self.task}")
 
-def require_answers(rows: list[dict], rewards, where: str) -> None:
-    """Fail before any sampling when a reward needs reference answers and some prompt rows have none."""
-    if not getattr(rewards, "needs_answer", False):
-        return
-    missing = [i for i, r in enumerate(rows) if r.get("answer") in (None, "")]
-    if missing:
-        shown = ", ".join(str(i + 1) for i in missing[:10])
-        raise ValueError(f"{where}: {len(missing)} prompt rows have no 'answer' (rows {shown}"
-                         f"{', ...' if len(missing) > 10 else ''}), which the rewards {rewards.names} need")

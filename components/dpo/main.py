@@ -28,7 +28,7 @@ from components.config import stage_main
 from components.datasets import load_rows, preference_row
 from components.models import load_model, load_tokenizer
 from components.sft.main import save_model
-from components.training.batching import Example, encode_example, sequence_sums
+from components.training.batching import Example, encode_example, sequence_sums, trained_sequences
 from components.training.loop import Session, TrainConfig, step_indices
 from components.training.objectives import DPO_LOSSES, dpo_loss
 
@@ -106,8 +106,7 @@ def _pair_logps(sess: Session, model, examples: list[Example], pad_id: int, aver
     for mb in sess.micro_batches(examples, pad_id, groups=groups):
         logp, _ = sess.forward(model, mb)
         sums = sequence_sums(logp.float(), mb, len(examples))
-        present = torch.zeros(len(examples), dtype=torch.bool, device=sums.device)
-        present[mb.seq_index[mb.loss_mask > 0].unique()] = True
+        present = trained_sequences(mb, len(examples))
         out[present.cpu()] = sums[present].double().cpu()
     if average:
         out /= torch.tensor([len(e) - e.completion_start for e in examples], dtype=torch.float64)
@@ -159,8 +158,7 @@ def _run(cfg: DPOConfig, tracked) -> dict:
             seq = sequence_sums(logp, mb, len(examples))
             if ipo:
                 seq = seq / lengths
-            present = torch.zeros(len(examples), dtype=torch.bool, device=seq.device)
-            present[mb.seq_index[mb.loss_mask > 0].unique()] = True
+            present = trained_sequences(mb, len(examples))
             chosen = present[0::2] & present[1::2]
             losses, m = dpo_loss(seq[0::2][chosen], seq[1::2][chosen], ref_step[0::2][chosen].to(seq.dtype),
                                  ref_step[1::2][chosen].to(seq.dtype), beta=cfg.beta, loss_type=cfg.loss_type,

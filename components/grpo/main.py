@@ -27,7 +27,7 @@ import torch
 from components import tracking
 from components.config import stage_main
 from components.models import load_model, load_tokenizer
-from components.prompts import PromptSource, require_answers
+from components.prompts import PromptSource
 from components.rewards import build_rewards
 from components.sft.main import save_model
 from components.training.batching import Example, completion_values
@@ -128,7 +128,7 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
     out = Path(cfg.output_dir)
     rewards = build_rewards(cfg.rewards, where="rewards")
     rows = cfg.load_prompts(cfg.seed)
-    require_answers(rows, rewards, cfg.prompts or f"task {cfg.task}")
+    cfg.check_rows(rows, rewards)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     load = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     model = load_model(cfg.model, **load)
@@ -164,8 +164,9 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
             ref_logps = _completion_logps(sess, ref_model, examples, pad, cfg.temperature)
         gen_seconds = time.perf_counter() - t0
         lengths = torch.tensor(ro.lengths, dtype=torch.float32)
+        reward_mean, reward_std = _stats(total)
         round_metrics = {
-            "reward": _stats(total)[0], "reward_std": _stats(total)[1],
+            "reward": reward_mean, "reward_std": reward_std,
             **{k: v for fn, vals in per_fn.items() for k, v in zip(
                 (f"rewards/{fn}/mean", f"rewards/{fn}/std"), _stats(vals))},
             "frac_reward_zero_std": float((group_std == 0).float().mean()),

@@ -19,7 +19,6 @@ written the report (a Markdown artifact).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import ssl

@@ -26,7 +26,7 @@ from components import tracking
 from components.config import stage_main
 from components.datasets import write_jsonl
 from components.models import load_model, load_tokenizer
-from components.prompts import PromptSource, require_answers
+from components.prompts import PromptSource
 from components.rewards import build_rewards
 from components.training.rollout import generate
 
@@ -94,7 +94,7 @@ def run(cfg: RewardScoringConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rewards = build_rewards(cfg.rewards, where="rewards")
     rows = cfg.load_prompts(cfg.seed)
-    require_answers(rows, rewards, cfg.prompts or f"task {cfg.task}")
+    cfg.check_rows(rows, rewards)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     if torch.cuda.is_available():

@@ -168,6 +168,13 @@ def sequence_sums(values: Tensor, batch: PackedBatch, num_seqs: int) -> Tensor:
     return out.index_add(0, idx, (values * batch.loss_mask).reshape(-1))
 
 
+def trained_sequences(batch: PackedBatch, num_seqs: int) -> Tensor:
+    """A [num_seqs] bool mask: the sequences with trained tokens in this micro-batch."""
+    present = torch.zeros(num_seqs, dtype=torch.bool, device=batch.seq_index.device)
+    present[batch.seq_index[batch.loss_mask > 0].unique()] = True
+    return present
+
+
 def completion_values(batch: PackedBatch, examples: list[Example], values: list[Tensor]) -> Tensor:
     """Lay per-completion-token values (values[i][j]: the j-th completion token of examples[i], e.g. the
     rollout's log-probs) out like `batch.targets`; 0 where the loss mask is 0."""

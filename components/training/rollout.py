@@ -123,7 +123,7 @@ def generate(model, tokenizer, prompts: list, *, n: int = 1, temperature: float 
             out.prompt_ids.append(encoded[i])
             out.completion_ids.append(toks[:end])
             out.logprobs.append(logps[r, :end].clone())
-            out.finished.append(end <= len(toks) and eos in toks)
+            out.finished.append(eos in toks)
     out.texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     model.train(was_training)
     return out

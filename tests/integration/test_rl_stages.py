@@ -65,7 +65,7 @@ def test_missing_answers_fail_before_sampling(tiny_model_dir, tmp_path):
     write_jsonl(path, [{"prompt": "1+1=", "answer": "2", "task": "arithmetic"}, {"prompt": "2+2=", "task": "arithmetic"}])
     cfg = from_mapping(GRPOConfig, {"model": str(tiny_model_dir), "prompts": str(path), "output_dir": str(tmp_path / "g"),
                                     "max_steps": 1, "prompts_per_round": 2, "num_generations": 2, "batch_size": 4})
-    with pytest.raises(ValueError, match=r"prompts.jsonl: 1 prompt rows have no 'answer' \(rows 2\)"):
+    with pytest.raises(ValueError, match=r"prompts.jsonl: row 1 \(0-based; 1 such rows\) has field 'answer' = None"):
         run_grpo(cfg)
 
 

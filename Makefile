@@ -23,7 +23,7 @@ run: install             ## the demo pipeline, locally (kfp.local): data_prep â†
 	$(VENV)/bin/posttrain run demo
 
 bench: install           ## throughput of the objectives on the tiny model (JSON lines)
-	$(VENV)/bin/posttrain bench --size tiny --objectives sft,psft --json
+	$(VENV)/bin/posttrain bench --size tiny --objectives sft,psft,dpo,grpo --json
 
 clean:
 	rm -rf .posttrain build *.egg-info

@@ -1,8 +1,10 @@
 """`posttrain bench`: throughput, MFU and peak memory of our objectives, optionally against TRL on the same data.
 
-    posttrain bench --size tiny|0.5b|1.5b --objectives sft,psft [--peers trl] [--json]
+    posttrain bench --size tiny|0.5b|1.5b --objectives sft,psft,dpo,grpo [--peers trl] [--json]
                     [--steps 15] [--warmup 5] [--batch-size 8] [--min-len 128] [--max-len 1024]
-                    [--token-budget T] [--updates-per-batch 8] [--peer-dtype auto|bf16|fp32] [--out FILE]
+                    [--token-budget T] [--updates-per-batch 8] [--peer-dtype auto|bf16|fp32]
+                    [--peer-checkpointing default|on|off] [--grpo-batch-size 32] [--group 8] [--prompt-len 128]
+                    [--new-tokens 256] [--grpo-steps 3] [--grpo-warmup 1] [--steps-per-rollout 1] [--out FILE]
 
 Workload (the peer anchors' SFT workload: the one TRL's SFTTrainer was measured on, on one H100)
     A random-init Qwen2 of the chosen shape (the same SIZES table, tie_word_embeddings, rope_theta 1e6, sdpa,
@@ -27,8 +29,8 @@ Workload (the peer anchors' SFT workload: the one TRL's SFTTrainer was measured 
       string and appends EOS with no separator, so otherwise the last prompt word and the first completion
       word ("t66t100"), and the last completion word and EOS ("t53t2"), merge into unknown tokens.
 
-Measurement
-    Each objective runs `components.training.loop.train` for warmup + steps optimizer steps of batch_size
+Measurement (SFT, PSFT)
+    SFT and PSFT run `components.training.loop.train` for warmup + steps optimizer steps of batch_size
     sequences (token_budget tokens per packed micro-batch: 16384 on GPU, 4096 on CPU unless given; PSFT
     with updates_per_batch π_old snapshots, 8 as in the reference setting, so a snapshot's extra forward
     pass falls in the measured window in proportion). Precision is the loop's "auto": fp32 weights and
@@ -44,7 +46,7 @@ Measurement
       /proc/self/clear_refs; where that is not possible, resource.getrusage's ru_maxrss since the process
       started: "peak_rss_scope": "process").
 
-    The TRL peer (`--peers trl`, SFT only) runs SFTTrainer as the anchors do (packing=False, no activation
+    The TRL peer for SFT and PSFT (`--peers trl`) runs SFTTrainer as the anchors do (packing=False, no activation
     checkpointing, lr 1e-5, bf16=True on GPU; weights bf16 on GPU as in the anchors, see --peer-dtype) with
     max_length = max_len + 1 (nothing is truncated). Time: from the end of warm-up step `warmup` to the end
     of the last step, synchronized at both ends (the anchors' Clock callback, minus the trainer's teardown);
@@ -54,13 +56,40 @@ Measurement
     PSFT relative to TRL's SFT). TRL is an optional extra (pip install -e '.[bench]'), imported lazily; when
     it is missing the trl_sft line carries an "error" and the rest still runs.
 
+DPO (the anchors' DPO workload)
+    batch_size × (warmup + steps + 2) pairs drawn as peer_anchors.dpo() draws them: prompt, chosen and rejected
+    of max_len // 4 words each (256 with the defaults), 8 pairs per step. Ours is the dpo stage itself
+    (components.dpo.main.run: a model directory with the random-init model and the peer tokenizer, the pairs
+    as JSONL, β 0.1, sigmoid, lr 1e-6), so a pair is prompt + chosen + EOS and prompt + rejected + EOS. Its
+    reference log-probs come from one pass before training; TRL's DPOTrainer (as the anchors run it: a second
+    model as reference, its forward inside every step, TRL's default activation checkpointing) is given the
+    pairs so that it tokenizes exactly those ids ("same_tokens").
+    - pairs_per_s: measured pairs / (their steps' step_time_s + their share of the reference pass); for TRL
+      measured pairs / the Clock's seconds. pairs_per_s_steps_only leaves our reference pass out.
+    - mfu counts training FLOPs × 4/3 (the reference's forward) on both sides.
+    "speedup_vs_trl" (posttrain_dpo) = our pairs_per_s / TRL's.
+
+GRPO (the anchors' GRPO workload)
+    Prompts of --prompt-len words (peer_anchors.grpo()'s draw), --group completions each, up to --new-tokens
+    tokens sampled at temperature 1, --grpo-batch-size sequences per optimizer step, one rollout round per
+    --steps-per-rollout steps (TRL: steps_per_generation), μ = 1, β = 0, lr 1e-6; --grpo-warmup steps, then
+    --grpo-steps measured (the anchors: 4 steps, the first not timed). Ours is the grpo stage itself (a static
+    KV cache on GPU); TRL's GRPOTrainer uses HF generate (no vLLM) with TRL's default activation checkpointing.
+    Both score with the same reward (BENCH_REWARDS: groups with and without variance, so advantages are real).
+    - completion_tokens_per_s: sampled tokens (EOS included, padding not) of the measured steps / their time,
+      the rollout included (ours: the step_time_s of the measured steps, the round's rollout in its first
+      step; TRL: the Clock's seconds; its completions are counted in the reward function, from completion_ids).
+    - mfu counts training FLOPs × 4/3 (the rollout: one forward of every sequence) on both sides.
+    "speedup_vs_trl" (posttrain_grpo) = our completion_tokens_per_s / TRL's.
+
 Output
-    One JSON line per measurement (what: posttrain_<objective> | trl_sft), e.g.
+    One JSON line per measurement (what: posttrain_<objective> | trl_sft | trl_dpo | trl_grpo), e.g.
     {"what": "posttrain_sft", "size": "tiny", "bs": 8, "steps": 15, "warmup": 5, "tokens_per_s": ...,
      "sec_per_step": ..., "mfu": null, "peak_mem_gb": null, "peak_rss_gb": ..., "device": "cpu", ...}
     With --json only those lines go to stdout (logs and the trainers' own output go to stderr); without it
     a table. --out FILE also appends the JSON lines to FILE. Exit status 0, or 1 when one of our objectives
-    failed (its line then carries "error"), 2 on bad arguments (unknown objective or peer).
+    failed (its line then carries "error"), 2 on bad arguments (unknown objective or peer, a GRPO workload
+    whose group does not divide the batch).
 """
 
 from __future__ import annotations
@@ -91,7 +120,7 @@ SIZES = {
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=151936),
 }
-OBJECTIVES = ("sft", "psft")  # objectives this benchmark knows; dpo / grpo come later
+OBJECTIVES = ("sft", "psft", "dpo", "grpo")
 PEERS = ("trl",)
 UNK_ID, PAD_ID, EOS_ID = 0, 1, 2  # "t0", "t1", "t2": the anchors' unk / pad / eos
 TRL_MISSING = "trl not installed: pip install -e '.[bench]'"
@@ -143,6 +172,46 @@ def row_example(row: dict):
 def peer_row(row: dict) -> dict:
     """The row as TRL gets it: separated so that no words merge, EOS given (TRL then appends none)."""
     return {"prompt": row["prompt"], "completion": " " + row["completion"] + " t2"}
+
+
+def dpo_rows(vocab: int, num_rows: int, max_len: int) -> list[dict]:
+    """The anchors' DPO rows (peer_anchors.dpo()): prompt, chosen and rejected of max_len // 4 words each."""
+    rng = random.Random(0)
+    n = max_len // 4
+    return [{"prompt": text(n, vocab, rng), "chosen": text(n, vocab, rng), "rejected": text(n, vocab, rng)}
+            for _ in range(num_rows)]
+
+
+def grpo_prompts(vocab: int, num_rows: int, prompt_len: int) -> list[dict]:
+    """The anchors' GRPO prompts (peer_anchors.grpo()): prompt_len words each."""
+    rng = random.Random(0)
+    return [{"prompt": text(prompt_len, vocab, rng)} for _ in range(num_rows)]
+
+
+def pair_ids(row: dict) -> tuple[list[int], list[int], list[int]]:
+    """A DPO row as token ids: prompt, chosen + EOS, rejected + EOS."""
+    ids = lambda s: [int(w[1:]) for w in s.split()]  # noqa: E731
+    return ids(row["prompt"]), ids(row["chosen"]) + [EOS_ID], ids(row["rejected"]) + [EOS_ID]
+
+
+def stage_pair_row(row: dict) -> dict:
+    """The row as our DPO stage reads it: it appends the EOS text to each completion, so a space first."""
+    return {"prompt": row["prompt"], "chosen": row["chosen"] + " ", "rejected": row["rejected"] + " "}
+
+
+def peer_pair_row(row: dict) -> dict:
+    """The row as TRL's DPOTrainer gets it: it tokenizes prompt + completion as one string and appends EOS
+    only when the completion does not end with it, so both are separated and end with " t2"."""
+    return {"prompt": row["prompt"], "chosen": " " + row["chosen"] + " t2", "rejected": " " + row["rejected"] + " t2"}
+
+
+def save_model(size: str, path: str) -> str:
+    """The anchors' random-init model and the peer tokenizer as a Hugging Face directory (what stages load)."""
+    model = build_model(size)
+    model.save_pretrained(path, safe_serialization=True)
+    peer_tokenizer(SIZES[size]["vocab_size"]).save_pretrained(path)
+    del model
+    return path
 
 
 def peer_tokenizer(vocab: int):
@@ -260,91 +329,303 @@ def _no_fingerprints():
         fp.Hasher.hash, fp.update_fingerprint = saved
 
 
-def run_trl(a, rows: list[dict], examples: list, dev: torch.device) -> dict:
-    try:
-        import datasets
-        import trl
-        from trl import SFTConfig, SFTTrainer
-    except ImportError:
-        return {"error": TRL_MISSING}
-    import dataclasses
-
-    import transformers
+def _clock(skip: int, dev: torch.device):
+    """A trainer callback timing from the end of step `skip` (or the start) to the end of the last step,
+    synchronized at both ends: the anchors' Clock, minus the trainer's teardown."""
     from transformers import TrainerCallback
 
-    from components.training.flops import training_flops
-
-    total = a.warmup + a.steps
-    bf16_weights = a.peer_dtype == "bf16" or (a.peer_dtype == "auto" and dev.type == "cuda")
-
     class Clock(TrainerCallback):
-        """Seconds from the end of step `skip` (or the start) to the end of the last step, synchronized."""
-
-        def __init__(self, skip: int):
-            self.skip, self.t0, self.t1 = skip, None, None
+        def __init__(self):
+            self.t0, self.t1 = None, None
 
         def on_train_begin(self, args, state, control, **kw):
-            if self.skip == 0:
+            if skip == 0:
                 _sync(dev)
                 self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step == self.skip:
+            if state.global_step == skip:
                 _sync(dev)
                 self.t0 = time.perf_counter()
             if state.global_step == state.max_steps:
                 _sync(dev)
                 self.t1 = time.perf_counter()
 
+        @property
+        def seconds(self) -> float:
+            if self.t0 is None or self.t1 is None:
+                raise RuntimeError("the trainer stopped before the measured steps ended")
+            return self.t1 - self.t0
+
+    return Clock()
+
+
+def _trl_args(config_cls, a, dev: torch.device, out: str, checkpointing: bool | None, **kw):
+    """A TRL config as the anchors build it (lr, no saving, no logging), plus `kw`; `checkpointing` None keeps
+    TRL's default (on for DPO and GRPO)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    args = dict(output_dir=out, bf16=dev.type == "cuda", report_to="none",
+                logging_steps=1000, save_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
+                dataloader_pin_memory=dev.type == "cuda", **kw)
+    if checkpointing is not None:  # transformers 5 renamed gradient_checkpointing to activation_checkpointing
+        args["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = \
+            checkpointing
+    cfg = config_cls(**args)
+    return cfg, bool(getattr(cfg, "activation_checkpointing", getattr(cfg, "gradient_checkpointing", False)))
+
+
+def _peer_bf16(a, dev: torch.device) -> bool:
+    return a.peer_dtype == "bf16" or (a.peer_dtype == "auto" and dev.type == "cuda")
+
+
+def _peer_checkpointing(a) -> bool | None:
+    return {"default": None, "on": True, "off": False}[a.peer_checkpointing]
+
+
+def _trl_versions() -> dict:
+    import transformers
+    import trl
+
+    return {"trl": trl.__version__, "transformers": transformers.__version__}
+
+
+def run_trl(a, rows: list[dict], examples: list, dev: torch.device) -> dict:
+    try:
+        import datasets
+        from trl import SFTConfig, SFTTrainer
+    except ImportError:
+        return {"error": TRL_MISSING}
+    from components.training.flops import training_flops
+
+    total = a.warmup + a.steps
+    bf16_weights = _peer_bf16(a, dev)
     rss_reset = _reset_peaks(dev)
     model = build_model(a.size, torch.bfloat16 if bf16_weights else torch.float32)
     tok = peer_tokenizer(SIZES[a.size]["vocab_size"])
     out = tempfile.TemporaryDirectory(prefix="posttrain-bench-trl-")
-    kw = dict(output_dir=out.name, per_device_train_batch_size=a.batch_size,
-              max_length=a.max_len + 1, max_steps=total, bf16=dev.type == "cuda", report_to="none",
-              logging_steps=1000, save_strategy="no", packing=False, learning_rate=1e-5, dataloader_num_workers=0,
-              disable_tqdm=True, dataloader_pin_memory=dev.type == "cuda")
-    fields = {f.name for f in dataclasses.fields(SFTConfig)}
-    # TRL defaults gradient checkpointing on; transformers 5 renamed it activation_checkpointing
-    kw["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = False
-    clock = Clock(a.warmup)
+    # the anchors turn TRL's activation checkpointing off for SFT, whatever --peer-checkpointing says
+    args, checkpointing = _trl_args(SFTConfig, a, dev, out.name, False, max_steps=total,
+                                    per_device_train_batch_size=a.batch_size, max_length=a.max_len + 1,
+                                    packing=False, learning_rate=1e-5)
+    clock = _clock(a.warmup, dev)
     with _no_fingerprints():
-        tr = SFTTrainer(model=model, args=SFTConfig(**kw), train_dataset=datasets.Dataset.from_list(
+        tr = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(
             [peer_row(r) for r in rows]), processing_class=tok, callbacks=[clock])
     same = _same_tokens(tr.train_dataset, examples)
     if not same:
         log.warning("TRL tokenized the rows differently from our Examples: the comparison is not like for like")
 
-    batch_lengths: list[list[int]] = []  # the k-th batch collated is step k+1's (prefetching keeps the order)
-    batch_trained: list[int] = []  # targets with a label (the model shifts labels by one)
-    inner = tr.data_collator
-
-    def collate(features):
-        batch_lengths.append([len(f["input_ids"]) for f in features])
-        batch_trained.append(sum(lab != -100 for f in features for lab in f.get("labels", [])[1:]))
-        return inner(features)
-
-    tr.data_collator = collate
-    try:
-        tr.train()
-    finally:
-        out.cleanup()
-    mem = _peaks(dev, rss_reset)
-    if len(batch_lengths) < total or clock.t0 is None or clock.t1 is None:
-        raise RuntimeError(f"TRL ran {len(batch_lengths)} batches, expected {total}: cannot count its tokens")
-    measured = batch_lengths[a.warmup:total]
-    sec = clock.t1 - clock.t0
-    tokens = sum(sum(b) for b in measured)
-    trained = sum(batch_trained[a.warmup:total])
-    flops = sum(training_flops(model, b) for b in measured)
+    # lengths and trained targets (a label; the model shifts labels by one) of each batch, step by step
+    batches = _count_batches(tr, lambda fs: ([len(f["input_ids"]) for f in fs],
+                                             sum(lab != -100 for f in fs for lab in f.get("labels", [])[1:])))
+    mem = _train_peer(tr, out, dev, rss_reset)
+    measured = _measured(batches, a.warmup, total)
+    sec = clock.seconds
+    tokens = sum(sum(lengths) for lengths, _ in measured)
+    trained = sum(t for _, t in measured)
+    flops = sum(training_flops(model, lengths) for lengths, _ in measured)
     res = {**_rates(tokens, sec, flops, a.steps, dev), **mem, "tokens": tokens, "trained_tokens": trained or None, "weights": "bf16" if bf16_weights else "fp32",
            "autocast": "bf16" if dev.type == "cuda" else None, "same_tokens": same,
-           "trl": trl.__version__, "transformers": transformers.__version__,
+           "activation_checkpointing": checkpointing, **_trl_versions(),
            "note": "rows as peer_anchors, given as (prompt, ' '+completion+' t2') with single-word special tokens so "
                    "TRL sees prompt+completion+eos ids exactly as ours; peer_anchors' own tokenizer splits ~48% of "
                    "words in two"}
     del tr, model
     return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# DPO and GRPO: our stages, run as a user runs them (a model directory and a JSONL in, metrics.jsonl out)
+
+# A reward with variance inside groups, the same function for us and TRL: 1 when the completion's first word
+# ends in 0-4, else 0 (the anchors' len(c) % 7 plays that role; what the reward is does not change the cost).
+BENCH_REWARDS = [{"name": "format", "pattern": r"\s*t\d*[0-4]\b.*"}]
+
+
+def _jsonl(path: str, rows: list[dict]) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def _metrics(out: str) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_ours_dpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
+    """The dpo stage on the anchors' pairs. Time per pair: the measured steps plus their share of the
+    reference pass (which TRL does inside each step), so pairs_per_s is the cost of DPO, not of its steps only."""
+    from components.dpo.main import DPOConfig, run
+
+    total = a.warmup + a.steps
+    rows = dpo_rows(SIZES[a.size]["vocab_size"], a.batch_size * (total + 2), a.max_len)
+    out = os.path.join(work, "dpo")
+    cfg = DPOConfig(model=os.path.join(work, "model"), output_dir=out, max_steps=total, batch_size=a.batch_size,
+                    train_data=_jsonl(os.path.join(work, "pairs.jsonl"), [stage_pair_row(r) for r in rows]),
+                    token_budget=token_budget, max_length=a.max_len + 1, lr=1e-6, seed=0, log_every=total)
+    rss_reset = _reset_peaks(dev)
+    summary = run(cfg)
+    mem = _peaks(dev, rss_reset)
+    measured = _metrics(out)[a.warmup:]
+    pairs = a.batch_size * len(measured)
+    train_s = sum(r["step_time_s"] for r in measured)
+    ref_s = summary["reference_pass_s"] * pairs / summary["pairs"]
+    tokens = int(sum(r["tokens"] for r in measured))
+    flops = sum(r["flops"] for r in measured) * 4 / 3  # + the reference's forward of every sequence
+    return {**_rates(tokens, train_s + ref_s, flops, len(measured), dev), **mem, "pairs_per_s": pairs / (train_s + ref_s),
+            "pairs_per_s_steps_only": pairs / train_s, "reference_share_s": ref_s, "tokens": tokens,
+            "token_budget": token_budget, "weights": "fp32", "autocast": "bf16" if dev.type == "cuda" else None,
+            "rewards/accuracies": measured[-1]["rewards/accuracies"], "final_loss": measured[-1]["loss"]}
+
+
+def run_ours_grpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
+    """The grpo stage on the anchors' prompts: a round of rollouts (prompts × group) every
+    --steps-per-rollout optimizer steps of --grpo-batch-size sequences; μ = 1, β = 0, as TRL's defaults."""
+    from components.grpo.main import GRPOConfig, run
+
+    total = a.grpo_warmup + a.grpo_steps
+    round_size = a.grpo_batch_size * a.steps_per_rollout
+    prompts = grpo_prompts(SIZES[a.size]["vocab_size"], a.batch_size * 4 * (a.warmup + a.steps + 2), a.prompt_len)
+    out = os.path.join(work, "grpo")
+    cfg = GRPOConfig(model=os.path.join(work, "model"), output_dir=out, max_steps=total,
+                     prompts=_jsonl(os.path.join(work, "prompts.jsonl"), prompts), rewards=BENCH_REWARDS,
+                     num_generations=a.group, prompts_per_round=round_size // a.group, batch_size=a.grpo_batch_size,
+                     max_new_tokens=a.new_tokens, generation_batch_size=round_size, token_budget=token_budget,
+                     lr=1e-6, seed=0, log_every=total)
+    rss_reset = _reset_peaks(dev)
+    run(cfg)
+    mem = _peaks(dev, rss_reset)
+    measured = _metrics(out)[a.grpo_warmup:]
+    sec = sum(r["step_time_s"] for r in measured)
+    completion = int(sum(r["trained_tokens"] for r in measured))  # μ = 1: each sampled token trains once
+    tokens = int(sum(r["tokens"] for r in measured))
+    flops = sum(r["flops"] for r in measured) * 4 / 3  # + the rollout: one forward of every sequence
+    first_of_round = measured[::a.steps_per_rollout]
+    return {**_rates(tokens, sec, flops, len(measured), dev), **mem, "completion_tokens_per_s": completion / sec,
+            "completion_tokens": completion, "tokens": tokens,
+            "rollout_s": sum(r["rollout_s"] for r in first_of_round), "token_budget": token_budget,
+            "weights": "fp32", "autocast": "bf16" if dev.type == "cuda" else None,
+            "rollout_cache": "static" if dev.type == "cuda" else "dynamic", "reward": measured[-1]["reward"]}
+
+
+def run_trl_dpo(a, dev: torch.device) -> dict:
+    """TRL's DPOTrainer as the anchors run it: a second (reference) model, its log-probs inside each step."""
+    try:
+        import datasets
+        from trl import DPOConfig, DPOTrainer
+    except ImportError:
+        return {"error": TRL_MISSING}
+    from components.training.flops import training_flops
+
+    total = a.warmup + a.steps
+    rows = dpo_rows(SIZES[a.size]["vocab_size"], a.batch_size * (total + 2), a.max_len)
+    dtype = torch.bfloat16 if _peer_bf16(a, dev) else torch.float32
+    rss_reset = _reset_peaks(dev)
+    model, ref = build_model(a.size, dtype), build_model(a.size, dtype).eval()
+    out = tempfile.TemporaryDirectory(prefix="posttrain-bench-trl-")
+    args, checkpointing = _trl_args(DPOConfig, a, dev, out.name, _peer_checkpointing(a), max_steps=total,
+                                    per_device_train_batch_size=a.batch_size, max_length=a.max_len,
+                                    learning_rate=1e-6)
+    clock = _clock(a.warmup, dev)
+    with _no_fingerprints():
+        tr = DPOTrainer(model=model, ref_model=ref, args=args, processing_class=peer_tokenizer(SIZES[a.size]["vocab_size"]),
+                        train_dataset=datasets.Dataset.from_list([peer_pair_row(r) for r in rows]), callbacks=[clock])
+    ds = tr.train_dataset
+    same = len(ds) == len(rows) and all((d["prompt_ids"], d["chosen_ids"], d["rejected_ids"]) == pair_ids(r)
+                                        for d, r in zip(ds, rows))
+    batches = _count_batches(tr, lambda fs: [len(f["prompt_ids"]) + len(f[k]) for f in fs
+                                             for k in ("chosen_ids", "rejected_ids")])
+    mem = _train_peer(tr, out, dev, rss_reset)
+    measured = _measured(batches, a.warmup, total)
+    sec = clock.seconds
+    tokens = sum(sum(b) for b in measured)
+    flops = sum(training_flops(model, b) for b in measured) * 4 / 3
+    res = {**_rates(tokens, sec, flops, a.steps, dev), **mem, "pairs_per_s": a.batch_size * a.steps / sec,
+           "tokens": tokens, "weights": "bf16" if dtype == torch.bfloat16 else "fp32", "same_tokens": same,
+           "activation_checkpointing": checkpointing, **_trl_versions()}
+    del tr, model, ref
+    return res
+
+
+def run_trl_grpo(a, dev: torch.device) -> dict:
+    """TRL's GRPOTrainer with HF generate (no vLLM), as the anchors run it, on the same prompts and reward."""
+    try:
+        import datasets
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        return {"error": TRL_MISSING}
+    from components.rewards import build_rewards
+    from components.training.flops import training_flops
+
+    total = a.grpo_warmup + a.grpo_steps
+    prompts = grpo_prompts(SIZES[a.size]["vocab_size"], a.batch_size * 4 * (a.warmup + a.steps + 2), a.prompt_len)
+    rewards = build_rewards(BENCH_REWARDS)
+    rounds: list[list[tuple[int, int]]] = []  # (prompt, completion) tokens of each generation batch's sequences
+
+    def bench_reward(prompts, completions, completion_ids, **kw):
+        # one word of a prompt is one token (the peer tokenizer); TRL hands over the completions' ids
+        rounds.append([(len(p.split()), len(c)) for p, c in zip(prompts, completion_ids)])
+        return rewards.score(list(prompts), list(completions))[0]
+
+    dtype = torch.bfloat16 if _peer_bf16(a, dev) else torch.float32
+    rss_reset = _reset_peaks(dev)
+    model = build_model(a.size, dtype)
+    model.config._name_or_path = "random-qwen2"
+    out = tempfile.TemporaryDirectory(prefix="posttrain-bench-trl-")
+    args, checkpointing = _trl_args(GRPOConfig, a, dev, out.name, _peer_checkpointing(a), max_steps=total,
+                                    per_device_train_batch_size=a.grpo_batch_size, num_generations=a.group,
+                                    steps_per_generation=a.steps_per_rollout, max_completion_length=a.new_tokens,
+                                    learning_rate=1e-6, use_vllm=False)
+    clock = _clock(a.grpo_warmup, dev)
+    with _no_fingerprints():
+        tr = GRPOTrainer(model=model, reward_funcs=bench_reward, args=args, callbacks=[clock],
+                         train_dataset=datasets.Dataset.from_list(prompts),
+                         processing_class=peer_tokenizer(SIZES[a.size]["vocab_size"]))
+    mem = _train_peer(tr, out, dev, rss_reset)
+    k = a.steps_per_rollout
+    measured = [seq for r in _measured(rounds, a.grpo_warmup // k, total // k) for seq in r]
+    seqs = [p + c for p, c in measured]
+    completion = sum(c for _, c in measured)
+    sec = clock.seconds
+    flops = training_flops(model, seqs) * 4 / 3
+    res = {**_rates(sum(seqs), sec, flops, a.grpo_steps, dev), **mem, "completion_tokens_per_s": completion / sec,
+           "completion_tokens": completion, "tokens": sum(seqs), "weights": "bf16" if dtype == torch.bfloat16 else "fp32",
+           "activation_checkpointing": checkpointing, "rollout_cache": "dynamic", **_trl_versions()}
+    del tr, model
+    return res
+
+
+def _train_peer(trainer, out, dev: torch.device, rss_reset: bool) -> dict:
+    """Run the TRL trainer, drop its output directory, and return the memory peaks of the measurement."""
+    try:
+        trainer.train()
+    finally:
+        out.cleanup()
+    return _peaks(dev, rss_reset)
+
+
+def _count_batches(trainer, record) -> list:
+    """Wrap the trainer's collator to keep `record(features)` of every batch it builds, in order: the k-th batch
+    is step k+1's (prefetching keeps the order)."""
+    seen: list = []
+    inner = trainer.data_collator
+
+    def collate(features):
+        seen.append(record(features))
+        return inner(features)
+
+    trainer.data_collator = collate
+    return seen
+
+
+def _measured(batches: list, start: int, end: int) -> list:
+    if len(batches) < end:
+        raise RuntimeError(f"TRL built {len(batches)} batches, expected {end}: cannot count its tokens")
+    return batches[start:end]
 
 
 def _same_tokens(dataset, examples: list) -> bool:
@@ -387,6 +668,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="PSFT optimizer steps per π_old snapshot (default: 8)")
     p.add_argument("--peer-dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="the TRL model's weights: auto = bf16 on GPU, fp32 on CPU, as the anchors (default: auto)")
+    p.add_argument("--peer-checkpointing", choices=("default", "on", "off"), default="default",
+                   help="TRL's activation checkpointing for DPO and GRPO: default = TRL's (on), as the anchors "
+                        "(SFT: always off, as the anchors)")
+    g = p.add_argument_group("GRPO (the anchors' GRPO workload)")
+    g.add_argument("--grpo-batch-size", type=int, default=32, help="sequences per optimizer step (default: 32)")
+    g.add_argument("--group", type=int, default=8, help="completions per prompt (default: 8)")
+    g.add_argument("--prompt-len", type=int, default=128, help="prompt words = tokens (default: 128)")
+    g.add_argument("--new-tokens", type=int, default=256, help="most new tokens per completion (default: 256)")
+    g.add_argument("--grpo-steps", type=int, default=3, help="measured optimizer steps (default: 3)")
+    g.add_argument("--grpo-warmup", type=int, default=1, help="warm-up optimizer steps (default: 1)")
+    g.add_argument("--steps-per-rollout", type=int, default=1,
+                   help="optimizer steps per rollout round, for us and TRL (TRL's steps_per_generation; default: 1)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     return p
 
@@ -397,8 +690,8 @@ def _split(s: str) -> list[str]:
 
 def _table(results: list[dict]) -> str:
     cols = [("what", "{}"), ("size", "{}"), ("bs", "{}"), ("steps", "{}"), ("tokens_per_s", "{:.0f}"),
-            ("sec_per_step", "{:.3f}"), ("mfu", "{:.3f}"), ("peak_mem_gb", "{:.2f}"), ("peak_rss_gb", "{:.2f}"),
-            ("speedup_vs_trl", "{:.2f}x")]
+            ("pairs_per_s", "{:.1f}"), ("completion_tokens_per_s", "{:.0f}"), ("sec_per_step", "{:.3f}"),
+            ("mfu", "{:.3f}"), ("peak_mem_gb", "{:.2f}"), ("peak_rss_gb", "{:.2f}"), ("speedup_vs_trl", "{:.2f}x")]
     def cell(r, k, f):
         if "error" in r and k not in ("what", "size", "bs", "steps"):
             return r["error"][:60] if k == "tokens_per_s" else ""
@@ -424,9 +717,16 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"posttrain bench: unknown peer(s) {', '.join(bad)}; known: {', '.join(PEERS)}", file=sys.stderr)
         return 2
+    k = a.steps_per_rollout
     if a.steps < 1 or a.warmup < 0 or a.batch_size < 1 or not 1 <= a.min_len <= a.max_len:
         print("posttrain bench: need --steps ≥ 1, --warmup ≥ 0, --batch-size ≥ 1, 1 ≤ --min-len ≤ --max-len",
               file=sys.stderr)
+        return 2
+    if "grpo" in objectives and (min(a.grpo_batch_size, a.new_tokens, a.prompt_len, a.grpo_steps, k) < 1
+                                 or a.group < 2 or a.grpo_batch_size % a.group or a.grpo_warmup % k
+                                 or a.grpo_steps % k or a.grpo_warmup < 0):
+        print("posttrain bench: GRPO needs --group ≥ 2 dividing --grpo-batch-size, --new-tokens, --prompt-len, "
+              "--grpo-steps ≥ 1, and --grpo-steps and --grpo-warmup multiples of --steps-per-rollout", file=sys.stderr)
         return 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -436,11 +736,19 @@ def main(argv: list[str] | None = None) -> int:
     dev = _device()
     token_budget = a.token_budget or (16384 if dev.type == "cuda" else 4096)
     total = a.warmup + a.steps
-    rows = workload_rows(SIZES[a.size]["vocab_size"], a.batch_size * (total + 2), a.min_len, a.max_len)
-    examples = [row_example(r) for r in rows]
-    common = {"size": a.size, "bs": a.batch_size, "steps": a.steps, "warmup": a.warmup, "min_len": a.min_len,
-              "max_len": a.max_len, "seq": "prompt+completion+eos", "device": dev.type,
-              "device_name": _device_name(dev)}
+    common = {"size": a.size, "device": dev.type, "device_name": _device_name(dev)}
+    workload = {
+        "sft": {"bs": a.batch_size, "steps": a.steps, "warmup": a.warmup, "min_len": a.min_len, "max_len": a.max_len,
+                "seq": "prompt+completion+eos"},
+        "dpo": {"bs": a.batch_size, "steps": a.steps, "warmup": a.warmup, "prompt_len": a.max_len // 4,
+                "completion_len": a.max_len // 4, "seq": "prompt+chosen|rejected+eos"},
+        "grpo": {"bs": a.grpo_batch_size, "steps": a.grpo_steps, "warmup": a.grpo_warmup, "group": a.group,
+                 "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "steps_per_rollout": k},
+    }
+    workload["psft"] = workload["sft"]
+    # what each objective is compared on, and with which peer line
+    rate = {"sft": ("tokens_per_s", "trl_sft"), "psft": ("tokens_per_s", "trl_sft"),
+            "dpo": ("pairs_per_s", "trl_dpo"), "grpo": ("completion_tokens_per_s", "trl_grpo")}
     results: list[dict] = []
     failed = False
 
@@ -454,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(line + "\n")
 
     def measure(what: str, fn) -> dict:
-        log.info("measuring %s (%s, %d+%d steps of %d sequences)", what, a.size, a.warmup, a.steps, a.batch_size)
+        log.info("measuring %s (%s)", what, a.size)
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 return fn()
@@ -462,18 +770,32 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             return {"error": f"{type(e).__name__}: {e}"[:400]}
 
-    trl_rate = None
+    rows = workload_rows(SIZES[a.size]["vocab_size"], a.batch_size * (total + 2), a.min_len, a.max_len)
+    examples = [row_example(r) for r in rows]
+    peer_fns = {"sft": lambda: run_trl(a, rows, examples, dev), "dpo": lambda: run_trl_dpo(a, dev),
+                "grpo": lambda: run_trl_grpo(a, dev)}
+    peer_rates: dict[str, float] = {}
     if "trl" in peers:
-        res = measure("trl_sft", lambda: run_trl(a, rows, examples, dev))
-        trl_rate = res.get("tokens_per_s")
-        emit({"what": "trl_sft", **common, **res})
-    for obj in objectives:
-        res = measure(f"posttrain_{obj}", lambda: run_ours(a, obj, examples, dev, token_budget))
-        failed |= "error" in res
-        if trl_rate and "tokens_per_s" in res:
-            res["speedup_vs_trl"] = res["tokens_per_s"] / trl_rate
-            res["vs"] = "trl_sft"
-        emit({"what": f"posttrain_{obj}", **common, **res})
+        for obj in dict.fromkeys("sft" if o == "psft" else o for o in objectives):
+            res = measure(f"trl_{obj}", peer_fns[obj])
+            if rate[obj][0] in res:
+                peer_rates[f"trl_{obj}"] = res[rate[obj][0]]
+            emit({"what": f"trl_{obj}", **common, **workload[obj], **res})
+    with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as work:
+        if {"dpo", "grpo"} & set(objectives):
+            save_model(a.size, os.path.join(work, "model"))
+        ours = {"sft": lambda: run_ours(a, "sft", examples, dev, token_budget),
+                "psft": lambda: run_ours(a, "psft", examples, dev, token_budget),
+                "dpo": lambda: run_ours_dpo(a, work, dev, token_budget),
+                "grpo": lambda: run_ours_grpo(a, work, dev, token_budget)}
+        for obj in objectives:
+            res = measure(f"posttrain_{obj}", ours[obj])
+            failed |= "error" in res
+            key, vs = rate[obj]
+            if vs in peer_rates and key in res:
+                res["speedup_vs_trl"] = res[key] / peer_rates[vs]
+                res["vs"] = vs
+            emit({"what": f"posttrain_{obj}", **common, **workload[obj], **res})
     if not a.json:
         print(_table(results), file=stdout, flush=True)
     return 1 if failed else 0

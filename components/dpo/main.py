@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ import torch
 from components import tracking
 from components.config import stage_main
 from components.datasets import load_rows, preference_row
-from components.models import load_model, load_tokenizer
+from components.models import ModelLoading
 from components.sft.main import save_model
 from components.training.batching import Example, encode_example, sequence_sums, trained_sequences
 from components.training.loop import Session, TrainConfig, step_indices
@@ -38,7 +38,7 @@ REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewa
 
 
 @dataclass(kw_only=True)
-class DPOConfig(TrainConfig):
+class DPOConfig(TrainConfig, ModelLoading):
     """A DPO stage: the training settings plus the pairs, the reference and the loss."""
 
     model: str
@@ -64,10 +64,6 @@ class DPOConfig(TrainConfig):
     """Longest sequence (prompt + completion) in tokens; a longer pair is dropped and counted."""
     max_bad_fraction: float = 0.0
     """Share of unusable rows tolerated (chosen == rejected, empty prompt, ...); each is reported by line."""
-    trust_remote_code: bool = False
-    """Allow model code from the model directory (only for models you trust)."""
-    attn_implementation: str = "auto"
-    """Attention kernel: auto, sdpa, flash_attention_2, flex_attention or eager."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,26 +116,25 @@ def run(cfg: DPOConfig) -> dict:
 
 def _run(cfg: DPOConfig, tracked) -> dict:
     out = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = cfg.load_tokenizer(cfg.model)
     rows = load_rows(cfg.train_data, preference_row, max_bad_fraction=cfg.max_bad_fraction)
     pairs, dropped = encode_pairs(rows, tokenizer, cfg.max_length, cfg.train_data)
     flat = [e for pair in pairs for e in pair]
-    load = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
-    model = load_model(cfg.model, **load)
-    train_fields = {k: v for k, v in asdict(cfg).items() if k in TrainConfig.__dataclass_fields__}
-    sess = Session(TrainConfig(**train_fields), model, out, on_metrics=tracked.log_metrics)
+    model = cfg.load_model(cfg.model)
+    sess = Session(cfg.training(), model, out, on_metrics=tracked.log_metrics)
     pad, dist, ipo = tokenizer.pad_token_id, sess.dist, cfg.loss_type == "ipo"
 
     # the reference pass: every pair once, then the reference is gone (with no ref_model: the policy before training)
     t0 = time.perf_counter()
-    ref_model = load_model(cfg.ref_model, **load).to(sess.device) if cfg.ref_model else model
+    ref_model = cfg.load_model(cfg.ref_model).to(sess.device) if cfg.ref_model else model
     was_training = model.training
     ref_model.eval()
     with torch.no_grad():
         ref = _pair_logps(sess, ref_model, flat, pad, ipo)
     model.train(was_training)
     del ref_model
-    log.info("reference log-probs of %d pairs in %.1fs", len(pairs), time.perf_counter() - t0)
+    ref_seconds = time.perf_counter() - t0
+    log.info("reference log-probs of %d pairs in %.1fs", len(pairs), ref_seconds)
 
     for step in range(sess.start_step, cfg.max_steps):
         t1 = time.perf_counter()
@@ -181,6 +176,7 @@ def _run(cfg: DPOConfig, tracked) -> dict:
 
     history = sess.finish()
     summary = {"pairs": len(pairs), "dropped_overlong": dropped, "steps": len(history),
+               "reference_pass_s": ref_seconds,
                "final": history[-1] if history else None,
                "first": history[0] if history else None}
     save_model(model, tokenizer, out / "model", dist)

@@ -35,6 +35,7 @@ from components.datasets import (DataError, RowError, check_bad_fraction, prompt
                                  write_jsonl)
 from components.evaluate.stats import (BOOTSTRAP_SAMPLES, avg_at_n, bootstrap_ci, paired_bootstrap_ci,
                                        pass_at_k_per_prompt)
+from components.models import ModelLoading
 from components.tasks import SPLITS, TASKS, get_task
 from components.training.batching import Example, encode_example, micro_batches
 
@@ -88,7 +89,7 @@ def default_reward_specs(suites: list[dict]) -> list[dict]:
 
 
 @dataclass(kw_only=True)
-class EvaluateConfig:
+class EvaluateConfig(ModelLoading):
     """An evaluation: which models, on which prompts, sampled how, and where the results go."""
 
     model: str
@@ -130,10 +131,6 @@ class EvaluateConfig:
     """Most tokens in one teacher-forced micro-batch."""
     training_metrics: dict[str, str] = field(default_factory=dict)
     """metrics.jsonl of earlier stages by stage name, for the report's entropy and reward curves."""
-    trust_remote_code: bool = False
-    """Allow model code from the model directories (only for models you trust)."""
-    attn_implementation: str = "auto"
-    """Attention kernel: auto (flash_attention_2 on a GPU with flash-attn, else sdpa), sdpa, eager, ..."""
 
     def __post_init__(self):
         def bad(key, allowed):
@@ -407,7 +404,6 @@ def kfp_metrics(doc: dict) -> dict[str, float]:
 
 def run(cfg: EvaluateConfig) -> dict:
     from components.evaluate.report import StageResult, write_report
-    from components.models import load_model, load_tokenizer
     from components.rewards import build_rewards
     from components.storage import localize
 
@@ -422,22 +418,21 @@ def run(cfg: EvaluateConfig) -> dict:
     training_metrics = {stage: localize(uri) for stage, uri in cfg.training_metrics.items()}
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    load = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation, device=device)
     base = base_path = base_vocab = None
     if cfg.base_model is not None:
         base_path = localize(cfg.base_model).resolve()
-        base = load_model(base_path, **load).eval()
-        base_vocab = load_tokenizer(base_path, cfg.trust_remote_code).get_vocab()
+        base = cfg.load_model(base_path, device=device).eval()
+        base_vocab = cfg.load_tokenizer(base_path).get_vocab()
 
     with tracking.stage_run("evaluate", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI
         runs = {}
         for name, path in paths.items():
             log.info("evaluating %s (%s)", name, models[name])
-            tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+            tokenizer = cfg.load_tokenizer(path)
             if base_vocab is not None and tokenizer.get_vocab() != base_vocab:
                 raise ValueError(f"{name} ({models[name]}) and base_model ({cfg.base_model}) have different "
                                  "vocabularies: kl_to_base needs the same tokenizer")
-            model = base if path.resolve() == base_path else load_model(path, **load).eval()
+            model = base if path.resolve() == base_path else cfg.load_model(path, device=device).eval()
             runs[name] = evaluate_model(model, tokenizer, cfg.suites, rows, heldout, cfg, rewards, base)
             del model
             if device.type == "cuda":

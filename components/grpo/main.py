@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from components import tracking
 from components.config import stage_main
-from components.models import load_model, load_tokenizer
+from components.models import ModelLoading
 from components.prompts import PromptSource
 from components.rewards import build_rewards
 from components.sft.main import save_model
@@ -40,7 +40,7 @@ log = logging.getLogger("components.grpo")
 
 
 @dataclass(kw_only=True)
-class GRPOConfig(TrainConfig, PromptSource):
+class GRPOConfig(TrainConfig, PromptSource, ModelLoading):
     """A GRPO stage: the training settings, the prompts, the rewards and the sampling settings."""
 
     model: str
@@ -74,10 +74,6 @@ class GRPOConfig(TrainConfig, PromptSource):
     """Sequences decoded together by the rollout."""
     samples_logged: int = 4
     """Scored completions written to samples.jsonl per round."""
-    trust_remote_code: bool = False
-    """Allow model code from the model directory (only for models you trust)."""
-    attn_implementation: str = "auto"
-    """Attention kernel: auto, sdpa, flash_attention_2, flex_attention or eager."""
     beta: float = 0.0
     """Weight of the KL_k3 penalty to the reference model (0: no reference model is loaded)."""
     batch_size: int = 128
@@ -129,14 +125,12 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
     rewards = build_rewards(cfg.rewards, where="rewards")
     rows = cfg.load_prompts(cfg.seed)
     cfg.check_rows(rows, rewards)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    load = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
-    model = load_model(cfg.model, **load)
-    train_fields = {k: v for k, v in asdict(cfg).items() if k in TrainConfig.__dataclass_fields__}
-    sess = Session(TrainConfig(**train_fields), model, out, on_metrics=tracked.log_metrics)
+    tokenizer = cfg.load_tokenizer(cfg.model)
+    model = cfg.load_model(cfg.model)
+    sess = Session(cfg.training(), model, out, on_metrics=tracked.log_metrics)
     ref_model = None
     if cfg.beta > 0:
-        ref_model = load_model(cfg.ref_model or cfg.model, **load).to(sess.device).eval().requires_grad_(False)
+        ref_model = cfg.load_model(cfg.ref_model or cfg.model).to(sess.device).eval().requires_grad_(False)
     dist, pad = sess.dist, tokenizer.pad_token_id
     G = cfg.num_generations
     samples_path = out / "samples.jsonl"

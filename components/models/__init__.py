@@ -8,6 +8,7 @@ nothing from a user path goes through pickle, and `trust_remote_code` stays off.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -124,14 +125,54 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     return model.to(device)
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+# tokenizer_class values that mean "exactly the tokenizer.json beside it"
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
-    tok = AutoTokenizer.from_pretrained(Path(path), trust_remote_code=trust_remote_code)
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer saved in a model directory, as saved.
+
+    A directory whose tokenizer_config.json names the generic class (a tokenizer built with the `tokenizers`
+    library, like the tiny model's) is loaded from its tokenizer.json as is: AutoTokenizer would pick the class
+    of the model's type instead (Qwen2Tokenizer for a qwen2 config) and rebuild the tokenizer with that
+    family's pre-tokenizer, which silently drops characters its vocabulary lacks (the spaces of "12 + 3").
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    cls = None
+    try:
+        cls = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        pass
+    if cls in GENERIC_TOKENIZERS and (path / "tokenizer.json").is_file():
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-__all__ = ["build_char_tokenizer", "build_tiny_model", "check_model_dir", "load_model", "load_tokenizer",
+@dataclass(kw_only=True)
+class ModelLoading:
+    """Config fields of every stage that loads models: how they are loaded."""
+
+    trust_remote_code: bool = False
+    """Allow model code from the model directory (only for models you trust)."""
+    attn_implementation: str = "auto"
+    """Attention kernel: auto (flash_attention_2 on a GPU with flash-attn installed, else sdpa), sdpa,
+    flash_attention_2, flex_attention or eager."""
+
+    def load_model(self, path: str | Path, **kw):
+        return load_model(path, trust_remote_code=self.trust_remote_code,
+                          attn_implementation=self.attn_implementation, **kw)
+
+    def load_tokenizer(self, path: str | Path):
+        return load_tokenizer(path, self.trust_remote_code)
+
+
+__all__ = ["ModelLoading", "build_char_tokenizer", "build_tiny_model", "check_model_dir", "load_model", "load_tokenizer",
            "resolve_attention", "tiny_config", "TINY_CONFIG"]

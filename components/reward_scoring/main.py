@@ -25,7 +25,7 @@ import torch
 from components import tracking
 from components.config import stage_main
 from components.datasets import write_jsonl
-from components.models import load_model, load_tokenizer
+from components.models import ModelLoading
 from components.prompts import PromptSource
 from components.rewards import build_rewards
 from components.training.rollout import generate
@@ -34,7 +34,7 @@ log = logging.getLogger("components.reward_scoring")
 
 
 @dataclass(kw_only=True)
-class RewardScoringConfig(PromptSource):
+class RewardScoringConfig(PromptSource, ModelLoading):
     """A reward_scoring stage: the model, the prompts, the rewards and the sampling settings."""
 
     model: str
@@ -55,10 +55,6 @@ class RewardScoringConfig(PromptSource):
     """Sequences decoded together."""
     seed: int = 0
     """Sampling seed (and the seed of a generated task's prompts)."""
-    trust_remote_code: bool = False
-    """Allow model code from the model directory (only for models you trust)."""
-    attn_implementation: str = "auto"
-    """Attention kernel: auto, sdpa, flash_attention_2, flex_attention or eager."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,8 +91,8 @@ def run(cfg: RewardScoringConfig) -> dict:
     rewards = build_rewards(cfg.rewards, where="rewards")
     rows = cfg.load_prompts(cfg.seed)
     cfg.check_rows(rows, rewards)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    tokenizer = cfg.load_tokenizer(cfg.model)
+    model = cfg.load_model(cfg.model)
     if torch.cuda.is_available():
         model.cuda()
     t0 = time.perf_counter()

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from components import tracking
 from components.config import stage_main
 from components.datasets import load_sft_examples
-from components.models import load_model, load_tokenizer
+from components.models import ModelLoading
 from components.training import distributed
 from components.training.loop import TrainConfig, train
 
@@ -30,7 +30,7 @@ log = logging.getLogger("components.sft")
 
 
 @dataclass(kw_only=True)
-class SFTConfig(TrainConfig):
+class SFTConfig(TrainConfig, ModelLoading):
     """An SFT stage: the training settings plus where the model and data are."""
 
     model: str
@@ -47,11 +47,6 @@ class SFTConfig(TrainConfig):
     """What to do with a longer row: drop or truncate (both counted)."""
     max_bad_fraction: float = 0.0
     """Share of unusable rows (bad JSON, missing fields, empty completions) tolerated; each is logged and counted."""
-    trust_remote_code: bool = False
-    """Allow model code from the model directory (only for models you trust)."""
-    attn_implementation: str = "auto"
-    """Attention kernel: auto (flash_attention_2 on a GPU with flash-attn installed, else sdpa), sdpa,
-    flash_attention_2, flex_attention or eager."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,18 +63,16 @@ CONFIG = SFTConfig
 
 def run(cfg: SFTConfig) -> dict:
     out = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = cfg.load_tokenizer(cfg.model)
     examples, stats = load_sft_examples(cfg.train_data, tokenizer, max_length=cfg.max_length,
                                         overlong=cfg.overlong, max_bad_fraction=cfg.max_bad_fraction)
     log.info("data %s: %s", cfg.train_data, stats.as_dict())
 
-    load = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
-    model = load_model(cfg.model, **load)
-    ref_model = load_model(cfg.ref_model or cfg.model, **load) if cfg.method == "sft_kl" else None
+    model = cfg.load_model(cfg.model)
+    ref_model = cfg.load_model(cfg.ref_model or cfg.model) if cfg.method == "sft_kl" else None
 
-    train_fields = {k: v for k, v in asdict(cfg).items() if k in TrainConfig.__dataclass_fields__}
     with tracking.stage_run("sft", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI
-        history = train(TrainConfig(**train_fields), model, examples, out, pad_id=tokenizer.pad_token_id,
+        history = train(cfg.training(), model, examples, out, pad_id=tokenizer.pad_token_id,
                         ref_model=ref_model, on_metrics=tracked.log_metrics)
 
     dist = distributed.init()

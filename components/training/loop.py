@@ -22,7 +22,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -87,6 +87,10 @@ class TrainConfig:
     """DeepSpeed ZeRO stage (2 or 3) when WORLD_SIZE > 1."""
     offload: bool = False
     """DeepSpeed: offload optimizer states (and with stage 3, parameters) to CPU."""
+
+    def training(self) -> "TrainConfig":
+        """The training settings alone, from a stage's config that extends them."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
 
     def __post_init__(self):
         def bad(name, allowed):

@@ -54,9 +54,9 @@ def test_mfu_with_peak_from_environment(capsys, monkeypatch):
 
 
 def test_unknown_objective_names_the_known_ones(capsys):
-    assert bench.main(SMALL + ["--objectives", "sft,dpo"]) == 2
+    assert bench.main(SMALL + ["--objectives", "sft,ppo"]) == 2
     err = capsys.readouterr().err
-    assert "dpo" in err and "sft, psft" in err
+    assert "ppo" in err and "sft, psft, dpo, grpo" in err
 
 
 def test_table_without_json(capsys):
@@ -116,3 +116,63 @@ def test_trl_peer_on_the_same_tokens(capsys):
     assert trl_line["tokens_per_s"] > 0 and 2 * 8 * 17 <= trl_line["tokens"] <= 2 * 8 * 65
     assert 0 < trl_line["trained_tokens"] < trl_line["tokens"]
     assert ours["speedup_vs_trl"] == pytest.approx(ours["tokens_per_s"] / trl_line["tokens_per_s"])
+
+
+RL = SMALL + ["--steps", "2", "--warmup", "1", "--prompt-len", "16", "--new-tokens", "12", "--grpo-steps", "2",
+              "--grpo-batch-size", "16", "--group", "4"]
+
+
+def test_json_lines_for_dpo_and_grpo(capsys):
+    assert bench.main(RL + ["--objectives", "dpo,grpo"]) == 0
+    dpo, grpo = _lines(capsys)
+    assert dpo["what"] == "posttrain_dpo" and "error" not in dpo, dpo
+    # 2 measured steps × 8 pairs × (chosen, rejected) of 16 prompt + 16 completion words + EOS
+    assert dpo["tokens"] == 2 * 8 * 2 * 33 and (dpo["prompt_len"], dpo["completion_len"]) == (16, 16)
+    assert 0 < dpo["pairs_per_s"] < dpo["pairs_per_s_steps_only"]  # the reference pass's share is counted
+    assert dpo["pairs_per_s"] == pytest.approx(2 * 8 / (2 * dpo["sec_per_step"]))
+    assert grpo["what"] == "posttrain_grpo" and "error" not in grpo, grpo
+    assert (grpo["bs"], grpo["group"], grpo["steps"], grpo["new_tokens"]) == (16, 4, 2, 12)
+    # 2 measured steps of 16 sequences: 16 prompt tokens each, 1..12 completion tokens (EOS may end one early)
+    assert 2 * 16 <= grpo["completion_tokens"] <= 2 * 16 * 12
+    assert grpo["tokens"] == 2 * 16 * 16 + grpo["completion_tokens"]
+    assert grpo["completion_tokens_per_s"] == pytest.approx(grpo["completion_tokens"] / (2 * grpo["sec_per_step"]))
+    assert 0 < grpo["rollout_s"] < 2 * grpo["sec_per_step"]
+
+
+def test_grpo_workload_is_checked(capsys):
+    assert bench.main(RL + ["--objectives", "grpo", "--group", "5"]) == 2  # 5 does not divide 16
+    assert bench.main(RL + ["--objectives", "grpo", "--steps-per-rollout", "2", "--grpo-steps", "3"]) == 2
+    assert "--steps-per-rollout" in capsys.readouterr().err
+
+
+def test_dpo_stage_reads_the_pair_ids(tmp_path):
+    """What the dpo stage tokenizes from its JSONL (through the saved tokenizer) is the anchors' pair, word by
+    word, plus EOS: the same ids TRL is checked against (same_tokens)."""
+    from components.dpo.main import encode_pairs
+    from components.models import load_tokenizer
+
+    bench.save_model("tiny", str(tmp_path / "model"))
+    tok = load_tokenizer(tmp_path / "model")
+    rows = bench.dpo_rows(512, 6, 64)
+    pairs, dropped = encode_pairs([bench.stage_pair_row(r) for r in rows], tok, 65, "pairs.jsonl")
+    assert dropped == 0
+    for (chosen, rejected), row in zip(pairs, rows):
+        prompt, c, r = bench.pair_ids(row)
+        assert chosen.input_ids == prompt + c and rejected.input_ids == prompt + r
+        assert chosen.completion_start == rejected.completion_start == len(prompt) == 16
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed (pip install -e '.[bench]')")
+def test_trl_dpo_and_grpo_peers(capsys):
+    assert bench.main(RL + ["--objectives", "dpo,grpo", "--peers", "trl"]) == 0
+    trl_dpo, trl_grpo, dpo, grpo = _lines(capsys)
+    assert [r["what"] for r in (trl_dpo, trl_grpo)] == ["trl_dpo", "trl_grpo"]
+    for r in (trl_dpo, trl_grpo):
+        assert "error" not in r, r
+        assert r["activation_checkpointing"] is True  # TRL's default, as the anchors ran it
+    assert trl_dpo["same_tokens"] is True and trl_dpo["tokens"] == dpo["tokens"]
+    assert dpo["speedup_vs_trl"] == pytest.approx(dpo["pairs_per_s"] / trl_dpo["pairs_per_s"])
+    assert dpo["vs"] == "trl_dpo" and grpo["vs"] == "trl_grpo"
+    assert 2 * 16 <= trl_grpo["completion_tokens"] <= 2 * 16 * 12
+    assert trl_grpo["tokens"] == 2 * 16 * 16 + trl_grpo["completion_tokens"]
+    assert grpo["speedup_vs_trl"] == pytest.approx(grpo["completion_tokens_per_s"] / trl_grpo["completion_tokens_per_s"])

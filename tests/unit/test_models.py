@@ -31,3 +31,14 @@ def test_pickle_weights_are_refused(tmp_path, tiny_model_dir):
 def test_attention_auto_is_sdpa_without_gpu():
     assert resolve_attention("auto") == "sdpa"
     assert resolve_attention("eager") == "eager"
+
+
+def test_saved_tokenizer_loads_as_saved(tiny_model_dir):
+    """The tiny tokenizer (a qwen2 model's directory, a tokenizers-library tokenizer) round-trips spaces and
+    newlines: AutoTokenizer alone would rebuild it as Qwen2Tokenizer, which drops both."""
+    tok = load_tokenizer(tiny_model_dir)
+    text = "Cards: 3, 4, J, Q.\nMake 24 with (3 + 4) * 2"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)  # one token per character
+    assert tok.decode(ids) == text
+    assert tok.pad_token == "<|pad|>" and tok.eos_token == "<|end|>" and tok.chat_template

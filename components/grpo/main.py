@@ -186,7 +186,12 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
             chunk = order[k * per_step:(k + 1) * per_step] if k < cfg.steps_per_round - 1 else order[k * per_step:]
             mb_examples = [examples[i] for i in chunk]
             batches = sess.micro_batches(mb_examples, pad)
-            seq_w = aggregation_weights(lengths[chunk], cfg.loss_aggregation, cfg.max_new_tokens) if chunk \
+            # weights of one mean over every rank's sequences (the engine averages the ranks' gradients, and
+            # Session.optimize scales each rank's loss by the world size to undo that); every rank reduces
+            total_tokens = dist.all_reduce_sum(float(lengths[chunk].clamp(min=1).sum()) if chunk else 0.0)
+            total_sequences = dist.all_reduce_sum(float(len(chunk)))
+            seq_w = aggregation_weights(lengths[chunk], cfg.loss_aggregation, cfg.max_new_tokens,
+                                        total_tokens=total_tokens, total_sequences=total_sequences) if chunk \
                 else torch.zeros(0)
             seq_adv = adv[chunk]
             old = [ro.logprobs[i] for i in chunk]
@@ -200,7 +205,7 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
                 seq = mb.seq_index.clamp(min=0)
                 mask = mb.loss_mask
                 loss, m = grpo_loss(logp, completion_values(mb, mb_examples, old), seq_adv.to(logp.device)[seq],
-                                    mask, seq_w.to(logp.device)[seq] / dist.world,
+                                    mask, seq_w.to(logp.device)[seq],
                                     epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                                     ref_logp=completion_values(mb, mb_examples, ref) if ref else None, beta=cfg.beta)
                 m["entropy"] = (entropy * mask).sum()

@@ -105,17 +105,21 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     return centered.reshape(-1)
 
 
-def aggregation_weights(completion_lengths: Tensor, mode: str, max_completion_length: int) -> Tensor:
+def aggregation_weights(completion_lengths: Tensor, mode: str, max_completion_length: int, *,
+                        total_tokens: float | None = None, total_sequences: float | None = None) -> Tensor:
     """Per-token weight of each sequence's tokens in one optimizer step's loss (Σ over tokens of the step).
 
     token (DAPO, default): 1 / Σ_i |o_i| — every token counts the same;
     sequence (original GRPO): 1 / (S·|o_i|) — mean over tokens, then over sequences;
     constant (Dr. GRPO): 1 / (S·max_completion_length) — no length bias.
+
+    With the step's sequences spread over ranks, pass the step's totals over all ranks (Σ_i max(|o_i|, 1) and
+    S): each rank's weights are then its share of the one global mean, not a mean of its own.
     """
     lengths = completion_lengths.float().clamp(min=1)
-    s = lengths.numel()
+    s = float(lengths.numel()) if total_sequences is None else float(total_sequences)
     if mode == "token":
-        return torch.full_like(lengths, 1.0 / float(lengths.sum()))
+        return torch.full_like(lengths, 1.0 / (float(lengths.sum()) if total_tokens is None else float(total_tokens)))
     if mode == "sequence":
         return 1.0 / (s * lengths)
     if mode == "constant":

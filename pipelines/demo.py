@@ -1,6 +1,6 @@
 """The SFT vs PSFT demo: one task, one tiny model, the same data and budget for both objectives.
 
-Runs on a laptop CPU in minutes: build the tiny model, generate the task's training rows, run the SFT stage
+Runs on a laptop CPU in minutes: build the tiny model (or copy `base_model`), generate the task's training rows, run the SFT stage
 twice (method sft, method psft) through the same entrypoint a pipeline step calls, and evaluate the base
 model and both results on held-out in-domain and out-of-domain prompts: greedy accuracy and mean token
 entropy. Prints a table and writes demo_summary.json in the output directory.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import yaml
 
 from components.config import from_mapping
 from components.datasets import write_jsonl
-from components.models import build_tiny_model
+from components.models import build_tiny_model, check_model_dir
 from components.sft.main import SFTConfig, run as run_sft
 from components.tasks import get_task
 
@@ -68,7 +69,12 @@ def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(spec["task"])
-    base = build_tiny_model(out / "base", seed=spec["seed"])
+    base = out / "base"
+    if spec.get("base_model"):  # a copy, so the runs may write where the given model lives
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.copytree(check_model_dir(spec["base_model"]), base)
+    else:
+        build_tiny_model(base, seed=spec["seed"])
     data = out / "data" / "train.jsonl"
     write_jsonl(data, task.generate(spec["train_rows"], seed=spec["seed"], split="id", part="train"))
 

@@ -4,6 +4,8 @@ prompts so it fits in CI. The report is opened in headless Chromium and every fi
 
 import json
 
+import pytest
+
 from pipelines.demo import run_demo
 from test_report import rendered  # the Chromium check of the report test
 
@@ -37,3 +39,15 @@ def test_demo_short(tmp_path, capsys):
         assert name in html
     images = rendered(report, tmp_path)
     assert len(images.images) >= 3 and all(img.get("data-ok") == "1" for img in images.images)
+
+    # base_model: both runs start from a given model (here the SFT model above), copied into the output
+    again = run_demo(tmp_path / "again", overrides={"base_model": str(tmp_path / "sft" / "model"), "max_steps": 2,
+                                                    "eval_prompts": 20, "train_rows": 300}, stages=("sft",))
+    assert ((tmp_path / "again" / "base" / "model.safetensors").read_bytes()
+            == (tmp_path / "sft" / "model" / "model.safetensors").read_bytes())
+    assert again["base"]["eval"]["id"]["entropy"] < summary["base"]["eval"]["id"]["entropy"] - 1
+
+
+def test_demo_base_model_must_be_a_model_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope: not a model directory"):
+        run_demo(tmp_path, overrides={"base_model": str(tmp_path / "nope")})

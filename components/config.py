@@ -78,4 +78,9 @@ def stage_main(module_name: str, cls, run, argv: list[str] | None = None):
     p.add_argument("--config", required=True, help=f"stage config YAML (see components/{stage}/README.md)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(load_config(cls, args.config))
+    try:
+        cfg = load_config(cls, args.config)
+    except ConfigError as e:  # the user's to fix: the message (file, key, what is allowed), not a traceback
+        print(f"{p.prog}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return run(cfg)

@@ -33,6 +33,8 @@ class PromptSource:
             raise ValueError(f"task_split={self.task_split!r} is invalid: id or ood")
         if not isinstance(self.task_rows, int) or self.task_rows < 1:
             raise ValueError(f"task_rows={self.task_rows!r} is invalid: a positive integer")
+        if not 0 <= self.max_bad_fraction < 1:
+            raise ValueError(f"max_bad_fraction={self.max_bad_fraction!r} is invalid: a number in [0, 1)")
 
     def load_prompts(self, seed: int) -> list[dict]:
         if self.task is not None:

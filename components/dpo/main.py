@@ -41,6 +41,8 @@ REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewa
 class DPOConfig(TrainConfig, ModelLoading):
     """A DPO stage: the training settings plus the pairs, the reference and the loss."""
 
+    unused_fields = ("method", "updates_per_batch", "epsilon_low", "epsilon_high", "sft_warmup_steps")
+
     model: str
     """Policy to start from: a Hugging Face directory with safetensors weights."""
     train_data: str
@@ -67,6 +69,7 @@ class DPOConfig(TrainConfig, ModelLoading):
 
     def __post_init__(self):
         super().__post_init__()
+        ModelLoading.__post_init__(self)
         if self.loss_type not in DPO_LOSSES:
             raise ValueError(f"loss_type={self.loss_type!r} is invalid: one of {', '.join(DPO_LOSSES)}")
         if not self.beta > 0:

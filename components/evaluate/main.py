@@ -133,6 +133,8 @@ class EvaluateConfig(ModelLoading):
     """metrics.jsonl of earlier stages by stage name, for the report's entropy and reward curves."""
 
     def __post_init__(self):
+        ModelLoading.__post_init__(self)
+
         def bad(key, allowed):
             raise ValueError(f"{key}={getattr(self, key)!r} is invalid: {allowed}")
         for key in ("samples", "max_new_tokens", "max_length", "bootstrap_samples", "batch_size", "token_budget"):

@@ -43,6 +43,7 @@ log = logging.getLogger("components.grpo")
 class GRPOConfig(TrainConfig, PromptSource, Sampling, ModelLoading):
     """A GRPO stage: the training settings, the prompts, the rewards and the sampling settings."""
 
+    unused_fields = ("method", "updates_per_batch", "sft_warmup_steps")
     model: str
     """Policy to start from: a Hugging Face directory with safetensors weights."""
     output_dir: str
@@ -75,6 +76,7 @@ class GRPOConfig(TrainConfig, PromptSource, Sampling, ModelLoading):
         TrainConfig.__post_init__(self)
         PromptSource.__post_init__(self)
         Sampling.__post_init__(self)
+        ModelLoading.__post_init__(self)
         round_size = self.prompts_per_round * self.num_generations
         for name in ("num_generations", "prompts_per_round", "num_iterations"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -89,6 +91,9 @@ class GRPOConfig(TrainConfig, PromptSource, Sampling, ModelLoading):
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_aggregation={self.loss_aggregation!r} is invalid: one of "
                              f"{', '.join(LOSS_AGGREGATIONS)}")
+        if self.ref_model is not None and self.beta == 0:
+            raise ValueError(f"ref_model={self.ref_model!r} is invalid with beta 0: only the KL term (beta > 0) "
+                             "reads it")
         if self.checkpoint_every % self.steps_per_round:
             raise ValueError(f"checkpoint_every={self.checkpoint_every} is invalid: a multiple of the "
                              f"{self.steps_per_round} optimizer steps of a round (a checkpoint sits between rounds)")

@@ -95,6 +95,9 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
+ATTENTION_KERNELS = ("auto", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "eager")
+
+
 def resolve_attention(name: str = "auto") -> str:
     """"auto": flash-attention varlen on a GPU with flash-attn installed, else sdpa.
 
@@ -164,7 +167,12 @@ class ModelLoading:
     """Allow model code from the model directory (only for models you trust)."""
     attn_implementation: str = "auto"
     """Attention kernel: auto (flash_attention_2 on a GPU with flash-attn installed, else sdpa), sdpa,
-    flash_attention_2, flex_attention or eager."""
+    flash_attention_2, flash_attention_3, flex_attention or eager."""
+
+    def __post_init__(self):
+        if self.attn_implementation not in ATTENTION_KERNELS:
+            raise ValueError(f"attn_implementation={self.attn_implementation!r} is invalid: one of "
+                             f"{', '.join(ATTENTION_KERNELS)}")
 
     def load_model(self, path: str | Path, **kw):
         return load_model(path, trust_remote_code=self.trust_remote_code,

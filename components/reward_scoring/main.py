@@ -51,6 +51,7 @@ class RewardScoringConfig(PromptSource, Sampling, ModelLoading):
     def __post_init__(self):
         PromptSource.__post_init__(self)
         Sampling.__post_init__(self)
+        ModelLoading.__post_init__(self)
         if not isinstance(self.num_samples, int) or self.num_samples < 2:
             raise ValueError(f"num_samples={self.num_samples!r} is invalid: an integer ≥ 2 (a pair needs two)")
 

@@ -50,10 +50,13 @@ class SFTConfig(TrainConfig, ModelLoading):
 
     def __post_init__(self):
         super().__post_init__()
+        ModelLoading.__post_init__(self)
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length} is invalid: an integer ≥ 2")
         if self.overlong not in ("drop", "truncate"):
             raise ValueError(f"overlong={self.overlong!r} is invalid: drop or truncate")
+        if self.ref_model is not None and self.method != "sft_kl":
+            raise ValueError(f"ref_model={self.ref_model!r} is invalid with method {self.method}: only sft_kl reads it")
         if not 0 <= self.max_bad_fraction < 1:
             raise ValueError(f"max_bad_fraction={self.max_bad_fraction} is invalid: a number in [0, 1)")
 

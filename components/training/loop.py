@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -60,15 +60,17 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay, applied to matrices only (not to norms and biases)."""
     adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's (β1, β2)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
     seed: int = 0
+    """Seed of the data order (and of every other random choice of the stage)."""
     updates_per_batch: int = 1
     """PSFT: optimizer steps per π_old snapshot (reference setting: batch 64, minibatch 8 → 8)."""
     epsilon_low: float = 0.2
-    """PSFT: lower clip range ε_low."""
+    """PSFT and GRPO: lower clip range ε_low."""
     epsilon_high: float = 0.28
-    """PSFT: upper clip range ε_high."""
+    """PSFT and GRPO: upper clip range ε_high."""
     sft_warmup_steps: int = 0
     """PSFT: plain SFT for this many steps before the clipped objective starts."""
     beta: float = 0.1
@@ -88,6 +90,10 @@ class TrainConfig:
     offload: bool = False
     """DeepSpeed: offload optimizer states (and with stage 3, parameters) to CPU."""
 
+    unused_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields of the training settings that a stage extending them does not read: any value but the default is
+    refused, so a setting never silently does nothing."""
+
     def training(self) -> "TrainConfig":
         """The training settings alone, from a stage's config that extends them."""
         return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
@@ -104,21 +110,29 @@ class TrainConfig:
         for name in ("warmup_steps", "sft_warmup_steps", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "an integer ≥ 0")
-        if not self.lr > 0:
+        if not (math.isfinite(self.lr) and self.lr > 0):
             bad("lr", "a positive number")
         if not 0 <= self.min_lr_ratio <= 1:
             bad("min_lr_ratio", "a number in [0, 1]")
         if not 0 < self.epsilon_low < 1:
             bad("epsilon_low", "a number in (0, 1)")
-        if not self.epsilon_high > 0:
+        if not (math.isfinite(self.epsilon_high) and self.epsilon_high > 0):
             bad("epsilon_high", "a positive number")
-        if self.beta < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            bad("beta" if self.beta < 0 else "weight_decay" if self.weight_decay < 0 else "grad_clip", "a number ≥ 0")
+        for name in ("beta", "weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                bad(name, "a number ≥ 0")
         if self.precision not in ("auto", "fp32", "bf16-mixed"):
             bad("precision", "auto, fp32 or bf16-mixed")
         if self.zero_stage not in (2, 3):
             bad("zero_stage", "2 or 3")
-        self.adam_betas = tuple(self.adam_betas)
+        betas = tuple(self.adam_betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            bad("adam_betas", "two numbers in [0, 1): (β1, β2)")
+        self.adam_betas = betas
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        for name in self.unused_fields:
+            if getattr(self, name) != defaults[name]:
+                bad(name, "not used by this stage (the sft stage's methods read it); remove it")
 
 
 # ----------------------------------------------------------------------------------------------------

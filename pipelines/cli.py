@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--spec", default=None, help="demo settings YAML (default: the bundled sft-psft-demo.yaml)")
     d.add_argument("--stages", default="sft,psft",
                    help="comma-separated: sft, psft, dpo, grpo (dpo and grpo start from the SFT model; default: sft,psft)")
-    d.set_defaults(fn=_demo)
+    d.set_defaults(fn=_user_errors(_demo))
 
     s = sub.add_parser("stage", help="run one stage by name, e.g. posttrain stage sft --config cfg.yaml")
     s.add_argument("name", choices=sorted(STAGES))

@@ -23,7 +23,6 @@ from components.models import build_tiny_model, check_model_dir
 from components.sft.main import SFTConfig, run as run_sft
 from components.tasks import get_task
 
-log = logging.getLogger("posttrain.demo")
 DEMO_SPEC = Path(__file__).parent / "specs" / "sft-psft-demo.yaml"
 
 
@@ -51,6 +50,21 @@ def evaluate_all(out: Path, models: dict[str, Path], spec: dict) -> dict[str, di
 
 
 STAGES = ("sft", "psft", "dpo", "grpo")
+SPEC_KEYS = ("task", "seed", "base_model", "train_rows", "eval_prompts", "max_new_tokens", "train", "sft", "psft",
+             "reward_scoring", "dpo", "grpo")
+
+
+def check_demo_spec(spec, path) -> None:
+    """The demo settings' top level (each section's keys are checked by its stage's config when it runs)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a mapping of demo settings expected, got {type(spec).__name__}")
+    for key in spec:
+        if key not in SPEC_KEYS:
+            hint = " (a training setting: put it under `train:`)" if key in SFTConfig.__dataclass_fields__ else ""
+            raise ValueError(f"{path}: unknown key {key!r}{hint}; allowed: {', '.join(SPEC_KEYS)}")
+    for key in ("train", "sft", "psft", "reward_scoring", "dpo", "grpo"):
+        if not isinstance(spec.get(key, {}), dict):
+            raise ValueError(f"{path}: {key}: a mapping of that stage's settings expected")
 
 
 def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict | None = None,
@@ -61,6 +75,7 @@ def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict
     if unknown:
         raise ValueError(f"unknown demo stages {unknown}: choose from {', '.join(STAGES)}")
     spec = yaml.safe_load(Path(spec_path).read_text())
+    check_demo_spec(spec, spec_path)
     for k, v in (overrides or {}).items():
         if isinstance(v, dict) and isinstance(spec.get(k), dict):
             spec[k].update(v)  # e.g. {"grpo": {"max_steps": 10}}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -357,4 +358,7 @@ def parse_params(spec: Spec, items: list[str]) -> dict:
             out[name] = types[name](value)
         except ValueError:
             raise ValueError(f"--param {name}={value!r} is invalid: {types[name].__name__} expected") from None
+        if types[name] in (int, float) and not (math.isfinite(out[name]) and out[name] > 0):  # lr, max_steps
+            kind = "a positive integer" if types[name] is int else "a positive number"
+            raise ValueError(f"--param {name}={value!r} is invalid: {kind}")
     return out

@@ -25,6 +25,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import re
 import sys
 import types
@@ -130,8 +131,9 @@ class Resources:
     """The accelerator's extended resource name, e.g. nvidia.com/gpu or amd.com/gpu; pick the model of
     accelerator with node_selector (e.g. nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3)."""
     gpus: int = 0
-    """Accelerators per pod; needs `accelerator`. With more than one, the stage runs under torchrun with one
-    rank per accelerator (DeepSpeed ZeRO)."""
+    """Accelerators per pod; needs `accelerator`. With more than one, a training stage (sft, psft, sft_kl, dpo,
+    grpo) runs under torchrun with one rank per accelerator (DeepSpeed ZeRO); reward_scoring and evaluate run
+    one process and take at most 1."""
     cpu: str | None = None
     """CPU request and limit, a Kubernetes quantity: "8" or "500m"."""
     memory: str | None = None
@@ -201,10 +203,14 @@ class Guard:
     """`<suite>/<metric>`, e.g. arithmetic-ood/accuracy."""
     max_drop: float = 0.0
     """Largest drop from the champion's value that still promotes (in the metric's units)."""
+    direction: str = "max"
+    """max (higher is better: a drop is a fall) or min (lower is better, e.g. kl_to_base: a drop is a rise)."""
 
     def __post_init__(self):
         if self.max_drop < 0:
             raise Invalid("max_drop", self.max_drop, "a number ≥ 0")
+        if self.direction not in ("max", "min"):
+            raise Invalid("direction", self.direction, "max or min")
 
 
 @dataclass(kw_only=True)
@@ -340,7 +346,8 @@ class Spec:
     promotion: Promotion | None = None
     """The rule register applies to promote its new version (needed when a register stage exists)."""
     resources: Resources = field(default_factory=Resources)
-    """Where the GPU-image stages run unless a stage sets its own."""
+    """Where the GPU-image stages run unless a stage sets its own; reward_scoring and evaluate take one of its
+    accelerators (they run one process)."""
     runtime_resources: Resources = field(default_factory=lambda: Resources(cpu="1", memory="4Gi"))
     """Where the CPU steps run: preflight, data_prep, register, the promotion, the closing step."""
     images: Images = field(default_factory=Images)
@@ -367,7 +374,11 @@ class Spec:
     def stage_resources(self, stage: Stage) -> Resources:
         if stage.resources is not None:
             return stage.resources
-        return self.resources if stage.stage in GPU_KINDS else self.runtime_resources
+        if stage.stage not in GPU_KINDS:
+            return self.runtime_resources
+        if stage.stage not in TRAINING and self.resources.gpus > 1:  # one process: one accelerator of the pool
+            return dataclasses.replace(self.resources, gpus=1)
+        return self.resources
 
     def runtime_defaults(self, stage: Stage) -> dict:
         """The stage's pipeline parameters (RUNTIME_KEYS) with their defaults: the settings' values, else the
@@ -533,7 +544,8 @@ class _Checker:
         return [name for name, *_ in check_rewards(self.spec.rewards, where=f"{self.where}: rewards")]
 
     def data(self) -> set[str]:
-        """Validate `data` with data_prep's config; return the row shapes its sources provide."""
+        """Validate `data` with data_prep's config; return the row shapes its sources provide for training
+        (sources whose role is train or both)."""
         sources = self.spec.data.get("sources", [])
         if not isinstance(sources, list):
             raise self.error("data.sources", f"{sources!r} is invalid: a list of sources")
@@ -541,9 +553,12 @@ class _Checker:
             if not isinstance(src, dict) or "shape" not in src:
                 raise self.error(f"data.sources[{i}]", f"{src!r} is invalid: a mapping with a shape "
                                                       "(sft, preference or prompts) and a uri or a task")
-        if sources:
-            validate_settings("data_prep", self.spec.data, f"{self.where}: data")
-        return {src["shape"] for src in sources}
+        if not sources:
+            return set()
+        validate_settings("data_prep", self.spec.data, f"{self.where}: data")
+        from components.data_prep.main import _source
+
+        return {src.shape for src in map(_source, sources, range(len(sources))) if src.role in ("train", "both")}
 
     def suites(self) -> list[dict]:
         """The eval suites in full form (names defaulted), each checked by the evaluate stage's rules."""
@@ -575,18 +590,23 @@ class _Checker:
                 raise self.error(path, f"{kind!r} is invalid: register is the last stage")
             need = {"sft": "sft", "psft": "sft", "sft_kl": "sft", "grpo": "prompts", "reward_scoring": "prompts"}
             if kind in need and need[kind] not in shapes:
-                raise self.error(path, f"{kind!r} is invalid here: it needs data of shape {need[kind]!r}, and no "
-                                       f"source in data.sources has it (shapes present: "
-                                       f"{', '.join(sorted(shapes)) or 'none'})")
+                raise self.error(path, f"{kind!r} is invalid here: it trains on data of shape {need[kind]!r}, and "
+                                       f"no source in data.sources gives training rows of it (training shapes: "
+                                       f"{', '.join(sorted(shapes)) or 'none'}; a source trains when its role is "
+                                       "train or both, and a task source's default role is train only for "
+                                       "split id, part train)")
             if kind == "dpo" and "preference" not in shapes and "reward_scoring" not in seen:
                 raise self.error(path, "'dpo' is invalid here: it needs preference data, and there is neither a "
-                                       "source of shape 'preference' in data.sources nor a reward_scoring stage "
-                                       "before it")
+                                       "source of shape 'preference' with role train or both in data.sources nor "
+                                       "a reward_scoring stage before it")
             if kind in ("grpo", "reward_scoring") and not self.spec.rewards:
                 raise self.error(path, f"{kind!r} is invalid: it scores completions, and `rewards` is empty "
                                        "(add e.g. rewards: [{name: arithmetic}])")
             if kind == "evaluate" and not self.spec.eval_suites:
                 raise self.error(path, "'evaluate' is invalid: `eval_suites` is empty")
+            if kind in GPU_KINDS and kind not in TRAINING and st.resources is not None and st.resources.gpus > 1:
+                raise self.error(f"stages[{i}].resources.gpus", f"{st.resources.gpus} is invalid for the {kind} "
+                                                               "stage: it runs one process on one accelerator (1)")
             if kind == "register":
                 if "evaluate" not in seen:
                     raise self.error(path, "'register' is invalid here: it needs an evaluate stage before it "
@@ -604,7 +624,7 @@ class _Checker:
             for key, (kind, allowed) in RUNTIME_KEYS.items():
                 v = stage.settings.get(key)
                 ok = isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool)
-                if v is not None and (not ok or v <= 0):
+                if v is not None and (not ok or not math.isfinite(v) or v <= 0):
                     raise self.error(f"{where}.{key}", f"{v!r} is invalid: {allowed}")
         validate_settings(stage.module, stage.settings, f"{self.where}: {where}", self.injected(stage))
 

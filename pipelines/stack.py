@@ -15,7 +15,6 @@ without them the servers get a placeholder pair. The integration tests start the
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import socket
@@ -26,8 +25,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
-
-log = logging.getLogger(__name__)
 
 DEFAULT_DIR = Path(".posttrain/stack")
 MLFLOW_BUCKET = "posttrain-mlflow"

@@ -52,10 +52,6 @@ def is_test_problem(task: str, key: str) -> bool:
     return int.from_bytes(digest[:8], "big") < TEST_FRACTION * 2**64
 
 
-def is_printable_ascii(text: str) -> bool:
-    return all(32 <= ord(c) <= 126 for c in text)
-
-
 # A draw returns (prompt, completion, answer), or None when the drawn problem is rejected.
 Draw = Callable[[random.Random], "tuple[str, str, str] | None"]
 

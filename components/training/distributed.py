@@ -11,15 +11,12 @@ interrupted while being written is never resumed from.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 

@@ -51,3 +51,12 @@ def test_demo_short(tmp_path, capsys):
 def test_demo_base_model_must_be_a_model_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope: not a model directory"):
         run_demo(tmp_path, overrides={"base_model": str(tmp_path / "nope")})
+
+
+def test_demo_spec_with_a_misplaced_key_is_refused(tmp_path):
+    from pipelines.demo import DEMO_SPEC
+
+    spec = tmp_path / "demo.yaml"
+    spec.write_text(DEMO_SPEC.read_text() + "lr: 0.001\n")
+    with pytest.raises(ValueError, match=f"{spec}: unknown key 'lr' \\(a training setting: put it under `train:`\\)"):
+        run_demo(tmp_path / "out", spec)

@@ -88,6 +88,8 @@ def test_gpu_stage_placement(tmp_path):
     assert sft["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert sft["resources"]["accelerator"]["resourceCount"] == "2"
     assert sft["image"] == image("trainer", DEFAULT_REGISTRY, DEFAULT_TAG)
+    # evaluate samples in one process: one accelerator of the same pool
+    assert executor(pipeline, "evaluate")["resources"]["accelerator"]["resourceCount"] == "1"
     assert executor(pipeline, "register")["image"] == image("runtime", DEFAULT_REGISTRY, DEFAULT_TAG)
     assert "accelerator" not in executor(pipeline, "data-prep").get("resources", {})
     plat = k8s["deploymentSpec"]["executors"]["exec-sft"]

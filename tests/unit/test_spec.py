@@ -2,6 +2,7 @@
 value and what is allowed."""
 
 import copy
+import dataclasses
 
 import pytest
 import yaml
@@ -111,8 +112,20 @@ def test_register_without_evaluate(tmp_path):
 
 def test_stage_that_needs_missing_data(tmp_path):
     msg = spec_error(tmp_path, lambda d: d["data"]["sources"][0].update(shape="prompts"))
-    assert "stages[0].stage: 'psft' is invalid here: it needs data of shape 'sft'" in msg
-    assert "shapes present: prompts" in msg
+    assert "stages[0].stage: 'psft' is invalid here: it trains on data of shape 'sft'" in msg
+    assert "training shapes: prompts" in msg
+
+
+def test_a_source_of_eval_rows_only_does_not_feed_training(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d["data"]["sources"][0].update(role="eval"))
+    assert "'psft' is invalid here: it trains on data of shape 'sft'" in msg and "training shapes: none" in msg
+
+    def ood_prompts(d):  # a task source of split ood is eval-only by default: grpo has nothing to train on
+        d["data"]["sources"].append({"task": "arithmetic", "rows": 50, "shape": "prompts", "split": "ood"})
+        d["rewards"] = [{"name": "arithmetic"}]
+        d["stages"].insert(1, {"stage": "grpo"})
+    msg = spec_error(tmp_path, ood_prompts)
+    assert "stages[1].stage: 'grpo' is invalid here: it trains on data of shape 'prompts'" in msg
 
 
 def test_gpu_count_without_accelerator_type(tmp_path):
@@ -164,3 +177,48 @@ def test_missing_required_key(tmp_path):
 def test_unknown_spec_name_lists_the_bundled_ones():
     with pytest.raises(SpecError, match=r"nosuch: no such file, and no bundled spec .*\(bundled: demo, cluster\)"):
         load_spec("nosuch")
+
+
+@pytest.mark.parametrize("item, message", [
+    ("psft_lr=-1", "--param psft_lr='-1' is invalid: a positive number"),
+    ("psft_lr=inf", "--param psft_lr='inf' is invalid: a positive number"),
+    ("psft_max_steps=0", "--param psft_max_steps='0' is invalid: a positive integer"),
+])
+def test_pipeline_parameters_out_of_range(item, message):
+    from pipelines.posttrain import parse_params
+
+    with pytest.raises(ValueError) as e:
+        parse_params(parse_spec(copy.deepcopy(BASE)), [item])
+    assert str(e.value) == message
+
+
+def test_guard_direction_reaches_the_promotion_rule(tmp_path):
+    from components.register.promote import PromotionRule, decide
+
+    data = copy.deepcopy(BASE)
+    data["promotion"]["guards"].append({"metric": "arithmetic-ood/kl_to_base", "max_drop": 0.01, "direction": "min"})
+    rule = PromotionRule.from_mapping(dataclasses.asdict(parse_spec(data).promotion))
+    champion = {"arithmetic-id/accuracy": 0.5, "arithmetic-ood/accuracy": 0.1, "arithmetic-ood/kl_to_base": 0.30}
+    better_kl = {"arithmetic-id/accuracy": 0.6, "arithmetic-ood/accuracy": 0.1, "arithmetic-ood/kl_to_base": 0.05}
+    assert decide(rule, better_kl, champion).promote  # a lower KL is no drop for a `min` guard
+    worse_kl = {**better_kl, "arithmetic-ood/kl_to_base": 0.40}
+    assert not decide(rule, worse_kl, champion).promote
+    msg = spec_error(tmp_path, lambda d: d["promotion"]["guards"][0].update(direction="up"))
+    assert "promotion.guards[0].direction: 'up' is invalid: max or min" in msg
+
+
+def test_a_sampling_stage_takes_at_most_one_gpu(tmp_path):
+    data = copy.deepcopy(BASE)
+    data["resources"] = {"accelerator": "nvidia.com/gpu", "gpus": 8}
+    spec = parse_spec(data)
+    psft, evaluate = spec.stages[0], spec.stages[1]
+    assert spec.stage_resources(psft).gpus == 8  # the training pool
+    assert spec.stage_resources(evaluate).gpus == 1 and spec.stage_resources(evaluate).accelerator == "nvidia.com/gpu"
+
+    msg = spec_error(tmp_path, lambda d: d["stages"][1].update(resources={"accelerator": "nvidia.com/gpu", "gpus": 2}))
+    assert "stages[1].resources.gpus: 2 is invalid for the evaluate stage: it runs one process" in msg
+
+
+def test_infinite_learning_rate(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(lr=float("inf")))
+    assert "stages[0].settings.lr: inf is invalid: a positive number" in msg

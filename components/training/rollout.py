@@ -15,11 +15,12 @@ temperature 0 is greedy decoding (log-probs then under temperature 1).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from components.training.batching import render_prompt
 
@@ -107,6 +108,19 @@ class _Sampler(LogitsProcessor):
         return out.scatter_(-1, choice[:, None], 0.0)
 
 
+@contextmanager
+def _blank_generation_config(model):
+    """`generate` fills every setting it is not given from the checkpoint's generation_config.json, whose
+    repetition_penalty, no_repeat_ngram_size, bad_words_ids, ... would change the scores before `_Sampler`
+    sees them: the samples would not come from π_θ and their log-probs would not match a forward pass."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
              max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64, cache: str = "auto") -> Rollout:
@@ -136,10 +150,11 @@ def generate(model, tokenizer, prompts: list, *, n: int = 1, temperature: float 
             ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
             attn[r, width - len(encoded[i]):] = 1
         sampler = _Sampler(temperature, top_p, generator)
-        seq = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([sampler]),
-                             pad_token_id=pad, eos_token_id=eos, cache_implementation="static" if use_static else None,
-                             top_k=None, top_p=None, temperature=None)
+        with _blank_generation_config(model):
+            seq = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([sampler]),
+                                 pad_token_id=pad, eos_token_id=eos,
+                                 cache_implementation="static" if use_static else None)
         new = seq[:, width:]
         sampler.record(new[:, -1])
         logps = torch.stack(sampler.chosen_logp, dim=1).float().cpu() if sampler.chosen_logp else None

@@ -127,9 +127,11 @@ def _run(cfg: DPOConfig, tracked) -> dict:
     sess = Session(cfg.training(), model, out, on_metrics=tracked.log_metrics)
     pad, dist, ipo = tokenizer.pad_token_id, sess.dist, cfg.loss_type == "ipo"
 
-    # the reference pass: every pair once, then the reference is gone (with no ref_model: the policy before training)
+    # the reference pass: every pair once, then the reference is gone (with no ref_model: the policy before training;
+    # a resumed run's policy holds the checkpoint's weights, so that reference is loaded again from cfg.model)
     t0 = time.perf_counter()
-    ref_model = cfg.load_model(cfg.ref_model).to(sess.device) if cfg.ref_model else model
+    ref_path = cfg.ref_model or (cfg.model if sess.start_step > 0 else None)
+    ref_model = cfg.load_model(ref_path).to(sess.device) if ref_path else model
     was_training = model.training
     ref_model.eval()
     with torch.no_grad():

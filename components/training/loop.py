@@ -219,13 +219,14 @@ class Session:
             log.info("resumed from %s at step %d", latest, self.start_step)
         self.peak = peak_flops(self.device)
         self.metrics_path = self.out / "metrics.jsonl"
+        self.history: list[dict] = []  # every step's record; after a resume, rank 0's starts with the kept ones
         if dist.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.metrics_path.exists():  # keep the lines of the steps resumed from, drop any after them
                 kept = [ln for ln in self.metrics_path.read_text().splitlines()
                         if json.loads(ln)["step"] <= self.start_step]
                 self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
-        self.history: list[dict] = []
+                self.history = [json.loads(ln) for ln in kept]
 
     def forward(self, model, mb: PackedBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         return forward_logprobs(model, mb, self.cfg.loss_chunk_size, self.autocast, temperature)

@@ -33,11 +33,14 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_model_dir, method):
             raise Stop  # after step 5's metrics, before its checkpoint: the latest checkpoint is step 4
     with pytest.raises(Stop):
         train(cfg, load_model(tiny_model_dir), exs, tmp_path / "b", pad_id=tok.pad_token_id, on_metrics=crash_after_5)
-    resumed = train(cfg, load_model(tiny_model_dir), exs, tmp_path / "b", pad_id=tok.pad_token_id)
+    ran = []
+    resumed = train(cfg, load_model(tiny_model_dir), exs, tmp_path / "b", pad_id=tok.pad_token_id,
+                    on_metrics=lambda rec: ran.append(rec["step"]))
 
-    assert [r["step"] for r in resumed] == [5, 6, 7]  # step 4 (not a multiple of 3): π_old came from the checkpoint
+    assert ran == [5, 6, 7]  # from the step-4 checkpoint (not a multiple of 3): π_old came from the checkpoint
     lines = [json.loads(ln) for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 8))
+    assert resumed == lines  # the returned history holds the steps before the resume too
     for a, b in zip(full, lines):
         assert a["loss"] == b["loss"], (a["step"], a["loss"], b["loss"])
         assert a["entropy"] == b["entropy"]

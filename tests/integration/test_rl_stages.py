@@ -113,3 +113,20 @@ def test_dpo_rpo_adds_the_chosen_nll(tiny_model_dir, tmp_path):
     [first] = lines(tmp_path / "rpo" / "metrics.jsonl")
     # step 1: the DPO part is log 2 for every pair; RPO adds α × the chosen completions' mean token NLL
     assert first["nll"] > 1.0 and first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll"], rel=1e-4)
+
+
+def test_dpo_resumes_against_the_starting_policy(tiny_model_dir, tmp_path):
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(8) for b in range(4)]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = {"model": str(tiny_model_dir), "train_data": str(tmp_path / "pairs.jsonl"), "output_dir": str(tmp_path / "d"),
+           "max_steps": 6, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 3, "log_every": 1}
+    run_dpo(from_mapping(DPOConfig, cfg))
+    full = lines(tmp_path / "d" / "metrics.jsonl")
+    assert [p.name for p in (tmp_path / "d" / "checkpoints").iterdir()] == ["step-00000003"]
+    summary = run_dpo(from_mapping(DPOConfig, cfg))  # resumes at step 4: the reference is still the starting model
+    assert summary["steps"] == 6 and summary["first"]["step"] == 1  # the summary covers the whole run
+    again = lines(tmp_path / "d" / "metrics.jsonl")
+    assert [h["step"] for h in again] == list(range(1, 7))
+    assert abs(again[3]["rewards/margins"]) > 1e-3  # a reference equal to the resumed policy gives margin 0
+    for a, b in zip(full, again):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]

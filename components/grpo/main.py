@@ -108,6 +108,34 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
 
 
+def round_stats(ranks: list[dict], rank: int, group_size: int, scale: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A round's advantages and metrics from every rank's samples.
+
+    ranks: each rank's {"total": rewards, "per_fn": {name: rewards}, "lengths", "finished"}, in rank order, each
+    a run of whole groups. Returns this rank's advantages, the reward std of each of its groups, and the
+    metrics of the whole round: "batch" scaling and the logged rewards see every rank's samples, as they
+    would in one process.
+    """
+    start = sum(len(r["total"]) for r in ranks[:rank])
+    n = len(ranks[rank]["total"])
+    rewards = torch.tensor([x for r in ranks for x in r["total"]], dtype=torch.float32)
+    group_std = rewards.reshape(-1, group_size).std(dim=1)
+    lengths = torch.tensor([x for r in ranks for x in r["lengths"]], dtype=torch.float32)
+    finished = [x for r in ranks for x in r["finished"]]
+    reward_mean, reward_std = _stats(rewards.tolist())
+    metrics = {
+        "reward": reward_mean, "reward_std": reward_std,
+        **{k: v for fn in ranks[rank]["per_fn"] for k, v in zip(
+            (f"rewards/{fn}/mean", f"rewards/{fn}/std"), _stats([x for r in ranks for x in r["per_fn"][fn]]))},
+        "frac_reward_zero_std": float((group_std == 0).float().mean()),
+        "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": 1.0 - sum(finished) / len(finished),
+    }
+    adv = group_advantages(rewards, group_size, scale)[start:start + n]
+    return adv, group_std[start // group_size:(start + n) // group_size], metrics
+
+
 def run(cfg: GRPOConfig) -> dict:
     with tracking.stage_run("grpo", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI
         return _run(cfg, tracked)
@@ -140,9 +168,8 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
         srows = [batch_rows[i] for i in ro.prompt_index]
         total, per_fn = rewards.score([r["prompt"] for r in srows], ro.texts, [r.get("answer") for r in srows],
                                       [r.get("task") for r in srows])
-        reward_t = torch.tensor(total, dtype=torch.float32)
-        adv = group_advantages(reward_t, G, cfg.scale_rewards)
-        group_std = reward_t.reshape(-1, G).std(dim=1)
+        ranks = dist.all_gather({"total": total, "per_fn": per_fn, "lengths": ro.lengths, "finished": ro.finished})
+        adv, group_std, round_metrics = round_stats(ranks, dist.rank, G, cfg.scale_rewards)
         keep = [i for i in range(len(ro)) if not (cfg.filter_zero_std and float(group_std[i // G]) == 0.0)]
         examples = [Example(ro.prompt_ids[i] + ro.completion_ids[i], len(ro.prompt_ids[i])) for i in range(len(ro))]
         ref_logps = None
@@ -150,17 +177,7 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
             ref_logps = _completion_logps(sess, ref_model, examples, pad, cfg.temperature)
         gen_seconds = time.perf_counter() - t0
         lengths = torch.tensor(ro.lengths, dtype=torch.float32)
-        reward_mean, reward_std = _stats(total)
-        round_metrics = {
-            "reward": reward_mean, "reward_std": reward_std,
-            **{k: v for fn, vals in per_fn.items() for k, v in zip(
-                (f"rewards/{fn}/mean", f"rewards/{fn}/std"), _stats(vals))},
-            "frac_reward_zero_std": float((group_std == 0).float().mean()),
-            "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
-            "completions/max_length": float(lengths.max()),
-            "completions/clipped_ratio": 1.0 - sum(ro.finished) / len(ro), "rollout_s": gen_seconds,
-            "round": rnd + 1,
-        }
+        round_metrics.update({"rollout_s": gen_seconds, "round": rnd + 1})
         if dist.rank == 0:
             with samples_path.open("a") as f:
                 for i in range(0, len(ro), max(1, len(ro) // max(cfg.samples_logged, 1)))[:cfg.samples_logged]:

@@ -46,6 +46,14 @@ class Dist:
         vals = self._reduce([d[k] for k in keys], torch.distributed.ReduceOp.SUM if self.world > 1 else None)
         return dict(zip(keys, vals))
 
+    def all_gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order; one process: [obj]."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
@@ -175,13 +183,25 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    # Each rank's own state (its RNG, its share of PSFT's π_old log-probs) goes to a file of its own: DeepSpeed
+    # keeps client_state only in the model-states file, which ZeRO-2 writes on rank 0 alone, so every rank
+    # would resume with rank 0's.
+    def _client_file(self, path: Path) -> Path:
+        return path / f"client-rank{self.dist.rank:05d}.pt"
+
     def save(self, path: Path, client_state: dict):
-        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state)
+        self.engine.save_checkpoint(str(path.parent), tag=path.name)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(client_state, self._client_file(path))
         self.dist.barrier()
         if self.dist.rank == 0:
             (path / COMPLETE).touch()
         self.dist.barrier()
 
     def load(self, path: Path) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        return client_state
+        own = self._client_file(path)
+        if not own.exists():
+            raise FileNotFoundError(f"{own} is missing: {path} was written by fewer than {self.dist.world} ranks; "
+                                    "resume with the world size that wrote it")
+        self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        return torch.load(own, map_location="cpu", weights_only=True)

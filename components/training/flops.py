@@ -2,7 +2,8 @@
 
 Training FLOPs per sequence of n tokens: 6·P·n for the matrix multiplications (P = weights of every
 linear layer, the language-model head included, tied or not) plus 6·L·H·n² for causal attention (forward
-and backward, QKᵀ and AV with the causal half counted as full, as the peer benchmark counts it).
+and backward of QKᵀ and AV over the causal half only: full attention would be 12·L·H·n²; the peer benchmark
+counts it the same way). P is counted from the full weights, also when ZeRO-3 has partitioned them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4
 
 
 def matmul_params(model: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    # ZeRO-3 leaves each rank an empty placeholder; DeepSpeed keeps the full size in ds_numel
+    return sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in model.modules()
+               if isinstance(m, torch.nn.Linear))
 
 
 def training_flops(model: torch.nn.Module, seq_lengths: list[int]) -> float:

@@ -137,3 +137,25 @@ def test_two_ranks_match_single_process(single_run, zero_stage):
     weight_diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     print(f"final weights max abs diff {weight_diff:.3e}")
     assert weight_diff <= WEIGHT_ATOL
+
+
+def test_two_rank_psft_resumes_with_each_ranks_own_state(single_run):
+    """PSFT's π_old log-probs and the RNG states are per rank: a resumed rank must get its own back (ZeRO-2
+    keeps DeepSpeed's client_state only in rank 0's file, so they are saved per rank)."""
+    root, model_dir, data, _ = single_run
+    out = root / "psft2"
+    # a checkpoint at step 4, inside a π_old block of 3 steps (4-6): step 5 reuses the cached log-probs
+    cfg = _stage_config(root / "psft2.yaml", model_dir, data, out, method="psft", updates_per_batch=3,
+                        checkpoint_every=4, max_steps=5)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "components.sft", "--config", str(cfg)]
+    _run(cmd, timeout=900)
+    first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in (out / "checkpoints" / "step-00000004").glob("client-rank*.pt")) == [
+        "client-rank00000.pt", "client-rank00001.pt"]
+    cmd[cmd.index("--master-port") + 1] = str(_free_port())
+    _run(cmd, timeout=900)  # resumes at step 5
+    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5]
+    assert again[4]["loss"] == pytest.approx(first[4]["loss"], rel=REL_TOL)
+    assert again[4]["clip_ratio/high"] == pytest.approx(first[4]["clip_ratio/high"], abs=1e-9)

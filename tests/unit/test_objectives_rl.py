@@ -102,3 +102,28 @@ def test_dpo_each_loss_type():
     assert float(smoothed) == pytest.approx(-0.9 * lsig(0.2) - 0.1 * lsig(-0.2), rel=1e-6)
     with pytest.raises(ValueError, match="loss_type='x'.*sigmoid, ipo, hinge, robust"):
         dpo_loss(c, r, rc, rr, beta=0.1, loss_type="x")
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_round_stats_over_ranks_are_the_single_process_stats(scale):
+    from components.grpo.main import round_stats
+
+    g = torch.Generator().manual_seed(0)
+    G, groups = 4, 6
+    total = torch.randint(0, 3, (groups * G,), generator=g).float().tolist()
+    total[:G] = [1.0] * G  # one group with no variance
+    whole = {"total": total, "per_fn": {"task": [x / 2 for x in total]},
+             "lengths": torch.randint(1, 9, (groups * G,), generator=g).tolist(),
+             "finished": [i % 3 != 0 for i in range(groups * G)]}
+    one_adv, one_std, one_metrics = round_stats([whole], 0, G, scale)
+    # the same round sampled by two ranks: 2 and 4 groups
+    cut = 2 * G
+    ranks = [{k: (v[:cut] if isinstance(v, list) else {n: x[:cut] for n, x in v.items()}) for k, v in whole.items()},
+             {k: (v[cut:] if isinstance(v, list) else {n: x[cut:] for n, x in v.items()}) for k, v in whole.items()}]
+    parts = [round_stats(ranks, r, G, scale) for r in (0, 1)]
+    assert torch.equal(torch.cat([parts[0][0], parts[1][0]]), one_adv)
+    assert torch.equal(torch.cat([parts[0][1], parts[1][1]]), one_std)
+    assert parts[0][2] == parts[1][2] == one_metrics
+    assert one_metrics["frac_reward_zero_std"] >= 1 / groups and one_metrics["completions/clipped_ratio"] == pytest.approx(1 / 3)
+    if scale == "batch":  # one rank's own std would give other advantages
+        assert not torch.allclose(parts[1][0], group_advantages(torch.tensor(total[cut:]), G, "batch"))

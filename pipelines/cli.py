@@ -25,9 +25,17 @@ STAGES = {"sft": "components.sft.main", "data_prep": "components.data_prep.main"
 
 
 def _demo(args) -> int:
-    from pipelines.demo import DEMO_SPEC, run_demo
+    import yaml
 
-    run_demo(args.out, args.spec or DEMO_SPEC, stages=tuple(s for s in args.stages.split(",") if s))
+    from pipelines.demo import DEMO_SPEC, load_demo_spec, run_demo
+
+    spec = args.spec or DEMO_SPEC
+    try:  # the settings are the user's to fix: their message, not a traceback
+        load_demo_spec(spec, args.out)
+    except (ValueError, OSError, yaml.YAMLError) as e:
+        print(f"posttrain demo: {e}", file=sys.stderr)
+        return 2
+    run_demo(args.out, spec, stages=tuple(s for s in args.stages.split(",") if s))
     return 0
 
 
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--spec", default=None, help="demo settings YAML (default: the bundled sft-psft-demo.yaml)")
     d.add_argument("--stages", default="sft,psft",
                    help="comma-separated: sft, psft, dpo, grpo (dpo and grpo start from the SFT model; default: sft,psft)")
-    d.set_defaults(fn=_user_errors(_demo))
+    d.set_defaults(fn=_demo)
 
     s = sub.add_parser("stage", help="run one stage by name, e.g. posttrain stage sft --config cfg.yaml")
     s.add_argument("name", choices=sorted(STAGES))

@@ -8,6 +8,7 @@ entropy. Prints a table and writes demo_summary.json in the output directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -54,17 +55,31 @@ SPEC_KEYS = ("task", "seed", "base_model", "train_rows", "eval_prompts", "max_ne
              "reward_scoring", "dpo", "grpo")
 
 
-def check_demo_spec(spec, path) -> None:
-    """The demo settings' top level (each section's keys are checked by its stage's config when it runs)."""
+def load_demo_spec(spec_path: str | Path, out: str | Path, overrides: dict | None = None) -> dict:
+    """The demo settings with `overrides` applied, checked: the top-level keys (each stage's keys are checked
+    by its config when it runs) and `base_model`, which must be a model directory outside `out`."""
+    spec = yaml.safe_load(Path(spec_path).read_text())
     if not isinstance(spec, dict):
-        raise ValueError(f"{path}: a mapping of demo settings expected, got {type(spec).__name__}")
+        raise ValueError(f"{spec_path}: a mapping of demo settings expected, got {type(spec).__name__}")
+    train_keys = {f.name for f in dataclasses.fields(SFTConfig)}
     for key in spec:
         if key not in SPEC_KEYS:
-            hint = " (a training setting: put it under `train:`)" if key in SFTConfig.__dataclass_fields__ else ""
-            raise ValueError(f"{path}: unknown key {key!r}{hint}; allowed: {', '.join(SPEC_KEYS)}")
+            hint = " (a training setting: put it under `train:`)" if key in train_keys else ""
+            raise ValueError(f"{spec_path}: unknown key {key!r}{hint}; allowed: {', '.join(SPEC_KEYS)}")
     for key in ("train", "sft", "psft", "reward_scoring", "dpo", "grpo"):
         if not isinstance(spec.get(key, {}), dict):
-            raise ValueError(f"{path}: {key}: a mapping of that stage's settings expected")
+            raise ValueError(f"{spec_path}: {key}: a mapping of that stage's settings expected")
+    for k, v in (overrides or {}).items():
+        if isinstance(v, dict) and isinstance(spec.get(k), dict):
+            spec[k].update(v)  # e.g. {"grpo": {"max_steps": 10}}
+        else:
+            (spec["train"] if k in train_keys else spec)[k] = v
+    if spec.get("base_model"):
+        given, out = check_model_dir(spec["base_model"]).resolve(), Path(out).resolve()
+        if given == out or out in given.parents:  # the runs write there: the model would be replaced
+            raise ValueError(f"{spec_path}: base_model {spec['base_model']} is inside the output directory {out}; "
+                             "copy it elsewhere or choose another --out")
+    return spec
 
 
 def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict | None = None,
@@ -74,20 +89,14 @@ def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown demo stages {unknown}: choose from {', '.join(STAGES)}")
-    spec = yaml.safe_load(Path(spec_path).read_text())
-    check_demo_spec(spec, spec_path)
-    for k, v in (overrides or {}).items():
-        if isinstance(v, dict) and isinstance(spec.get(k), dict):
-            spec[k].update(v)  # e.g. {"grpo": {"max_steps": 10}}
-        else:
-            (spec["train"] if k in SFTConfig.__dataclass_fields__ else spec)[k] = v
+    spec = load_demo_spec(spec_path, out, overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(spec["task"])
     base = out / "base"
-    if spec.get("base_model"):  # a copy, so the runs may write where the given model lives
+    if spec.get("base_model"):  # a copy in the output, like the built one
         shutil.rmtree(base, ignore_errors=True)
-        shutil.copytree(check_model_dir(spec["base_model"]), base)
+        shutil.copytree(spec["base_model"], base)
     else:
         build_tiny_model(base, seed=spec["seed"])
     data = out / "data" / "train.jsonl"

@@ -347,7 +347,7 @@ class Spec:
     """The rule register applies to promote its new version (needed when a register stage exists)."""
     resources: Resources = field(default_factory=Resources)
     """Where the GPU-image stages run unless a stage sets its own; reward_scoring and evaluate take one of its
-    accelerators (they run one process)."""
+    accelerators (they run one process) with its cpu and memory: give them their own resources to size those."""
     runtime_resources: Resources = field(default_factory=lambda: Resources(cpu="1", memory="4Gi"))
     """Where the CPU steps run: preflight, data_prep, register, the promotion, the closing step."""
     images: Images = field(default_factory=Images)

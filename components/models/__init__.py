@@ -170,7 +170,7 @@ class ModelLoading:
     flash_attention_2, flash_attention_3, flex_attention or eager."""
 
     def __post_init__(self):
-        if self.attn_implementation not in ATTENTION_KERNELS:
+        if self.attn_implementation not in ATTENTION_KERNELS:  # no Hub kernels: nothing is fetched at run time
             raise ValueError(f"attn_implementation={self.attn_implementation!r} is invalid: one of "
                              f"{', '.join(ATTENTION_KERNELS)}")
 

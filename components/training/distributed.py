@@ -192,7 +192,7 @@ class DeepSpeedEngine:
     def save(self, path: Path, client_state: dict):
         self.engine.save_checkpoint(str(path.parent), tag=path.name)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save(client_state, self._client_file(path))
+        torch.save({**client_state, "world": self.dist.world}, self._client_file(path))
         self.dist.barrier()
         if self.dist.rank == 0:
             (path / COMPLETE).touch()
@@ -200,8 +200,12 @@ class DeepSpeedEngine:
 
     def load(self, path: Path) -> dict:
         own = self._client_file(path)
-        if not own.exists():
-            raise FileNotFoundError(f"{own} is missing: {path} was written by fewer than {self.dist.world} ranks; "
-                                    "resume with the world size that wrote it")
-        self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        return torch.load(own, map_location="cpu", weights_only=True)
+        state = torch.load(own, map_location="cpu", weights_only=True) if own.exists() else {}
+        if state.get("world") != self.dist.world:
+            raise RuntimeError(f"{path} was written by {state.get('world', 'another number of')} ranks, and this "
+                               f"run has {self.dist.world}: resume with the world size that wrote it (each rank's "
+                               "data share and cached π_old log-probs belong to that split)")
+        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed loaded nothing from {path}")
+        return state

@@ -15,6 +15,7 @@ temperature 0 is greedy decoding (log-probs then under temperature 1).
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -39,7 +40,7 @@ class Sampling:
     """Sequences decoded together by the rollout."""
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+        if not isinstance(self.temperature, (int, float)) or not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature={self.temperature!r} is invalid: a positive number (the stage samples)")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} is invalid: a number in (0, 1]")

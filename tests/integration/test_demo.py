@@ -3,10 +3,11 @@ task, every stage through its entrypoint, one evaluate-stage run with its report
 prompts so it fits in CI. The report is opened in headless Chromium and every figure must have rendered."""
 
 import json
+import shutil
 
 import pytest
 
-from pipelines.demo import run_demo
+from pipelines.demo import DEMO_SPEC, run_demo
 from test_report import rendered  # the Chromium check of the report test
 
 
@@ -48,14 +49,23 @@ def test_demo_short(tmp_path, capsys):
     assert again["base"]["eval"]["id"]["entropy"] < summary["base"]["eval"]["id"]["entropy"] - 1
 
 
-def test_demo_base_model_must_be_a_model_directory(tmp_path):
+def test_demo_base_model_must_be_a_model_directory_outside_the_output(tmp_path, tiny_model_dir, capsys):
+    from pipelines.cli import main as cli
+
     with pytest.raises(FileNotFoundError, match="nope: not a model directory"):
         run_demo(tmp_path, overrides={"base_model": str(tmp_path / "nope")})
+    inside = tmp_path / "out" / "sft" / "model"
+    shutil.copytree(tiny_model_dir, inside)
+    with pytest.raises(ValueError, match="is inside the output directory"):
+        run_demo(tmp_path / "out", overrides={"base_model": str(inside)})
+    assert (inside / "config.json").exists()  # nothing was removed
+    spec = tmp_path / "demo.yaml"
+    spec.write_text("base_model: /nonexistent/model\n" + DEMO_SPEC.read_text().replace("base_model: null", "#"))
+    assert cli(["demo", "--spec", str(spec), "--out", str(tmp_path / "cli")]) == 2
+    assert capsys.readouterr().err.startswith("posttrain demo: /nonexistent/model: not a model directory")
 
 
 def test_demo_spec_with_a_misplaced_key_is_refused(tmp_path):
-    from pipelines.demo import DEMO_SPEC
-
     spec = tmp_path / "demo.yaml"
     spec.write_text(DEMO_SPEC.read_text() + "lr: 0.001\n")
     with pytest.raises(ValueError, match=f"{spec}: unknown key 'lr' \\(a training setting: put it under `train:`\\)"):

@@ -246,6 +246,12 @@ def reason_key(error: RowError) -> str:
     return f"{field}: {head}" if field else head
 
 
+def check_max_bad_fraction(value: float) -> None:
+    """A config's share of invalid rows tolerated must be a number in [0, 1)."""
+    if not 0 <= value < 1:
+        raise ValueError(f"max_bad_fraction={value!r} is invalid: a number in [0, 1)")
+
+
 def check_bad_fraction(errors: list[RowError], rows: int, max_bad_fraction: float, what: str) -> None:
     """Raise a DataError listing the first errors when they are more than `max_bad_fraction` of `rows`."""
     bad = len(errors)

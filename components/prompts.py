@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from components.datasets import load_rows, prompt_row
+from components.datasets import check_max_bad_fraction, load_rows, prompt_row
 
 
 @dataclass(kw_only=True)
@@ -33,8 +33,7 @@ class PromptSource:
             raise ValueError(f"task_split={self.task_split!r} is invalid: id or ood")
         if not isinstance(self.task_rows, int) or self.task_rows < 1:
             raise ValueError(f"task_rows={self.task_rows!r} is invalid: a positive integer")
-        if not 0 <= self.max_bad_fraction < 1:
-            raise ValueError(f"max_bad_fraction={self.max_bad_fraction!r} is invalid: a number in [0, 1)")
+        check_max_bad_fraction(self.max_bad_fraction)
 
     def load_prompts(self, seed: int) -> list[dict]:
         if self.task is not None:

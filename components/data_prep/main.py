@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from components.config import from_mapping, stage_main
 from components.datasets import (PROMPT_SPLITS, ROW_FIELDS, ROW_PARSERS, DataError, RowError, check_bad_fraction,
-                                 prompt_key, read_jsonl, reason_key, row_key, write_jsonl)
+                                 check_max_bad_fraction, prompt_key, read_jsonl, reason_key, row_key, write_jsonl)
 from components.models import load_tokenizer
 from components.training.batching import render_prompt_completion
 
@@ -59,8 +59,8 @@ def _check_common(src) -> None:
         raise ValueError(f"shape={src.shape!r} is invalid: one of {', '.join(SHAPES)}")
     if src.role not in ROLES:
         raise ValueError(f"role={src.role!r} is invalid: one of {', '.join(ROLES)}")
-    if src.max_bad_fraction is not None and not 0 <= src.max_bad_fraction < 1:
-        raise ValueError(f"max_bad_fraction={src.max_bad_fraction} is invalid: a number in [0, 1)")
+    if src.max_bad_fraction is not None:
+        check_max_bad_fraction(src.max_bad_fraction)
 
 
 @dataclass(kw_only=True)
@@ -190,8 +190,7 @@ class DataPrepConfig:
             raise ValueError(f"max_length={self.max_length} is invalid: a positive integer")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction={self.eval_fraction} is invalid: a number in [0, 1)")
-        if not 0 <= self.max_bad_fraction < 1:
-            raise ValueError(f"max_bad_fraction={self.max_bad_fraction} is invalid: a number in [0, 1)")
+        check_max_bad_fraction(self.max_bad_fraction)
         if self.contamination not in CONTAMINATION:
             raise ValueError(f"contamination={self.contamination!r} is invalid: one of {', '.join(CONTAMINATION)}")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from components import tracking
 from components.config import stage_main
-from components.datasets import load_sft_examples
+from components.datasets import check_max_bad_fraction, load_sft_examples
 from components.models import ModelLoading
 from components.training import distributed
 from components.training.loop import TrainConfig, train
@@ -57,8 +57,7 @@ class SFTConfig(TrainConfig, ModelLoading):
             raise ValueError(f"overlong={self.overlong!r} is invalid: drop or truncate")
         if self.ref_model is not None and self.method != "sft_kl":
             raise ValueError(f"ref_model={self.ref_model!r} is invalid with method {self.method}: only sft_kl reads it")
-        if not 0 <= self.max_bad_fraction < 1:
-            raise ValueError(f"max_bad_fraction={self.max_bad_fraction} is invalid: a number in [0, 1)")
+        check_max_bad_fraction(self.max_bad_fraction)
 
 
 CONFIG = SFTConfig

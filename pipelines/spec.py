@@ -47,7 +47,9 @@ TRAINING = ("sft", "psft", "sft_kl", "dpo", "grpo")
 STAGE_KINDS = (*TRAINING[:3], "reward_scoring", *TRAINING[3:], "evaluate", "register")
 SFT_METHODS = ("sft", "psft", "sft_kl")
 """Kinds run by the sft stage module, with its `method` set to the kind."""
-GPU_KINDS = (*TRAINING, "reward_scoring", "evaluate")
+SAMPLING = ("reward_scoring", "evaluate")
+"""Stage kinds that sample in one process: one accelerator at most."""
+GPU_KINDS = (*TRAINING, *SAMPLING)
 """Kinds that run on the trainer image (and on accelerators when their resources ask for them)."""
 RUNTIME_KEYS = {"lr": (float, "a positive number"), "max_steps": (int, "a positive integer")}
 """Settings of every training stage that become pipeline parameters (`<stage>_lr`, `<stage>_max_steps`)."""
@@ -376,7 +378,7 @@ class Spec:
             return stage.resources
         if stage.stage not in GPU_KINDS:
             return self.runtime_resources
-        if stage.stage not in TRAINING and self.resources.gpus > 1:  # one process: one accelerator of the pool
+        if stage.stage in SAMPLING and self.resources.gpus > 1:  # one accelerator of the pool
             return dataclasses.replace(self.resources, gpus=1)
         return self.resources
 
@@ -604,7 +606,7 @@ class _Checker:
                                        "(add e.g. rewards: [{name: arithmetic}])")
             if kind == "evaluate" and not self.spec.eval_suites:
                 raise self.error(path, "'evaluate' is invalid: `eval_suites` is empty")
-            if kind in GPU_KINDS and kind not in TRAINING and st.resources is not None and st.resources.gpus > 1:
+            if kind in SAMPLING and st.resources is not None and st.resources.gpus > 1:
                 raise self.error(f"stages[{i}].resources.gpus", f"{st.resources.gpus} is invalid for the {kind} "
                                                                "stage: it runs one process on one accelerator (1)")
             if kind == "register":

@@ -223,10 +223,10 @@ class Session:
         if dist.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.metrics_path.exists():  # keep the lines of the steps resumed from, drop any after them
-                kept = [ln for ln in self.metrics_path.read_text().splitlines()
-                        if json.loads(ln)["step"] <= self.start_step]
-                self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
-                self.history = [json.loads(ln) for ln in kept]
+                lines = self.metrics_path.read_text().splitlines()
+                kept = [(ln, rec) for ln, rec in zip(lines, map(json.loads, lines)) if rec["step"] <= self.start_step]
+                self.metrics_path.write_text("".join(ln + "\n" for ln, _ in kept))
+                self.history = [rec for _, rec in kept]
 
     def forward(self, model, mb: PackedBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         return forward_logprobs(model, mb, self.cfg.loss_chunk_size, self.autocast, temperature)

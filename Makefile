@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast run bench clean images push constraints k8s-validate
+.PHONY: install test test-deps lint test-fast run bench clean images push constraints k8s-validate
 
 install: $(STAMP)
 
@@ -13,8 +13,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $(STAMP)
 
-test: install            ## the whole suite (unit, integration, acceptance runs)
+test: install test-deps lint  ## lint, then the whole suite (unit, integration, acceptance runs)
 	$(PY) -m pytest tests
+
+lint: install            ## ruff (rules in pyproject.toml)
+	$(VENV)/bin/ruff check .
+
+test-deps:               ## what the suite needs besides Python packages: headless Chromium (apt, as root or via sudo)
+	sh scripts/test-deps.sh
 
 test-fast: install       ## unit tests only
 	$(PY) -m pytest tests/unit
@@ -28,7 +34,7 @@ bench: install           ## throughput of the objectives on the tiny model (JSON
 clean:
 	rm -rf .posttrain build *.egg-info
 
-# Images: the same names as pipelines/images.py (POSTTRAIN_REGISTRY / POSTTRAIN_TAG, or REGISTRY= TAG=).
+# Images: the same names as components/images.py (POSTTRAIN_REGISTRY / POSTTRAIN_TAG, or REGISTRY= TAG=).
 REGISTRY ?= $(or $(POSTTRAIN_REGISTRY),ghcr.io/posttrain)
 TAG ?= $(or $(POSTTRAIN_TAG),0.1.0)
 DOCKER ?= docker

@@ -21,14 +21,16 @@ import logging
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+
+from components.config import UserError, require
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset cannot be used; the message lists the offending rows by file, line and field."""
 
 
@@ -58,10 +60,19 @@ class LoadStats:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict | RowError]]:
-    """Yield (line number, row) for each non-blank line; a line that is not a JSON object yields a RowError."""
+    """Yield (line number, row) for each non-blank line; a line that is not a JSON object, or not UTF-8 text,
+    yields a RowError (a byte order mark before line 1 is skipped; bad bytes are never replaced)."""
     path = Path(path)
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, RowError(str(path), lineno, "", f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} "
+                                                              f"at byte {e.start + 1} of the line)")
+                continue
             if not line.strip():
                 continue
             try:
@@ -84,6 +95,9 @@ def write_jsonl(path: str | Path, rows) -> None:
 
 
 MESSAGE_ROLES = ("system", "user", "assistant")
+TOOL_ROLES = ("tool", "function", "function_call", "function_response", "observation", "ipython", "tool_call",
+              "tool_response")
+"""Roles of tool turns (OpenAI, ShareGPT/glaive, Llama 3): refused by name, not trained as text."""
 PROMPT_SPLITS = ("id", "ood")
 
 
@@ -92,6 +106,15 @@ def _check_messages(messages, where: tuple[str, int], name: str) -> RowError | N
     if not isinstance(messages, list) or not messages:
         return RowError(*where, name, "must be a non-empty list of {role, content} messages")
     for i, m in enumerate(messages):
+        if isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"].lower() in TOOL_ROLES:
+            return RowError(*where, f"{name}[{i}].role", f"tool turns are not supported (got {m['role']!r}): give "
+                                                         "conversations of system, user and assistant turns only")
+        if isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call")):
+            return RowError(*where, f"{name}[{i}].tool_calls", "tool calls are not supported: give conversations of "
+                                                               "system, user and assistant text turns only")
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            return RowError(*where, f"{name}[{i}].content", "list-valued content (content parts) is not supported: "
+                                                            "give each message's text as one string")
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             return RowError(*where, f"{name}[{i}]", "each message needs a string 'role' and a string 'content'")
     offset = 1 if messages[0]["role"] == "system" else 0
@@ -248,8 +271,7 @@ def reason_key(error: RowError) -> str:
 
 def check_max_bad_fraction(value: float) -> None:
     """A config's share of invalid rows tolerated must be a number in [0, 1)."""
-    if not 0 <= value < 1:
-        raise ValueError(f"max_bad_fraction={value!r} is invalid: a number in [0, 1)")
+    require(isinstance(value, (int, float)) and 0 <= value < 1, "max_bad_fraction", value, "a number in [0, 1)")
 
 
 def check_bad_fraction(errors: list[RowError], rows: int, max_bad_fraction: float, what: str) -> None:

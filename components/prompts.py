@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from components.config import positive_ints, require
 from components.datasets import check_max_bad_fraction, load_rows, prompt_row
 
 
 @dataclass(kw_only=True)
 class PromptSource:
-    """Config fields shared by stages that sample from prompts (reward_scoring, grpo)."""
+    """Where prompts come from: the `prompts` part of the stages that sample from prompts (reward_scoring,
+    grpo)."""
 
-    prompts: str | None = None
+    path: str | None = None
     """JSONL of prompt rows {"prompt", "answer"?, "task"?} (data_prep's prompts.train.jsonl); or use `task`."""
     task: str | None = None
     """A bundled task (arithmetic, general_points) whose training prompts are generated instead of read."""
@@ -23,26 +25,23 @@ class PromptSource:
     """Share of unusable prompt rows tolerated (each is reported by file and line)."""
 
     def __post_init__(self):
-        if (self.prompts is None) == (self.task is None):
-            raise ValueError(f"prompts={self.prompts!r}, task={self.task!r} is invalid: give exactly one of them")
+        require((self.path is None) != (self.task is None), "path", self.path,
+                f"exactly one of path and task (task={self.task!r})")
         if self.task is not None:
             from components.tasks import TASKS
-            if self.task not in TASKS:
-                raise ValueError(f"task={self.task!r} is invalid: one of {', '.join(sorted(TASKS))}")
-        if self.task_split not in ("id", "ood"):
-            raise ValueError(f"task_split={self.task_split!r} is invalid: id or ood")
-        if not isinstance(self.task_rows, int) or self.task_rows < 1:
-            raise ValueError(f"task_rows={self.task_rows!r} is invalid: a positive integer")
+            require(self.task in TASKS, "task", self.task, f"one of {', '.join(sorted(TASKS))}")
+        require(self.task_split in ("id", "ood"), "task_split", self.task_split, "id or ood")
+        positive_ints(self, "task_rows")
         check_max_bad_fraction(self.max_bad_fraction)
 
     def load_prompts(self, seed: int) -> list[dict]:
         if self.task is not None:
             from components.tasks import get_task
             return get_task(self.task).generate(self.task_rows, seed=seed, split=self.task_split, part="train")
-        return load_rows(self.prompts, prompt_row, max_bad_fraction=self.max_bad_fraction)
+        return load_rows(self.path, prompt_row, max_bad_fraction=self.max_bad_fraction)
 
     def check_rows(self, rows: list[dict], rewards) -> None:
         """Fail before any model is loaded when the rewards need a field (answer, task) some prompt rows lack."""
         rewards.check(len(rows), [r.get("answer") for r in rows], [r.get("task") for r in rows],
-                      source=self.prompts or f"task {self.task}")
+                      source=self.path or f"task {self.task}")
 

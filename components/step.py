@@ -7,8 +7,8 @@ A KFP component (components/<stage>/component.py) is a typed signature and a few
   (the stage opens its own child run through components.tracking), the pipeline's lineage tags read from the
   parent run (POSTTRAIN_KFP_RUN_ID, POSTTRAIN_SPEC_HASH, ...), and MLFLOW_S3_ENDPOINT_URL; credentials are
   already in the environment, from Kubernetes Secrets, and never pass through here;
-- builds components.<module>.main.CONFIG from the spec's settings (JSON), the runtime parameters and the
-  input and output paths with components.config.from_mapping, so a bad value fails naming its key;
+- builds the stage's config class (components.stages) from the spec's settings (JSON), the runtime parameters
+  and the input and output paths with components.config.from_mapping, so a bad value fails naming its key;
 - runs the stage in this process, or under torchrun with one rank per accelerator when nproc > 1.
 
 A training step gives its stage an output_dir in the run's workspace (<workspace>/<stage>), which outlives a
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from components.config import from_mapping
+from components.config import from_mapping, merge
 
 log = logging.getLogger("components.step")
 
@@ -75,18 +75,36 @@ class Step:
             if tags.get(tag):
                 os.environ[env] = tags[tag]
 
-    def run(self, module: str, **wiring) -> dict:
-        """Run components.<module> with the settings, then `wiring` (paths and runtime parameters) on top."""
-        stage_module = importlib.import_module(f"components.{module}.main")
-        values = {**self.settings, **wiring, "output_dir": str(self.output_dir)}
-        cfg = from_mapping(stage_module.CONFIG, values, f"stage {self.stage}")
+    def run(self, kind: str, /, **wiring) -> dict:
+        """Run the stage of kind `kind` (components.stages) with the settings, then `wiring` (paths and runtime
+        parameters, part by part) on top. While it runs, POSTTRAIN_TASK names the step: components.tracking keys
+        the step's MLflow run by it (with the KFP run id), so a retried step reopens the same run."""
+        from components.tracking import TASK_ENV
+
+        os.environ[TASK_ENV] = self.stage
+        try:
+            return self._run(kind, wiring)
+        finally:
+            os.environ.pop(TASK_ENV, None)
+
+    def _run(self, kind: str, wiring: dict) -> dict:
+        from components.stages import get
+
+        stage = get(kind)
+        values = merge(merge(self.settings, stage.fixed), {**wiring, "output_dir": str(self.output_dir)})
+        cfg = from_mapping(stage.config_class(), values, f"stage {self.stage}")
+        stage_module = importlib.import_module(stage.main)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.nproc <= 1:
-            return stage_module.run(cfg) or {}
+            from components.storage import bytes_downloaded
+
+            summary = stage_module.run(cfg) or {}
+            log.info("stage %s: %d bytes downloaded from S3 by this step", self.stage, bytes_downloaded())
+            return summary
         config = self.output_dir / "step-config.yaml"
         config.write_text(yaml.safe_dump(values, sort_keys=False))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
-               "-m", f"components.{module}", "--config", str(config)]
+               "-m", f"components.{stage.module}", "--config", str(config)]
         log.info("running %s", " ".join(cmd))
         subprocess.run(cmd, check=True)
         summary = self.output_dir / "summary.json"
@@ -116,3 +134,16 @@ class Step:
             metrics.log_metric(key, value)
         Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics.path).write_text(json.dumps(values, indent=2))
+
+
+def train_step(kind: str, /, *, stage: str, settings: str, lr: float, max_steps: int, workspace: str,
+               tracking_uri: str, parent_run_id: str, s3_endpoint: str, nproc: int, trained_model, metrics,
+               **wiring) -> dict:
+    """The body of a training stage's component: run the stage of kind `kind` in <workspace>/<stage> (where its
+    checkpoints outlive a failed attempt) with the run's lr and max_steps, export its model and log its summary."""
+    step = Step(stage, settings, output_dir=os.path.join(workspace, stage), tracking_uri=tracking_uri,
+                parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc)
+    summary = step.run(kind, train={"lr": lr, "max_steps": max_steps}, **wiring)
+    step.export("model", trained_model.path)
+    step.log_metrics(metrics, summary)
+    return summary

@@ -2,7 +2,10 @@
 
     localize(uri, cache_dir=None) -> Path   a local path as is; an s3:// file or directory downloaded (cached)
     upload(local_path, uri) -> str          a file to one object, a directory to objects under a prefix
-    download(uri, dest) -> Path             an s3:// file or directory to `dest`
+    download(uri, dest, include=None) -> Path  an s3:// file or directory (or the files `include` keeps) to `dest`
+    read_range(uri, offset, length) -> bytes   part of one object (a safetensors header)
+    digest(uri) -> list                     what identifies the contents of a URI: S3 ETags and sizes, local sha256s
+    bytes_downloaded() -> int               bytes this process has read from S3 (a step logs it)
     is_s3(uri) -> bool
 
 Credentials come from the environment only (filled from the Kubernetes Secret `posttrain-minio`),
@@ -32,11 +35,13 @@ import logging
 import os
 import random
 import shutil
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, TypeVar
+from typing import TypeVar
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,26 @@ TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTi
 
 T = TypeVar("T")
 
+_received = [0]
+_received_lock = threading.Lock()
+
+
+def _count(n: int) -> None:
+    with _received_lock:
+        _received[0] += n
+
+
+def bytes_downloaded() -> int:
+    """Bytes this process has read from S3 (objects and manifests), for the step's log and metrics."""
+    return _received[0]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+def not_weights(path: str) -> bool:
+    """An `include` filter for `download`: a model directory's config and tokenizer files, not its weights."""
+    return not path.endswith(WEIGHT_SUFFIXES)
+
 
 class IncompleteUploadError(FileNotFoundError):
     """A prefix holds objects but no completion marker: an upload is in progress or was interrupted."""
@@ -70,13 +95,21 @@ def is_s3(uri: str | Path) -> bool:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    """`s3://bucket/a/b/` -> ("bucket", "a/b"); the key has no leading or trailing slash."""
+    """`s3://bucket/a/b/` -> ("bucket", "a/b"); the key has no leading or trailing slash.
+
+    A key with a `.` or `..` segment, an empty segment (`a//b`) or a backslash is refused: S3 keeps such keys
+    literally, while the local cache path built from them (`<cache>/s3/<bucket>/<key>`) would mean another
+    place, possibly outside the cache."""
     if not is_s3(uri):
         raise ValueError(f"{uri!r} is not an s3:// URI")
     bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket:
+    if not bucket or bucket in (".", "..") or "\\" in bucket:
         raise ValueError(f"{uri!r} has no bucket: expected s3://bucket/key")
-    return bucket, key.strip("/")
+    key = key.strip("/")
+    if key and ("\\" in key or any(part in ("", ".", "..") for part in key.split("/"))):
+        raise ValueError(f"{uri!r}: the key {key!r} has an empty, '.' or '..' segment or a backslash; "
+                         "expected s3://bucket/a/b with plain segments")
+    return bucket, key
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,10 +192,12 @@ class Entry:
     sha256: str
 
 
-def _local_files(root: Path, workers: int) -> list[Entry]:
-    """Every file under `root` (symlinks followed) with its size and sha256, hashed in parallel."""
+def _local_files(root: Path, workers: int, include: Callable[[str], bool] | None = None) -> list[Entry]:
+    """Every file under `root` (symlinks followed; those `include` keeps) with its size and sha256, hashed in
+    parallel."""
     paths = sorted(Path(d) / n for d, _, names in os.walk(root, followlinks=True) for n in names)
-    paths = [p for p in paths if p.relative_to(root).as_posix() not in RESERVED]  # a downloaded copy carries one
+    paths = [p for p in paths if p.relative_to(root).as_posix() not in RESERVED  # a downloaded copy carries one
+             and (include is None or include(p.relative_to(root).as_posix()))]
     with futures.ThreadPoolExecutor(max(1, workers)) as pool:
         shas = list(pool.map(sha256_file, paths))
     return [Entry(p.relative_to(root).as_posix(), p.stat().st_size, sha) for p, sha in zip(paths, shas)]
@@ -255,8 +290,12 @@ def _copy_local(src: Path, dest: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Download
 
-def download(uri: str, dest: str | Path, *, workers: int = WORKERS) -> Path:
+def download(uri: str, dest: str | Path, *, workers: int = WORKERS,
+             include: Callable[[str], bool] | None = None) -> Path:
     """Download the object or complete directory `uri` to `dest` (replaced when there); returns `dest`.
+
+    `include` (a directory only) keeps the files whose path in the directory it accepts (e.g. `not_weights`);
+    such a partial copy holds no manifest, so `localize` never takes it for a complete one.
 
     Raises IncompleteUploadError for a prefix without its completion marker, FileNotFoundError when
     nothing is there, IntegrityError when a file does not match its recorded size and sha256.
@@ -283,11 +322,14 @@ def download(uri: str, dest: str | Path, *, workers: int = WORKERS) -> Path:
                 raise IntegrityError(f"{uri}: the manifest does not match the completion marker (an upload to "
                                      "this prefix is running); retry when it has finished")
             entries = _parse_manifest(manifest, f"{uri}/{MANIFEST}", tmp)
+            if include is not None:
+                entries = [e for e in entries if include(e.path)]
             tmp.mkdir()
             _fetch(c, bucket, [(f"{key}/{e.path}", tmp / e.path, e.size) for e in entries], workers)
             for e in entries:
                 _verify(tmp / e.path, e.size, e.sha256, f"{uri}/{e.path}")
-            (tmp / MANIFEST).write_bytes(manifest)
+            if include is None:
+                (tmp / MANIFEST).write_bytes(manifest)
         _remove(dest)
         tmp.rename(dest)
     finally:
@@ -327,10 +369,12 @@ def _get_bytes(c, bucket: str, key: str) -> bytes:
     def get() -> bytes:
         r = c.get_object(bucket, key)
         try:
-            return r.read()
+            data = r.read()
         finally:
             r.close()
             r.release_conn()
+        _count(len(data))
+        return data
     return _retry(get, f"GET s3://{bucket}/{key}")
 
 
@@ -342,6 +386,7 @@ def _get_range(c, bucket: str, key: str, path: Path, offset: int, length: int) -
         finally:
             r.close()
             r.release_conn()
+        _count(len(data))
         if len(data) != length:
             raise ConnectionError(f"short read: {len(data)} of {length} bytes")
         fd = os.open(path, os.O_WRONLY)
@@ -391,7 +436,7 @@ def localize(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or directory")
         return path
-    bucket, key = split_s3(str(uri))
+    bucket, key = split_s3(str(uri))  # no '..' in the key: dest stays under the cache
     dest = Path(cache_dir or default_cache_dir()) / "s3" / bucket / key
     if dest.exists():
         kind, sha = _kind(client(), bucket, key)
@@ -400,3 +445,54 @@ def localize(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
                                         else sha256_file(local)) == sha:
             return dest
     return download(str(uri), dest)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Partial reads and fingerprints
+
+def read_range(uri: str, offset: int, length: int) -> bytes:
+    """`length` bytes of the object `uri` from `offset` (fewer at its end); a local file is read in place."""
+    if not is_s3(uri):
+        with open(str(uri).removeprefix("file://"), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    bucket, key = split_s3(uri)
+    c = client()
+
+    def get() -> bytes:
+        r = c.get_object(bucket, key, offset=offset, length=length)
+        try:
+            data = r.read()
+        finally:
+            r.close()
+            r.release_conn()
+        _count(len(data))
+        return data
+    return _retry(get, f"GET {uri} [{offset}:{offset + length}]")
+
+
+def digest(uri: str, endpoint: str | None = None, include: Callable[[str], bool] | None = None) -> list[list]:
+    """What identifies the contents of a file or a directory: [path, size, tag] per file (those `include`
+    keeps), sorted by path.
+
+    s3://: each object's ETag and size from one listing (nothing is downloaded; an object rewritten with other
+    bytes gets another ETag). A local path: each file's sha256, so a copy or a checkout with new mtimes but the
+    same bytes keeps its digest, and an edit that keeps size and mtime does not.
+    """
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        c = client(endpoint)
+        objects = _retry(lambda: [(o.object_name, o.size, o.etag) for o in c.list_objects(bucket, prefix=key,
+                                                                                           recursive=True)],
+                         f"LIST {uri}")
+        found = [[name[len(key):].lstrip("/"), size, (etag or "").strip('"')] for name, size, etag in objects
+                 if name == key or name.startswith(key.rstrip("/") + "/") or not key]
+        if not found:
+            raise FileNotFoundError(f"{uri}: no such object or prefix")
+        return sorted(f for f in found if f[0] not in RESERVED and (include is None or include(f[0])))
+    root = Path(str(uri).removeprefix("file://"))
+    if root.is_file():
+        return [["", root.stat().st_size, sha256_file(root)]]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such file or directory")
+    return [[e.path, e.size, e.sha256] for e in _local_files(root, WORKERS, include)]

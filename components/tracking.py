@@ -1,4 +1,4 @@
-"""MLflow tracking: one parent run per pipeline run, one child run per stage, metrics streamed by step.
+"""MLflow tracking: one parent run per pipeline run, one child run per step, metrics streamed by step.
 
     parent = start_parent("my-spec", tags={...})          # the pipeline's first step; pass the id on
     with stage_run("sft", cfg, parent_run_id=parent) as run:   # or env POSTTRAIN_PARENT_RUN_ID
@@ -8,7 +8,10 @@
 Tracking is on when MLFLOW_TRACKING_URI is set; without it every call is a no-op and stages run as
 usual. Only rank 0 (env RANK) logs. Steps of one pipeline run in different processes and pods, so
 the parent run id travels between them as an argument or as POSTTRAIN_PARENT_RUN_ID; a child run
-goes into its parent's experiment and carries `mlflow.parentRunId`.
+goes into its parent's experiment and carries `mlflow.parentRunId`. A retried step (a killed pod, a failed
+attempt) reopens the child run of its earlier attempt, found by its tags (KFP run id, parent, `posttrain.task`),
+so a step has one run whose metrics continue; `posttrain.attempt` counts the attempts. The pipeline's exit
+handler marks a child run still RUNNING (an attempt killed with no retry left) as FAILED.
 
 A stage run records its config as params (flattened, secrets redacted) and lineage as tags: KFP run
 id, spec hash, base model URI, code version and image (POSTTRAIN_KFP_RUN_ID, POSTTRAIN_SPEC_HASH,
@@ -43,12 +46,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "POSTTRAIN_PARENT_RUN_ID"
+TASK_ENV = "POSTTRAIN_TASK"
+"""The pipeline step's name (the spec's stage name, e.g. psft for a stage of kind sft), set by components.step."""
 EXPERIMENT_ENV = "POSTTRAIN_EXPERIMENT"
 DEFAULT_EXPERIMENT = "posttrain"
 LINEAGE_ENV = {
@@ -393,9 +399,41 @@ def _sample_loop(run: StageRun, writer: RunWriter, stop: threading.Event, interv
             return
 
 
+def _open_stage_run(client, stage: str, cfg: Any, parent: str | None):
+    """(run, the params it already has): the child run of this step, created, or reopened when an earlier
+    attempt of the same step (the same KFP run, parent and task) made one: a retried step keeps one run."""
+    if parent:
+        exp = client.get_run(parent).info.experiment_id
+    else:
+        exp = _experiment_id(client, os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT)
+    task = os.environ.get(TASK_ENV) or stage
+    kfp_run_id = os.environ.get(LINEAGE_ENV["posttrain.kfp_run_id"])
+    if parent and kfp_run_id:
+        found = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}' and tags.`posttrain.kfp_run_id` = "
+                                          f"'{kfp_run_id}' and tags.`posttrain.task` = '{task}'", max_results=1)
+        if found:
+            run = found[0]
+            attempt = int(run.data.tags.get("posttrain.attempt", "1")) + 1
+            client.update_run(run.info.run_id, status="RUNNING")
+            client.set_tag(run.info.run_id, "posttrain.attempt", str(attempt))
+            log.info("tracking: %s run %s reopened (attempt %d of KFP run %s)", task, run.info.run_id, attempt,
+                     kfp_run_id)
+            return run, set(run.data.params)
+    tags = {**lineage_tags(cfg), "posttrain.stage": stage, "posttrain.task": task, "posttrain.attempt": "1"}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    if re.fullmatch(r"[0-9a-f]{40}", tags["posttrain.code_version"]):
+        tags["mlflow.source.git.commit"] = tags["posttrain.code_version"]
+    run = client.create_run(exp, run_name=task, tags=tags)
+    log.info("tracking: %s run %s (parent %s)", task, run.info.run_id, parent)
+    return run, set()
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: Any = None, parent_run_id: str | None = None) -> Iterator[StageRun]:
-    """A child run for `stage` under `parent_run_id` (default env POSTTRAIN_PARENT_RUN_ID).
+    """The child run of this step under `parent_run_id` (default env POSTTRAIN_PARENT_RUN_ID): one per pipeline
+    step, keyed by the KFP run id, the parent and the task (the step's name, env POSTTRAIN_TASK, else `stage`);
+    a retried step reopens its earlier attempt's run and goes on logging into it.
 
     Ends FINISHED, FAILED when the body raises, KILLED on KeyboardInterrupt; the body's exception propagates.
     """
@@ -404,21 +442,11 @@ def stage_run(stage: str, cfg: Any = None, parent_run_id: str | None = None) -> 
         return
     client = _client()
     parent = parent_run_id or os.environ.get(PARENT_ENV) or None
-    if parent:
-        exp = client.get_run(parent).info.experiment_id
-    else:
-        exp = _experiment_id(client, os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT)
-    tags = {**lineage_tags(cfg), "posttrain.stage": stage}
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    if re.fullmatch(r"[0-9a-f]{40}", tags["posttrain.code_version"]):
-        tags["mlflow.source.git.commit"] = tags["posttrain.code_version"]
-    run = client.create_run(exp, run_name=stage, tags=tags)
-    log.info("tracking: %s run %s (parent %s)", stage, run.info.run_id, parent)
+    run, logged = _open_stage_run(client, stage, cfg, parent)
     writer = RunWriter(client, run.info.run_id, os.environ.get("POSTTRAIN_TRACKING_SPOOL"))
     srun = StageRun(writer)
-    if cfg is not None:
-        srun.log_params(cfg)
+    if cfg is not None:  # a reopened run keeps the params it has (MLflow refuses to change one)
+        srun._put("params", {k: v for k, v in flatten_params(cfg).items() if k not in logged})
     stop = threading.Event()
     interval = float(os.environ.get("POSTTRAIN_SYSTEM_METRICS_INTERVAL", "15"))
     sampler = threading.Thread(target=_sample_loop, args=(srun, writer, stop, interval), daemon=True)

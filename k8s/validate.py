@@ -109,7 +109,8 @@ def schema_errors(resources: list[dict], versions: tuple[str, ...] = KUBERNETES_
                 where = ".".join(str(p) for p in e.path) or "(top)"
                 errors.append(f"{name_of(resource)}: Kubernetes {version} schema: {where}: {e.message}")
             except kubernetes_validate.SchemaNotFoundError as e:
-                errors.append(f"{name_of(resource)}: {e.message} (not a Kubernetes kind, nor one of {sorted(CRD_KINDS)})")
+                errors.append(f"{name_of(resource)}: {e.message} "
+                              f"(not a Kubernetes kind, nor one of {sorted(CRD_KINDS)})")
     return errors
 
 
@@ -213,7 +214,8 @@ def policy_violations(resources: list[dict]) -> list[str]:
             if spec.get(flag):
                 found.append(f"{name_of(resource)}: uses {flag}")
         for container in containers(spec):
-            found += [f"{name_of(resource)}: container {container.get('name')}: {p}" for p in container_problems(spec, container)]
+            found += [f"{name_of(resource)}: container {container.get('name')}: {p}"
+                      for p in container_problems(spec, container)]
     return found
 
 
@@ -277,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'FAIL' if found else 'ok  '} {target}: {count} resources")
     for problem in problems:
         print(f"  {problem}")
-    print(f"{len(problems)} problem(s) in {len(chosen)} kustomize target(s) (Kubernetes {', '.join(KUBERNETES_VERSIONS)})")
+    print(f"{len(problems)} problem(s) in {len(chosen)} kustomize target(s) "
+          f"(Kubernetes {', '.join(KUBERNETES_VERSIONS)})")
     return 1 if problems else 0
 
 

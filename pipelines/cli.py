@@ -9,7 +9,9 @@
     posttrain run SPEC [--out DIR]                 the whole DAG of a spec (a bundled name or a path) locally
     posttrain compile SPEC -o pipeline.yaml        KFP IR YAML for a cluster
     posttrain submit SPEC --host URL               upload the pipeline (or a new version) and start a run
-    posttrain schedule SPEC --host URL --cron EXPR     a recurring run (max concurrency 1, no catch-up)
+    posttrain schedule SPEC --host URL --cron EXPR     the spec's recurring run (cron in UTC; max concurrency 1,
+                                                   no catch-up); scheduling again replaces it
+    posttrain schedules list|disable [ID] --host URL   the recurring runs; stop one
     posttrain runs list --host URL                 the latest runs
 """
 
@@ -19,9 +21,7 @@ import argparse
 import logging
 import sys
 
-STAGES = {"sft": "components.sft.main", "data_prep": "components.data_prep.main",
-          "reward_scoring": "components.reward_scoring.main", "dpo": "components.dpo.main", "grpo": "components.grpo.main",
-          "evaluate": "components.evaluate.main", "register": "components.register.main"}
+from components.stages import modules
 
 
 def _demo(args) -> int:
@@ -42,7 +42,7 @@ def _demo(args) -> int:
 def _stage(args) -> int:
     import importlib
 
-    importlib.import_module(STAGES[args.name]).main(args.rest)
+    importlib.import_module(modules()[args.name]).main(args.rest + (["--debug"] if args.debug else []))
     return 0
 
 
@@ -72,11 +72,14 @@ def _stack(args) -> int:
 
 
 def _user_errors(fn):
-    """A bad spec, parameter or URI is the user's to fix: its message, not a traceback (exit status 2)."""
+    """A bad spec, parameter or URI is the user's to fix: its message, not a traceback (exit status 2; the
+    traceback with --debug)."""
     def wrapped(args) -> int:
         try:
             return fn(args)
-        except ValueError as e:  # ConfigError and SpecError are ValueErrors
+        except ValueError as e:  # UserError, ConfigError and SpecError are ValueErrors
+            if args.debug:
+                raise
             print(f"posttrain {args.command}: {e}", file=sys.stderr)
             return 2
     return wrapped
@@ -102,7 +105,8 @@ def _compile(args) -> int:
 def _submit(args) -> int:
     import json
 
-    from pipelines.posttrain import parse_params, schedule, submit
+    from pipelines.kfp_client import schedule, submit
+    from pipelines.posttrain import parse_params
     from pipelines.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -116,27 +120,41 @@ def _submit(args) -> int:
     return 0
 
 
+def _schedules(args) -> int:
+    from pipelines.kfp_client import disable_schedule, list_schedules
+
+    if args.action == "disable":
+        if not args.id:
+            raise ValueError("disable needs the recurring run's id (posttrain schedules list shows it)")
+        disable_schedule(args.host, args.id, namespace=args.namespace)
+        print(f"{args.id}: disabled")
+        return 0
+    for r in list_schedules(args.host, experiment=args.experiment, namespace=args.namespace):
+        print(f"{r['recurring_run_id']}  {r['status'] or '-':<9}  {r['cron'] + ' UTC':<20}  {r['name']}  "
+              f"(version {r['pipeline_version_id'] or '-'}, service account {r['service_account'] or '-'})")
+    return 0
+
+
 def _runs(args) -> int:
-    from pipelines.posttrain import list_runs
+    from pipelines.kfp_client import list_runs
 
     for r in list_runs(args.host, experiment=args.experiment, namespace=args.namespace, limit=args.limit):
         print(f"{r['run_id']}  {r['state'] or '-':<10}  {r['created_at']:<26}  {r['name']}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training as a declarative workflow.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _local_commands(sub) -> None:
+    """The commands that work on this machine alone."""
     d = sub.add_parser("demo", help="train the tiny model with SFT and PSFT and compare them on held-out data")
     d.add_argument("--out", default=".posttrain/demo", help="output directory (default: .posttrain/demo)")
     d.add_argument("--spec", default=None, help="demo settings YAML (default: the bundled sft-psft-demo.yaml)")
     d.add_argument("--stages", default="sft,psft",
-                   help="comma-separated: sft, psft, dpo, grpo (dpo and grpo start from the SFT model; default: sft,psft)")
+                   help="comma-separated: sft, psft, dpo, grpo "
+                        "(dpo and grpo start from the SFT model; default: sft,psft)")
     d.set_defaults(fn=_demo)
 
     s = sub.add_parser("stage", help="run one stage by name, e.g. posttrain stage sft --config cfg.yaml")
-    s.add_argument("name", choices=sorted(STAGES))
+    s.add_argument("name", choices=sorted(modules()))
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=_stage)
 
@@ -158,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("rest", nargs=argparse.REMAINDER)
     k.set_defaults(fn=_stack)
 
+
+def _workflow_commands(sub) -> None:
+    """A spec's DAG: run it here or compile it."""
     r = sub.add_parser("run", help="run a spec's whole DAG here (kfp.local, MLflow in .posttrain/mlflow.db)")
     r.add_argument("spec", help="a bundled spec (demo, cluster) or a path")
     r.add_argument("--out", default=None, help="where run_summary.json goes (default: .posttrain/<spec name>)")
@@ -171,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("-o", "--output", required=True, help="the YAML file to write")
     c.set_defaults(fn=_user_errors(_compile))
 
+
+def _cluster_commands(sub) -> None:
+    """A KFP host: submit, schedule, list."""
     for name, text in (("submit", "upload the pipeline (or a new version of it) to KFP and start a run"),
-                       ("schedule", "upload the pipeline and create a recurring run on that (latest) version")):
+                       ("schedule", "upload the pipeline and make the spec's one recurring run (replaced when it "
+                                    "exists) run that version")):
         u = sub.add_parser(name, help=text)
         u.add_argument("spec", help="a bundled spec or a path")
         u.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kfp.example.com "
@@ -181,12 +206,20 @@ def main(argv: list[str] | None = None) -> int:
         u.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                        help="a pipeline parameter for the run(s) (repeatable)")
         if name == "schedule":
-            u.add_argument("--cron", default=None, help='6-field cron with seconds, e.g. "0 0 3 * * 1" '
+            u.add_argument("--cron", default=None, help='6-field cron with seconds, in UTC, e.g. "0 0 3 * * 1" '
                                                         "(default: the spec's schedule)")
             u.add_argument("--max-concurrency", type=int, default=None, help="runs at once (default 1)")
             u.add_argument("--catchup", action=argparse.BooleanOptionalAction, default=None,
                            help="start the runs missed while paused (default: no)")
         u.set_defaults(fn=_user_errors(_submit))
+
+    sl = sub.add_parser("schedules", help="list the recurring runs on a KFP host, or disable one")
+    sl.add_argument("action", choices=["list", "disable"])
+    sl.add_argument("id", nargs="?", default=None, help="disable: the recurring run's id")
+    sl.add_argument("--host", required=True, help="the KFP API endpoint")
+    sl.add_argument("--experiment", default=None, help="list: only this experiment's (e.g. the spec's name)")
+    sl.add_argument("--namespace", default=None, help="the KFP namespace (multi-user deployments)")
+    sl.set_defaults(fn=_user_errors(_schedules))
 
     rl = sub.add_parser("runs", help="list the latest runs on a KFP host")
     rl.add_argument("action", choices=["list"])
@@ -196,10 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     rl.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     rl.set_defaults(fn=_runs)
 
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training as a declarative workflow.")
+    p.add_argument("--debug", action="store_true", help="a user error's traceback too, not only its message")
+    sub = p.add_subparsers(dest="command", required=True)
+    _local_commands(sub)
+    _workflow_commands(sub)
+    _cluster_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["bench"], ["models"], ["stack"]):  # they parse their own flags (REMAINDER takes no leading dash)
         argv = [argv[0], "--", *argv[1:]]
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.fn(args)
 

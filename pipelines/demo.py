@@ -1,7 +1,7 @@
 """The SFT vs PSFT demo: one task, one tiny model, the same data and budget for both objectives.
 
-Runs on a laptop CPU in minutes: build the tiny model (or copy `base_model`), generate the task's training rows, run the SFT stage
-twice (method sft, method psft) through the same entrypoint a pipeline step calls, and evaluate the base
+Runs on a laptop CPU in minutes: build the tiny model (or copy `base_model`), generate the task's training rows, run
+the SFT stage twice (method sft, method psft) through the same entrypoint a pipeline step calls, and evaluate the base
 model and both results on held-out in-domain and out-of-domain prompts: greedy accuracy and mean token
 entropy. Prints a table and writes demo_summary.json in the output directory.
 """
@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from components.config import from_mapping
+from components.config import from_mapping, merge
 from components.datasets import write_jsonl
 from components.models import build_tiny_model, check_model_dir
-from components.sft.main import SFTConfig, run as run_sft
+from components.sft.main import SFTConfig
+from components.sft.main import run as run_sft
 from components.tasks import get_task
+from components.training.loop import TrainConfig
 
 DEMO_SPEC = Path(__file__).parent / "specs" / "sft-psft-demo.yaml"
 
@@ -30,7 +32,8 @@ DEMO_SPEC = Path(__file__).parent / "specs" / "sft-psft-demo.yaml"
 def evaluate_all(out: Path, models: dict[str, Path], spec: dict) -> dict[str, dict]:
     """One run of the evaluate stage: the last model as the candidate, the others as baselines, on the same
     prompts; writes out/eval/{eval.json, report.html} and returns {model: {"id"|"ood": {accuracy, ...}}}."""
-    from components.evaluate.main import EvaluateConfig, run as run_evaluate
+    from components.evaluate.main import EvaluateConfig
+    from components.evaluate.main import run as run_evaluate
 
     *others, last = models
     suites = [{"task": spec["task"], "split": split, "n_prompts": spec["eval_prompts"], "seed": spec["seed"] + 1}
@@ -39,7 +42,8 @@ def evaluate_all(out: Path, models: dict[str, Path], spec: dict) -> dict[str, di
         "model": str(models[last]), "name": last, "baselines": {n: str(models[n]) for n in others},
         "output_dir": str(out / "eval"), "suites": suites, "max_new_tokens": spec["max_new_tokens"],
         "seed": spec["seed"] + 1,
-        "training_metrics": {n: str(out / n / "metrics.jsonl") for n in models if (out / n / "metrics.jsonl").exists()}})
+        "training_metrics": {n: str(out / n / "metrics.jsonl") for n in models
+                             if (out / n / "metrics.jsonl").exists()}})
     run_evaluate(cfg)
     doc = json.loads((out / "eval" / "eval.json").read_text())
     per_model = {last: doc["metrics"], **doc["baselines"]}
@@ -61,7 +65,7 @@ def load_demo_spec(spec_path: str | Path, out: str | Path, overrides: dict | Non
     spec = yaml.safe_load(Path(spec_path).read_text())
     if not isinstance(spec, dict):
         raise ValueError(f"{spec_path}: a mapping of demo settings expected, got {type(spec).__name__}")
-    train_keys = {f.name for f in dataclasses.fields(SFTConfig)}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in spec:
         if key not in SPEC_KEYS:
             hint = " (a training setting: put it under `train:`)" if key in train_keys else ""
@@ -71,7 +75,7 @@ def load_demo_spec(spec_path: str | Path, out: str | Path, overrides: dict | Non
             raise ValueError(f"{spec_path}: {key}: a mapping of that stage's settings expected")
     for k, v in (overrides or {}).items():
         if isinstance(v, dict) and isinstance(spec.get(k), dict):
-            spec[k].update(v)  # e.g. {"grpo": {"max_steps": 10}}
+            spec[k] = merge(spec[k], v)  # e.g. {"grpo": {"train": {"max_steps": 10}}}
         else:
             (spec["train"] if k in train_keys else spec)[k] = v
     if spec.get("base_model"):
@@ -114,8 +118,9 @@ def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict
     for name in ("sft", "psft"):
         if name not in stages:
             continue
-        cfg = from_mapping(SFTConfig, {**spec["train"], **spec[name], "model": str(base), "train_data": str(data),
-                                       "output_dir": str(out / name), "seed": spec["seed"]}, f"{spec_path}:{name}")
+        settings = merge({"train": {**spec["train"], "seed": spec["seed"]}}, spec[name])
+        cfg = from_mapping(SFTConfig, {**settings, "model": str(base), "train_data": str(data),
+                                       "output_dir": str(out / name)}, f"{spec_path}:{name}")
         timed(name, lambda: run_sft(cfg), out / name / "model")
     start = out / "sft" / "model"
     if ("dpo" in stages or "grpo" in stages) and "sft" not in results:
@@ -123,30 +128,37 @@ def run_demo(out: str | Path, spec_path: str | Path = DEMO_SPEC, overrides: dict
             raise ValueError(f"dpo and grpo start from the SFT model: add sft to the stages (no {start} yet)")
         results["sft"] = {}
         models["sft"] = start
-    if "dpo" in stages:
-        from components.dpo.main import DPOConfig, run as run_dpo
-        from components.reward_scoring.main import RewardScoringConfig, run as run_scoring
-
-        def dpo():
-            scoring = from_mapping(RewardScoringConfig, {**spec["reward_scoring"], "model": str(start),
-                                                         "task": spec["task"], "output_dir": str(out / "scoring"),
-                                                         "seed": spec["seed"]}, f"{spec_path}:reward_scoring")
-            run_scoring(scoring)
-            return run_dpo(from_mapping(DPOConfig, {**spec["dpo"], "model": str(start), "seed": spec["seed"],
-                                                    "train_data": str(out / "scoring" / "pairs.jsonl"),
-                                                    "output_dir": str(out / "dpo")}, f"{spec_path}:dpo"))
-        timed("dpo", dpo, out / "dpo" / "model")
-    if "grpo" in stages:
-        from components.grpo.main import GRPOConfig, run as run_grpo
-        cfg = from_mapping(GRPOConfig, {**spec["grpo"], "model": str(start), "task": spec["task"],
-                                        "output_dir": str(out / "grpo"), "seed": spec["seed"]}, f"{spec_path}:grpo")
-        timed("grpo", lambda: run_grpo(cfg), out / "grpo" / "model")
+    for name in ("dpo", "grpo"):
+        if name in stages:
+            timed(name, lambda name=name: run_from_sft(name, spec, spec_path, out, start), out / name / "model")
     for name, ev in evaluate_all(out, models, spec).items():
         results[name]["eval"] = ev
     (out / "demo_summary.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))
     print(f"report: {out / 'eval' / 'report.html'}")
     return results
+
+
+def run_from_sft(name: str, spec: dict, spec_path, out: Path, start: Path) -> dict:
+    """DPO (on pairs reward_scoring samples from the SFT model) or GRPO, starting from the SFT model."""
+    if name == "dpo":
+        from components.dpo.main import DPOConfig
+        from components.dpo.main import run as run_dpo
+        from components.reward_scoring.main import RewardScoringConfig
+        from components.reward_scoring.main import run as run_scoring
+
+        run_scoring(from_mapping(RewardScoringConfig, merge(spec["reward_scoring"], {
+            "model": str(start), "prompts": {"task": spec["task"]}, "output_dir": str(out / "scoring"),
+            "seed": spec["seed"]}), f"{spec_path}:reward_scoring"))
+        return run_dpo(from_mapping(DPOConfig, merge(spec["dpo"], {
+            "model": str(start), "train": {"seed": spec["seed"]}, "train_data": str(out / "scoring" / "pairs.jsonl"),
+            "output_dir": str(out / "dpo")}), f"{spec_path}:dpo"))
+    from components.grpo.main import GRPOConfig
+    from components.grpo.main import run as run_grpo
+
+    return run_grpo(from_mapping(GRPOConfig, merge(spec["grpo"], {
+        "model": str(start), "prompts": {"task": spec["task"]}, "output_dir": str(out / "grpo"),
+        "train": {"seed": spec["seed"]}}), f"{spec_path}:grpo"))
 
 
 def format_table(results: dict) -> str:

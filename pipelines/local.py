@@ -33,7 +33,9 @@ import time
 import warnings
 from pathlib import Path
 
-from pipelines.spec import TRAINING, Spec, load_spec
+from components.stages import STAGES
+from components.stages import get as get_stage
+from pipelines.spec import Spec, load_spec
 
 log = logging.getLogger("pipelines.local")
 
@@ -85,11 +87,14 @@ class Progress(io.TextIOBase):
 
     STARTED = re.compile(r"Executing task '([^']+)'")
     ENDED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+    RAISED = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Changed)): (.+)$")
+    """The last line of a Python traceback: the exception's class and message."""
 
     def __init__(self, log_path: Path, console, names: dict[str, str], verbose: bool):
         self.log, self.console, self.verbose = log_path.open("w"), console, verbose
         self.names = {task: display for display, task in names.items()}
         self.t0, self.started, self.pending, self.lines = time.monotonic(), {}, "", []
+        self.failures: dict[str, str] = {}  # step → the reason it failed (its exception's message)
 
     def write(self, text: str) -> int:
         self.log.write(text)
@@ -109,10 +114,27 @@ class Progress(io.TextIOBase):
         elif m := self.ENDED.search(line):
             took = now - self.started.get(m[1], now)
             self._say(f"{self.names.get(m[1], m[1])} {m[2].lower()} ({took:.0f} s)")
-            if m[2] != "SUCCESS" and not self.verbose:
-                self.console.write("".join(f"    {ln}\n" for ln in self.lines[-40:]))
+            if m[2] != "SUCCESS":
+                self.failures[self.names.get(m[1], m[1])] = self.reason(self.lines) or m[2]
+                if not self.verbose:
+                    self.console.write("".join(f"    {ln}\n" for ln in self.lines[-40:]))
         else:
             self.lines.append(line)
+
+    @classmethod
+    def reason(cls, lines: list[str]) -> str | None:
+        """The exception that ended a step's log, on one line: its class, its message and the message's
+        continuation lines (e.g. preflight's list of failed checks)."""
+        at = max((i for i, line in enumerate(lines) if cls.RAISED.match(line)), default=None)
+        if at is None:
+            return None
+        found = cls.RAISED.match(lines[at])
+        rest = []
+        for line in lines[at + 1:]:
+            if not line.strip() or line.lstrip().startswith("[") or cls.STARTED.search(line):
+                break
+            rest.append(line.strip())
+        return " ".join([f"{found[1]}: {found[2]}", *rest])
 
     def _say(self, text: str) -> None:
         if not self.verbose:
@@ -165,8 +187,9 @@ def run_local(spec_or_path: Spec | str | Path, out: str | Path | None = None, st
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")  # resources
         try:
             pipeline(**args)
-        except RuntimeError as e:  # a step failed; the exit handler has run; the summary says which
-            error = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        except RuntimeError as e:  # a step failed; the exit handler has run; the summary says which and why
+            error = "; ".join(f"{step} failed: {reason}" for step, reason in progress.failures.items()) \
+                or re.sub(r"\x1b\[[0-9;]*m", "", str(e))
     run_dir = max(set(runs.glob(f"{spec.name}-*")) - before, key=lambda p: p.stat().st_mtime)
     summary = collect(spec, run_dir, display_names(pipeline.pipeline_spec))
     summary.update(status="failed" if error else "succeeded", error=error, seconds=round(time.perf_counter() - t0, 1),
@@ -205,10 +228,11 @@ def collect(spec: Spec, run_dir: Path, tasks: dict[str, str]) -> dict:
     evals = {evaluation.get("candidate"): evaluation.get("metrics"), **evaluation.get("baselines", {})}
     stages = {"base": {"metrics": {}, "eval": held_out(evals.get("base"))}} if evaluation else {}
     for stage in spec.stages:
-        if stage.stage in ("evaluate", "register") or not (run_dir / tasks.get(stage.stage, "-")).is_dir():
+        kind = get_stage(stage.stage)
+        if not (kind.makes_model or kind.headline) or not (run_dir / tasks.get(stage.stage, "-")).is_dir():
             continue  # evaluate and register are summarized below; a stage that did not run has nothing
         entry = {"metrics": _metrics(run_dir / tasks[stage.stage])}
-        if stage.stage in TRAINING:
+        if kind.makes_model:
             entry["eval"] = held_out(evals.get(stage.stage))
         stages[stage.stage] = entry
     registration = _read_json(run_dir / tasks.get("register", "-") / "registration")
@@ -220,12 +244,6 @@ def collect(spec: Spec, run_dir: Path, tasks: dict[str, str]) -> dict:
                      "outcome": outcome["reason"] if outcome else "the gate did not promote"}
     registered = {"name": registration["name"], "version": registration["version"]} if registration else None
     return {"spec": spec.name, "stages": stages, "registered": registered, "promotion": promotion}
-
-
-HEADLINE = {"sft": ("nll", "final/nll"), "psft": ("nll", "final/nll"), "sft_kl": ("nll", "final/nll"),
-            "reward_scoring": ("pairs", "pairs"), "dpo": ("pref acc", "final/rewards/accuracies"),
-            "grpo": ("reward", "final/reward")}
-"""The number that says most about a stage's training, for the table: (label, key in its metrics)."""
 
 
 def format_summary(summary: dict) -> str:
@@ -241,7 +259,7 @@ def format_summary(summary: dict) -> str:
         return "-" if value is None else format(value, fmt)
 
     def headline(name: str, metrics: dict) -> str:
-        label, key = HEADLINE.get(name, ("", ""))
+        label, key = (STAGES[name].headline if name in STAGES else None) or ("", "")
         return f"{label} {metrics[key]:.3g}" if key in metrics else "-"
 
     def row(*cells) -> str:

@@ -16,11 +16,16 @@ time: change the spec and compile again.
 
 On Kubernetes (kfp-kubernetes), from the spec: each step's image, pull policy and pull secrets; CPU and memory
 requests and limits; the accelerator type and count, node selectors and tolerations of the GPU stages; a
-memory-backed /dev/shm; a timeout (activeDeadlineSeconds) and retries; pod labels posttrain/spec and
-posttrain/stage; MinIO and MLflow credentials as environment variables from the named Secrets only (no
-credential is ever a parameter). Training stages keep their checkpoints in the run's workspace (a PVC KFP
-creates per run), so a retried step resumes. data_prep is cached (its inputs are the data and the tokenizer);
-every other step runs each time.
+memory-backed /dev/shm; a timeout (activeDeadlineSeconds) and retries; pod labels posttrain/spec,
+posttrain/stage and sidecar.istio.io/inject=false (and kueue.x-k8s.io/queue-name for resources with a `queue`);
+the images' non-root user; MinIO and MLflow credentials as environment variables from the named Secrets only
+(no credential is ever a parameter). Training stages keep their checkpoints in the run's workspace (a PVC KFP
+creates per run, with the spec's access modes, ReadWriteOnce by default), so a retried step resumes. data_prep is
+cached (its parameters: the sources, the settings, and preflight's fingerprint of the data's and the
+tokenizer's bytes, so a scheduled run re-runs it when the data under the same URIs change); every other step
+runs each time. preflight and data_prep read the base model by its URI and fetch only its config and tokenizer
+(and preflight the safetensors headers); the training and sampling steps get it whole, as an artifact.
+Uploading, running and scheduling: pipelines/kfp_client.py.
 """
 
 from __future__ import annotations
@@ -34,19 +39,19 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
-from components.data_prep.component import data_prep
-from components.dpo.component import dpo
-from components.evaluate.component import evaluate
-from components.grpo.component import grpo
 from components.preflight.component import close_run, preflight
-from components.register.component import promote, register
-from components.reward_scoring.component import reward_scoring
-from components.sft.component import sft
-from pipelines.spec import GPU_KINDS, SFT_METHODS, TRAINING, Resources, Spec, Stage, load_spec
+from components.register.component import promote
+from components.stages import get as get_stage
+from pipelines.spec import Resources, Spec, load_spec
+from pipelines.spec import Stage as StageSpec
 
 SDK_VERSION_LINE = re.compile(r"^sdkVersion: .*\n", re.MULTILINE)
 MINIO_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MLFLOW_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+ISTIO_INJECT_LABEL = "sidecar.istio.io/inject"
+IMAGE_UID = 10001
+"""The non-root user (and group) of the trainer and runtime images (images/*/Dockerfile: USER 10001:10001)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,7 +68,7 @@ def pipeline_parameters(spec: Spec) -> list[tuple[str, type, object, str]]:
          "(docs/spec.md, key data)."),
     ]
     for stage in spec.stages:
-        if stage.stage in TRAINING:
+        if get_stage(stage.stage).kind == "train":
             defaults = spec.runtime_defaults(stage)
             params += [(f"{stage.stage}_lr", float, defaults["lr"], f"Peak learning rate of the {stage.stage} stage."),
                        (f"{stage.stage}_max_steps", int, defaults["max_steps"],
@@ -124,6 +129,13 @@ def place(task, spec: Spec, stage: str, resources: Resources, image: str, *, sec
         task.set_retry(resources.retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="3600s")
     kubernetes.add_pod_label(task, "posttrain/spec", spec.name)
     kubernetes.add_pod_label(task, "posttrain/stage", stage)
+    # no Istio sidecar in a Kubeflow profile namespace: MinIO and MLflow have none either (k8s/README.md)
+    kubernetes.add_pod_label(task, ISTIO_INJECT_LABEL, "false")
+    if resources.queue:  # Kueue's pod integration admits a pod by this label (k8s/overlays/kueue)
+        kubernetes.add_pod_label(task, KUEUE_QUEUE_LABEL, resources.queue)
+    # the images' user (images/*/Dockerfile); KFP ≥ 2.17 adds no privilege escalation, all capabilities
+    # dropped and RuntimeDefault seccomp to every step's container (k8s/README.md, "Pod security")
+    kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
     keys = {spec.storage.minio_secret: MINIO_KEYS, spec.storage.mlflow_secret: MLFLOW_KEYS}
     for name in secrets:
         kubernetes.use_secret_as_env(task, name, {k: k for k in keys[name]}, optional=optional_secrets)
@@ -131,23 +143,57 @@ def place(task, spec: Spec, stage: str, resources: Resources, image: str, *, sec
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The DAG
+# The DAG: preflight, then data_prep and the spec's stages, each wired by the registry (components.stages)
+
+def _step_parameters(spec: Spec, p: dict, opened, kind: StageSpec, done: list[str]) -> dict:
+    """What a step may be given by parameter name (components.stages.PARAMETERS); its component takes the
+    ones it declares. `opened`: the preflight task (the MLflow parent run, the data's fingerprint)."""
+    trained = [name for name in done if get_stage(name).makes_model]
+    values = {"stage": kind.stage, "settings": json.dumps(kind.settings), "tracking_uri": p["tracking_uri"],
+              "s3_endpoint": p["s3_endpoint"], "parent_run_id": opened.outputs["parent_run_id"],
+              "sources_digest": opened.outputs["sources_digest"], "base_model": p["base_model"],
+              "workspace": dsl.WORKSPACE_PATH_PLACEHOLDER, "data_sources": p["data_sources"],
+              "rewards": json.dumps(spec.rewards), "suites": json.dumps(spec.eval_suites),
+              "registered_model": spec.tracking.registered_model, "candidate": trained[-1] if trained else "base",
+              "trained": json.dumps(trained)}
+    if spec.promotion is not None:
+        values["promotion"] = json.dumps(asdict(spec.promotion))
+    if get_stage(kind.stage).kind == "train":
+        values.update(lr=p[f"{kind.stage}_lr"], max_steps=p[f"{kind.stage}_max_steps"],
+                      nproc=max(1, spec.stage_resources(kind).gpus))
+    return values
+
+
+def _add_step(spec: Spec, kind: StageSpec, provided: dict, parameters: dict):
+    """One step of the stage: its inputs from what earlier steps provide, its parameters by name."""
+    stage = get_stage(kind.stage)
+    component = stage.component_fn()
+    arguments = {}
+    for name, inp in stage.inputs.items():
+        source, output, file = provided[inp.feed]
+        arguments[name] = source.outputs[output] if output else source.output
+        if inp.file_param:
+            arguments[inp.file_param] = file
+    declared = component.component_spec.inputs or {}
+    for name in declared:
+        if name not in arguments and name in parameters:
+            arguments[name] = parameters[name]
+    task = component(**arguments)
+    image = spec.images.trainer if stage.kind in ("train", "sample") else spec.images.runtime
+    tracked = "tracking_uri" in declared  # a step that talks to MLflow gets its credentials too
+    secrets = (spec.storage.minio_secret, spec.storage.mlflow_secret) if tracked else (spec.storage.minio_secret,)
+    place(task, spec, kind.stage, spec.stage_resources(kind), image, secrets=secrets)
+    task.set_caching_options(stage.cached)
+    for name, out in stage.outputs.items():
+        for feed in out.provides:
+            provided[feed] = (task, name, out.files.get(feed))
+    return task
+
 
 def _dag(spec: Spec, p: dict) -> None:
     storage, tracking = spec.storage, spec.tracking
     both = (storage.minio_secret, storage.mlflow_secret)
     runtime = spec.images.runtime
-
-    def step_image(stage: Stage) -> str:
-        return spec.images.trainer if stage.stage in GPU_KINDS else runtime
-
-    def context(stage: Stage) -> dict:
-        return {"stage": stage.stage, "tracking_uri": p["tracking_uri"], "parent_run_id": parent_run_id,
-                "s3_endpoint": p["s3_endpoint"]}
-
-    def training(stage: Stage) -> dict:
-        return {**context(stage), "workspace": dsl.WORKSPACE_PATH_PLACEHOLDER, "lr": p[f"{stage.stage}_lr"],
-                "max_steps": p[f"{stage.stage}_max_steps"], "nproc": max(1, spec.stage_resources(stage).gpus)}
 
     closing = close_run(tracking_uri=p["tracking_uri"], experiment=tracking.experiment,
                         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
@@ -159,7 +205,7 @@ def _dag(spec: Spec, p: dict) -> None:
         base.set_display_name("base-model")
         root = storage.pipeline_root
         check = preflight(
-            base_model=base.output, base_model_uri=p["base_model"], data_sources=p["data_sources"],
+            base_model_uri=p["base_model"], data_sources=p["data_sources"],
             tracking_uri=p["tracking_uri"], experiment=tracking.experiment, s3_endpoint=p["s3_endpoint"],
             buckets=[root.removeprefix("s3://").split("/")[0]] if root.startswith("s3://") else [],
             secrets=list(both), namespace=storage.namespace, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -167,62 +213,39 @@ def _dag(spec: Spec, p: dict) -> None:
                   "posttrain.image.trainer": spec.images.trainer, "posttrain.image.runtime": runtime})
         place(check, spec, "preflight", spec.runtime_resources, runtime, secrets=both, optional_secrets=True)
         check.set_caching_options(False)
-        parent_run_id = check.outputs["Output"]
 
+        provided = {"policy": (base, None, None), "base": (base, None, None)}
         prep_settings = {k: v for k, v in spec.data.items() if k != "sources"}  # the sources: a parameter
-        prep = data_prep(tokenizer=base.output, data_sources=p["data_sources"], settings=json.dumps(prep_settings),
-                         s3_endpoint=p["s3_endpoint"]).after(check)
-        place(prep, spec, "data_prep", spec.runtime_resources, runtime, secrets=(storage.minio_secret,))
-        prep.set_caching_options(True)
-        data = prep.outputs["data"]
+        prep_kind = StageSpec(stage="data_prep", settings=prep_settings)
+        prep = _add_step(spec, prep_kind, provided,
+                         _step_parameters(spec, p, check, prep_kind, [])).after(check)
+        for i, kind in enumerate(spec.stages):
+            done = [k.stage for k in spec.stages[:i]]
+            _add_step(spec, kind, provided, _step_parameters(spec, p, check, kind, done)).after(prep)
+        if "registration" in provided:  # the promotion gate: register's decision
+            register, output, _ = provided["registration"]
+            with dsl.If(register.outputs["Output"] == "promote", name="promotion-gate"):
+                eval_task, eval_output, _ = provided["eval"]
+                move = promote(registration=register.outputs[output], eval_results=eval_task.outputs[eval_output],
+                               promotion=json.dumps(asdict(spec.promotion)), tracking_uri=p["tracking_uri"],
+                               kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+                place(move, spec, "promote", spec.runtime_resources, runtime, secrets=(storage.mlflow_secret,))
+                move.set_caching_options(False)
 
-        model, candidate, trained, pairs, results = base.output, "base", {}, None, None
-        for stage in spec.stages:
-            kind, settings = stage.stage, json.dumps(stage.settings)
-            if kind in SFT_METHODS:
-                task = sft(model=model, data=data, settings=settings, **training(stage))
-            elif kind == "reward_scoring":
-                task = reward_scoring(model=model, data=data, settings=settings, rewards=json.dumps(spec.rewards),
-                                      **context(stage))
-                pairs = task.outputs["scored"]
-            elif kind == "dpo":
-                task = dpo(model=model, pairs=pairs or data,
-                           pairs_file="pairs.jsonl" if pairs else "preference.train.jsonl", settings=settings,
-                           **training(stage))
-            elif kind == "grpo":
-                task = grpo(model=model, data=data, settings=settings, rewards=json.dumps(spec.rewards),
-                            **training(stage))
-            elif kind == "evaluate":
-                task = evaluate(model=model, base_model=base.output, settings=settings,
-                                suites=json.dumps(spec.eval_suites), rewards=json.dumps(spec.rewards),
-                                candidate=candidate, workspace=dsl.WORKSPACE_PATH_PLACEHOLDER, **context(stage),
-                                **trained)
-                results = task.outputs["results"]
-            else:  # register, then the promotion gate
-                task = register(model=model, eval_results=results, registered_model=tracking.registered_model,
-                                promotion=json.dumps(asdict(spec.promotion)), settings=settings, **context(stage))
-            place(task, spec, kind, spec.stage_resources(stage), step_image(stage), secrets=both)
-            task.set_caching_options(False)
-            task.after(prep)
-            if kind in TRAINING:
-                model = task.outputs["trained_model"]
-                candidate, trained[kind] = kind, model
-            if kind == "register":
-                with dsl.If(task.outputs["Output"] == "promote", name="promotion-gate"):
-                    move = promote(registration=task.outputs["registration"], eval_results=results,
-                                   promotion=json.dumps(asdict(spec.promotion)), tracking_uri=p["tracking_uri"],
-                                   kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-                    place(move, spec, "promote", spec.runtime_resources, runtime, secrets=(storage.mlflow_secret,))
-                    move.set_caching_options(False)
+
+def workspace_pvc_patch(spec: Spec) -> dict:
+    """The workspace PVC's spec patch: access modes always (KFP ≥ 2.15 refuses a workspace without them), the
+    StorageClass when the spec names one (else the cluster's default)."""
+    patch = {"accessModes": list(spec.storage.workspace_access_modes)}
+    if spec.storage.workspace_storage_class:
+        patch["storageClassName"] = spec.storage.workspace_storage_class
+    return patch
 
 
 def build_pipeline(spec: Spec):
     """The spec's KFP pipeline (a GraphComponent), ready to compile or to run with kfp.local."""
-    workspace = dsl.WorkspaceConfig(
-        size=spec.storage.workspace_size,
-        kubernetes=dsl.KubernetesWorkspaceConfig(
-            pvcSpecPatch={"storageClassName": spec.storage.workspace_storage_class}
-            if spec.storage.workspace_storage_class else {}))
+    workspace = dsl.WorkspaceConfig(size=spec.storage.workspace_size,
+                                    kubernetes=dsl.KubernetesWorkspaceConfig(pvcSpecPatch=workspace_pvc_patch(spec)))
     doc = spec.description or f"The {spec.name} post-training workflow."
     fn = _function_with_signature(spec.name, doc, pipeline_parameters(spec), lambda p: _dag(spec, p))
     return dsl.pipeline(name=spec.name, description=doc, pipeline_root=spec.storage.pipeline_root,
@@ -244,107 +267,7 @@ def without_sdk_version(ir_yaml: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A KFP cluster: upload, run, schedule, list (kfp.Client; the host from --host, a token from POSTTRAIN_KFP_TOKEN)
-
-def cluster_problems(spec: Spec) -> list[str]:
-    """What a cluster cannot read in this spec: local paths and bundled models exist only on this machine."""
-    uris = [("base_model", spec.base_model)]
-    uris += [(f"data.sources[{i}].uri", s["uri"]) for i, s in enumerate(spec.data.get("sources", [])) if "uri" in s]
-    uris += [(f"eval_suites[{i}].data", s["data"]) for i, s in enumerate(spec.eval_suites) if "data" in s]
-    return [f"{key}: {uri!r} is not on S3; a cluster run reads s3:// URIs (bundled tasks need no data)"
-            for key, uri in uris if not uri.startswith("s3://")]
-
-
-def kfp_client(host: str, namespace: str | None = None):
-    """A kfp.Client for `host`; a bearer token, when the endpoint needs one, comes from POSTTRAIN_KFP_TOKEN."""
-    import os
-    import warnings
-
-    import kfp
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return kfp.Client(host=host, existing_token=os.environ.get("POSTTRAIN_KFP_TOKEN") or None,
-                          **({"namespace": namespace} if namespace else {}))
-
-
-def upload(client, spec: Spec, package: str | Path) -> tuple[str, str]:
-    """Upload the compiled pipeline, as a new pipeline or as a new version of the spec's pipeline.
-
-    Returns (pipeline id, version id); the version is named after the spec's hash and the time.
-    """
-    import time
-
-    pipeline_id = client.get_pipeline_id(spec.name)
-    if pipeline_id is None:
-        pipeline_id = client.upload_pipeline(str(package), pipeline_name=spec.name,
-                                             description=spec.description or None).pipeline_id
-        versions = client.list_pipeline_versions(pipeline_id, sort_by="created_at desc", page_size=1)
-        return pipeline_id, versions.pipeline_versions[0].pipeline_version_id
-    name = f"{spec.name}-{spec.fingerprint()}-{time.strftime('%Y%m%d-%H%M%S')}"
-    version = client.upload_pipeline_version(str(package), pipeline_version_name=name, pipeline_id=pipeline_id,
-                                             description=spec.description or None)
-    return pipeline_id, version.pipeline_version_id
-
-
-def _prepare(spec: Spec, host: str, namespace: str | None, package_dir: str | Path):
-    problems = cluster_problems(spec)
-    if problems:
-        raise ValueError(f"{spec.name} cannot run on a cluster:\n" + "\n".join(f"- {p}" for p in problems))
-    client = kfp_client(host, namespace)
-    package = compile_spec(spec, Path(package_dir) / f"{spec.name}.yaml")
-    pipeline_id, version_id = upload(client, spec, package)
-    experiment = client.create_experiment(spec.tracking.experiment, namespace=namespace)
-    return client, pipeline_id, version_id, experiment.experiment_id
-
-
-def submit(spec: Spec, host: str, *, params: dict | None = None, namespace: str | None = None,
-           package_dir: str | Path = ".posttrain/compiled") -> dict:
-    """Upload the spec's pipeline (or a new version of it) and start a run on it; returns the ids."""
-    import time
-
-    client, pipeline_id, version_id, experiment_id = _prepare(spec, host, namespace, package_dir)
-    run = client.run_pipeline(experiment_id, f"{spec.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                              pipeline_id=pipeline_id, version_id=version_id, params=params or {})
-    return {"pipeline_id": pipeline_id, "version_id": version_id, "experiment_id": experiment_id,
-            "run_id": run.run_id}
-
-
-def schedule(spec: Spec, host: str, *, cron: str | None = None, max_concurrency: int | None = None,
-             catchup: bool | None = None, params: dict | None = None, namespace: str | None = None,
-             package_dir: str | Path = ".posttrain/compiled") -> dict:
-    """Upload the spec's pipeline (or a new version: the latest) and create a recurring run on that version.
-
-    The cron expression, concurrency and catch-up come from the arguments, else from the spec's `schedule`;
-    by default at most one run at a time and no catch-up of missed runs.
-    """
-    from pipelines.spec import Schedule
-
-    if cron is None and spec.schedule is None:
-        raise ValueError(f"{spec.name}: no schedule: give --cron or a `schedule` in the spec")
-    base = spec.schedule or Schedule(cron=cron)
-    rule = Schedule(cron=cron or base.cron, max_concurrency=max_concurrency or base.max_concurrency,
-                    catchup=base.catchup if catchup is None else catchup)
-    client, pipeline_id, version_id, experiment_id = _prepare(spec, host, namespace, package_dir)
-    job = client.create_recurring_run(experiment_id, f"{spec.name} ({rule.cron})", cron_expression=rule.cron,
-                                      max_concurrency=rule.max_concurrency, no_catchup=not rule.catchup,
-                                      pipeline_id=pipeline_id, version_id=version_id, params=params or {})
-    return {"pipeline_id": pipeline_id, "version_id": version_id, "experiment_id": experiment_id,
-            "recurring_run_id": job.recurring_run_id, "cron": rule.cron, "max_concurrency": rule.max_concurrency,
-            "catchup": rule.catchup}
-
-
-def list_runs(host: str, *, experiment: str | None = None, namespace: str | None = None,
-              limit: int = 20) -> list[dict]:
-    """The latest runs (of one experiment, when named): id, name, state, created."""
-    client = kfp_client(host, namespace)
-    experiment_id = client.get_experiment(experiment_name=experiment, namespace=namespace).experiment_id \
-        if experiment else None
-    runs = client.list_runs(page_size=limit, sort_by="created_at desc", experiment_id=experiment_id,
-                            namespace=namespace).runs or []
-    return [{"run_id": r.run_id, "name": r.display_name, "state": r.state,
-             "created_at": r.created_at.isoformat() if r.created_at else ""} for r in runs]
-
+# Run parameters from the command line (uploading, running and scheduling on a cluster: pipelines/kfp_client.py)
 
 def parse_params(spec: Spec, items: list[str]) -> dict:
     """NAME=VALUE pairs as typed pipeline arguments; an unknown name or a bad value names what is allowed."""
@@ -361,4 +284,24 @@ def parse_params(spec: Spec, items: list[str]) -> dict:
         if types[name] in (int, float) and not (math.isfinite(out[name]) and out[name] > 0):  # lr, max_steps
             kind = "a positive integer" if types[name] is int else "a positive number"
             raise ValueError(f"--param {name}={value!r} is invalid: {kind}")
+        if name == "data_sources":
+            check_data_sources(value)
     return out
+
+
+def check_data_sources(value: str) -> None:
+    """The data_sources parameter, checked before anything runs: a JSON list of data_prep sources."""
+    from components.data_prep.main import parse_source
+
+    try:
+        sources = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--param data_sources={value!r} is invalid: not JSON ({e.msg} at column {e.colno}); a "
+                         'JSON list of sources, e.g. [{"uri": "s3://bucket/sft/", "shape": "sft"}]') from None
+    if not isinstance(sources, list) or not sources:
+        raise ValueError(f"--param data_sources={value!r} is invalid: a non-empty JSON list of sources")
+    for i, source in enumerate(sources):
+        try:
+            parse_source(source, i)
+        except ValueError as e:
+            raise ValueError(f"--param data_sources: {e}") from None

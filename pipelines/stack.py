@@ -7,7 +7,10 @@
 S3 that already runs (a MinIO), creates the buckets posttrain-mlflow, posttrain-data and
 posttrain-pipelines there, and starts `mlflow server --backend-store-uri sqlite:///<dir>/mlflow.db
 --artifacts-destination s3://posttrain-mlflow`: clients talk to MLflow only, and MLflow writes the
-artifacts to S3. Pid files and logs live in the stack directory (default .posttrain/stack). The S3
+artifacts to S3. Pid files and logs live in the stack directory (default .posttrain/stack). Each service
+runs in a process group of its own, whose id its pid file holds; `down` stops every process of that group
+that carries the service's marker (the environment variable POSTTRAIN_STACK_SERVICE), so a server whose
+wrapper has died (mlflow's uvicorn) is stopped too, and the port is free when `down` returns. The S3
 credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); moto accepts any, so
 without them the servers get a placeholder pair. The integration tests start the same processes.
 """
@@ -32,6 +35,13 @@ BUCKETS = (MLFLOW_BUCKET, "posttrain-data", "posttrain-pipelines")
 HOST = "127.0.0.1"
 COMMANDS = {"s3": "moto.server", "mlflow": "mlflow"}
 """The module each service runs as (`python -m ...`): how a pid file is checked to still be ours."""
+MARKER = "POSTTRAIN_STACK_SERVICE"
+"""Set in every service's environment (inherited by its children) to `<stack dir>/<name>`: which processes of
+a process group are the service's."""
+
+
+def _marker(root: Path, name: str) -> bytes:
+    return f"{MARKER}={Path(root).resolve() / name}".encode()
 
 
 def _server_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
@@ -59,15 +69,38 @@ def _pid(root: Path, name: str) -> int | None:
     return pid if not cmdline or COMMANDS[name].encode() in cmdline.split(b"\0") else None
 
 
+def _group(root: Path, name: str) -> list[int]:
+    """The live processes of the service's process group (its pid file holds the group id) that carry the
+    service's marker: the server and its children, also when the process that started them has died."""
+    try:
+        pgid = int((root / f"{name}.pid").read_text())
+    except (OSError, ValueError):
+        return []
+    marker, found = _marker(root, name), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            state, _, pgrp = (d / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            if int(pgrp) == pgid and state != "Z" and marker in (d / "environ").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
 def _start(root: Path, name: str, port: int, args: list[str], env: dict[str, str]) -> int:
-    if (pid := _pid(root, name)) is not None:
-        raise RuntimeError(f"{name} already runs (pid {pid}); `posttrain stack down --dir {root}` first")
+    if (pids := _group(root, name)) or (pids := [p] if (p := _pid(root, name)) is not None else []):
+        raise RuntimeError(f"{name} already runs (pid {', '.join(map(str, pids))}); "
+                           f"`posttrain stack down --dir {root}` first")
     with socket.socket() as s:
         if s.connect_ex((HOST, port)) == 0:
             raise RuntimeError(f"{name}: port {port} on {HOST} is taken by another process; choose another port")
     root.mkdir(parents=True, exist_ok=True)
+    env = {**env, MARKER: _marker(root, name).decode().partition("=")[2]}
     with open(root / f"{name}.log", "ab") as logf:
-        # a session of its own: stop() signals the whole group (mlflow server runs uvicorn as a child)
+        # a session of its own (its pid is the group id): stop() signals the whole group, since mlflow server
+        # runs uvicorn as a child, which outlives mlflow when mlflow alone dies
         proc = subprocess.Popen([sys.executable, "-m", COMMANDS[name], *args], stdout=logf,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     (root / f"{name}.pid").write_text(str(proc.pid))
@@ -124,20 +157,26 @@ def start_mlflow(root: Path, port: int, s3_endpoint: str, env: dict[str, str] | 
 
 
 def stop(root: Path, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> bool:
-    """Signal the service's process group and wait until it is gone (SIGKILL after `timeout`)."""
-    pid = _pid(root, name)
-    if pid is None:
+    """Signal the service's process group and wait until every process of it is gone (SIGKILL after
+    `timeout`), whether or not the process that started it still lives: then its port is free."""
+    root = Path(root)
+    _pid(root, name)  # reaps the service when it is our own child that exited
+    if not _group(root, name):
         (root / f"{name}.pid").unlink(missing_ok=True)
         return False
+    pgid = int((root / f"{name}.pid").read_text())
     for s, wait in ((sig, timeout), (signal.SIGKILL, 5)):
         try:
-            os.killpg(pid, s)
+            os.killpg(pgid, s)
         except ProcessLookupError:
             break
         deadline = time.monotonic() + wait
-        while _pid(root, name) is not None and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            _pid(root, name)
+            if not _group(root, name):
+                break
             time.sleep(0.1)
-        if _pid(root, name) is None:
+        if not _group(root, name):
             break
     (root / f"{name}.pid").unlink(missing_ok=True)
     return True

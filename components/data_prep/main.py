@@ -3,8 +3,10 @@
     python -m components.data_prep --config data_prep.yaml      (or: posttrain stage data_prep --config …)
 
 A source is a file or a directory of files (JSONL, JSON, Parquet, CSV, or a `datasets` save_to_disk
-directory), local or s3://, or a bundled task by name. Its columns are mapped onto one row shape (sft,
-preference or prompts; see components/datasets.py) and every row is validated and rendered through the
+directory; gzip or zstd compressed or not: components/data_prep/readers.py), local or s3://, or a bundled
+task by name. Its rows, in one of the named input formats (sft, messages, sharegpt, alpaca, preference,
+preference_messages, hh, prompts: components/data_prep/formats.py), become rows of one shape (sft,
+preference or prompts; see components/datasets.py), and every row is validated and rendered through the
 tokenizer's chat template. Then, in this order: rows of a `role: both` source go to train or eval by a
 hash of their prompt, so one prompt never lands on both sides; exact duplicates (equal after whitespace
 and Unicode normalization) are removed; rows longer than `max_length` tokens, counted exactly as training
@@ -21,22 +23,32 @@ Outputs in `output_dir`: <shape>.<role>.jsonl (sft.train.jsonl, preference.eval.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from jinja2 import TemplateError
 from tqdm import tqdm
 
 from components.config import from_mapping, stage_main
-from components.datasets import (PROMPT_SPLITS, ROW_FIELDS, ROW_PARSERS, DataError, RowError, check_bad_fraction,
-                                 check_max_bad_fraction, prompt_key, read_jsonl, reason_key, row_key, write_jsonl)
+from components.data_prep.formats import ALPACA_TEMPLATE, SCHEMAS, SHAPE_SCHEMAS, RowReader, columns
+from components.data_prep.readers import FORMATS, READERS, BrokenFile, source_files  # noqa: F401
+from components.datasets import (
+    PROMPT_SPLITS,
+    ROW_FIELDS,
+    DataError,
+    RowError,
+    check_bad_fraction,
+    check_max_bad_fraction,
+    prompt_key,
+    reason_key,
+    row_key,
+    write_jsonl,
+)
 from components.models import load_tokenizer
 from components.training.batching import render_prompt_completion
 
@@ -44,9 +56,6 @@ log = logging.getLogger("components.data_prep")
 
 SHAPES = tuple(ROW_FIELDS)
 ROLES = ("train", "eval", "both")
-FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "datasets")
-EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
-              ".arrow": "datasets"}
 CONTAMINATION = ("flag", "drop")
 # Fixed token-length bin edges, so histograms of different runs and datasets compare bin by bin.
 LENGTH_BINS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -73,12 +82,21 @@ class FileSource:
     shape: str
     """The row shape the rows map onto: sft, preference or prompts."""
     format: str = "auto"
-    """jsonl, json (an array, or {"data": [...]}), parquet, csv (with a header), datasets (a save_to_disk
-    directory), or auto: by extension, and a directory holding state.json is a datasets directory. A named
-    format reads every file of a directory in that format."""
+    """The file format: jsonl, json (an array, or {"data": [...]}), parquet, csv (with a header), datasets (a
+    save_to_disk directory), or auto: by extension (through .gz or .zst: a.jsonl.gz is jsonl), and a directory
+    holding state.json is a datasets directory. A named format reads every file of a directory in that format.
+    gzip and zstd files are decompressed whatever their name."""
+    schema: str = "auto"
+    """The rows' layout: sft, messages, sharegpt, alpaca, preference, preference_messages, hh, prompts (see the
+    table of input formats in components/data_prep/README.md), or auto: told per row from its columns."""
     fields: dict[str, str] = field(default_factory=dict)
-    """Row field → the source's column, e.g. {prompt: question, completion: answer}; a field not named here
-    is read from the column of its own name."""
+    """Schema column → the source's column, e.g. {prompt: question, completion: answer}, or a dotted path into
+    nested objects ({prompt: meta.question}); a column not named here is read from the column of its own
+    name."""
+    alpaca_template: str | None = None
+    """alpaca: the prompt of a row whose input is not empty, from its {instruction} and {input}, both of which
+    must appear (default: the instruction, a blank line, the input); a row with an empty input is prompted with
+    its instruction alone."""
     split: str | None = None
     """prompts: the split (id or ood) of every row that has none."""
     role: str = "both"
@@ -92,12 +110,26 @@ class FileSource:
         _check_common(self)
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} is invalid: one of {', '.join(FORMATS)}")
-        allowed = ROW_FIELDS[self.shape]
+        if self.schema not in SCHEMAS:
+            raise ValueError(f"schema={self.schema!r} is invalid: one of {', '.join(SCHEMAS)}")
+        if self.schema != "auto" and self.schema not in SHAPE_SCHEMAS[self.shape]:
+            raise ValueError(f"schema={self.schema!r} is invalid for shape {self.shape}: one of auto, "
+                             f"{', '.join(SHAPE_SCHEMAS[self.shape])}")
+        allowed = columns(self.shape, self.schema)
         for key, column in self.fields.items():
             if key not in allowed:
-                raise ValueError(f"fields: {key!r} is not a field of a {self.shape} row: one of {', '.join(allowed)}")
+                what = f"a {self.shape} row" if self.schema == "auto" else f"the {self.schema} schema"
+                raise ValueError(f"fields: {key!r} is not a column of {what}: one of {', '.join(allowed)}")
             if not isinstance(column, str) or not column:
                 raise ValueError(f"fields: {key}={column!r} is invalid: a column name (a non-empty string)")
+        template = ALPACA_TEMPLATE if self.alpaca_template is None else self.alpaca_template
+        if not isinstance(template, str) or "{instruction}" not in template or "{input}" not in template:
+            raise ValueError(f"alpaca_template={self.alpaca_template!r} is invalid: it needs both {{instruction}} "
+                             f"and {{input}}")
+        if self.uri.startswith("s3://"):
+            from components.storage import split_s3  # refuses a key that could escape the local cache
+
+            split_s3(self.uri)
         if self.split is not None and (self.shape != "prompts" or self.split not in PROMPT_SPLITS):
             raise ValueError(f"split={self.split!r} is invalid: {' or '.join(PROMPT_SPLITS)}, "
                              f"for a source of shape prompts only")
@@ -144,7 +176,8 @@ class TaskSource:
         self.name = self.name or f"{self.task}/{self.split}/{self.part}/seed={self.seed}"
 
 
-def _source(item, i: int) -> FileSource | TaskSource:
+def parse_source(item, i: int) -> FileSource | TaskSource:
+    """Source `i` of a config's `sources` (a mapping: with `task` a bundled task, else a file source), checked."""
     if isinstance(item, (FileSource, TaskSource)):
         return item
     if not isinstance(item, dict):
@@ -181,7 +214,7 @@ class DataPrepConfig:
     def __post_init__(self):
         if not self.sources:
             raise ValueError("sources=[] is invalid: at least one source")
-        self.sources = [_source(s, i) for i, s in enumerate(self.sources)]
+        self.sources = [parse_source(s, i) for i, s in enumerate(self.sources)]
         names = Counter(s.name for s in self.sources)
         if dup := [n for n, c in names.items() if c > 1]:
             raise ValueError(f"sources: the name {dup[0]!r} is used {names[dup[0]]} times: give each source "
@@ -195,125 +228,9 @@ class DataPrepConfig:
             raise ValueError(f"contamination={self.contamination!r} is invalid: one of {', '.join(CONTAMINATION)}")
 
 
-CONFIG = DataPrepConfig
 
-
-# --- Reading: every format yields (line, row | RowError); a file that cannot be parsed is one bad row.
-
-def _objects(items, name: str) -> Iterator[tuple[int, dict | RowError]]:
-    for i, item in enumerate(items, 1):
-        yield i, item if isinstance(item, dict) else RowError(
-            name, i, "", f"expected an object with named fields (got {type(item).__name__})")
-
-
-def _read_jsonl(path: Path, name: str):
-    for line, row in read_jsonl(path):
-        yield line, RowError(name, line, row.field, row.reason) if isinstance(row, RowError) else row
-
-
-def _read_json(path: Path, name: str):
-    try:
-        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-    except json.JSONDecodeError as e:
-        yield e.lineno, RowError(name, e.lineno, "", f"not valid JSON ({e.msg} at column {e.colno})")
-        return
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        yield 1, RowError(name, 1, "", 'expected an array of rows or {"data": [...]}')
-        return
-    yield from _objects(data, name)
-
-
-def _read_csv(path: Path, name: str):
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.DictReader(f)
-        try:
-            for row in reader:
-                if None in row:  # DictReader files surplus values under the key None
-                    yield reader.line_num, RowError(name, reader.line_num, "", f"more values than the header's "
-                                                    f"{len(reader.fieldnames)} columns")
-                else:
-                    yield reader.line_num, row
-        except csv.Error as e:
-            yield reader.line_num, RowError(name, reader.line_num, "", f"not valid CSV ({e})")
-
-
-def _arrow_table(path: Path):
-    """A `datasets` .arrow file: Arrow IPC in the stream format (what save_to_disk writes) or the file format."""
-    import pyarrow as pa
-
-    with pa.memory_map(str(path)) as f:
-        try:
-            return pa.ipc.open_stream(f).read_all()
-        except pa.ArrowInvalid:
-            f.seek(0)
-            return pa.ipc.open_file(f).read_all()
-
-
-def _parquet_table(path: Path):
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path)
-
-
-def _read_table(load, what: str):
-    def read(path: Path, name: str):
-        import pyarrow as pa
-
-        try:
-            table = load(path)
-        except (pa.ArrowException, OSError) as e:
-            yield 1, RowError(name, 1, "", f"not a readable {what} file ({e})")
-            return
-        yield from _objects((row for batch in table.to_batches() for row in batch.to_pylist()), name)
-    return read
-
-
-READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv,
-           "parquet": _read_table(_parquet_table, "Parquet"), "datasets": _read_table(_arrow_table, "Arrow")}
-
-
-def _datasets_files(d: Path) -> list[Path]:
-    """The .arrow files of a `datasets` save_to_disk directory, in their saved order."""
-    if (d / "dataset_dict.json").is_file():
-        splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
-        raise DataError(f"{d} is a DatasetDict with splits {', '.join(splits)}: point uri at one split's directory")
-    state = d / "state.json"
-    names = [f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])] if state.is_file() else []
-    return [d / n for n in names] or sorted(d.glob("*.arrow"))
-
-
-def source_files(root: Path, fmt: str) -> tuple[list[tuple[Path, str]], list[Path]]:
-    """The files of a source with the format of each, and the files it ignores (unknown extension, or a name
-    starting with . or _)."""
-    if root.is_file():
-        found = fmt if fmt != "auto" else EXTENSIONS.get(root.suffix.lower())
-        if found is None:
-            raise DataError(f"{root}: cannot tell the format from the extension {root.suffix!r}: set format to "
-                            f"one of {', '.join(FORMATS[1:])}")
-        return [(root, found)], []
-    if not root.is_dir():
-        raise DataError(f"{root}: no such file or directory")
-    files, ignored = [], []
-
-    def walk(d: Path) -> None:
-        if fmt in ("auto", "datasets") and ((d / "state.json").is_file() or (d / "dataset_dict.json").is_file()):
-            files.extend((p, "datasets") for p in _datasets_files(d))
-            return
-        for p in sorted(d.iterdir()):
-            found = fmt if fmt != "auto" else EXTENSIONS.get(p.suffix.lower())
-            if p.name.startswith((".", "_")):
-                ignored.append(p)
-            elif p.is_dir():
-                walk(p)
-            elif found:
-                files.append((p, found))
-            else:
-                ignored.append(p)
-    walk(root)
-    return files, ignored
-
+# --- Reading (components/data_prep/readers.py): every file yields (line, row | RowError); a file that breaks
+# where its lost rows cannot be counted fails its source.
 
 def _local(uri: str) -> Path:
     if uri.startswith("s3://"):
@@ -333,11 +250,12 @@ def read_source(src: FileSource | TaskSource, report: SourceReport) -> Iterator[
         for line, row in enumerate(rows, 1):
             yield f"task:{src.name}", line, row
         return
-    root = _local(src.uri)
+    where = f"source {src.name!r}" + (f" ({src.uri})" if src.name != src.uri else "")
     try:
+        root = _local(src.uri)
         files, ignored = source_files(root, src.format)
-    except DataError as e:
-        raise DataError(f"source {src.name!r} ({src.uri}): {e}") from e
+    except (DataError, FileNotFoundError) as e:
+        raise DataError(f"{where}: {e}") from None
 
     def display(p: Path) -> str:
         return src.uri if p == root else f"{src.uri.rstrip('/')}/{p.relative_to(root).as_posix()}"
@@ -348,8 +266,13 @@ def read_source(src: FileSource | TaskSource, report: SourceReport) -> Iterator[
     for path, fmt in files:
         name = display(path)
         report.files[name] = 0
-        for line, row in READERS[fmt](path, name):
-            yield name, line, row
+        try:
+            for line, row in READERS[fmt](path, name):
+                yield name, line, row
+        except BrokenFile as e:  # the other files are still read: every broken one is named
+            report.broken[name] = str(e)
+        except OSError as e:
+            report.broken[name] = f"cannot be read ({e})"
 
 
 # --- Rows on their way to the outputs.
@@ -372,25 +295,11 @@ class SourceReport:
     src: FileSource | TaskSource
     files: Counter = field(default_factory=Counter)      # file → rows read
     ignored: list[str] = field(default_factory=list)
+    broken: dict[str, str] = field(default_factory=dict)  # file → why its lost rows cannot be counted
     invalid: list[RowError] = field(default_factory=list)
     removed: list[RowError] = field(default_factory=list)  # valid rows removed: duplicates, overlong, contaminated
     rows: list[Row] = field(default_factory=list)
     contaminated: int = 0
-
-
-def map_row(raw: dict, shape: str, fields: dict[str, str], split: str | None = None) -> dict:
-    """A source row under the shape's field names: each field read from its column in `fields`, or from the
-    column of its own name; `split` fills in a prompts row's missing split."""
-    row = {n: raw[fields.get(n, n)] for n in ROW_FIELDS[shape] if fields.get(n, n) in raw}
-    if split and shape == "prompts" and row.get("split") is None:
-        row["split"] = split
-    return row
-
-
-def _source_field(name: str, fields: dict[str, str]) -> str:
-    """A row field as the source names it: 'completion' read from column 'answer' is 'answer'."""
-    head, rest = re.match(r"([^.\[]*)(.*)", name).groups()
-    return fields.get(head, head) + rest
 
 
 def render(tokenizer, shape: str, row: dict) -> list[str]:
@@ -418,23 +327,26 @@ def on_eval_side(key: str, seed: int, eval_fraction: float) -> bool:
 def validate_source(report: SourceReport, cfg: DataPrepConfig, tokenizer) -> None:
     """Read, map, validate and render every row of a source; fail when too many are invalid."""
     src = report.src
-    fields, split = getattr(src, "fields", {}), getattr(src, "split", None)
+    parse = RowReader(src.shape, getattr(src, "schema", "auto"), getattr(src, "fields", {}),
+                      getattr(src, "split", None), getattr(src, "alpaca_template", None) or ALPACA_TEMPLATE)
     for file, line, raw in tqdm(read_source(src, report), desc=src.name, unit=" rows", disable=None):
         report.files[file] += 1
-        row = raw
-        if not isinstance(raw, RowError):
-            row = ROW_PARSERS[src.shape](map_row(raw, src.shape, fields, split), file, line)
+        row = raw if isinstance(raw, RowError) else parse(raw, file, line)
         if not isinstance(row, RowError):
             try:
                 texts = render(tokenizer, src.shape, row)
             except (ValueError, TypeError, TemplateError) as e:
-                row = RowError(file, line, "prompt", f"the chat template cannot render it ({e})")
+                row = RowError(file, line, parse.fields.get("prompt", "prompt"),
+                               f"the chat template cannot render it ({e})")
         if isinstance(row, RowError):
-            row.field = _source_field(row.field, fields)
             report.invalid.append(row)
         else:
             report.rows.append(Row(row, file, line, prompt_key(row["prompt"]), texts))
     total = sum(report.files.values())
+    if report.broken:
+        listed = "\n  ".join(f"{f}: {why} ({report.files[f]} rows read before it)" for f, why in report.broken.items())
+        raise DataError(f"source {src.name!r}: {len(report.broken)} file(s) break midway, and the rows they lost "
+                        f"cannot be counted (fix, re-export or remove them):\n  {listed}")
     if total == 0:
         raise DataError(f"source {src.name!r}: no rows found")
     limit = cfg.max_bad_fraction if src.max_bad_fraction is None else src.max_bad_fraction
@@ -505,6 +417,9 @@ def source_stats(rep: SourceReport) -> dict:
     errors = rep.invalid + rep.removed
     dropped = Counter(reason_key(e) for e in errors)
     dropped_in = Counter(e.file for e in errors)
+    causes: dict[str, Counter] = {}
+    for e in errors:
+        causes.setdefault(e.file, Counter())[reason_key(e)] += 1
     return {
         "source": asdict(rep.src),
         "rows": sum(rep.files.values()),
@@ -515,7 +430,8 @@ def source_stats(rep: SourceReport) -> dict:
         "duplicates": dropped["duplicate"],
         "contaminated": rep.contaminated,
         "tokens": length_stats([r.tokens for r in rep.rows]),
-        "files": {f: {"rows": n, "kept": n - dropped_in[f], "dropped": dropped_in[f]} for f, n in rep.files.items()},
+        "files": {f: {"rows": n, "kept": n - dropped_in[f], "dropped": dropped_in[f],
+                      "dropped_by": dict(sorted(causes.get(f, Counter()).items()))} for f, n in rep.files.items()},
         "ignored_files": rep.ignored,
     }
 
@@ -544,7 +460,9 @@ def run(cfg: DataPrepConfig) -> dict:
                      sum(rep.files.values()), len(rep.invalid), len(rep.removed), len(rep.rows))
     except DataError as e:
         _write_rejected(out / "rejected.jsonl", reports)
-        raise DataError(f"{e}\nevery rejected row so far: {out / 'rejected.jsonl'}") from e
+        if any(rep.invalid or rep.removed for rep in reports):
+            raise DataError(f"{e}\nevery rejected row so far: {out / 'rejected.jsonl'}") from None
+        raise
     mark_contamination(reports, cfg.contamination)
 
     outputs: dict[str, list[dict]] = {}

@@ -5,7 +5,8 @@ N ranks:         torchrun --nproc-per-node N -m components.dpo --config dpo.yaml
 
 The reference model's log-probs of every chosen and rejected completion are computed once, in a pass before
 training, and the reference model is then dropped: it is never in memory while the policy trains (with no
-`ref_model` the reference is the starting policy itself, so no second model is ever loaded). Chosen and
+`ref_model` the reference is the starting policy itself, so no second model is ever loaded; with LoRA it is the
+base model with the adapter disabled). Chosen and
 rejected share a packed row, so one forward gives both; the loss of a step is the mean over its pairs of
 sigmoid, ipo, hinge or robust DPO (components/training/objectives.py).
 
@@ -18,18 +19,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from components import tracking
-from components.config import stage_main
+from components.config import require, stage_main
 from components.datasets import load_rows, preference_row
 from components.models import ModelLoading
-from components.sft.main import save_model
+from components.models.lora import Adapter, load_policy, save_policy
 from components.training.batching import Example, encode_example, sequence_sums, trained_sequences
-from components.training.loop import Session, TrainConfig, step_indices
+from components.training.loop import Session, StepResult, TrainConfig, base_reference, is_lora, step_indices
 from components.training.objectives import DPO_LOSSES, dpo_loss
 
 log = logging.getLogger("components.dpo")
@@ -38,10 +39,8 @@ REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewa
 
 
 @dataclass(kw_only=True)
-class DPOConfig(TrainConfig, ModelLoading):
-    """A DPO stage: the training settings plus the pairs, the reference and the loss."""
-
-    unused_fields = ("method", "updates_per_batch", "epsilon_low", "epsilon_high", "sft_warmup_steps")
+class DPOConfig:
+    """A DPO stage: the pairs, the reference and the loss, and the parts `train` and `loading`."""
 
     model: str
     """Policy to start from: a Hugging Face directory with safetensors weights."""
@@ -49,8 +48,14 @@ class DPOConfig(TrainConfig, ModelLoading):
     """Preference JSONL: {"prompt", "chosen", "rejected"} rows (reward_scoring's pairs.jsonl)."""
     output_dir: str
     """Where model/, metrics.jsonl, summary.json and checkpoints/ go."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, batch (pairs per optimizer step), learning rate, checkpoints, ... (components/README.md)."""
+    loading: ModelLoading = field(default_factory=ModelLoading)
+    """How the models are loaded (components/README.md)."""
+    lora: Adapter = field(default_factory=Adapter)
+    """LoRA/QLoRA adapters instead of full fine-tuning (off by default; components/README.md)."""
     ref_model: str | None = None
-    """Reference model (default: the starting policy)."""
+    """Reference model (default: the starting policy; with LoRA, the base with the adapter disabled)."""
     beta: float = 0.1
     """β: strength of the implicit KL constraint to the reference."""
     loss_type: str = "sigmoid"
@@ -60,56 +65,72 @@ class DPOConfig(TrainConfig, ModelLoading):
     rpo_alpha: float = 0.0
     """α > 0 adds α × the chosen completion's per-token NLL to each pair's loss (RPO): DPO alone may push the
     chosen answer down along with the rejected one, moving probability to neither."""
-    batch_size: int = 32
-    """Pairs per optimizer step, over all ranks."""
     max_length: int = 1024
     """Longest sequence (prompt + completion) in tokens; a longer pair is dropped and counted."""
     max_bad_fraction: float = 0.0
     """Share of unusable rows tolerated (chosen == rejected, empty prompt, ...); each is reported by line."""
 
     def __post_init__(self):
-        super().__post_init__()
-        ModelLoading.__post_init__(self)
-        if self.loss_type not in DPO_LOSSES:
-            raise ValueError(f"loss_type={self.loss_type!r} is invalid: one of {', '.join(DPO_LOSSES)}")
-        if not self.beta > 0:
-            raise ValueError(f"beta={self.beta} is invalid: a positive number")
-        if self.rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha={self.rpo_alpha} is invalid: a number ≥ 0")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing={self.label_smoothing} is invalid: a number in [0, 0.5)")
-        if self.max_length < 2:
-            raise ValueError(f"max_length={self.max_length} is invalid: an integer ≥ 2")
+        require(self.loss_type in DPO_LOSSES, "loss_type", self.loss_type, f"one of {', '.join(DPO_LOSSES)}")
+        require(self.beta > 0, "beta", self.beta, "a positive number")
+        require(self.rpo_alpha >= 0, "rpo_alpha", self.rpo_alpha, "a number ≥ 0")
+        require(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
+        require(self.max_length >= 2, "max_length", self.max_length, "an integer ≥ 2")
 
 
 def encode_pairs(rows: list[dict], tokenizer, max_length: int, where: str) -> tuple[list[tuple[Example, Example]], int]:
     """Tokenize pairs; returns (pairs, number dropped for exceeding max_length)."""
     pairs, dropped = [], 0
-    for i, r in enumerate(rows):
-        c = encode_example(tokenizer, r["prompt"], r["chosen"], source=f"{where} pair {i + 1}")
-        j = encode_example(tokenizer, r["prompt"], r["rejected"], source=f"{where} pair {i + 1}")
-        if max(len(c), len(j)) > max_length:
+    for index, row in enumerate(rows):
+        chosen = encode_example(tokenizer, row["prompt"], row["chosen"], source=f"{where} pair {index + 1}")
+        rejected = encode_example(tokenizer, row["prompt"], row["rejected"], source=f"{where} pair {index + 1}")
+        longest = max(len(chosen), len(rejected))
+        if longest > max_length:
             dropped += 1
-            log.info("%s: dropped, %d tokens > max_length=%d", c.source, max(len(c), len(j)), max_length)
+            log.info("%s: dropped, %d tokens > max_length=%d", chosen.source, longest, max_length)
             continue
-        pairs.append((c, j))
+        pairs.append((chosen, rejected))
     if not pairs:
         raise ValueError(f"{where}: no pair fits in max_length={max_length}")
     return pairs, dropped
 
 
-def _pair_logps(sess: Session, model, examples: list[Example], pad_id: int, average: bool) -> torch.Tensor:
+def _pair_groups(examples: list[Example]) -> list[list[int]]:
+    """Examples come in (chosen, rejected) order; each pair shares a packed row."""
+    return [[chosen, chosen + 1] for chosen in range(0, len(examples), 2)]
+
+
+def _pair_logprobs(session: Session, model, examples: list[Example], pad_id: int, average: bool) -> torch.Tensor:
     """Σ (or mean, for ipo) of completion-token log-probs per example; examples come in (chosen, rejected) order."""
-    groups = [[k, k + 1] for k in range(0, len(examples), 2)]
     out = torch.zeros(len(examples), dtype=torch.float64)
-    for mb in sess.micro_batches(examples, pad_id, groups=groups):
-        logp, _ = sess.forward(model, mb)
-        sums = sequence_sums(logp.float(), mb, len(examples))
-        present = trained_sequences(mb, len(examples))
+    for micro_batch in session.micro_batches(examples, pad_id, groups=_pair_groups(examples)):
+        logprobs, _ = session.forward(model, micro_batch)
+        sums = sequence_sums(logprobs.float(), micro_batch, len(examples))
+        present = trained_sequences(micro_batch, len(examples))
         out[present.cpu()] = sums[present].double().cpu()
     if average:
-        out /= torch.tensor([len(e) - e.completion_start for e in examples], dtype=torch.float64)
+        out /= torch.tensor([len(example) - example.completion_start for example in examples], dtype=torch.float64)
     return out
+
+
+def reference_logprobs(cfg: DPOConfig, session: Session, model, examples: list[Example], pad_id: int,
+                       ) -> torch.Tensor:
+    """The reference pass: the reference model's `_pair_logprobs` of every example, once; the reference model
+    is gone when this returns. With no ref_model the reference is the policy before training; a resumed run's
+    policy holds the checkpoint's weights, so that reference is loaded again from cfg.model. A LoRA policy's
+    reference is its own base, the adapter disabled, before training and after a resume alike."""
+    lora = is_lora(model)
+    ref_path = cfg.ref_model or (cfg.model if session.start_step > 0 and not lora else None)
+    if ref_path is None and lora:
+        with base_reference(model):
+            return _pair_logprobs(session, model, examples, pad_id, cfg.loss_type == "ipo")
+    ref_model = cfg.loading.load_model(ref_path).to(session.device) if ref_path else model
+    was_training = model.training
+    ref_model.eval()
+    with torch.no_grad():
+        logprobs = _pair_logprobs(session, ref_model, examples, pad_id, cfg.loss_type == "ipo")
+    model.train(was_training)
+    return logprobs
 
 
 def run(cfg: DPOConfig) -> dict:
@@ -119,79 +140,76 @@ def run(cfg: DPOConfig) -> dict:
 
 def _run(cfg: DPOConfig, tracked) -> dict:
     out = Path(cfg.output_dir)
-    tokenizer = cfg.load_tokenizer(cfg.model)
+    tokenizer = cfg.loading.load_tokenizer(cfg.model)
     rows = load_rows(cfg.train_data, preference_row, max_bad_fraction=cfg.max_bad_fraction)
     pairs, dropped = encode_pairs(rows, tokenizer, cfg.max_length, cfg.train_data)
-    flat = [e for pair in pairs for e in pair]
-    model = cfg.load_model(cfg.model)
-    sess = Session(cfg.training(), model, out, on_metrics=tracked.log_metrics)
-    pad, dist, ipo = tokenizer.pad_token_id, sess.dist, cfg.loss_type == "ipo"
+    model = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed)
+    session = Session(cfg.train, model, out, on_metrics=tracked.log_metrics, run_config=asdict(cfg))
+    pad_id, dist = tokenizer.pad_token_id, session.dist
 
-    # the reference pass: every pair once, then the reference is gone (with no ref_model: the policy before training;
-    # a resumed run's policy holds the checkpoint's weights, so that reference is loaded again from cfg.model)
-    t0 = time.perf_counter()
-    ref_path = cfg.ref_model or (cfg.model if sess.start_step > 0 else None)
-    ref_model = cfg.load_model(ref_path).to(sess.device) if ref_path else model
-    was_training = model.training
-    ref_model.eval()
-    with torch.no_grad():
-        ref = _pair_logps(sess, ref_model, flat, pad, ipo)
-    model.train(was_training)
-    del ref_model
-    ref_seconds = time.perf_counter() - t0
-    log.info("reference log-probs of %d pairs in %.1fs", len(pairs), ref_seconds)
+    started = time.perf_counter()
+    reference = reference_logprobs(cfg, session, model, [example for pair in pairs for example in pair], pad_id)
+    reference_seconds = time.perf_counter() - started
+    log.info("reference log-probs of %d pairs in %.1fs", len(pairs), reference_seconds)
 
-    for step in range(sess.start_step, cfg.max_steps):
-        t1 = time.perf_counter()
-        pair_idx = step_indices(len(pairs), cfg.batch_size, step, cfg.seed)[dist.rank::dist.world]
-        examples = [e for p in pair_idx for e in pairs[p]]
-        ref_step = torch.stack([ref[2 * p + k] for p in pair_idx for k in (0, 1)]).to(sess.device)
-        groups = [[k, k + 1] for k in range(0, len(examples), 2)]
-        batches = sess.micro_batches(examples, pad, groups=groups)
-        n_pairs = dist.all_reduce_sum(float(len(pair_idx)))
-        tokens = dist.all_reduce_sum(sum(float(mb.loss_mask.sum()) for mb in batches))
-        lengths = torch.tensor([len(e) - e.completion_start for e in examples], dtype=torch.float32,
-                               device=sess.device)
+    for step in range(session.start_step, cfg.train.max_steps):
+        started = time.perf_counter()
+        pair_indices = step_indices(len(pairs), cfg.train.batch_size, step, cfg.train.seed)[dist.rank::dist.world]
+        examples = [example for index in pair_indices for example in pairs[index]]
+        step_reference = torch.stack([reference[2 * index + side] for index in pair_indices for side in (0, 1)])
+        result, trained_tokens, pair_metrics = dpo_step(cfg, session, model, examples,
+                                                        step_reference.to(session.device), pad_id)
+        session.record(step, result, trained_tokens, [len(example) for example in examples],
+                       time.perf_counter() - started, extra=pair_metrics)
+        session.maybe_checkpoint(step)
 
-        def loss_fn(i, mb):
-            logp, entropy = sess.forward(model, mb)
-            seq = sequence_sums(logp, mb, len(examples))
-            if ipo:
-                seq = seq / lengths
-            present = trained_sequences(mb, len(examples))
-            chosen = present[0::2] & present[1::2]
-            losses, m = dpo_loss(seq[0::2][chosen], seq[1::2][chosen], ref_step[0::2][chosen].to(seq.dtype),
-                                 ref_step[1::2][chosen].to(seq.dtype), beta=cfg.beta, loss_type=cfg.loss_type,
-                                 label_smoothing=cfg.label_smoothing)
-            if cfg.rpo_alpha > 0:
-                nll = -seq[0::2][chosen] if ipo else -seq[0::2][chosen] / lengths[0::2][chosen]
-                m["nll"] = nll.detach()
-                losses = losses + cfg.rpo_alpha * nll
-            sums = {k: v.sum() for k, v in m.items()}
-            sums["entropy"] = (entropy * mb.loss_mask).sum()
-            return losses.sum() / n_pairs, sums
-
-        loss, sums, grad_norm, lr = sess.optimize(batches, loss_fn)
-        keys = [k for k in REWARD_KEYS if k != "nll" or cfg.rpo_alpha > 0]
-        reduced = dist.all_reduce_sums({k: sums.pop(k, 0.0) for k in keys})
-        extra = {k: v / n_pairs for k, v in reduced.items()}
-        sess.record(step, loss, sums, tokens, grad_norm, lr, [len(e) for e in examples],
-                    time.perf_counter() - t1, extra=extra)
-        sess.maybe_checkpoint(step)
-
-    history = sess.finish()
+    history = session.finish()
     summary = {"pairs": len(pairs), "dropped_overlong": dropped, "steps": len(history),
-               "reference_pass_s": ref_seconds,
+               "reference_pass_s": reference_seconds,
                "final": history[-1] if history else None,
                "first": history[0] if history else None}
-    save_model(model, tokenizer, out / "model", dist)
+    summary.update(save_policy(model, tokenizer, out / "model", dist, cfg.lora, cfg.model, cfg.loading))
     if dist.rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("saved %s", out / "model")
     return summary
 
 
-CONFIG = DPOConfig
+def dpo_step(cfg: DPOConfig, session: Session, model, examples: list[Example], reference: torch.Tensor,
+             pad_id: int) -> tuple[StepResult, float, dict[str, float]]:
+    """One optimizer step on this rank's pairs (`examples` in (chosen, rejected) order, `reference` their
+    reference log-probs). Returns the step's result (without the pair metrics), its trained-token count over
+    all ranks, and the pair metrics (REWARD_KEYS) as means over all ranks' pairs."""
+    dist, average = session.dist, cfg.loss_type == "ipo"
+    batches = session.micro_batches(examples, pad_id, groups=_pair_groups(examples))
+    num_pairs = dist.all_reduce_sum(float(len(examples) // 2))
+    trained_tokens = dist.all_reduce_sum(sum(float(batch.loss_mask.sum()) for batch in batches))
+    lengths = torch.tensor([len(example) - example.completion_start for example in examples], dtype=torch.float32,
+                           device=session.device)
+
+    def loss_fn(index, micro_batch):
+        logprobs, entropy = session.forward(model, micro_batch)
+        sequence = sequence_sums(logprobs, micro_batch, len(examples))
+        if average:
+            sequence = sequence / lengths
+        present = trained_sequences(micro_batch, len(examples))
+        complete_pairs = present[0::2] & present[1::2]  # the pairs of this micro-batch
+        chosen, rejected = sequence[0::2][complete_pairs], sequence[1::2][complete_pairs]
+        losses, metrics = dpo_loss(chosen, rejected, reference[0::2][complete_pairs].to(sequence.dtype),
+                                   reference[1::2][complete_pairs].to(sequence.dtype), beta=cfg.beta,
+                                   loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+        if cfg.rpo_alpha > 0:
+            nll = -chosen if average else -chosen / lengths[0::2][complete_pairs]
+            metrics["nll"] = nll.detach()
+            losses = losses + cfg.rpo_alpha * nll
+        sums = {name: value.sum() for name, value in metrics.items()}
+        sums["entropy"] = (entropy * micro_batch.loss_mask).sum()
+        return losses.sum() / num_pairs, sums
+
+    result = session.optimize(batches, loss_fn)
+    keys = [key for key in REWARD_KEYS if key != "nll" or cfg.rpo_alpha > 0]
+    reduced = dist.all_reduce_sums({key: result.sums.pop(key, 0.0) for key in keys})
+    return result, trained_tokens, {key: value / num_pairs for key, value in reduced.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

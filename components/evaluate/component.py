@@ -3,15 +3,13 @@
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Input, Metrics, Model, Output
 
-from pipelines.images import TRAINER_IMAGE
+from components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def evaluate(model: Input[Model], base_model: Input[Model], settings: str, suites: str, rewards: str,
-             candidate: str, stage: str, workspace: str, tracking_uri: str, parent_run_id: str, s3_endpoint: str,
-             results: Output[Artifact], report: Output[HTML], metrics: Output[Metrics],
-             sft: Input[Model] = None, psft: Input[Model] = None, sft_kl: Input[Model] = None,
-             dpo: Input[Model] = None, grpo: Input[Model] = None):
+             candidate: str, trained: str, stage: str, workspace: str, tracking_uri: str, parent_run_id: str,
+             s3_endpoint: str, results: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
     """Evaluates the candidate and its baselines (the base model and every earlier training stage) on the
     same prompts and seeds: accuracy with bootstrap intervals, pass@k, rewards, entropy, KL to the base model.
 
@@ -25,28 +23,25 @@ def evaluate(model: Input[Model], base_model: Input[Model], settings: str, suite
         suites: The spec's eval suites (JSON list).
         rewards: The spec's reward functions (JSON list; empty: each suite task's verifier).
         candidate: The candidate's name: the stage that trained it.
+        trained: The training stages before, in order (a JSON list); each one's output is <workspace>/<name>.
         stage: The stage's name, for its MLflow run and workspace directory.
-        workspace: The run's workspace (training stages keep their metrics.jsonl there).
+        workspace: The run's workspace (training stages keep their model and metrics.jsonl there).
         tracking_uri: MLflow tracking URI.
         parent_run_id: The pipeline's MLflow run.
         s3_endpoint: S3 endpoint for s3:// suites.
         results: eval.json: {metrics, baselines, suites, ...}.
         report: The HTML report.
         metrics: The candidate's metrics, each baseline's (baselines/<name>/...) and the differences.
-        sft: The sft stage's model, when there is one (likewise psft, sft_kl, dpo, grpo).
-        psft: The psft stage's model.
-        sft_kl: The sft_kl stage's model.
-        dpo: The dpo stage's model.
-        grpo: The grpo stage's model.
     """
     import json
     import os
 
     from components.step import Step
 
-    trained = {"sft": sft, "psft": psft, "sft_kl": sft_kl, "dpo": dpo, "grpo": grpo}
-    baselines = {k: m.path for k, m in {"base": base_model, **trained}.items() if m is not None and k != candidate}
-    histories = {k: os.path.join(workspace, k, "metrics.jsonl") for k, m in trained.items() if m is not None}
+    names = json.loads(trained)
+    baselines = {"base": base_model.path, **{k: os.path.join(workspace, k, "model") for k in names}}
+    baselines.pop(candidate, None)
+    histories = {k: os.path.join(workspace, k, "metrics.jsonl") for k in names}
     step = Step(stage, settings, output_dir=os.path.join(workspace, stage), tracking_uri=tracking_uri,
                 parent_run_id=parent_run_id, s3_endpoint=s3_endpoint)
     wiring = {"model": model.path, "name": candidate, "baselines": baselines, "base_model": base_model.path,

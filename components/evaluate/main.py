@@ -31,10 +31,14 @@ import torch
 
 from components import tracking
 from components.config import stage_main
-from components.datasets import (DataError, RowError, check_bad_fraction, prompt_row, read_jsonl, sft_row,
-                                 write_jsonl)
-from components.evaluate.stats import (BOOTSTRAP_SAMPLES, avg_at_n, bootstrap_ci, paired_bootstrap_ci,
-                                       pass_at_k_per_prompt)
+from components.datasets import DataError, RowError, check_bad_fraction, prompt_row, read_jsonl, sft_row, write_jsonl
+from components.evaluate.stats import (
+    BOOTSTRAP_SAMPLES,
+    avg_at_n,
+    bootstrap_ci,
+    paired_bootstrap_ci,
+    pass_at_k_per_prompt,
+)
 from components.models import ModelLoading
 from components.tasks import SPLITS, TASKS, get_task
 from components.training.batching import Example, encode_example, micro_batches
@@ -89,7 +93,7 @@ def default_reward_specs(suites: list[dict]) -> list[dict]:
 
 
 @dataclass(kw_only=True)
-class EvaluateConfig(ModelLoading):
+class EvaluateConfig:
     """An evaluation: which models, on which prompts, sampled how, and where the results go."""
 
     model: str
@@ -99,6 +103,8 @@ class EvaluateConfig(ModelLoading):
     suites: list[dict]
     """Eval suites: {task, split (id|ood), n_prompts, seed, name?} (name defaults to <task>-<split>) or
     {name, data: JSONL of {prompt, answer, task?, split?} rows, task?: verifier for rows without one, split?}."""
+    loading: ModelLoading = field(default_factory=ModelLoading)
+    """How the models are loaded (components/README.md)."""
     name: str = "candidate"
     """The candidate's name in the report (e.g. the stage that produced it)."""
     baselines: dict[str, str] = field(default_factory=dict)
@@ -133,8 +139,6 @@ class EvaluateConfig(ModelLoading):
     """metrics.jsonl of earlier stages by stage name, for the report's entropy and reward curves."""
 
     def __post_init__(self):
-        ModelLoading.__post_init__(self)
-
         def bad(key, allowed):
             raise ValueError(f"{key}={getattr(self, key)!r} is invalid: {allowed}")
         for key in ("samples", "max_new_tokens", "max_length", "bootstrap_samples", "batch_size", "token_budget"):
@@ -175,8 +179,6 @@ class EvaluateConfig(ModelLoading):
         return metric_names(self.suites, self.k, reward_names, kl_to_base=self.base_model is not None,
                             heldout=self.heldout_text is not None)
 
-
-CONFIG = EvaluateConfig
 
 
 def per_prompt_metric_names(k_list: list[int], reward_names: list[str]) -> list[str]:
@@ -230,7 +232,8 @@ def load_suite_rows(suite: dict) -> list[dict]:
         elif task is None:
             errors.append(RowError(str(path), line, "task", "missing: set it on the row or as the suite's 'task'"))
         elif task not in TASKS:
-            errors.append(RowError(str(path), line, "task", f"unknown task {task!r} (known: {', '.join(sorted(TASKS))})"))
+            errors.append(RowError(str(path), line, "task",
+                                   f"unknown task {task!r} (known: {', '.join(sorted(TASKS))})"))
         else:
             rows.append({**row, "task": task})
     check_bad_fraction(errors, total, 0.0, f"suite {suite['name']}: {path}")
@@ -423,18 +426,18 @@ def run(cfg: EvaluateConfig) -> dict:
     base = base_path = base_vocab = None
     if cfg.base_model is not None:
         base_path = localize(cfg.base_model).resolve()
-        base = cfg.load_model(base_path, device=device).eval()
-        base_vocab = cfg.load_tokenizer(base_path).get_vocab()
+        base = cfg.loading.load_model(base_path, device=device).eval()
+        base_vocab = cfg.loading.load_tokenizer(base_path).get_vocab()
 
     with tracking.stage_run("evaluate", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI
         runs = {}
         for name, path in paths.items():
             log.info("evaluating %s (%s)", name, models[name])
-            tokenizer = cfg.load_tokenizer(path)
+            tokenizer = cfg.loading.load_tokenizer(path)
             if base_vocab is not None and tokenizer.get_vocab() != base_vocab:
                 raise ValueError(f"{name} ({models[name]}) and base_model ({cfg.base_model}) have different "
                                  "vocabularies: kl_to_base needs the same tokenizer")
-            model = base if path.resolve() == base_path else cfg.load_model(path, device=device).eval()
+            model = base if path.resolve() == base_path else cfg.loading.load_model(path, device=device).eval()
             runs[name] = evaluate_model(model, tokenizer, cfg.suites, rows, heldout, cfg, rewards, base)
             del model
             if device.type == "cuda":

@@ -25,9 +25,9 @@ import io
 import json
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from matplotlib.figure import Figure
 

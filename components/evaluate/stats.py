@@ -10,7 +10,7 @@ models share through the problems' difficulty.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from pipelines.images import TRAINER_IMAGE
+from components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -35,11 +35,9 @@ def grpo(model: Input[Model], data: Input[Dataset], settings: str, rewards: str,
     import json
     import os
 
-    from components.step import Step
+    from components.step import train_step
 
-    step = Step(stage, settings, output_dir=os.path.join(workspace, stage), tracking_uri=tracking_uri,
-                parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc)
-    summary = step.run("grpo", model=model.path, prompts=os.path.join(data.path, "prompts.train.jsonl"),
-                       rewards=json.loads(rewards), lr=lr, max_steps=max_steps)
-    step.export("model", trained_model.path)
-    step.log_metrics(metrics, summary)
+    train_step("grpo", stage=stage, settings=settings, lr=lr, max_steps=max_steps, workspace=workspace,
+               tracking_uri=tracking_uri, parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc,
+               trained_model=trained_model, metrics=metrics, model=model.path,
+               prompts={"path": os.path.join(data.path, "prompts.train.jsonl")}, rewards=json.loads(rewards))

@@ -5,10 +5,16 @@ N ranks:         torchrun --nproc-per-node N -m components.grpo --config grpo.ya
 
 One round: take `prompts_per_round` prompts, sample `num_generations` completions for each from the current
 policy (π_old; its per-token log-probs come from the rollout, computed once), score them with the reward
-functions, compute Â_i = (R_i − mean_G R) / (std R + 1e-4) per group (`scale_rewards`), optionally drop groups
+functions, compute Â_i = (R_i − mean_G R) / (std R + 1e-4) per group (`scale_rewards`; or another `advantage`
+estimator: rloo, reinforce_pp), optionally drop groups
 whose rewards are all equal, then run `num_iterations` passes of optimizer steps over minibatches of
 `batch_size` sequences with the clipped objective (ε_low, ε_high), aggregated per token, per sequence or by a
-constant (Dr. GRPO), plus β·KL_k3 to a reference model only when β > 0 (no reference is loaded otherwise).
+constant (Dr. GRPO), plus β·KL_k3 to a reference model only when β > 0 (no reference is loaded otherwise; with
+LoRA the reference is the base model with the adapter disabled).
+
+In code, `_run` reads top to bottom: per round, `rollout_round` samples, scores and prepares the round (a
+`RolloutRound`: examples, advantages, π_old and reference log-probs, lengths, metrics), then `minibatches`
+cuts it into the round's optimizer steps and `grpo_step` takes each.
 
 Outputs in `output_dir`: model/ (Hugging Face, safetensors), metrics.jsonl (one line per optimizer step,
 TRL's metric names), samples.jsonl (a few scored completions per round), summary.json, checkpoints/.
@@ -18,36 +24,62 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from components import tracking
-from components.config import stage_main
+from components.config import positive_ints, require, stage_main
 from components.models import ModelLoading
+from components.models.lora import Adapter, load_policy, save_policy
 from components.prompts import PromptSource
 from components.rewards import build_rewards
-from components.sft.main import save_model
 from components.training.batching import Example, completion_values
-from components.training.loop import Session, TrainConfig, step_indices
-from components.training.objectives import (LOSS_AGGREGATIONS, SCALE_REWARDS, aggregation_weights,
-                                            group_advantages, grpo_loss)
+from components.training.loop import (
+    Session,
+    StepResult,
+    TrainConfig,
+    base_reference,
+    check_clip_range,
+    step_indices,
+)
+from components.training.objectives import (
+    ADVANTAGE_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    SCALE_REWARDS,
+    aggregation_weights,
+    grpo_loss,
+    kl_k1,
+)
 from components.training.rollout import Sampling
 
 log = logging.getLogger("components.grpo")
 
 
 @dataclass(kw_only=True)
-class GRPOConfig(TrainConfig, PromptSource, Sampling, ModelLoading):
-    """A GRPO stage: the training settings, the prompts, the rewards and the sampling settings."""
+class GRPOConfig:
+    """A GRPO stage: the rewards and the objective's settings, and the parts `train`, `prompts`, `sampling` and
+    `loading`."""
 
-    unused_fields = ("method", "updates_per_batch", "sft_warmup_steps")
     model: str
     """Policy to start from: a Hugging Face directory with safetensors weights."""
     output_dir: str
     """Where model/, metrics.jsonl, samples.jsonl, summary.json and checkpoints/ go."""
+    prompts: PromptSource
+    """The prompts sampled from: a JSONL (`path`) or a bundled task (components/prompts.py)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=128))
+    """Steps, batch (sequences per optimizer step; prompts_per_round × num_generations must be a multiple of
+    it), learning rate, checkpoints, ... (components/README.md)."""
+    sampling: Sampling = field(default_factory=Sampling)
+    """Temperature, top_p, max_new_tokens of the rollout (components/README.md)."""
+    loading: ModelLoading = field(default_factory=ModelLoading)
+    """How the models are loaded (components/README.md)."""
+    lora: Adapter = field(default_factory=Adapter)
+    """LoRA/QLoRA adapters instead of full fine-tuning (off by default; components/README.md)."""
     rewards: list[dict] = field(default_factory=lambda: [{"name": "task"}])
     """Reward functions and weights, e.g. [{name: task}, {name: format, weight: 0.1}] (components/rewards)."""
     num_generations: int = 8
@@ -56,84 +88,149 @@ class GRPOConfig(TrainConfig, PromptSource, Sampling, ModelLoading):
     """Prompts sampled per round; a round yields prompts_per_round × G sequences."""
     num_iterations: int = 1
     """μ: passes over a round's samples (μ > 1 makes the clip matter)."""
+    advantage: str = "grpo"
+    """Advantage estimator: grpo (group-normalized), rloo (leave-one-out baseline R_i − mean_{j≠i} R_j) or
+    reinforce_pp (REINFORCE++: a k1 KL to the reference, weighted by beta, folded into the reward, and the
+    returns whitened over every token of the round)."""
     scale_rewards: str = "group"
-    """Advantage scaling: group (std of each group), batch (std of the round), none (Dr. GRPO)."""
+    """Advantage scaling of advantage grpo: group (std of each group), batch (std of the round), none (Dr.
+    GRPO)."""
     loss_aggregation: str = "token"
     """token (token-mean over a step, DAPO), sequence (mean per sequence, then over sequences: original
     GRPO) or constant (divide by sequences × max_new_tokens: Dr. GRPO)."""
     filter_zero_std: bool = False
     """Drop groups whose rewards are all equal (they carry no gradient) before training."""
+    epsilon_low: float = 0.2
+    """Lower clip range ε_low."""
+    epsilon_high: float = 0.28
+    """Upper clip range ε_high."""
+    beta: float = 0.0
+    """Weight of the KL to the reference model (0: no reference model is loaded): a KL_k3 term of the loss, or
+    with advantage reinforce_pp a k1 penalty in the reward."""
     ref_model: str | None = None
-    """β > 0: the reference model of the KL term (default: the starting policy)."""
+    """β > 0: the reference model of the KL term (default: the starting policy; with LoRA, the base with the
+    adapter disabled)."""
     samples_logged: int = 4
     """Scored completions written to samples.jsonl per round."""
-    beta: float = 0.0
-    """Weight of the KL_k3 penalty to the reference model (0: no reference model is loaded)."""
-    batch_size: int = 128
-    """Sequences per optimizer step; prompts_per_round × num_generations must be a multiple of it."""
 
     def __post_init__(self):
-        TrainConfig.__post_init__(self)
-        PromptSource.__post_init__(self)
-        Sampling.__post_init__(self)
-        ModelLoading.__post_init__(self)
+        positive_ints(self, "num_generations", "prompts_per_round", "num_iterations")
+        require(self.num_generations >= 2, "num_generations", self.num_generations,
+                "≥ 2 (advantages compare a group)")
         round_size = self.prompts_per_round * self.num_generations
-        for name in ("num_generations", "prompts_per_round", "num_iterations"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: a positive integer")
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations={self.num_generations} is invalid: ≥ 2 (advantages compare a group)")
-        if round_size % self.batch_size:
-            raise ValueError(f"batch_size={self.batch_size} is invalid: it must divide prompts_per_round × "
-                             f"num_generations = {round_size}")
-        if self.scale_rewards not in SCALE_REWARDS:
-            raise ValueError(f"scale_rewards={self.scale_rewards!r} is invalid: one of {', '.join(SCALE_REWARDS)}")
-        if self.loss_aggregation not in LOSS_AGGREGATIONS:
-            raise ValueError(f"loss_aggregation={self.loss_aggregation!r} is invalid: one of "
-                             f"{', '.join(LOSS_AGGREGATIONS)}")
-        if self.ref_model is not None and self.beta == 0:
-            raise ValueError(f"ref_model={self.ref_model!r} is invalid with beta 0: only the KL term (beta > 0) "
-                             "reads it")
-        if self.checkpoint_every % self.steps_per_round:
-            raise ValueError(f"checkpoint_every={self.checkpoint_every} is invalid: a multiple of the "
-                             f"{self.steps_per_round} optimizer steps of a round (a checkpoint sits between rounds)")
+        require(round_size % self.train.batch_size == 0, "train.batch_size", self.train.batch_size,
+                f"a divisor of prompts_per_round × num_generations = {round_size}")
+        require(self.advantage in ADVANTAGE_ESTIMATORS, "advantage", self.advantage,
+                f"one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+        require(self.scale_rewards in SCALE_REWARDS, "scale_rewards", self.scale_rewards,
+                f"one of {', '.join(SCALE_REWARDS)}")
+        require(self.loss_aggregation in LOSS_AGGREGATIONS, "loss_aggregation", self.loss_aggregation,
+                f"one of {', '.join(LOSS_AGGREGATIONS)}")
+        check_clip_range(self.epsilon_low, self.epsilon_high)
+        require(math.isfinite(self.beta) and self.beta >= 0, "beta", self.beta, "a number ≥ 0")
+        require(self.ref_model is None or self.beta > 0, "ref_model", self.ref_model,
+                "unset with beta 0: only the KL term (beta > 0) reads it")
+        require(self.train.checkpoint_every % self.steps_per_round == 0, "train.checkpoint_every",
+                self.train.checkpoint_every,
+                f"a multiple of the {self.steps_per_round} optimizer steps of a round (a checkpoint sits between "
+                "rounds)")
+
+    @property
+    def loss_beta(self) -> float:
+        """β of the loss's KL_k3 term: 0 when the estimator folds the KL into the reward instead."""
+        return 0.0 if ADVANTAGE_ESTIMATORS[self.advantage].kl_in_reward else self.beta
 
     @property
     def steps_per_round(self) -> int:
-        return self.num_iterations * self.prompts_per_round * self.num_generations // self.batch_size
+        return self.num_iterations * self.prompts_per_round * self.num_generations // self.train.batch_size
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+    tensor = torch.tensor(values, dtype=torch.float64)
+    return float(tensor.mean()), float(tensor.std()) if len(values) > 1 else 0.0
 
 
-def round_stats(ranks: list[dict], rank: int, group_size: int, scale: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """A round's advantages and metrics from every rank's samples.
+def round_stats(ranks: list[dict], rank: int, group_size: int, scale: str, advantage: str = "grpo",
+                ) -> tuple[torch.Tensor | None, torch.Tensor, dict]:
+    """A round's advantages and metrics from every rank's samples (advantages None for a per-token estimator:
+    `token_advantages` computes those).
 
     ranks: each rank's {"total": rewards, "per_fn": {name: rewards}, "lengths", "finished"}, in rank order, each
     a run of whole groups. Returns this rank's advantages, the reward std of each of its groups, and the
     metrics of the whole round: "batch" scaling and the logged rewards see every rank's samples, as they
     would in one process.
     """
-    start = sum(len(r["total"]) for r in ranks[:rank])
-    n = len(ranks[rank]["total"])
-    rewards = torch.tensor([x for r in ranks for x in r["total"]], dtype=torch.float32)
+    def gathered(key: str) -> list:
+        return [value for samples in ranks for value in samples[key]]
+
+    start = sum(len(samples["total"]) for samples in ranks[:rank])
+    count = len(ranks[rank]["total"])
+    rewards = torch.tensor(gathered("total"), dtype=torch.float32)
     group_std = rewards.reshape(-1, group_size).std(dim=1)
-    lengths = torch.tensor([x for r in ranks for x in r["lengths"]], dtype=torch.float32)
-    finished = [x for r in ranks for x in r["finished"]]
+    lengths = torch.tensor(gathered("lengths"), dtype=torch.float32)
+    finished = gathered("finished")
     reward_mean, reward_std = _stats(rewards.tolist())
+    per_fn = {name: _stats([value for samples in ranks for value in samples["per_fn"][name]])
+              for name in ranks[rank]["per_fn"]}
     metrics = {
         "reward": reward_mean, "reward_std": reward_std,
-        **{k: v for fn in ranks[rank]["per_fn"] for k, v in zip(
-            (f"rewards/{fn}/mean", f"rewards/{fn}/std"), _stats([x for r in ranks for x in r["per_fn"][fn]]))},
+        **{key: value for name, stats in per_fn.items()
+           for key, value in zip((f"rewards/{name}/mean", f"rewards/{name}/std"), stats)},
         "frac_reward_zero_std": float((group_std == 0).float().mean()),
         "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
         "completions/clipped_ratio": 1.0 - sum(finished) / len(finished),
     }
-    adv = group_advantages(rewards, group_size, scale)[start:start + n]
-    return adv, group_std[start // group_size:(start + n) // group_size], metrics
+    estimator = ADVANTAGE_ESTIMATORS[advantage]
+    advantages = None if estimator.per_token else estimator.fn(rewards, group_size, scale=scale)[start:start + count]
+    return advantages, group_std[start // group_size:(start + count) // group_size], metrics
+
+
+def rollout_seed(seed: int, round_index: int, rank: int) -> int:
+    """The sampling seed of one rank's rollout in round `round_index` (0-based).
+
+    Built from the stage's seed, the round and the rank, and nothing else:
+    - distinct for every (round, rank) pair (with fewer than 97 ranks), so the ranks sample different
+      completions of their prompts and no round repeats another's random draws;
+    - a function of the round index alone, so a run resumed at a round boundary samples exactly what the
+      uninterrupted run sampled (the rollout draws from a generator of its own, not from the global RNG);
+    - independent of the data order: the prompts of a round come from step_indices' shuffles (seeded with
+      seed × 100_003 + epoch), which this seed neither feeds nor reads, so changing the sampling settings
+      does not change which prompts a round takes.
+    """
+    return seed * 1_000_003 + round_index * 97 + rank
+
+
+@dataclass
+class RolloutRound:
+    """One round's samples on this rank, scored, with everything the round's optimizer steps read."""
+
+    index: int
+    """The round, 0-based."""
+    rows: list[dict]
+    """The prompt row of each sample (num_generations samples in a row per prompt: a group)."""
+    completions: list[str]
+    """The text of each sample's completion."""
+    rewards: list[float]
+    """Each sample's total (weighted) reward."""
+    examples: list[Example]
+    """Prompt + completion tokens of each sample."""
+    lengths: torch.Tensor
+    """Each sample's completion length in tokens (float32)."""
+    advantages: torch.Tensor
+    """Each sample's advantage Â (a per-token estimator: that of its first completion token)."""
+    kept: list[int]
+    """The samples trained on: all of them, or with filter_zero_std those of groups whose rewards differ."""
+    old_logprobs: list[torch.Tensor]
+    """π_old's log-prob of each completion token (from the rollout)."""
+    ref_logprobs: list[torch.Tensor] | None
+    """The reference model's log-prob of each completion token; None with β = 0."""
+    metrics: dict
+    """The round's metrics (rewards, completions/*, rollout_s, round), reported with each of its steps."""
+    seconds: float
+    """Time of the rollout, scoring and reference pass (added to the round's first step)."""
+    token_advantages: list[torch.Tensor] | None = None
+    """A per-token estimator's advantage of each completion token (None for a per-sequence one)."""
 
 
 def run(cfg: GRPOConfig) -> dict:
@@ -144,116 +241,183 @@ def run(cfg: GRPOConfig) -> dict:
 def _run(cfg: GRPOConfig, tracked) -> dict:
     out = Path(cfg.output_dir)
     rewards = build_rewards(cfg.rewards, where="rewards")
-    rows = cfg.load_prompts(cfg.seed)
-    cfg.check_rows(rows, rewards)
-    tokenizer = cfg.load_tokenizer(cfg.model)
-    model = cfg.load_model(cfg.model)
-    sess = Session(cfg.training(), model, out, on_metrics=tracked.log_metrics)
+    prompt_rows = cfg.prompts.load_prompts(cfg.train.seed)
+    cfg.prompts.check_rows(prompt_rows, rewards)
+    tokenizer = cfg.loading.load_tokenizer(cfg.model)
+    model = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed)
+    session = Session(cfg.train, model, out, on_metrics=tracked.log_metrics, run_config=asdict(cfg))
     ref_model = None
-    if cfg.beta > 0:
-        ref_model = cfg.load_model(cfg.ref_model or cfg.model).to(sess.device).eval().requires_grad_(False)
-    dist, pad = sess.dist, tokenizer.pad_token_id
-    G = cfg.num_generations
-    samples_path = out / "samples.jsonl"
+    if cfg.beta > 0 and cfg.lora.enabled and not cfg.ref_model:
+        ref_model = model  # the policy's own base, the adapter disabled (rollout_round)
+    elif cfg.beta > 0:
+        ref_model = cfg.loading.load_model(cfg.ref_model or cfg.model).to(session.device).eval().requires_grad_(False)
+    dist, pad_id = session.dist, tokenizer.pad_token_id
 
-    step = sess.start_step
-    while step < cfg.max_steps:
-        rnd = step // cfg.steps_per_round
-        t0 = time.perf_counter()
-        # every rank samples its own share of the round's prompts
-        idx = step_indices(len(rows), cfg.prompts_per_round, rnd, cfg.seed)[dist.rank::dist.world]
-        batch_rows = [rows[i] for i in idx]
-        ro = cfg.sample(model, tokenizer, [r["prompt"] for r in batch_rows], n=G,
-                        seed=cfg.seed * 1_000_003 + rnd * 97 + dist.rank)
-        srows = [batch_rows[i] for i in ro.prompt_index]
-        total, per_fn = rewards.score([r["prompt"] for r in srows], ro.texts, [r.get("answer") for r in srows],
-                                      [r.get("task") for r in srows])
-        ranks = dist.all_gather({"total": total, "per_fn": per_fn, "lengths": ro.lengths, "finished": ro.finished})
-        adv, group_std, round_metrics = round_stats(ranks, dist.rank, G, cfg.scale_rewards)
-        keep = [i for i in range(len(ro)) if not (cfg.filter_zero_std and float(group_std[i // G]) == 0.0)]
-        examples = [Example(ro.prompt_ids[i] + ro.completion_ids[i], len(ro.prompt_ids[i])) for i in range(len(ro))]
-        ref_logps = None
-        if ref_model is not None:
-            ref_logps = _completion_logps(sess, ref_model, examples, pad, cfg.temperature)
-        gen_seconds = time.perf_counter() - t0
-        lengths = torch.tensor(ro.lengths, dtype=torch.float32)
-        round_metrics.update({"rollout_s": gen_seconds, "round": rnd + 1})
+    step = session.start_step
+    while step < cfg.train.max_steps:
+        rollout = rollout_round(cfg, session, model, ref_model, tokenizer, prompt_rows, rewards,
+                                round_index=step // cfg.steps_per_round)
         if dist.rank == 0:
-            with samples_path.open("a") as f:
-                for i in range(0, len(ro), max(1, len(ro) // max(cfg.samples_logged, 1)))[:cfg.samples_logged]:
-                    f.write(json.dumps({"round": rnd + 1, "prompt": srows[i]["prompt"], "completion": ro.texts[i],
-                                        "answer": srows[i].get("answer"), "reward": total[i],
-                                        "advantage": float(adv[i])}) + "\n")
-
+            write_samples(out / "samples.jsonl", rollout, cfg.samples_logged)
         # μ passes of optimizer steps over minibatches of this round's (kept) samples
-        per_step = max(1, len(keep) * cfg.num_iterations // cfg.steps_per_round) if keep else 0
-        order = keep * cfg.num_iterations
-        for k in range(cfg.steps_per_round):
-            if step >= cfg.max_steps:
-                break
-            t1 = time.perf_counter()
-            chunk = order[k * per_step:(k + 1) * per_step] if k < cfg.steps_per_round - 1 else order[k * per_step:]
-            mb_examples = [examples[i] for i in chunk]
-            batches = sess.micro_batches(mb_examples, pad)
-            # weights of one mean over every rank's sequences (the engine averages the ranks' gradients, and
-            # Session.optimize scales each rank's loss by the world size to undo that); every rank reduces
-            total_tokens = dist.all_reduce_sum(float(lengths[chunk].clamp(min=1).sum()) if chunk else 0.0)
-            total_sequences = dist.all_reduce_sum(float(len(chunk)))
-            seq_w = aggregation_weights(lengths[chunk], cfg.loss_aggregation, cfg.max_new_tokens,
-                                        total_tokens=total_tokens, total_sequences=total_sequences) if chunk \
-                else torch.zeros(0)
-            seq_adv = adv[chunk]
-            old = [ro.logprobs[i] for i in chunk]
-            ref = [ref_logps[i] for i in chunk] if ref_logps is not None else None
-            normalizer = dist.all_reduce_sum(float(sum(lengths[chunk]))) if chunk else dist.all_reduce_sum(0.0)
-
-            def loss_fn(j, mb):
-                logp, entropy = sess.forward(model, mb, cfg.temperature)
-                if mb.num_tokens == 0 or not chunk:  # an empty micro-batch only keeps the ranks in step
-                    return (logp * 0).sum(), {}
-                seq = mb.seq_index.clamp(min=0)
-                mask = mb.loss_mask
-                loss, m = grpo_loss(logp, completion_values(mb, mb_examples, old), seq_adv.to(logp.device)[seq],
-                                    mask, seq_w.to(logp.device)[seq],
-                                    epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                                    ref_logp=completion_values(mb, mb_examples, ref) if ref else None, beta=cfg.beta)
-                m["entropy"] = (entropy * mask).sum()
-                return loss, m
-
-            loss, sums, grad_norm, lr = sess.optimize(batches, loss_fn)
-            seconds = time.perf_counter() - t1 + (gen_seconds if k == 0 else 0.0)
-            sess.record(step, loss, sums, normalizer, grad_norm, lr,
-                        [len(e) for e in mb_examples], seconds, extra=round_metrics)
-            sess.maybe_checkpoint(step)
+        steps = minibatches(rollout.kept, cfg.num_iterations, cfg.steps_per_round)[:cfg.train.max_steps - step]
+        for position, minibatch in enumerate(steps):
+            started = time.perf_counter()
+            result, trained_tokens = grpo_step(cfg, session, model, rollout, minibatch, pad_id)
+            seconds = time.perf_counter() - started + (rollout.seconds if position == 0 else 0.0)
+            lengths = [len(rollout.examples[sample]) for sample in minibatch]
+            session.record(step, result, trained_tokens, lengths, seconds, extra=rollout.metrics)
+            session.maybe_checkpoint(step)
             step += 1
 
-    history = sess.finish()
+    history = session.finish()
     summary = {"rounds": -(-len(history) // cfg.steps_per_round) if history else 0, "steps": len(history),
-               "prompts": len(rows), "rewards": rewards.names, "final": history[-1] if history else None,
-               "reward_curve": [h["reward"] for h in history[::cfg.steps_per_round]]}
-    save_model(model, tokenizer, out / "model", dist)
+               "prompts": len(prompt_rows), "rewards": rewards.names, "final": history[-1] if history else None,
+               "reward_curve": [record["reward"] for record in history[::cfg.steps_per_round]]}
+    summary.update(save_policy(model, tokenizer, out / "model", dist, cfg.lora, cfg.model, cfg.loading))
     if dist.rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("saved %s", out / "model")
     return summary
 
 
+def rollout_round(cfg: GRPOConfig, session: Session, model, ref_model, tokenizer, prompt_rows: list[dict], rewards,
+                  *, round_index: int) -> RolloutRound:
+    """Sample, score and prepare one round: this rank's share of the round's prompts, num_generations
+    completions of each from the current policy, their rewards, the advantages and metrics over every rank's
+    samples (round_stats), and with a reference model its log-probs of every completion."""
+    started = time.perf_counter()
+    dist, group_size = session.dist, cfg.num_generations
+    indices = step_indices(len(prompt_rows), cfg.prompts_per_round, round_index, cfg.train.seed)
+    round_rows = [prompt_rows[index] for index in indices[dist.rank::dist.world]]  # every rank samples its own share
+    sampled = cfg.sampling.sample(model, tokenizer, [row["prompt"] for row in round_rows], n=group_size,
+                                  seed=rollout_seed(cfg.train.seed, round_index, dist.rank))
+    rows = [round_rows[prompt] for prompt in sampled.prompt_index]
+    total, per_fn = rewards.score([row["prompt"] for row in rows], sampled.texts, [row.get("answer") for row in rows],
+                                  [row.get("task") for row in rows])
+    ranks = dist.all_gather({"total": total, "per_fn": per_fn, "lengths": sampled.lengths,
+                             "finished": sampled.finished})
+    advantages, group_std, metrics = round_stats(ranks, dist.rank, group_size, cfg.scale_rewards, cfg.advantage)
+    kept = [sample for sample in range(len(sampled))
+            if not (cfg.filter_zero_std and float(group_std[sample // group_size]) == 0.0)]
+    examples = [Example(prompt + completion, len(prompt))
+                for prompt, completion in zip(sampled.prompt_ids, sampled.completion_ids)]
+    ref_logprobs = None
+    if ref_model is not None:
+        with base_reference(model) if ref_model is model else nullcontext():
+            ref_logprobs = _completion_logprobs(session, ref_model, examples, tokenizer.pad_token_id,
+                                                cfg.sampling.temperature)
+    per_token = None
+    if advantages is None:
+        per_token, kl_metrics = token_advantages(cfg, session, total, sampled.logprobs, ref_logprobs)
+        advantages = torch.tensor([float(values[0]) if len(values) else 0.0 for values in per_token])
+        metrics.update(kl_metrics)
+    seconds = time.perf_counter() - started
+    metrics.update({"rollout_s": seconds, "round": round_index + 1})
+    return RolloutRound(index=round_index, rows=rows, completions=sampled.texts, rewards=total, examples=examples,
+                        lengths=torch.tensor(sampled.lengths, dtype=torch.float32), advantages=advantages,
+                        kept=kept, old_logprobs=sampled.logprobs,
+                        ref_logprobs=ref_logprobs if cfg.loss_beta > 0 else None, metrics=metrics, seconds=seconds,
+                        token_advantages=per_token)
+
+
+def token_advantages(cfg: GRPOConfig, session: Session, rewards: list[float], old_logprobs: list[torch.Tensor],
+                     ref_logprobs: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], dict]:
+    """A per-token estimator's advantages of this rank's samples (normalized over every rank's tokens) and the
+    round's mean k1 KL to the reference per token (`kl`; with β = 0 there is no reference and no KL)."""
+    lengths = [len(values) for values in old_logprobs]
+    width = max(lengths + [1])
+    mask = torch.zeros(len(lengths), width)
+    kl = torch.zeros(len(lengths), width)
+    for sample, values in enumerate(old_logprobs):
+        mask[sample, :len(values)] = 1.0
+        if ref_logprobs is not None and len(values):
+            kl[sample, :len(values)] = kl_k1(values.float(), ref_logprobs[sample].float())
+    dist = session.dist
+    advantages = ADVANTAGE_ESTIMATORS[cfg.advantage].fn(torch.tensor(rewards, dtype=torch.float32), kl, mask,
+                                                        beta=cfg.beta, reduce=dist.all_reduce_sums)
+    sums = dist.all_reduce_sums({"kl": float((kl * mask).sum()), "tokens": float(mask.sum())})
+    metrics = {"kl": sums["kl"] / max(sums["tokens"], 1.0)} if ref_logprobs is not None else {}
+    return [advantages[sample, :length] for sample, length in enumerate(lengths)], metrics
+
+
+def write_samples(path: Path, rollout: RolloutRound, count: int) -> None:
+    """Append `count` of the round's scored completions, evenly spaced, to samples.jsonl."""
+    size = len(rollout.examples)
+    with path.open("a") as f:
+        for sample in range(0, size, max(1, size // max(count, 1)))[:count]:
+            row = rollout.rows[sample]
+            f.write(json.dumps({"round": rollout.index + 1, "prompt": row["prompt"],
+                                "completion": rollout.completions[sample], "answer": row.get("answer"),
+                                "reward": rollout.rewards[sample], "advantage": float(rollout.advantages[sample])})
+                    + "\n")
+
+
+def minibatches(kept: list[int], num_iterations: int, num_steps: int) -> list[list[int]]:
+    """The samples of each optimizer step of a round: `num_iterations` passes over the kept samples, cut into
+    `num_steps` consecutive minibatches of one size (the last takes the rest). With nothing kept every step
+    gets an empty minibatch: the steps are still taken, so the step count and the ranks' collectives match."""
+    order = kept * num_iterations
+    size = max(1, len(order) // num_steps) if kept else 0
+    return [order[index * size:(index + 1) * size] if index < num_steps - 1 else order[index * size:]
+            for index in range(num_steps)]
+
+
+def grpo_step(cfg: GRPOConfig, session: Session, model, rollout: RolloutRound, minibatch: list[int], pad_id: int,
+              ) -> tuple[StepResult, float]:
+    """One optimizer step of the clipped objective on the round's samples `minibatch` (this rank's); returns
+    its result and its trained-token count over all ranks."""
+    dist = session.dist
+    examples = [rollout.examples[sample] for sample in minibatch]
+    batches = session.micro_batches(examples, pad_id)
+    lengths = rollout.lengths[minibatch]
+    # weights of one mean over every rank's sequences (the engine averages the ranks' gradients, and
+    # Session.optimize scales each rank's loss by the world size to undo that); every rank reduces
+    total_tokens = dist.all_reduce_sum(float(lengths.clamp(min=1).sum()) if minibatch else 0.0)
+    total_sequences = dist.all_reduce_sum(float(len(minibatch)))
+    weights = aggregation_weights(lengths, cfg.loss_aggregation, cfg.sampling.max_new_tokens,
+                                  total_tokens=total_tokens, total_sequences=total_sequences) if minibatch \
+        else torch.zeros(0)
+    advantages = rollout.advantages[minibatch]
+    token_advantages = ([rollout.token_advantages[sample] for sample in minibatch]
+                        if rollout.token_advantages is not None else None)
+    old_logprobs = [rollout.old_logprobs[sample] for sample in minibatch]
+    ref_logprobs = ([rollout.ref_logprobs[sample] for sample in minibatch] if rollout.ref_logprobs is not None
+                    else None)
+    trained_tokens = dist.all_reduce_sum(float(sum(lengths)) if minibatch else 0.0)
+
+    def loss_fn(index, micro_batch):
+        logprobs, entropy = session.forward(model, micro_batch, cfg.sampling.temperature)
+        if micro_batch.num_tokens == 0 or not minibatch:  # an empty micro-batch only keeps the ranks in step
+            return (logprobs * 0).sum(), {}
+        sequence = micro_batch.seq_index.clamp(min=0)
+        mask = micro_batch.loss_mask
+        token_adv = (completion_values(micro_batch, examples, token_advantages) if token_advantages is not None
+                     else advantages.to(logprobs.device)[sequence])
+        loss, metrics = grpo_loss(
+            logprobs, completion_values(micro_batch, examples, old_logprobs),
+            token_adv, mask, weights.to(logprobs.device)[sequence],
+            epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.loss_beta,
+            ref_logp=completion_values(micro_batch, examples, ref_logprobs) if ref_logprobs is not None else None)
+        metrics["entropy"] = (entropy * mask).sum()
+        return loss, metrics
+
+    return session.optimize(batches, loss_fn), trained_tokens
+
+
 @torch.no_grad()
-def _completion_logps(sess: Session, model, examples: list[Example], pad_id: int, temperature: float,
-                      ) -> list[torch.Tensor]:
+def _completion_logprobs(session: Session, model, examples: list[Example], pad_id: int, temperature: float,
+                         ) -> list[torch.Tensor]:
     """Per-completion-token log-probs of `model` (the reference) for every example, in one pass."""
     out: list[torch.Tensor | None] = [None] * len(examples)
-    for mb in sess.micro_batches(examples, pad_id):
-        logp, _ = sess.forward(model, mb, temperature)
-        for i in mb.seq_index.unique().tolist():
-            if i >= 0:
-                sel = (mb.seq_index == i) & (mb.loss_mask > 0)
-                if sel.any():  # (a rank's filler micro-batch has no trained tokens)
-                    out[i] = logp[sel].float().cpu()
+    for micro_batch in session.micro_batches(examples, pad_id):
+        logprobs, _ = session.forward(model, micro_batch, temperature)
+        for sequence in micro_batch.seq_index.unique().tolist():
+            if sequence >= 0:
+                selected = (micro_batch.seq_index == sequence) & (micro_batch.loss_mask > 0)
+                if selected.any():  # (a rank's filler micro-batch has no trained tokens)
+                    out[sequence] = logprobs[selected].float().cpu()
     return out
-
-
-CONFIG = GRPOConfig
 
 
 def main(argv: list[str] | None = None) -> None:

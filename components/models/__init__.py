@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from components.config import UserError, require
+
 log = logging.getLogger(__name__)
 
 TINY_CONFIG = Path(__file__).with_name("tiny.yaml")
@@ -83,19 +85,53 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, config_path: Path = TIN
     return out
 
 
+class ModelDirError(UserError, FileNotFoundError):
+    """A path given as a model directory is not one (missing, no config, no safetensors, no tokenizer)."""
+
+
 def check_model_dir(path: str | Path) -> Path:
     """A model directory must hold config.json and safetensors weights; pickle weights are refused."""
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p}: not a model directory (no config.json)")
+        if (p / "adapter_config.json").is_file():
+            raise ModelDirError(f"{p}: a LoRA adapter directory (adapter_config.json), not a model: load it on its "
+                                "base model, or train with lora.output: merged")
+        raise ModelDirError(f"{p}: not a model directory (no config.json)")
     if not any(p.glob("*.safetensors")):
         pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
         extra = f" (found {', '.join(pickled)}; convert them to safetensors)" if pickled else ""
-        raise FileNotFoundError(f"{p}: no *.safetensors weights{extra}; only safetensors are loaded")
+        raise ModelDirError(f"{p}: no *.safetensors weights{extra}; only safetensors are loaded")
+    return p
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_dir(path: str | Path) -> Path:
+    """A directory to load a tokenizer from: it exists and holds a tokenizer's files (never a hub id)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelDirError(f"{p}: no such directory (a model or tokenizer directory was expected)")
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelDirError(f"{p}: no tokenizer in it (none of {', '.join(TOKENIZER_FILES)})")
     return p
 
 
 ATTENTION_KERNELS = ("auto", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "eager")
+
+
+def model_files(uri: str | Path, dest: str | Path | None = None) -> Path:
+    """A local directory with the config and tokenizer files of the model at `uri`, without its weights: what a
+    step that only reads those needs. A local directory as is; from an s3:// directory, every file but the
+    weights is downloaded, to `dest` (default: a new temporary directory)."""
+    import tempfile
+
+    from components.storage import download, is_s3, not_weights
+
+    if not is_s3(uri):
+        return Path(str(uri).removeprefix("file://"))
+    dest = Path(dest) if dest else Path(tempfile.mkdtemp(prefix="posttrain-model-")) / "model"
+    return download(str(uri), dest, include=not_weights)
 
 
 def resolve_attention(name: str = "auto") -> str:
@@ -115,17 +151,20 @@ def resolve_attention(name: str = "auto") -> str:
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str = "auto", trust_remote_code: bool = False):
-    """Load a causal LM from a Hugging Face directory, safetensors only."""
+               attn_implementation: str = "auto", trust_remote_code: bool = False, quantization_config=None):
+    """Load a causal LM from a Hugging Face directory, safetensors only. With a `quantization_config`
+    (bitsandbytes, QLoRA) the weights are quantized as they load, straight onto `device`."""
     from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path)
     attn_implementation = resolve_attention(attn_implementation)
+    quantized = {"quantization_config": quantization_config, "device_map": {"": str(device)}} \
+        if quantization_config is not None else {}
     model = AutoModelForCausalLM.from_pretrained(
         p, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, **quantized,
     )
-    return model.to(device)
+    return model if quantized else model.to(device)
 
 
 # tokenizer_class values that mean "exactly the tokenizer.json beside it"
@@ -144,7 +183,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    path = Path(path)
+    path = check_tokenizer_dir(path)
     cls = None
     try:
         cls = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
@@ -161,7 +200,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 @dataclass(kw_only=True)
 class ModelLoading:
-    """Config fields of every stage that loads models: how they are loaded."""
+    """How a stage loads models: the `loading` part of the config of every stage that loads one."""
 
     trust_remote_code: bool = False
     """Allow model code from the model directory (only for models you trust)."""
@@ -170,9 +209,9 @@ class ModelLoading:
     flash_attention_2, flash_attention_3, flex_attention or eager."""
 
     def __post_init__(self):
-        if self.attn_implementation not in ATTENTION_KERNELS:  # no Hub kernels: nothing is fetched at run time
-            raise ValueError(f"attn_implementation={self.attn_implementation!r} is invalid: one of "
-                             f"{', '.join(ATTENTION_KERNELS)}")
+        # no Hub kernels: nothing is fetched at run time
+        require(self.attn_implementation in ATTENTION_KERNELS, "attn_implementation", self.attn_implementation,
+                f"one of {', '.join(ATTENTION_KERNELS)}")
 
     def load_model(self, path: str | Path, **kw):
         return load_model(path, trust_remote_code=self.trust_remote_code,
@@ -182,5 +221,22 @@ class ModelLoading:
         return load_tokenizer(path, self.trust_remote_code)
 
 
-__all__ = ["ModelLoading", "build_char_tokenizer", "build_tiny_model", "check_model_dir", "load_model", "load_tokenizer",
-           "resolve_attention", "tiny_config", "TINY_CONFIG"]
+def save_model(model, tokenizer, path: Path, dist) -> None:
+    """Save a Hugging Face directory (safetensors) from rank 0; ZeRO-3 shards are gathered first."""
+    if dist.world > 1:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if dist.rank == 0:
+                model.save_pretrained(path, safe_serialization=True)
+    else:
+        model.save_pretrained(path, safe_serialization=True)
+    if dist.rank == 0:
+        tokenizer.save_pretrained(path)
+    dist.barrier()
+
+
+__all__ = [
+    "ModelDirError", "ModelLoading", "check_tokenizer_dir", "save_model", "build_char_tokenizer", "build_tiny_model",
+    "check_model_dir", "load_model", "load_tokenizer", "model_files", "resolve_attention", "tiny_config", "TINY_CONFIG"
+]

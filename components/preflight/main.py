@@ -2,8 +2,9 @@
 
 Every check runs, and each ends ok, failed or skipped (saying why: a local run has no cluster to ask):
 
-- model: the base model directory holds config.json, safetensors weights whose headers read (no tensor is
-  loaded) and a tokenizer that loads;
+- model: the base model directory holds config.json, safetensors weights whose headers read and a tokenizer
+  that loads; only those are fetched (the config and tokenizer files, and a ranged read of each weight file's
+  header), never the weights;
 - data: every data_prep source is there and a bundled task exists; the first rows of a local source must read as
   rows of its shape (a source none of whose first rows does, e.g. fields mapped wrong, fails, naming file, line
   and field; a few bad rows are left to data_prep's max_bad_fraction); an s3:// source must exist;
@@ -11,7 +12,9 @@ Every check runs, and each ends ok, failed or skipped (saying why: a local run h
   is opened, or found again when this step is retried;
 - s3: the endpoint answers and every bucket the run reads or writes exists;
 - secrets: the named Secrets exist in the namespace, asked of the Kubernetes API with the pod's service
-  account (metadata only: no secret value is ever read).
+  account (metadata only: no secret value is ever read);
+- data digest: a fingerprint of the data (`sources_digest`), passed to data_prep so that its cache key changes
+  with the bytes of the sources, not only with their URIs.
 
 `run` returns every check; `raise_for_failures` then fails the step listing every failure, after the step has
 written the report (a Markdown artifact).
@@ -42,10 +45,9 @@ class PreflightError(RuntimeError):
 class PreflightConfig:
     """What a run is about to use."""
 
-    base_model: str
-    """The base model directory (the pipeline's download of base_model_uri)."""
     base_model_uri: str
-    """Where the base model came from, as the spec or the run names it."""
+    """The base model, as the spec or the run names it: a local directory or s3:// (only its config, tokenizer
+    and weight headers are read)."""
     sources: list[dict] = field(default_factory=list)
     """data_prep's sources."""
     tracking_uri: str = ""
@@ -71,8 +73,6 @@ class PreflightConfig:
     """Rows read from each of the first files of a local source."""
 
 
-CONFIG = PreflightConfig
-
 
 @dataclass
 class Check:
@@ -81,26 +81,77 @@ class Check:
     detail: str
 
 
-def check_model(path: str) -> str:
-    from safetensors import safe_open
+def check_model(uri: str) -> str:
+    """The model at `uri` (a local directory or s3://) has a config, safetensors weights whose headers read and a
+    tokenizer that loads. Only what is checked is read: the config and tokenizer files, and each weight file's
+    header (a ranged read); no weight is downloaded."""
     from transformers import AutoConfig
 
-    from components.models import check_model_dir, load_tokenizer
+    from components.models import load_tokenizer, model_files
 
-    p = check_model_dir(path)
-    config = AutoConfig.from_pretrained(p, trust_remote_code=False)
-    tensors = 0
-    for f in sorted(p.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:  # reads the header only
-            tensors += len(list(st.keys()))
-    tok = load_tokenizer(p)
+    files = model_files(uri)
+    if not (files / "config.json").is_file():
+        raise FileNotFoundError(f"{uri}: not a model directory (no config.json)")
+    config = AutoConfig.from_pretrained(files, trust_remote_code=False)
+    names = _top_level_files(uri)
+    weights = [n for n in names if n.endswith(".safetensors")]
+    if not weights:
+        pickled = [n for n in names if n.endswith((".bin", ".pt"))]
+        extra = f" (found {', '.join(pickled)}; convert them to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"{uri}: no *.safetensors weights{extra}; only safetensors are loaded")
+    tensors = sum(len(safetensors_header(f"{str(uri).rstrip('/')}/{n}")) for n in weights)
+    tok = load_tokenizer(files)
     return f"{config.model_type}, {tensors} tensors in safetensors, tokenizer with {len(tok)} tokens"
+
+
+def _top_level_files(uri: str) -> list[str]:
+    from components.storage import digest, is_s3
+
+    if is_s3(uri):  # one listing: ETags and sizes, nothing downloaded
+        return [path for path, _, _ in digest(uri) if "/" not in path]
+    return sorted(f.name for f in Path(uri).iterdir() if f.is_file())
+
+
+def safetensors_header(uri: str) -> dict:
+    """The tensors of a safetensors file (name → dtype, shape, offsets), read from its header only: 8 bytes of
+    header length, then the JSON header."""
+    import json
+
+    from components.storage import read_range
+
+    head = read_range(uri, 0, 8)
+    if len(head) < 8:
+        raise ValueError(f"{uri}: not a safetensors file (shorter than its header)")
+    size = int.from_bytes(head, "little")
+    if size > 100 * 2**20:
+        raise ValueError(f"{uri}: not a safetensors file (a header of {size} bytes)")
+    header = json.loads(read_range(uri, 8, size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def sources_digest(sources: list[dict], base_model_uri: str, s3_endpoint: str = "") -> tuple[str, int]:
+    """(digest, files): a sha256 over what data_prep's outputs depend on beyond its parameters: each file
+    source's files (components.storage.digest: S3 ETags and sizes, local sha256s) and the base model's config
+    and tokenizer files. data_prep takes it as a parameter, so its cache key changes when the bytes under the
+    same URIs change, and stays the same when they do not."""
+    import hashlib
+    import json
+
+    from components.storage import digest, not_weights
+
+    parts = [{"source": src, "files": digest(src["uri"], s3_endpoint or None)} if "uri" in src else {"source": src}
+             for src in sources]
+    parts.append({"tokenizer": digest(base_model_uri, s3_endpoint or None, include=not_weights)})
+    files = sum(len(p.get("files", p.get("tokenizer", []))) for p in parts)
+    return "sha256:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), files
 
 
 def check_source(src: dict, sample_rows: int, s3_endpoint: str = "") -> str:
     """A data_prep source exists and (local files) its first rows parse into its shape."""
-    from components.data_prep.main import READERS, source_files
-    from components.datasets import ROW_FIELDS, ROW_PARSERS, RowError
+    from components.data_prep.formats import ALPACA_TEMPLATE, RowReader
+    from components.data_prep.readers import READERS, BrokenFile, source_files
+    from components.datasets import RowError
 
     if "task" in src:
         from components.tasks import get_task
@@ -121,15 +172,19 @@ def check_source(src: dict, sample_rows: int, s3_endpoint: str = "") -> str:
     if not files:
         raise FileNotFoundError(f"{uri}: no data files (jsonl, json, parquet, csv, datasets)")
     errors, read = [], 0
+    parse = RowReader(shape, src.get("schema", "auto"), fields, src.get("split"),
+                      src.get("alpaca_template") or ALPACA_TEMPLATE)
     for path, fmt in files[:SAMPLE_FILES]:
-        for n, (line, raw) in enumerate(READERS[fmt](path, str(path))):
-            if n >= sample_rows:
-                break
-            read += 1
-            row = raw if isinstance(raw, RowError) else ROW_PARSERS[shape](
-                {f: raw[fields.get(f, f)] for f in ROW_FIELDS[shape] if fields.get(f, f) in raw}, str(path), line)
-            if isinstance(row, RowError):
-                errors.append(str(row))
+        try:
+            for n, (line, raw) in enumerate(READERS[fmt](path, str(path))):
+                if n >= sample_rows:
+                    break
+                read += 1
+                row = raw if isinstance(raw, RowError) else parse(raw, str(path), line)
+                if isinstance(row, RowError):
+                    errors.append(str(row))
+        except BrokenFile as e:
+            raise ValueError(f"{path}: {e}") from None
     if errors and len(errors) == read:
         raise ValueError(f"none of the first {read} rows is a {shape} row (check the source's shape and fields): "
                          + "; ".join(errors[:3]))
@@ -164,6 +219,27 @@ def parent_run_filter(kfp_run_id: str) -> str:
     return f"tags.`posttrain.kfp_run_id` = '{kfp_run_id}' and tags.`posttrain.role` = 'pipeline'"
 
 
+def close_pipeline_runs(client, experiment: str, kfp_run_id: str, final_state: str, error: str = "") -> list[str]:
+    """Close the MLflow runs of a KFP run (the exit handler): every child run still RUNNING (an attempt killed with
+    no retry left, which could not close its own run) as FAILED, then the parent run as FINISHED when the pipeline
+    succeeded, else FAILED. Returns the ids of the parent runs closed."""
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], parent_run_filter(kfp_run_id)) if exp else []
+    for parent in parents:
+        pid = parent.info.run_id
+        for child in client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}' "
+                                                             "and attributes.status = 'RUNNING'"):
+            client.set_tag(child.info.run_id, "posttrain.final_state", "FAILED: still running when the pipeline ended")
+            client.set_terminated(child.info.run_id, "FAILED")
+            log.info("closed MLflow run %s (%s), left running, as FAILED", child.info.run_id, child.info.run_name)
+        client.set_tag(pid, "posttrain.final_state", final_state)
+        if error:
+            client.set_tag(pid, "posttrain.error", error[:5000])
+        client.set_terminated(pid, "FINISHED" if final_state == "SUCCEEDED" else "FAILED")
+        log.info("closed MLflow run %s (pipeline %s)", pid, final_state)
+    return [p.info.run_id for p in parents]
+
+
 def check_buckets(cfg: PreflightConfig) -> str:
     from components.storage import client, split_s3
 
@@ -194,7 +270,23 @@ def secret_exists(name: str, namespace: str) -> bool:
                               "(the pipeline's service account needs get on it)") from None
 
 
+def _check_secrets(cfg: PreflightConfig, checks: list[Check], attempt) -> None:
+    in_cluster = "KUBERNETES_SERVICE_HOST" in os.environ and (SERVICE_ACCOUNT / "token").exists()
+    for name in cfg.secrets:
+        if not in_cluster:
+            checks.append(Check(f"secret {name}", "skipped", "not in a Kubernetes pod: no cluster to ask"))
+            continue
+
+        def secret_check(name=name) -> str:
+            if not secret_exists(name, cfg.namespace):
+                raise LookupError(f"Secret {cfg.namespace}/{name} does not exist (see k8s/secrets/)")
+            return f"{cfg.namespace}/{name} exists"
+        attempt(f"secret {name}", secret_check)
+
+
 def run(cfg: PreflightConfig) -> dict:
+    from components.storage import bytes_downloaded
+
     checks: list[Check] = []
     parent_run_id = ""
 
@@ -204,7 +296,7 @@ def run(cfg: PreflightConfig) -> dict:
         except Exception as e:  # every check runs; failures are listed together at the end
             checks.append(Check(name, "failed", f"{type(e).__name__}: {e}"))
 
-    attempt("model", lambda: check_model(cfg.base_model))
+    attempt("model", lambda: check_model(cfg.base_model_uri))
     for i, src in enumerate(cfg.sources):
         attempt(f"data: {src.get('name') or src.get('uri') or src.get('task', i)}",
                 lambda src=src: check_source(src, cfg.sample_rows, cfg.s3_endpoint))
@@ -220,21 +312,19 @@ def run(cfg: PreflightConfig) -> dict:
         attempt("s3", lambda: check_buckets(cfg))
     else:
         checks.append(Check("s3", "skipped", "no S3 endpoint: a local run keeps artifacts on this machine"))
-    in_cluster = "KUBERNETES_SERVICE_HOST" in os.environ and (SERVICE_ACCOUNT / "token").exists()
-    for name in cfg.secrets:
-        if not in_cluster:
-            checks.append(Check(f"secret {name}", "skipped", "not in a Kubernetes pod: no cluster to ask"))
-            continue
+    _check_secrets(cfg, checks, attempt)
 
-        def secret_check(name=name) -> str:
-            if not secret_exists(name, cfg.namespace):
-                raise LookupError(f"Secret {cfg.namespace}/{name} does not exist (see k8s/secrets/)")
-            return f"{cfg.namespace}/{name} exists"
-        attempt(f"secret {name}", secret_check)
-
+    digest = ""
+    if not any(c.status == "failed" and c.name.startswith(("data:", "model")) for c in checks):
+        def digest_check() -> str:
+            nonlocal digest
+            digest, files = sources_digest(cfg.sources, cfg.base_model_uri, cfg.s3_endpoint)
+            return f"{digest} over {files} file(s)"
+        attempt("data digest", digest_check)
+    checks.append(Check("downloaded", "ok", f"{bytes_downloaded()} bytes from S3"))
     for c in checks:
         log.info("%-8s %s: %s", c.status, c.name, c.detail)
-    return {"checks": [c.__dict__ for c in checks], "parent_run_id": parent_run_id,
+    return {"checks": [c.__dict__ for c in checks], "parent_run_id": parent_run_id, "sources_digest": digest,
             "failed": [f"{c.name}: {c.detail}" for c in checks if c.status == "failed"]}
 
 

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Model, Output
 
-from pipelines.images import RUNTIME_IMAGE
+from components.images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
@@ -46,14 +46,8 @@ def register(model: Input[Model], eval_results: Input[Artifact], registered_mode
     rule = gate.PromotionRule.from_mapping(json.loads(promotion))
     evaluation = gate.read_eval(eval_results.path)
     client = MlflowClient()
-    champion = gate.alias_version(client, registered_model, gate.CHAMPION)
-    if champion is None:
-        champion_metrics, label = None, gate.CHAMPION
-    elif gate.CHAMPION in evaluation.get("baselines", {}):
-        champion_metrics, label = evaluation["baselines"][gate.CHAMPION], f"champion v{champion} (eval baseline)"
-    else:
-        champion_metrics, label = gate.version_metrics(client, registered_model, champion), f"champion v{champion}"
-    decision = gate.decide(rule, evaluation["metrics"], champion_metrics, label)
+    champion, decision = gate.compare(client, registered_model, rule, evaluation)  # no champion: the base model
+    gate.record_decision(client, registered_model, summary["version"], decision, f"register stage, {stage}")
     result = {**summary, "champion": champion, "decision": "promote" if decision.promote else "keep",
               "reason": decision.reason}
     with open(registration.path, "w") as f:

@@ -57,8 +57,6 @@ class RegisterConfig:
                 raise ValueError("promotion is set but eval is not: the gate compares eval metrics; set eval")
 
 
-CONFIG = RegisterConfig
-
 
 def check_model_dir(path: Path) -> None:
     """A Hugging Face directory with safetensors weights and no pickled ones (nothing here goes through pickle)."""

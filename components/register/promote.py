@@ -9,8 +9,12 @@ suite: the primary metric must improve (in its direction) by more than zero and 
 
 The challenger's numbers are the eval JSON's `metrics`; the champion's are its `baselines["champion"]`
 (the evaluate stage scored the champion on the same prompts) when present, else the champion
-version's `eval.<metric>` tags, written when it was registered. With no champion yet, the first
-registered version becomes champion.
+version's `eval.<metric>` tags, written when it was registered. With no champion yet, the challenger
+is compared in the same way with the base model (the eval's `baselines["base"]`, which the evaluate
+stage scores): it must beat it by `min_improvement` with the guards applied (an eval without that
+baseline is compared with nothing). `min_value`, when set, is an absolute floor of the primary metric
+(a ceiling with direction min) that every promotion must clear. Each decision of the gate is written on
+the version as the tag `posttrain.decision` (JSON {promoted, reason, at, via}).
 
 Compare-and-set. The registry can move an alias but has no conditional write, so a move is done
 under a mutex built from the one atomic operation it has: creating a registered model whose name is
@@ -49,10 +53,10 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,8 @@ class PromotionRule:
     min_improvement: float = 0.0
     """The challenger must beat the champion by more than 0 and by at least this much."""
     guards: list[Guard] = field(default_factory=list)
+    min_value: float | None = None
+    """An absolute floor of the primary metric (a ceiling with direction min); None: no floor."""
 
     @classmethod
     def from_mapping(cls, data: dict, where: str = "promotion") -> PromotionRule:
@@ -99,10 +105,12 @@ class PromotionRule:
 
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected a mapping with keys metric, direction, min_improvement, guards")
-        unknown = sorted(set(data) - {"metric", "direction", "min_improvement", "guards"})
+        unknown = sorted(set(data) - {"metric", "direction", "min_improvement", "guards", "min_value"})
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: metric, direction, "
-                             "min_improvement, guards")
+                             "min_improvement, guards, min_value")
+        floor = data.get("min_value")
+        need(floor is None or _number(floor), "min_value", floor, "a finite number, or null for no floor")
         need(isinstance(data.get("metric"), str) and data.get("metric"), "metric", data.get("metric"),
              "a metric name like arithmetic-id/accuracy")
         direction = data.get("direction", "max")
@@ -122,7 +130,8 @@ class PromotionRule:
             need(_number(drop) and drop >= 0, f"{key}.max_drop", drop, "a number ≥ 0")
             need(g.get("direction", "max") in DIRECTIONS, f"{key}.direction", g.get("direction"), "max or min")
             guards.append(Guard(metric=g["metric"], max_drop=float(drop), direction=g.get("direction", "max")))
-        return cls(metric=data["metric"], direction=direction, min_improvement=float(mi), guards=guards)
+        return cls(metric=data["metric"], direction=direction, min_improvement=float(mi), guards=guards,
+                   min_value=None if floor is None else float(floor))
 
     def metrics(self) -> list[str]:
         return [self.metric, *(g.metric for g in self.guards)]
@@ -138,14 +147,41 @@ class Decision:
     reason: str
 
 
+BASE = "base"
+"""The eval baseline of the base model (components/evaluate): what a first challenger must beat."""
+
+
 def decide(rule: PromotionRule, challenger: dict[str, float], champion: dict[str, float] | None,
-           champion_label: str = "champion") -> Decision:
-    """Apply `rule`; the reason names every number compared."""
+           champion_label: str = "champion", base: dict[str, float] | None = None) -> Decision:
+    """Apply `rule`; the reason names every number compared.
+
+    The challenger must clear `rule.min_value`, then beat the champion, or with no champion the base model
+    (`base`, the eval's baseline of it), by the rule; with neither to compare with, the floor alone decides.
+    """
     missing = [m for m in rule.metrics() if m not in challenger]
     if missing:
         raise ValueError(f"the challenger's eval has no {', '.join(missing)}; it has: {', '.join(sorted(challenger))}")
+    value = challenger[rule.metric]
+    floor = ""
+    if rule.min_value is not None:
+        clears = value >= rule.min_value if rule.direction == "max" else value <= rule.min_value
+        bound = "floor" if rule.direction == "max" else "ceiling"
+        if not clears:
+            return Decision(False, f"{rule.metric} {value:.4g} is {'below' if rule.direction == 'max' else 'above'} "
+                                   f"the {bound} min_value {rule.min_value:g}")
+        floor = f"; {rule.metric} {value:.4g} clears the {bound} {rule.min_value:g}"
     if champion is None:
-        return Decision(True, f"no {CHAMPION} yet; {rule.metric}={challenger[rule.metric]:.4g}")
+        if base is None:
+            return Decision(True, f"no {CHAMPION} yet and no base-model baseline in the eval; "
+                                  f"{rule.metric}={value:.4g}{floor}")
+        verdict = _compare(rule, challenger, base, "base model")
+        return Decision(verdict.promote, f"no {CHAMPION} yet, compared with the base model: {verdict.reason}{floor}")
+    verdict = _compare(rule, challenger, champion, champion_label)
+    return Decision(verdict.promote, verdict.reason + floor)
+
+
+def _compare(rule: PromotionRule, challenger: dict[str, float], champion: dict[str, float],
+             champion_label: str) -> Decision:
     if rule.metric not in champion:
         return Decision(False, f"{champion_label} has no {rule.metric} to compare with; promote by hand if intended")
 
@@ -300,7 +336,7 @@ def move_champion(name: str, version: str, *, expected: str | None, action: str,
             raise PromotionConflict(f"{name}: the promotion lock expired and was taken over; nothing moved")
         client.get_model_version(name, version)  # fails clearly for a version that does not exist
         record = {"action": action, "version": str(version), "previous": current, "by": actor(),
-                  "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reason": reason[:2000], "via": via}
+                  "at": datetime.now(UTC).isoformat(timespec="seconds"), "reason": reason[:2000], "via": via}
         client.set_registered_model_alias(name, CHAMPION, version)
         seq = len(audit_log(client, name)) + 1
         client.set_registered_model_tag(name, f"{AUDIT_PREFIX}{seq:06d}", json.dumps(record))
@@ -321,7 +357,7 @@ def compare(client, name: str, rule: PromotionRule, evaluation: dict) -> tuple[s
     """(the champion version now, the rule's decision for the challenger whose eval is `evaluation`)."""
     champion = alias_version(client, name, CHAMPION)
     if champion is None:
-        return None, decide(rule, evaluation["metrics"], None)
+        return None, decide(rule, evaluation["metrics"], None, base=(evaluation.get("baselines") or {}).get(BASE))
     if CHAMPION in (evaluation.get("baselines") or {}):
         metrics, label = evaluation["baselines"][CHAMPION], f"{CHAMPION} v{champion} (eval baseline)"
     else:
@@ -339,12 +375,23 @@ def promote_if_better(name: str, version: str, rule: PromotionRule, evaluation: 
     if alias_version(client, name, CHAMPION) == str(version):
         return Decision(False, f"v{version} is already {CHAMPION}")
     champion, decision = compare(client, name, rule, evaluation)
+    record_decision(client, name, version, decision, via)
     if decision.promote:
         move_champion(name, version, expected=champion, action="promote", reason=decision.reason, via=via,
                       client=client)
     else:
         log.info("%s: v%s stays %s: %s", name, version, CHALLENGER, decision.reason)
     return decision
+
+
+DECISION_TAG = "posttrain.decision"
+
+
+def record_decision(client, name: str, version: str, decision: Decision, via: str) -> None:
+    """The gate's decision on a version, kept on it (tag posttrain.decision): whether it was to be promoted, and why."""
+    record = {"promoted": decision.promote, "reason": decision.reason[:4000], "via": via,
+              "at": datetime.now(UTC).isoformat(timespec="seconds")}
+    client.set_model_version_tag(name, str(version), DECISION_TAG, json.dumps(record))
 
 
 def promote(name: str, version: str | None = None, *, reason: str, client=None) -> dict:
@@ -384,7 +431,7 @@ def listing(name: str, client=None) -> dict:
     versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda mv: -int(mv.version))
     return {"name": name, "aliases": {a: str(v) for a, v in (model.aliases or {}).items()},
             "versions": [{"version": mv.version, "aliases": sorted(by_version.get(mv.version, [])),
-                          "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc)
+                          "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)
                           .isoformat(timespec="seconds"),
                           "run_id": mv.run_id, "metrics": tag_metrics(mv.tags)}
                          for mv in versions],

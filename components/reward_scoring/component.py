@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from pipelines.images import TRAINER_IMAGE
+from components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -34,6 +34,6 @@ def reward_scoring(model: Input[Model], data: Input[Dataset], settings: str, rew
 
     step = Step(stage, settings, output_dir=scored.path, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                 s3_endpoint=s3_endpoint)
-    summary = step.run("reward_scoring", model=model.path, prompts=os.path.join(data.path, "prompts.train.jsonl"),
-                       rewards=json.loads(rewards))
+    summary = step.run("reward_scoring", model=model.path,
+                       prompts={"path": os.path.join(data.path, "prompts.train.jsonl")}, rewards=json.loads(rewards))
     step.log_metrics(metrics, summary)

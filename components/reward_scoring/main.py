@@ -5,7 +5,8 @@
 For each prompt, `num_samples` completions are sampled (the rollout engine, seeded) and scored by the reward
 functions (components/rewards). The best and the worst completion of a prompt make a preference pair for DPO;
 a prompt whose best and worst score the same (a tie) gives no pair, nor does one whose best or worst
-completion is empty or whose two completions are the same text; each is counted.
+completion is empty or whose two completions are the same text; each is counted. Fewer than `min_pairs`
+pairs fail the stage (after its outputs are written, for a look at them).
 
 Outputs in `output_dir`: scored.jsonl (every sample: prompt, completion, answer, reward and per-function
 rewards), pairs.jsonl ({"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"}), stats.json.
@@ -23,8 +24,8 @@ from pathlib import Path
 import torch
 
 from components import tracking
-from components.config import stage_main
-from components.datasets import write_jsonl
+from components.config import require, stage_main
+from components.datasets import DataError, write_jsonl
 from components.models import ModelLoading
 from components.prompts import PromptSource
 from components.rewards import build_rewards
@@ -34,26 +35,34 @@ log = logging.getLogger("components.reward_scoring")
 
 
 @dataclass(kw_only=True)
-class RewardScoringConfig(PromptSource, Sampling, ModelLoading):
-    """A reward_scoring stage: the model, the prompts, the rewards and the sampling settings."""
+class RewardScoringConfig:
+    """A reward_scoring stage: the model, the rewards, and the parts `prompts`, `sampling` and `loading`."""
 
     model: str
     """The policy to sample from: a Hugging Face directory with safetensors weights."""
     output_dir: str
     """Where scored.jsonl, pairs.jsonl and stats.json go."""
+    prompts: PromptSource
+    """The prompts sampled from: a JSONL (`path`) or a bundled task (components/prompts.py)."""
+    sampling: Sampling = field(default_factory=Sampling)
+    """Temperature, top_p, max_new_tokens of the samples (components/README.md)."""
+    loading: ModelLoading = field(default_factory=ModelLoading)
+    """How the model is loaded (components/README.md)."""
     rewards: list[dict] = field(default_factory=lambda: [{"name": "task"}])
     """Reward functions and weights (components/rewards)."""
     num_samples: int = 4
     """k: completions sampled per prompt."""
     seed: int = 0
     """Sampling seed (and the seed of a generated task's prompts)."""
+    min_pairs: int = 1
+    """Fewest preference pairs the stage must make; fewer (every prompt's samples tied, say) fail it, before a
+    DPO stage is run on too few pairs."""
 
     def __post_init__(self):
-        PromptSource.__post_init__(self)
-        Sampling.__post_init__(self)
-        ModelLoading.__post_init__(self)
-        if not isinstance(self.num_samples, int) or self.num_samples < 2:
-            raise ValueError(f"num_samples={self.num_samples!r} is invalid: an integer ≥ 2 (a pair needs two)")
+        require(isinstance(self.num_samples, int) and self.num_samples >= 2, "num_samples", self.num_samples,
+                "an integer ≥ 2 (a pair needs two)")
+        require(isinstance(self.min_pairs, int) and not isinstance(self.min_pairs, bool) and self.min_pairs >= 1,
+                "min_pairs", self.min_pairs, "a positive integer")
 
 
 def make_pairs(rows: list[dict], texts: list[str], totals: list[float], k: int) -> tuple[list[dict], Counter]:
@@ -79,14 +88,14 @@ def run(cfg: RewardScoringConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rewards = build_rewards(cfg.rewards, where="rewards")
-    rows = cfg.load_prompts(cfg.seed)
-    cfg.check_rows(rows, rewards)
-    tokenizer = cfg.load_tokenizer(cfg.model)
-    model = cfg.load_model(cfg.model)
+    rows = cfg.prompts.load_prompts(cfg.seed)
+    cfg.prompts.check_rows(rows, rewards)
+    tokenizer = cfg.loading.load_tokenizer(cfg.model)
+    model = cfg.loading.load_model(cfg.model)
     if torch.cuda.is_available():
         model.cuda()
     t0 = time.perf_counter()
-    ro = cfg.sample(model, tokenizer, [r["prompt"] for r in rows], n=cfg.num_samples, seed=cfg.seed)
+    ro = cfg.sampling.sample(model, tokenizer, [r["prompt"] for r in rows], n=cfg.num_samples, seed=cfg.seed)
     gen_s = time.perf_counter() - t0
     srows = [rows[i] for i in ro.prompt_index]
     totals, per_fn = rewards.score([r["prompt"] for r in srows], ro.texts, [r.get("answer") for r in srows],
@@ -108,10 +117,13 @@ def run(cfg: RewardScoringConfig) -> dict:
     log.info("%d prompts × %d samples: reward %.3f ± %.3f, %d pairs (skipped %s), %.0f tok/s", len(rows),
              cfg.num_samples, stats["reward_mean"], stats["reward_std"], len(pairs), dict(skipped),
              stats["tokens_per_s"])
+    if len(pairs) < cfg.min_pairs:
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none skipped"
+        raise DataError(f"reward_scoring made {len(pairs)} preference pairs from {len(rows)} prompts, fewer than "
+                        f"min_pairs={cfg.min_pairs} (prompts without a pair: {why}); sample more or more varied "
+                        f"completions (num_samples, temperature) or check the rewards; see {out / 'stats.json'}")
     return stats
 
-
-CONFIG = RewardScoringConfig
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 from components.config import ConfigError, from_mapping
 from components.tasks import TASKS, get_task

@@ -38,6 +38,17 @@ def _valid_text(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
+def render(tokenizer, prompt: str | list[dict], completion: str) -> str:
+    """The text a reward model reads: a chat (user prompt, assistant completion) or prompt + completion (the
+    reward_model stage trains on exactly this)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    messages = [{**m, "content": _valid_text(m["content"])} for m in messages]
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _valid_text(completion)}],
+                                             tokenize=False)
+    return "\n".join(m["content"] for m in messages) + _valid_text(completion)
+
+
 class RewardModel:
     """Batch scorer: `RewardModel(uri)(prompts, completions, answers, tasks) -> list[float]`."""
 
@@ -50,8 +61,13 @@ class RewardModel:
         path = check_weights(local_dir(uri))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=False).to(self.device).eval()
+        self.model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=False, output_loading_info=True)
+        if info["missing_keys"]:  # e.g. a causal LM: transformers would score with a random new head
+            missing = sorted(info["missing_keys"])
+            raise ValueError(f"{path}: not a reward model: its weights have no scalar head ({', '.join(missing[:3])} "
+                             "missing); train one with the reward_model stage")
+        self.model = self.model.to(self.device).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"{path}: a reward model has num_labels=1, this one has {self.model.config.num_labels}")
         self.tokenizer = load_tokenizer(path)
@@ -62,12 +78,7 @@ class RewardModel:
 
     def render(self, prompt: str | list[dict], completion: str) -> str:
         """The text the model reads: a chat (user prompt, assistant completion) or prompt + completion."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        messages = [{**m, "content": _valid_text(m["content"])} for m in messages]
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(
-                messages + [{"role": "assistant", "content": _valid_text(completion)}], tokenize=False)
-        return "\n".join(m["content"] for m in messages) + _valid_text(completion)
+        return render(self.tokenizer, prompt, completion)
 
     def __call__(self, prompts, completions, answers=None, tasks=None) -> list[float]:
         import torch

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Callable
+from collections.abc import Callable
 
 SPLITS = ("id", "ood")
 PARTS = ("train", "test")

@@ -19,7 +19,8 @@ Verifier (never raises, never evals): the completion, stripped of surrounding wh
 parser: integers (ASCII digits, no leading zeros), binary + - * /, parentheses nested at most
 `MAX_DEPTH` deep, spaces between tokens; no unary minus, no decimals. The multiset of numbers used must
 equal the card values implied by the prompt (cards and rule are read from the prompt text), and the exact
-Fraction value must equal the target, taken from `answer`. Division by zero, a parse error or an unreadable prompt scores 0.0.
+Fraction value must equal the target, taken from `answer`. Division by zero, a parse error or an unreadable prompt
+scores 0.0.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def cost(text: str) -> tuple:
     return text.count("/"), text.count("("), len(text), text
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reachable(values: tuple[int, ...]) -> dict[Fraction, tuple[tuple, int | tuple]]:
     """Every value an expression over exactly the multiset `values` (sorted) can take -> (cost, tree) of
     the cheapest tree with that value.
@@ -175,7 +176,7 @@ def evaluate_tree(tree: int | tuple) -> Fraction | None:
     return None if a is None or b is None else _apply(op, a, b)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _solve_sorted(values: tuple[int, ...], target: int) -> str | None:
     if len(values) == 1:
         return str(values[0]) if values[0] == target else None

@@ -21,13 +21,16 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
 
 import torch
 
+from components.config import UserError, positive_ints, require
 from components.training import distributed
 from components.training.batching import Example, PackedBatch, micro_batches
 from components.training.flops import peak_flops, training_flops
@@ -41,14 +44,12 @@ METHODS = ("sft", "psft", "sft_kl")
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """How to train; the same fields appear in a stage's YAML config."""
+    """How to train, whatever the objective: the `train` part of every training stage's config."""
 
-    method: str = "sft"
-    """Objective: sft (negative log-likelihood), psft (clipped ratio against a frozen π_old), sft_kl (SFT + β·KL)."""
     max_steps: int = 100
     """Optimizer steps."""
     batch_size: int = 32
-    """Sequences per optimizer step, over all ranks."""
+    """Sequences (DPO: pairs) per optimizer step, over all ranks."""
     token_budget: int = 4096
     """Most tokens in one packed micro-batch; gradients accumulate over the micro-batches of a step."""
     lr: float = 1e-4
@@ -65,16 +66,6 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0 disables)."""
     seed: int = 0
     """Seed of the data order (and of every other random choice of the stage)."""
-    updates_per_batch: int = 1
-    """PSFT: optimizer steps per π_old snapshot (reference setting: batch 64, minibatch 8 → 8)."""
-    epsilon_low: float = 0.2
-    """PSFT and GRPO: lower clip range ε_low."""
-    epsilon_high: float = 0.28
-    """PSFT and GRPO: upper clip range ε_high."""
-    sft_warmup_steps: int = 0
-    """PSFT: plain SFT for this many steps before the clipped objective starts."""
-    beta: float = 0.1
-    """SFT-KL: weight of the KL penalty to the reference model."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: none; the stage saves the final model either way)."""
     keep_checkpoints: int = 2
@@ -89,50 +80,60 @@ class TrainConfig:
     """DeepSpeed ZeRO stage (2 or 3) when WORLD_SIZE > 1."""
     offload: bool = False
     """DeepSpeed: offload optimizer states (and with stage 3, parameters) to CPU."""
-
-    unused_fields: ClassVar[tuple[str, ...]] = ()
-    """Fields of the training settings that a stage extending them does not read: any value but the default is
-    refused, so a setting never silently does nothing."""
-
-    def training(self) -> "TrainConfig":
-        """The training settings alone, from a stage's config that extends them."""
-        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+    allow_config_change: bool = False
+    """Resume from a checkpoint written under another config (the differing keys are logged); by default such
+    a resume is refused, naming the keys that differ."""
 
     def __post_init__(self):
-        def bad(name, allowed):
-            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {allowed}")
-        if self.method not in METHODS:
-            bad("method", f"one of {', '.join(METHODS)}")
-        for name in ("max_steps", "batch_size", "token_budget", "updates_per_batch", "loss_chunk_size", "log_every",
-                     "keep_checkpoints"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, "a positive integer")
-        for name in ("warmup_steps", "sft_warmup_steps", "checkpoint_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                bad(name, "an integer ≥ 0")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            bad("lr", "a positive number")
-        if not 0 <= self.min_lr_ratio <= 1:
-            bad("min_lr_ratio", "a number in [0, 1]")
-        if not 0 < self.epsilon_low < 1:
-            bad("epsilon_low", "a number in (0, 1)")
-        if not (math.isfinite(self.epsilon_high) and self.epsilon_high > 0):
-            bad("epsilon_high", "a positive number")
-        for name in ("beta", "weight_decay", "grad_clip"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                bad(name, "a number ≥ 0")
-        if self.precision not in ("auto", "fp32", "bf16-mixed"):
-            bad("precision", "auto, fp32 or bf16-mixed")
-        if self.zero_stage not in (2, 3):
-            bad("zero_stage", "2 or 3")
+        positive_ints(self, "max_steps", "batch_size", "token_budget", "loss_chunk_size", "log_every",
+                      "keep_checkpoints")
+        for name in ("warmup_steps", "checkpoint_every"):
+            require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, getattr(self, name),
+                    "an integer ≥ 0")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value >= 0, name, value, "a number ≥ 0")
+        require(self.precision in ("auto", "fp32", "bf16-mixed"), "precision", self.precision,
+                "auto, fp32 or bf16-mixed")
+        require(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "2 or 3")
         betas = tuple(self.adam_betas)
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            bad("adam_betas", "two numbers in [0, 1): (β1, β2)")
+        require(len(betas) == 2 and all(isinstance(beta, (int, float)) and 0 <= beta < 1 for beta in betas),
+                "adam_betas", self.adam_betas, "two numbers in [0, 1): (β1, β2)")
         self.adam_betas = betas
-        defaults = {f.name: f.default for f in fields(TrainConfig)}
-        for name in self.unused_fields:
-            if getattr(self, name) != defaults[name]:
-                bad(name, "not used by this stage (the sft stage's methods read it); remove it")
+
+
+@dataclass(kw_only=True)
+class SFTObjective:
+    """What `train` optimizes on dataset tokens: the `objective` part of the sft stage's config."""
+
+    method: str = "sft"
+    """sft (negative log-likelihood), psft (clipped ratio against a frozen π_old), sft_kl (SFT + β·KL)."""
+    updates_per_batch: int = 1
+    """PSFT: optimizer steps per π_old snapshot (reference setting: batch 64, minibatch 8 → 8)."""
+    epsilon_low: float = 0.2
+    """PSFT: lower clip range ε_low."""
+    epsilon_high: float = 0.28
+    """PSFT: upper clip range ε_high."""
+    sft_warmup_steps: int = 0
+    """PSFT: plain SFT for this many steps before the clipped objective starts."""
+    beta: float = 0.1
+    """SFT-KL: weight of the KL penalty to the reference model."""
+
+    def __post_init__(self):
+        require(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
+        positive_ints(self, "updates_per_batch")
+        require(isinstance(self.sft_warmup_steps, int) and self.sft_warmup_steps >= 0, "sft_warmup_steps",
+                self.sft_warmup_steps, "an integer ≥ 0")
+        check_clip_range(self.epsilon_low, self.epsilon_high)
+        require(math.isfinite(self.beta) and self.beta >= 0, "beta", self.beta, "a number ≥ 0")
+
+
+def check_clip_range(epsilon_low: float, epsilon_high: float) -> None:
+    """The clip range (1 − ε_low, 1 + ε_high) of PSFT, GRPO and PPO."""
+    require(0 < epsilon_low < 1, "epsilon_low", epsilon_low, "a number in (0, 1)")
+    require(math.isfinite(epsilon_high) and epsilon_high > 0, "epsilon_high", epsilon_high, "a positive number")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,21 +141,21 @@ class TrainConfig:
 
 def step_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Indices of the sequences of optimizer step `step`: consecutive slices of per-epoch shuffles."""
-    out = []
+    indices = []
     start = step * batch_size
-    for pos in range(start, start + batch_size):
-        epoch, i = divmod(pos, num_examples)
-        out.append(_epoch_order(num_examples, seed, epoch)[i])
-    return out
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_examples)
+        indices.append(_epoch_order(num_examples, seed, epoch)[offset])
+    return indices
 
 
 _ORDER_CACHE: dict[tuple[int, int, int], list[int]] = {}
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    key = (n, seed, epoch)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    key = (num_examples, seed, epoch)
     if key not in _ORDER_CACHE:
-        order = list(range(n))
+        order = list(range(num_examples))
         random.Random(seed * 100_003 + epoch).shuffle(order)
         _ORDER_CACHE.clear()
         _ORDER_CACHE[key] = order
@@ -163,29 +164,64 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     """Linear warm-up to 1, then cosine decay to min_lr_ratio at max_steps."""
-    def f(step: int) -> float:
+    def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         span = max(cfg.max_steps - cfg.warmup_steps, 1)
         progress = min((step - cfg.warmup_steps) / span, 1.0)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
+    return factor
 
 
 # ----------------------------------------------------------------------------------------------------
 # Forward: hidden states of a packed row, then chunked log-probs through the head.
 
+def is_lora(model) -> bool:
+    """Whether `model` is a peft model (LoRA adapters on a frozen base). peft is only looked at once loaded."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+@contextmanager
+def base_reference(model):
+    """Within it, `model` (a LoRA policy) computes as its base model: the adapter disabled (peft's
+    `disable_adapter()`), in eval mode, without gradients; the policy's mode is restored after. This is the
+    reference of DPO, SFT-KL and GRPO's KL term with LoRA, so no second model is loaded."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), model.disable_adapter():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def forward_logprobs(model, batch: PackedBatch, chunk_size: int, autocast: bool, temperature: float = 1.0,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log π(target) and entropy for a packed micro-batch (attention masked by position ids)."""
+    causal_lm = model.get_base_model() if is_lora(model) else model  # a LoRA policy: its adapters are inside
     with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                  use_cache=False).last_hidden_state
+        hidden = causal_lm.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                      use_cache=False).last_hidden_state
         return token_logprobs(model.get_output_embeddings(), hidden, batch.targets, chunk_size=chunk_size,
                               temperature=temperature)
 
 
 # ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    """What one optimizer step (`Session.optimize`) gives back; `Session.record` reduces and logs it."""
+
+    loss: float
+    """The loss summed over this rank's micro-batches."""
+    sums: dict[str, float]
+    """Each metric summed over this rank's micro-batches (record divides them by the step's token count)."""
+    grad_norm: float
+    """The global gradient norm before clipping."""
+    lr: float
+    """The learning rate the step was taken with."""
+
 
 class Session:
     """What every training loop shares: device and precision, the engine (plain or DeepSpeed), resume from
@@ -196,8 +232,11 @@ class Session:
     """
 
     def __init__(self, cfg: TrainConfig, model, output_dir: str | Path,
-                 on_metrics: Callable[[dict], None] | None = None):
+                 on_metrics: Callable[[dict], None] | None = None, run_config: dict | None = None):
+        """`run_config`: the whole stage's config (default: `cfg`'s), stored in each checkpoint; a resume under
+        another config is refused unless cfg.allow_config_change."""
         self.cfg, self.model, self.out, self.on_metrics = cfg, model, Path(output_dir), on_metrics
+        self.run_config = run_config if run_config is not None else asdict(cfg)
         self.dist = dist = distributed.init()
         self.device = dist.device
         self.autocast = cfg.precision == "bf16-mixed" or (cfg.precision == "auto" and self.device.type == "cuda")
@@ -213,6 +252,7 @@ class Session:
         latest = distributed.latest_checkpoint(self.ckpt_root)
         if latest is not None:
             state = self.engine.load(latest)
+            check_resumable(state.get("config"), self.run_config, latest, cfg.allow_config_change)
             self.start_step, self.resumed = state["step"], state
             random.setstate(_to_pystate(state["py_rng"]))
             torch.set_rng_state(state["torch_rng"])
@@ -223,67 +263,68 @@ class Session:
         if dist.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.metrics_path.exists():  # keep the lines of the steps resumed from, drop any after them
-                lines = self.metrics_path.read_text().splitlines()
-                kept = [(ln, rec) for ln, rec in zip(lines, map(json.loads, lines)) if rec["step"] <= self.start_step]
-                self.metrics_path.write_text("".join(ln + "\n" for ln, _ in kept))
-                self.history = [rec for _, rec in kept]
+                kept = [(line, record) for line, record in read_metrics_lines(self.metrics_path)
+                        if record["step"] <= self.start_step]
+                self.metrics_path.write_text("".join(line + "\n" for line, _ in kept))
+                self.history = [record for _, record in kept]
 
-    def forward(self, model, mb: PackedBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward_logprobs(model, mb, self.cfg.loss_chunk_size, self.autocast, temperature)
+    def forward(self, model, micro_batch: PackedBatch, temperature: float = 1.0,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_logprobs(model, micro_batch, self.cfg.loss_chunk_size, self.autocast, temperature)
 
     def micro_batches(self, examples: list[Example], pad_id: int, groups: list[list[int]] | None = None,
                       ) -> list[PackedBatch]:
         """This rank's micro-batches on the device; every rank gets the same count (collectives must match)."""
-        mbs = micro_batches(examples, self.cfg.token_budget, pad_id, single_row=self.varlen, groups=groups)
-        for _ in range(self.dist.all_reduce_max(len(mbs)) - len(mbs)):
-            mbs.append(micro_batches([Example([pad_id] * 8, 8)], 8, pad_id)[0])
-        return [mb.to(self.device) for mb in mbs]
+        batches = micro_batches(examples, self.cfg.token_budget, pad_id, single_row=self.varlen, groups=groups)
+        for _ in range(self.dist.all_reduce_max(len(batches)) - len(batches)):
+            batches.append(micro_batches([Example([pad_id] * 8, 8)], 8, pad_id)[0])
+        return [batch.to(self.device) for batch in batches]
 
-    def optimize(self, batches: list[PackedBatch], loss_fn) -> tuple[float, dict[str, float], float, float]:
-        """Backward `loss_fn(i, mb) -> (loss, metric sums)` over every micro-batch, then one optimizer step.
-
-        Returns (summed loss, summed metrics, grad norm, the step's learning rate); sums are local to this rank.
+    def optimize(self, batches: list[PackedBatch], loss_fn) -> StepResult:
+        """Backward `loss_fn(index, micro_batch) -> (loss, metric sums)` over every micro-batch, then one
+        optimizer step. The loss and sums of the result are local to this rank.
         """
         sums: dict[str, float] = {}
         loss_total = 0.0
-        for i, mb in enumerate(batches):
-            loss, m = loss_fn(i, mb)
-            self.engine.backward(loss * self.dist.world, last=i == len(batches) - 1)
+        for index, micro_batch in enumerate(batches):
+            loss, metrics = loss_fn(index, micro_batch)
+            self.engine.backward(loss * self.dist.world, last=index == len(batches) - 1)
             loss_total += float(loss.detach())
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
         lr = self.engine.lr()
         grad_norm = self.engine.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return loss_total, sums, grad_norm, lr
+        return StepResult(loss=loss_total, sums=sums, grad_norm=grad_norm, lr=lr)
 
-    def record(self, step: int, loss: float, sums: dict[str, float], normalizer: float, grad_norm: float, lr: float,
-               lengths: list[int], seconds: float, extra: dict | None = None) -> dict:
+    def record(self, step: int, result: StepResult, normalizer: float, lengths: list[int], seconds: float,
+               extra: dict | None = None) -> dict:
         """Reduce a step's numbers over ranks, write its metrics line (rank 0) and return it.
 
-        `sums` are divided by `normalizer` (the step's trained-token count); `extra` is reported as is.
+        `result.sums` are divided by `normalizer` (the step's trained-token count); `extra` is reported as is.
         """
         dist = self.dist
-        totals = dist.all_reduce_sums({"loss": loss, **sums})
+        totals = dist.all_reduce_sums({"loss": result.loss, **result.sums})
         tokens = dist.all_reduce_sum(float(sum(lengths)))
         flops = dist.all_reduce_sum(training_flops(self.model, lengths))
-        rec = {"step": step + 1, "loss": totals.pop("loss"),
-               **{k: v / max(normalizer, 1.0) for k, v in totals.items()}, **(extra or {}),
-               "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "trained_tokens": normalizer, "flops": flops,
-               "tokens_per_s": tokens / seconds, "mfu": flops / seconds / (self.peak * dist.world) if self.peak else None,
-               "step_time_s": seconds}
-        self.history.append(rec)
+        record = {"step": step + 1, "loss": totals.pop("loss"),
+                  **{name: value / max(normalizer, 1.0) for name, value in totals.items()}, **(extra or {}),
+                  "grad_norm": result.grad_norm, "lr": result.lr, "tokens": tokens, "trained_tokens": normalizer,
+                  "flops": flops, "tokens_per_s": tokens / seconds,
+                  "mfu": flops / seconds / (self.peak * dist.world) if self.peak else None, "step_time_s": seconds}
+        self.history.append(record)
         if dist.rank == 0:
             with self.metrics_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(record) + "\n")
             if self.on_metrics:
-                self.on_metrics(rec)
+                self.on_metrics(record)
             if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.max_steps:
-                shown = " ".join(f"{k} {rec[k]:.4g}" for k in ("loss", "nll", "entropy", "reward", "rewards/accuracies",
-                                                              "grad_norm", "lr", "tokens_per_s") if rec.get(k) is not None)
+                shown = " ".join(f"{key} {record[key]:.4g}" for key in (
+                    "loss", "nll", "entropy", "reward", "rewards/accuracies", "grad_norm", "lr", "tokens_per_s")
+                    if record.get(key) is not None)
                 log.info("step %d/%d %s", step + 1, self.cfg.max_steps, shown)
-        return rec
+        return record
 
     def maybe_checkpoint(self, step: int, state: dict | None = None) -> None:
         """After optimizer step `step` (0-based): save a resumable checkpoint when one is due."""
@@ -292,7 +333,7 @@ class Session:
             return
         self.engine.save(self.ckpt_root / f"step-{step + 1:08d}", {
             "step": step + 1, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-            "config": asdict(cfg), **(state or {})})
+            "config": self.run_config, **(state or {})})
         if self.dist.rank == 0:
             for old in sorted(self.ckpt_root.glob("step-*"))[:-cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -303,58 +344,129 @@ class Session:
 
 
 def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Path, *, pad_id: int,
-          ref_model=None, on_metrics: Callable[[dict], None] | None = None) -> list[dict]:
+          objective: SFTObjective | None = None, ref_model=None, on_metrics: Callable[[dict], None] | None = None,
+          run_config: dict | None = None) -> list[dict]:
     """Train `model` in place on `examples` with SFT, PSFT or SFT-KL; returns the per-step metrics (also in
-    output_dir/metrics.jsonl). Resumes from the latest checkpoint in output_dir/checkpoints when there is one.
+    output_dir/metrics.jsonl). Resumes from the latest checkpoint in output_dir/checkpoints when there is one
+    (and `run_config`, the stage's whole config, is the one it was written under). A `ref_model` that is `model`
+    itself (a LoRA policy) means its base, the adapter disabled.
     """
-    if cfg.method == "sft_kl" and ref_model is None:
+    objective = objective or SFTObjective()
+    if objective.method == "sft_kl" and ref_model is None:
         raise ValueError("method sft_kl needs a reference model")
-    sess = Session(cfg, model, output_dir, on_metrics)
-    if ref_model is not None:
-        ref_model.to(sess.device).eval().requires_grad_(False)
-    old_cache = sess.resumed.get("old_logp", {})
+    session = Session(cfg, model, output_dir, on_metrics, run_config)
+    if ref_model is not None and ref_model is not model:  # (the policy itself: a LoRA policy's base is the reference)
+        ref_model.to(session.device).eval().requires_grad_(False)
+    old_cache = session.resumed.get("old_logp", {})  # step -> π_old log-probs of its micro-batches
 
     def step_batches(step: int) -> tuple[list[PackedBatch], list[int]]:
-        idx = step_indices(len(examples), cfg.batch_size, step, cfg.seed)[sess.dist.rank::sess.dist.world]
-        local = [examples[i] for i in idx]
-        return sess.micro_batches(local, pad_id), [len(e) for e in local]
+        indices = step_indices(len(examples), cfg.batch_size, step, cfg.seed)[session.dist.rank::session.dist.world]
+        local = [examples[index] for index in indices]
+        return session.micro_batches(local, pad_id), [len(example) for example in local]
 
-    for step in range(sess.start_step, cfg.max_steps):
-        t0 = time.perf_counter()
+    for step in range(session.start_step, cfg.max_steps):
+        started = time.perf_counter()
         batches, lengths = step_batches(step)
-        use_clip = cfg.method == "psft" and step >= cfg.sft_warmup_steps
+        use_clip = objective.method == "psft" and step >= objective.sft_warmup_steps
         if use_clip and step not in old_cache:
-            # a new π_old snapshot: log-probs of the next `updates_per_batch` steps' sequences, computed now
-            old_cache = {}
-            model.eval()
-            with torch.no_grad():
-                for s in range(step, min(step + cfg.updates_per_batch, cfg.max_steps)):
-                    mbs = batches if s == step else step_batches(s)[0]
-                    old_cache[s] = [sess.forward(model, mb)[0].cpu() for mb in mbs]
-            model.train()
-        normalizer = sess.dist.all_reduce_sum(sum(float(mb.loss_mask.sum()) for mb in batches))
-
-        def loss_fn(i: int, mb: PackedBatch):
-            logp, entropy = sess.forward(model, mb)
-            mask = mb.loss_mask
-            if use_clip:
-                loss, m = psft_loss(logp, old_cache[step][i].to(sess.device), mask, normalizer,
-                                    epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high)
-            elif cfg.method == "sft_kl":
-                with torch.no_grad():
-                    ref_logp = sess.forward(ref_model, mb)[0]
-                loss, m = sft_kl_loss(logp, ref_logp, mask, normalizer, beta=cfg.beta)
-            else:
-                loss, m = sft_loss(logp, mask, normalizer)
-            m["entropy"] = (entropy * mask).sum()
-            return loss, m
-
-        loss, sums, grad_norm, lr = sess.optimize(batches, loss_fn)
-        sess.record(step, loss, sums, normalizer, grad_norm, lr, lengths, time.perf_counter() - t0)
-        sess.maybe_checkpoint(step, {"old_logp": {s: v for s, v in old_cache.items() if s > step}})
-    return sess.finish()
+            old_cache = _old_logprobs_block(session, model, step_batches, step, batches,
+                                            min(step + objective.updates_per_batch, cfg.max_steps))
+        normalizer = session.dist.all_reduce_sum(sum(float(batch.loss_mask.sum()) for batch in batches))
+        loss_fn = _sft_loss_fn(session, model, objective, normalizer,
+                               old_cache[step] if use_clip else None, ref_model)
+        result = session.optimize(batches, loss_fn)
+        session.record(step, result, normalizer, lengths, time.perf_counter() - started)
+        session.maybe_checkpoint(step, {"old_logp": {later: logprobs for later, logprobs in old_cache.items()
+                                                     if later > step}})
+    return session.finish()
 
 
-def _to_pystate(s):
+def _old_logprobs_block(session: Session, model, step_batches, first: int, first_batches: list[PackedBatch],
+                        end: int) -> dict[int, list[torch.Tensor]]:
+    """A new π_old snapshot (PSFT): the log-probs of the sequences of steps first..end-1, computed now."""
+    cache = {}
+    model.eval()
+    with torch.no_grad():
+        for step in range(first, end):
+            batches = first_batches if step == first else step_batches(step)[0]
+            cache[step] = [session.forward(model, batch)[0].cpu() for batch in batches]
+    model.train()
+    return cache
+
+
+def _sft_loss_fn(session: Session, model, objective: SFTObjective, normalizer: float,
+                 old_logprobs: list[torch.Tensor] | None, ref_model):
+    """The loss of one micro-batch of a step: PSFT's clipped ratio when `old_logprobs` (π_old of the step's
+    micro-batches) is given, else SFT-KL or SFT."""
+    def loss_fn(index: int, micro_batch: PackedBatch):
+        logprobs, entropy = session.forward(model, micro_batch)
+        mask = micro_batch.loss_mask
+        if old_logprobs is not None:
+            loss, metrics = psft_loss(logprobs, old_logprobs[index].to(session.device), mask, normalizer,
+                                      epsilon_low=objective.epsilon_low, epsilon_high=objective.epsilon_high)
+        elif objective.method == "sft_kl":
+            with torch.no_grad(), base_reference(model) if ref_model is model else nullcontext():
+                ref_logprobs = session.forward(ref_model, micro_batch)[0]
+            loss, metrics = sft_kl_loss(logprobs, ref_logprobs, mask, normalizer, beta=objective.beta)
+        else:
+            loss, metrics = sft_loss(logprobs, mask, normalizer)
+        metrics["entropy"] = (entropy * mask).sum()
+        return loss, metrics
+    return loss_fn
+
+
+# keys that change neither the data nor the math of a run: they may differ on resume
+RESUME_NEUTRAL = {"train.log_every", "train.keep_checkpoints", "train.checkpoint_every", "train.allow_config_change",
+                  "output_dir"}
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in (config or {}).items():
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(saved: dict | None, current: dict, checkpoint: Path, allow_change: bool) -> None:
+    """Refuse to resume `checkpoint` (written under config `saved`) with another config: a changed method, lr or
+    data would silently continue the old run. The error names every key that differs."""
+    if saved is None:
+        return
+    old = _flat(json.loads(json.dumps(saved, default=str)))
+    new = _flat(json.loads(json.dumps(current, default=str)))
+    changed = sorted(k for k in old.keys() | new.keys() if k not in RESUME_NEUTRAL and old.get(k) != new.get(k))
+    if not changed:
+        return
+    diff = "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed)
+    if allow_change:
+        log.warning("resuming %s under a changed config (train.allow_config_change): %s", checkpoint, diff)
+        return
+    raise ConfigChanged(f"{checkpoint.parent.parent}: holds a checkpoint of another config ({diff}); use another "
+                        "output_dir, delete its checkpoints/, or set train.allow_config_change: true to resume anyway")
+
+
+class ConfigChanged(UserError):
+    """A stage was rerun into an output_dir whose checkpoint was written under another config."""
+
+
+def read_metrics_lines(path: Path) -> list[tuple[str, dict]]:
+    """metrics.jsonl's lines and records. A torn last line (a write cut by a full disk or a killed process) is
+    dropped with a warning, so a resume can go on; a bad line before the last is an error naming it."""
+    lines = path.read_text().splitlines()
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON ({e}); only the last line may be torn") from None
+            log.warning("%s: dropped its torn last line %d (%d bytes)", path, number, len(line))
+    return out
+
+
+def _to_pystate(state):
     """random.setstate needs tuples; a checkpoint may hand back lists."""
-    return (s[0], tuple(s[1]), s[2]) if isinstance(s, (list, tuple)) else s
+    return (state[0], tuple(state[1]), state[2]) if isinstance(state, (list, tuple)) else state

@@ -16,6 +16,10 @@ against a frozen π_old; SFT-KL adds β·KL to a reference. `clipped_policy_loss
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -147,6 +151,83 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------------
+# Advantage estimators of the grpo stage, by name (as verl's register_adv_est): each maps a round's rewards to
+# advantages. `sequence` estimators give one Â per sample ([P·G], prompt-major); `token` estimators give one per
+# completion token ([N, T], 0 on padding) and may fold a per-token KL to the reference into the reward.
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    fn: Callable[..., Tensor]
+    per_token: bool = False
+    """Its advantages are per token: fn(rewards, kl, mask, beta=, reduce=) -> [N, T]; else fn(rewards,
+    group_size, scale=) -> [P·G]."""
+    kl_in_reward: bool = False
+    """β weighs a KL folded into the reward (no KL term in the loss)."""
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_adv_est(name: str, *, per_token: bool = False, kl_in_reward: bool = False):
+    """Register an advantage estimator under `name` (the grpo stage's `advantage` setting)."""
+    def add(fn):
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(fn, per_token, kl_in_reward)
+        return fn
+    return add
+
+
+@register_adv_est("grpo")
+def grpo_advantages(rewards: Tensor, group_size: int, scale: str = "group") -> Tensor:
+    """GRPO: group_advantages (the group's mean as baseline, scaled by `scale`)."""
+    return group_advantages(rewards, group_size, scale)
+
+
+@register_adv_est("rloo")
+def rloo_advantages(rewards: Tensor, group_size: int, scale: str = "group") -> Tensor:
+    """RLOO: Â_i = R_i − mean_{j≠i} R_j, the baseline the mean of the other G − 1 samples of the group (not
+    scaled; `scale` is GRPO's and is not read). Equal to G/(G−1) · (R_i − mean_G R)."""
+    r = rewards.float().reshape(-1, group_size)
+    baseline = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
+    return (r - baseline).reshape(-1)
+
+
+def whiten(values: Tensor, mask: Tensor, reduce: Callable[[dict], dict] | None = None, eps: float = 1e-8) -> Tensor:
+    """(x − mean) / sqrt(var + eps) over the masked entries, var the unbiased one (verl's masked_whiten); 0 where
+    mask is 0. `reduce` (a sum over ranks of a dict of floats, e.g. Dist.all_reduce_sums) makes the mean and
+    variance those of every rank's entries."""
+    sums = {"n": float(mask.sum()), "x": float((values * mask).sum()), "xx": float((values ** 2 * mask).sum())}
+    if reduce is not None:
+        sums = reduce(sums)
+    n = max(sums["n"], 1.0)
+    mean = sums["x"] / n
+    var = max(sums["xx"] / n - mean ** 2, 0.0) * (n / (n - 1) if n > 1 else 1.0)
+    return (values - mean) / math.sqrt(var + eps) * mask
+
+
+@register_adv_est("reinforce_pp", per_token=True, kl_in_reward=True)
+def reinforce_pp_advantages(rewards: Tensor, kl: Tensor, mask: Tensor, *, beta: float,
+                            reduce: Callable[[dict], dict] | None = None) -> Tensor:
+    """REINFORCE++: per-token rewards r_t = −β·kl_t, plus R on the last completion token; returns
+    G_t = Σ_{s≥t} r_s (γ = 1); advantages G_t whitened over every token of the round (`reduce`: of every rank).
+
+    rewards [N]; kl [N, T] the k1 estimate log π_old − log π_ref per completion token; mask [N, T] 1 on completion
+    tokens (left-aligned: padding at the end).
+    """
+    mask = mask.float()
+    token_rewards = -beta * kl.float() * mask
+    lengths = mask.sum(dim=1).long()
+    rows = torch.nonzero(lengths > 0).reshape(-1)
+    token_rewards[rows, lengths[rows] - 1] += rewards.float()[rows]
+    returns = torch.flip(torch.cumsum(torch.flip(token_rewards, dims=[1]), dim=1), dims=[1]) * mask
+    return whiten(returns, mask, reduce)
+
+
+def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """The k1 estimator of KL(π‖π_ref) per token: log π − log π_ref (InstructGPT's penalty in the reward)."""
+    return logp - ref_logp
+
+
+# ----------------------------------------------------------------------------------------------------
 # DPO: a function of per-sequence log-prob sums of the policy and the reference.
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
@@ -180,4 +261,25 @@ def dpo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected:
         rc, rr = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
         metrics = {"rewards/chosen": rc, "rewards/rejected": rr, "rewards/accuracies": (rc > rr).float(),
                    "rewards/margins": rc - rr}
+    return losses, metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reward model: Bradley–Terry on the scalar scores of a pair's chosen and rejected sequences.
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor, *, margin: Tensor | float = 0.0,
+                       center_rewards_coefficient: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair losses −log σ(r_c − r_r − m) + c·(r_c + r_r)² (a [P] tensor; the caller averages) and per-pair
+    metrics: accuracy (r_c > r_r), margin (r_c − r_r), mean_reward ((r_c + r_r) / 2).
+
+    m: a margin the chosen score must clear (a float or per pair); c: TRL's center_rewards_coefficient, which
+    pulls the scores toward mean 0 (Eisenstein et al. 2023).
+    """
+    diff = chosen - rejected
+    losses = -torch.nn.functional.logsigmoid(diff - margin)
+    if center_rewards_coefficient:
+        losses = losses + center_rewards_coefficient * (chosen + rejected) ** 2
+    with torch.no_grad():
+        metrics = {"accuracy": (diff > 0).float(), "margin": diff.detach(),
+                   "mean_reward": (chosen.detach() + rejected.detach()) / 2}
     return losses, metrics

@@ -23,12 +23,15 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from components.config import positive_ints, require
 from components.training.batching import render_prompt
+from components.training.loop import is_lora
 
 
 @dataclass(kw_only=True)
 class Sampling:
-    """Config fields of the stages that sample completions to train on or score (reward_scoring, grpo)."""
+    """How completions are sampled: the `sampling` part of the stages that sample to train on or to score
+    (reward_scoring, grpo)."""
 
     temperature: float = 1.0
     """Sampling temperature (the log-probs are those of softmax(logits / temperature))."""
@@ -40,15 +43,12 @@ class Sampling:
     """Sequences decoded together by the rollout."""
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature={self.temperature!r} is invalid: a positive number (the stage samples)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} is invalid: a number in (0, 1]")
-        for name in ("max_new_tokens", "generation_batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: a positive integer")
+        require(math.isfinite(self.temperature) and self.temperature > 0, "temperature", self.temperature,
+                "a positive number (the stage samples)")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        positive_ints(self, "max_new_tokens", "generation_batch_size")
 
-    def sample(self, model, tokenizer, prompts: list, *, n: int, seed: int) -> "Rollout":
+    def sample(self, model, tokenizer, prompts: list, *, n: int, seed: int) -> Rollout:
         """`n` completions per prompt with these settings (see `generate`)."""
         return generate(model, tokenizer, prompts, n=n, temperature=self.temperature, top_p=self.top_p,
                         max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.generation_batch_size)
@@ -133,6 +133,8 @@ def generate(model, tokenizer, prompts: list, *, n: int = 1, temperature: float 
     if temperature < 0 or not 0 < top_p <= 1 or n < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"invalid sampling settings: temperature={temperature} (≥ 0), top_p={top_p} (in (0, 1]), "
                          f"n={n}, max_new_tokens={max_new_tokens}, batch_size={batch_size} (≥ 1)")
+    if is_lora(model):  # generate with the Hugging Face model inside, whose layers hold the adapters
+        model = model.get_base_model()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -13,7 +13,7 @@ from components.datasets import write_jsonl
 from components.sft.component import sft
 from components.tasks import get_task
 
-SETTINGS = {"batch_size": 8, "token_budget": 256, "max_length": 64, "log_every": 1, "checkpoint_every": 2}
+SETTINGS = {"max_length": 64, "train": {"batch_size": 8, "token_budget": 256, "log_every": 1, "checkpoint_every": 2}}
 
 
 def test_sft_component_trains_and_fills_its_outputs(tiny_model_dir, tmp_path, monkeypatch):
@@ -44,12 +44,12 @@ def test_sft_component_trains_and_fills_its_outputs(tiny_model_dir, tmp_path, mo
 def test_sft_component_names_a_bad_setting(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = dict(model=dsl.Model(name="base", uri=str(tiny_model_dir)),
-                data=dsl.Dataset(name="data", uri=str(tmp_path)), settings=json.dumps({"zero_stage": 1}),
+                data=dsl.Dataset(name="data", uri=str(tmp_path)), settings=json.dumps({"train": {"zero_stage": 1}}),
                 lr=0.004, max_steps=3, stage="psft", workspace=str(tmp_path / "ws"), tracking_uri="",
                 parent_run_id="", s3_endpoint="", nproc=1,
                 trained_model=dsl.Model(name="m", uri=str(tmp_path / "m")),
                 metrics=dsl.Metrics(name="x", uri=str(tmp_path / "x")))
-    with pytest.raises(ConfigError, match="stage psft: zero_stage=1 is invalid: 2 or 3"):
+    with pytest.raises(ConfigError, match="stage psft: train.zero_stage: 1 is invalid: 2 or 3"):
         sft.python_func(**args)
 
 
@@ -66,6 +66,13 @@ def test_preflight_checks_a_source_and_the_model(tiny_model_dir, tmp_path):
     with pytest.raises(Exception, match="no such file or directory"):
         check_source({"uri": str(tmp_path / "missing.jsonl"), "shape": "sft"}, sample_rows=100)
     assert check_source({"task": "arithmetic", "rows": 5, "shape": "prompts"}, 100) == "bundled task arithmetic"
+    chats = [{"conversations": [{"from": "human", "value": f"{i}+1="}, {"from": "gpt", "value": str(i + 1)}]}
+             for i in range(3)]
+    write_jsonl(tmp_path / "chat" / "a.jsonl", chats)  # a named format reads in preflight as in data_prep
+    assert check_source({"uri": str(tmp_path / "chat"), "shape": "sft"}, 100).endswith("the first 3 rows read as sft")
+    (tmp_path / "broken.json").write_text('[{"prompt": "1+1=", "completion": "2"}, {"pro')
+    with pytest.raises(ValueError, match="broken.json: not valid JSON .* after 1 complete rows"):
+        check_source({"uri": str(tmp_path / "broken.json"), "shape": "sft"}, sample_rows=100)
     assert "tensors in safetensors" in check_model(str(tiny_model_dir))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         check_model(str(tmp_path))

@@ -9,6 +9,7 @@
 import copy
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -31,16 +32,17 @@ def test_missing_data_stops_at_preflight_and_the_mlflow_run_is_closed(tmp_path):
     spec = parse_spec({
         "name": "broken", "base_model": "bundled:tiny",
         "data": {"sources": [{"uri": str(tmp_path / "nowhere" / "sft.jsonl"), "shape": "sft"}]},
-        "stages": [{"stage": "psft", "settings": {"max_steps": 2}}],
+        "stages": [{"stage": "psft", "settings": {"train": {"max_steps": 2}}}],
     }, "broken.yaml")
     summary = run_local(spec, tmp_path / "out", state=tmp_path / "state")
 
-    assert summary["status"] == "failed" and "preflight" in summary["error"]
+    assert summary["status"] == "failed" and summary["error"].startswith("preflight failed: PreflightError: ")
+    assert "nowhere/sft.jsonl" in summary["error"]  # the step's own reason, not only "a task failed"
     assert json.loads((tmp_path / "out" / "run_summary.json").read_text())["status"] == "failed"
     assert summary["stages"] == {}  # no stage ran
     report = (tmp_path / "state" / "runs").glob("broken-*/preflight/report")
     text = next(report).read_text()
-    assert "❌ failed | data:" in text and "nowhere/sft.jsonl: no such file or directory" in text
+    assert "❌ failed | data: " in text and "nowhere/sft.jsonl | DataError: no such file or directory" in text
     assert "✅ ok | model |" in text and "✅ ok | mlflow |" in text
     assert "⏭️ skipped | s3 | no S3 endpoint" in text
     assert "⏭️ skipped | secret posttrain-minio | not in a Kubernetes pod" in text
@@ -78,7 +80,10 @@ def test_short_demo_runs_every_stage(tmp_path):
             assert ev["split"] == split and 0 <= ev["accuracy"] <= 1 and ev["entropy"] > 0, (name, suite)
     assert summary["registered"]["name"] == "posttrain-demo" and summary["registered"]["version"] == "1"
     promo = summary["promotion"]
-    assert promo["decision"] == "promote" and promo["promoted"] and "no champion yet" in promo["reason"]
+    # 40 PSFT steps leave the tiny model at the base model's 0%: with no champion yet the gate compares with the
+    # base model, and a candidate no better than it is registered but not promoted
+    assert promo["decision"] == "keep" and not promo["promoted"]
+    assert promo["reason"].startswith("no champion yet, compared with the base model: arithmetic-id/accuracy 0 vs")
     client, (parent,) = parent_runs(summary, "posttrain-demo")
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
@@ -86,3 +91,33 @@ def test_short_demo_runs_every_stage(tmp_path):
                                                                    "register"}
     assert all(c.info.status == "FINISHED" for c in children)
     assert {c.data.tags["posttrain.kfp_run_id"] for c in children} == {parent.data.tags["posttrain.kfp_run_id"]}
+
+
+def test_data_prep_is_reused_while_the_data_are_the_same_and_rerun_when_a_byte_changes(tmp_path):
+    """kfp.local's cache (run_local enables it) keys a step by its arguments; preflight's sources_digest (the
+    sources' sha256s here, S3 ETags and sizes on a cluster) is one of data_prep's, so the same URIs with other
+    bytes miss the cache."""
+    source = tmp_path / "data" / "sft.jsonl"
+    source.parent.mkdir()
+    rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(40)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = parse_spec({
+        "name": "cached", "base_model": "bundled:tiny",
+        "data": {"max_length": 64, "sources": [{"uri": str(source), "shape": "sft"}]},
+        "stages": [{"stage": "sft", "settings": {"max_length": 64, "train": {"max_steps": 1, "batch_size": 4}}}],
+    }, "cached.yaml")
+
+    def run() -> tuple[bool, str]:
+        summary = run_local(spec, tmp_path / "out", state=tmp_path / "state")
+        assert summary["status"] == "succeeded", summary["error"]
+        run_dir = Path(summary["run_dir"])
+        digest = json.loads((run_dir / "preflight" / "executor_output.json").read_text())
+        return (run_dir / "data-prep").is_dir(), digest["parameterValues"]["sources_digest"]
+
+    ran, first = run()
+    assert ran and first.startswith("sha256:")
+    ran, same = run()
+    assert not ran and same == first  # the same bytes: data_prep's outputs are reused
+    source.write_text(source.read_text().replace(" 2\"", " 3\"", 1))  # one byte of one row
+    ran, changed = run()
+    assert ran and changed != first  # the same URI, other bytes: data_prep runs again

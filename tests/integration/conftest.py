@@ -209,8 +209,8 @@ def sft_config(path: Path, model: Path, data: Path, out: Path, steps: int) -> Pa
     import yaml
 
     path.write_text(yaml.safe_dump({"model": str(model), "train_data": str(data), "output_dir": str(out),
-                                    "max_steps": steps, "batch_size": 4, "token_budget": 256, "lr": 3e-3,
-                                    "max_length": 96, "log_every": 50}))
+                                    "max_length": 96, "train": {"max_steps": steps, "batch_size": 4,
+                                                                "token_budget": 256, "lr": 3e-3, "log_every": 50}}))
     return path
 
 
@@ -252,3 +252,15 @@ def helpers():
 
     return types.SimpleNamespace(repo=REPO, run_module=run_module, write_sft_data=write_sft_data,
                                  sft_config=sft_config, free_port=free_port)
+
+
+@pytest.fixture
+def api(tmp_path, monkeypatch):
+    """A fake KFP API server on loopback (tests/integration/kfp_api.py), with kfp.Client's home and the compiled
+    packages under tmp_path."""
+    from kfp_api import KfpApi  # beside this file: pytest puts this directory on sys.path
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # kfp.Client reads ~/.config/kfp/context.json
+    monkeypatch.chdir(tmp_path)  # compiled packages go to .posttrain/compiled
+    with KfpApi() as server:
+        yield server

@@ -1,4 +1,5 @@
-"""The part of the KFP v2beta1 REST API that kfp.Client calls to upload, run and schedule, on loopback.
+"""The part of the KFP v2beta1 REST API that kfp.Client calls to upload, run and schedule (create, list, get,
+disable, enable and delete recurring runs), on loopback.
 
 No KFP can run here, so tests start this server (http.server in a thread) and point kfp.Client at it. It keeps
 pipelines, versions, experiments, runs and recurring runs in memory, answers as the real API server does
@@ -17,7 +18,7 @@ import json
 import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,7 +37,7 @@ class Request:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _filter_name(query: dict) -> str | None:
@@ -95,6 +96,9 @@ class KfpApi:
 
             def do_POST(self):
                 self._handle("POST")
+
+            def do_DELETE(self):
+                self._handle("DELETE")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -161,7 +165,28 @@ class KfpApi:
             runs = runs[:int(q.get("page_size", 10))]
             return 200, {"runs": runs, "total_size": len(runs)} if runs else {}
         if req.method == "POST" and path == "/recurringruns":
-            job = {**req.body, "recurring_run_id": str(uuid.uuid4()), "status": "ENABLED", "created_at": _now()}
+            job = {**req.body, "recurring_run_id": str(uuid.uuid4()),
+                   "status": "DISABLED" if req.body.get("mode") == "DISABLE" else "ENABLED", "created_at": _now()}
             self.recurring_runs[job["recurring_run_id"]] = job
             return 200, job
+        if req.method == "GET" and path == "/recurringruns":
+            found = [j for j in self.recurring_runs.values() if not q.get("experiment_id") or
+                     j.get("experiment_id") == q["experiment_id"]]
+            name = _filter_name(q)
+            found = [j for j in found if name is None or j.get("display_name") == name]
+            found.sort(key=lambda j: j["created_at"], reverse=q.get("sort_by", "").endswith("desc"))
+            return 200, {"recurringRuns": found, "total_size": len(found)} if found else {}
+        if path.startswith("/recurringruns/"):
+            job_id, _, action = path.removeprefix("/recurringruns/").partition(":")
+            if job_id not in self.recurring_runs:
+                return 404, {"error": f"recurring run {job_id} not found", "code": 5}
+            if req.method == "GET" and not action:
+                return 200, self.recurring_runs[job_id]
+            if req.method == "DELETE" and not action:
+                del self.recurring_runs[job_id]
+                return 200, {}
+            if req.method == "POST" and action in ("disable", "enable"):
+                job = self.recurring_runs[job_id]
+                job["status"], job["mode"] = ("DISABLED", "DISABLE") if action == "disable" else ("ENABLED", "ENABLE")
+                return 200, {}
         return 404, {"error": f"{req.method} {req.path} is not part of this test server", "code": 5}

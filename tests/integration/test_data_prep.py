@@ -152,10 +152,16 @@ def test_mixed_directory_rows_stats_and_contamination(tmp_path, tiny_model_dir, 
     assert s["dropped"] == {"duplicate": 2, "longer than max_length": 1, "completion: missing": 2,
                             "not valid JSON": 1, "completion: empty completion": 1,
                             "messages[].role: out of order": 1}
-    assert s["files"] == {f"{train}/a.jsonl": {"rows": 4, "kept": 2, "dropped": 2},
-                          f"{train}/b.parquet": {"rows": 3, "kept": 1, "dropped": 2},
-                          f"{train}/broken.jsonl": {"rows": 4, "kept": 1, "dropped": 3},
-                          f"{train}/chat.jsonl": {"rows": 3, "kept": 2, "dropped": 1}}
+    assert s["files"] == {
+        f"{train}/a.jsonl": {"rows": 4, "kept": 2, "dropped": 2,
+                             "dropped_by": {"duplicate": 1, "longer than max_length": 1}},
+        f"{train}/b.parquet": {"rows": 3, "kept": 1, "dropped": 2,
+                               "dropped_by": {"completion: missing": 1, "duplicate": 1}},
+        f"{train}/broken.jsonl": {"rows": 4, "kept": 1, "dropped": 3,
+                                  "dropped_by": {"completion: empty completion": 1, "completion: missing": 1,
+                                                 "not valid JSON": 1}},
+        f"{train}/chat.jsonl": {"rows": 3, "kept": 2, "dropped": 1,
+                                "dropped_by": {"messages[].role: out of order": 1}}}
     assert s["ignored_files"] == [f"{train}/README.txt"]
     tok = load_tokenizer(tiny_model_dir)
     lengths = [len(encode_example(tok, r["prompt"], r["completion"])) for r in _read(out / "sft.train.jsonl")]
@@ -217,7 +223,7 @@ def test_bundled_task_sources(tmp_path, tiny_model_dir):
          "contaminated": False} for r in held_out]
     assert stats["totals"]["contaminated"] == 0 and stats["totals"]["dropped"] == {}
     assert stats["sources"]["arithmetic/id/train/seed=0"]["files"] == {
-        "task:arithmetic/id/train/seed=0": {"rows": 40, "kept": 40, "dropped": 0}}
+        "task:arithmetic/id/train/seed=0": {"rows": 40, "kept": 40, "dropped": 0, "dropped_by": {}}}
 
 
 def test_role_both_split_is_by_prompt_and_seed(tmp_path, tiny_model_dir):
@@ -270,11 +276,20 @@ def test_cli_runs_a_config_file(tmp_path, tiny_model_dir):
     ({"uri": "d", "shape": "pairs"}, "sources[0]: shape='pairs' is invalid: one of sft, preference, prompts"),
     ({"uri": "d", "shape": "sft", "role": "test"}, "sources[0]: role='test' is invalid: one of train, eval, both"),
     ({"uri": "d", "shape": "sft", "fields": {"answer": "a"}},
-     "sources[0]: fields: 'answer' is not a field of a sft row: one of prompt, completion, messages"),
+     "sources[0]: fields: 'answer' is not a column of a sft row: one of prompt, completion, messages, "
+     "conversations, instruction, output, input, system"),
+    ({"uri": "d", "shape": "sft", "schema": "hh"}, "sources[0]: schema='hh' is invalid for shape sft: one of auto, "
+                                                   "sft, messages, sharegpt, alpaca"),
+    ({"uri": "d", "shape": "sft", "schema": "orca"}, "sources[0]: schema='orca' is invalid: one of auto, sft,"),
+    ({"uri": "d", "shape": "sft", "schema": "alpaca", "fields": {"prompt": "q"}},
+     "sources[0]: fields: 'prompt' is not a column of the alpaca schema: one of instruction, output, input, system"),
+    ({"uri": "d", "shape": "sft", "alpaca_template": "{instruction}"},
+     "alpaca_template='{instruction}' is invalid: it needs both {instruction} and {input}"),
+    ({"uri": "s3://bucket/../x", "shape": "sft"}, "'s3://bucket/../x': the key"),
     ({"uri": "d", "shape": "sft", "split": "ood"}, "sources[0]: split='ood' is invalid: id or ood, for a source "
                                                    "of shape prompts only"),
-    ({"uri": "d", "shape": "sft", "colums": {}}, "sources[0]: unknown key(s) 'colums'; allowed:"),
-    ({"uri": "d"}, "sources[0]: missing required key(s) 'shape'"),
+    ({"uri": "d", "shape": "sft", "colums": {}}, "sources[0]: colums: unknown key; allowed:"),
+    ({"uri": "d"}, "sources[0]: shape: missing; this key is required"),
     ({"task": "sudoku", "rows": 5, "shape": "sft"}, "sources[0]: unknown task 'sudoku'; known tasks:"),
     ({"task": "arithmetic", "rows": 5, "shape": "preference"}, "shape='preference' is invalid for a task: sft or"),
     ({"task": "arithmetic", "rows": 0, "shape": "sft"}, "sources[0]: rows=0 is invalid: a positive integer"),

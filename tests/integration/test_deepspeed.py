@@ -66,11 +66,16 @@ def _run(cmd: list[str], timeout: int) -> None:
                     f"\n--- stderr\n{proc.stderr[-8000:]}")
 
 
+OBJECTIVE_KEYS = ("method", "updates_per_batch")
+
+
 def _stage_config(path: Path, model: Path, data: Path, out: Path, **extra) -> Path:
+    """An sft stage config; `extra` keys go to `objective` (method, updates_per_batch) or else to `train`."""
+    objective = {"method": "sft", **{k: v for k, v in extra.items() if k in OBJECTIVE_KEYS}}
+    train = {"max_steps": STEPS, "batch_size": 16, "token_budget": 32, "lr": 1e-3, "precision": "fp32",
+             "seed": 0, "log_every": 1, **{k: v for k, v in extra.items() if k not in OBJECTIVE_KEYS}}
     path.write_text(yaml.safe_dump({
-        "model": str(model), "train_data": str(data), "output_dir": str(out), "method": "sft",
-        "max_steps": STEPS, "batch_size": 16, "token_budget": 32, "lr": 1e-3, "precision": "fp32",
-        "seed": 0, "log_every": 1, **extra,
+        "model": str(model), "train_data": str(data), "output_dir": str(out), "objective": objective, "train": train,
     }))
     return path
 

@@ -6,15 +6,17 @@ import json
 import shutil
 
 import pytest
+from test_report import rendered  # the Chromium check of the report test
 
 from pipelines.demo import DEMO_SPEC, run_demo
-from test_report import rendered  # the Chromium check of the report test
 
 
 def test_demo_short(tmp_path, capsys):
     results = run_demo(tmp_path, overrides={"max_steps": 120, "eval_prompts": 60, "train_rows": 4000,
-                                            "reward_scoring": {"task_rows": 64}, "dpo": {"max_steps": 6},
-                                            "grpo": {"max_steps": 4, "prompts_per_round": 8, "batch_size": 64}},
+                                            "reward_scoring": {"prompts": {"task_rows": 64}},
+                                            "dpo": {"train": {"max_steps": 6}},
+                                            "grpo": {"prompts_per_round": 8,
+                                                     "train": {"max_steps": 4, "batch_size": 64}}},
                        stages=("sft", "psft", "dpo", "grpo"))
     table = capsys.readouterr().out
     assert "psft" in table and "grpo" in table and "id acc" in table

@@ -15,9 +15,11 @@ from PIL import Image
 
 from components.config import from_mapping
 from components.datasets import write_jsonl
-from components.evaluate.main import EvaluateConfig, run as run_evaluate
+from components.evaluate.main import EvaluateConfig
+from components.evaluate.main import run as run_evaluate
 from components.evaluate.report import StageResult, write_report
-from components.sft.main import SFTConfig, run as run_sft
+from components.sft.main import SFTConfig
+from components.sft.main import run as run_sft
 from components.tasks import get_task
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -32,7 +34,8 @@ CHECK = ("<script>window.addEventListener('load', () => { for (const img of docu
 def chromium() -> str:
     exe = shutil.which("chromium")
     if exe is None:
-        pytest.fail("Debian's chromium is not installed: apt-get install -y chromium (.ci/run installs it)")
+        pytest.fail("Debian's chromium is not installed: apt-get install -y chromium "
+                    "(`make test` installs it: scripts/test-deps.sh)")
     return exe
 
 
@@ -76,9 +79,10 @@ def stages(tmp_path_factory, tiny_model_dir):
     data = root / "train.jsonl"
     write_jsonl(data, get_task("arithmetic").generate(64, seed=0))
     for method, extra in (("sft", {}), ("psft", {"updates_per_batch": 2})):
-        run_sft(from_mapping(SFTConfig, {"model": str(tiny_model_dir), "train_data": str(data), "method": method,
-                                         "output_dir": str(root / method), "max_steps": 4, "batch_size": 8,
-                                         "token_budget": 256, "lr": 0.003, "max_length": 64, **extra}))
+        run_sft(from_mapping(SFTConfig, {"model": str(tiny_model_dir), "train_data": str(data),
+                                         "objective": {"method": method, **extra}, "output_dir": str(root / method),
+                                         "max_length": 64,
+                                         "train": {"max_steps": 4, "batch_size": 8, "token_budget": 256, "lr": 0.003}}))
     cfg = from_mapping(EvaluateConfig, {
         "model": str(root / "psft" / "model"), "name": "psft", "output_dir": str(root / "eval"),
         "baselines": {"base": str(tiny_model_dir), "sft": str(root / "sft" / "model")},

@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -38,7 +38,9 @@ def _uri(tag: str) -> str:
 
 
 def _same_tree(a, b) -> bool:
-    files = lambda d: {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    def files(d):
+        return {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
     fa, fb = files(a), files(b)
     fb.pop(".posttrain-manifest.json", None)
     return fa == fb
@@ -167,3 +169,34 @@ def test_killed_upload_is_invisible_and_a_rerun_completes_it(s3_env, s3_proxy, m
     skipped = int(re.search(r"154 files \((\d+) already there\)", caplog.text).group(1))
     assert skipped >= there  # the rerun skips what the killed upload finished (a request in flight may have landed)
     assert _same_tree(model_like, storage.download(uri, tmp_path / "whole"))
+
+
+def test_model_steps_fetch_config_tokenizer_and_headers_only(s3_env, tiny_model_dir, tmp_path):
+    """preflight and data_prep read the base model's config and tokenizer (preflight also each safetensors
+    header): the weights are never downloaded, and the bytes read are counted."""
+    from components import storage
+    from components.models import model_files
+    from components.preflight.main import check_model, sources_digest
+
+    uri = storage.upload(tiny_model_dir, _uri("model"))
+    weights = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
+    before = storage.bytes_downloaded()
+    part = model_files(uri, tmp_path / "part")
+    assert (part / "config.json").is_file() and (part / "tokenizer.json").is_file()
+    assert not list(part.glob("*.safetensors")) and not (part / storage.MANIFEST).exists()
+    assert "tensors in safetensors" in check_model(uri)
+    moved = storage.bytes_downloaded() - before
+    assert 0 < moved < weights / 2, (moved, weights)
+
+    # the fingerprint: ETags and sizes from a listing; other bytes under the same key change it
+    data = _uri("data")
+    storage.upload(_write(tmp_path / "a.jsonl", b'{"prompt": "1", "completion": "2"}\n'), data + "/a.jsonl")
+    first, files = sources_digest([{"uri": data, "shape": "sft"}], uri)
+    assert files >= 2 and sources_digest([{"uri": data, "shape": "sft"}], uri)[0] == first
+    storage.upload(_write(tmp_path / "a.jsonl", b'{"prompt": "1", "completion": "3"}\n'), data + "/a.jsonl")
+    assert sources_digest([{"uri": data, "shape": "sft"}], uri)[0] != first
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path

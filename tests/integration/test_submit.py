@@ -12,28 +12,19 @@ import pytest
 import yaml
 
 from pipelines.cli import main as cli
-from pipelines.posttrain import schedule, submit
+from pipelines.kfp_client import schedule, submit
 from pipelines.spec import load_spec, parse_spec
-from kfp_api import KfpApi  # tests/integration/kfp_api.py (pytest puts this directory on sys.path)
 
 SPEC = {
     "name": "points-small", "description": "PSFT on the 24 game",
     "base_model": "s3://posttrain-data/models/m",
     "data": {"sources": [{"uri": "s3://posttrain-data/points/sft.jsonl", "shape": "sft"}]},
-    "stages": [{"stage": "psft", "settings": {"max_steps": 100, "lr": 2e-5}}, {"stage": "evaluate"},
+    "stages": [{"stage": "psft", "settings": {"train": {"max_steps": 100, "lr": 2e-5}}}, {"stage": "evaluate"},
                {"stage": "register"}],
     "eval_suites": [{"task": "general_points", "split": "id"}, {"task": "general_points", "split": "ood"}],
     "promotion": {"metric": "general_points-id/accuracy"},
     "schedule": {"cron": "0 30 2 * * *"},
 }
-
-
-@pytest.fixture
-def api(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))  # kfp.Client reads ~/.config/kfp/context.json
-    monkeypatch.chdir(tmp_path)  # compiled packages go to .posttrain/compiled
-    with KfpApi() as server:
-        yield server
 
 
 def uploaded_ir(request) -> dict:

@@ -26,8 +26,8 @@ def test_stage_run_is_a_child_with_params_lineage_and_every_step(sft_run, tracki
     assert len(children) == 1
     run = children[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "sft"
-    assert run.data.params["max_steps"] == "6" and run.data.params["train_data"] == str(sft_run.train_data)
-    assert json.loads(run.data.params["adam_betas"]) == [0.9, 0.95]
+    assert run.data.params["train.max_steps"] == "6" and run.data.params["train_data"] == str(sft_run.train_data)
+    assert json.loads(run.data.params["train.adam_betas"]) == [0.9, 0.95]
     tags = run.data.tags
     assert tags["posttrain.kfp_run_id"] == "kfp-run-0001" and tags["posttrain.spec_hash"] == "sha256:spec0001"
     assert tags["posttrain.base_model"] == tags["posttrain.input.model"]
@@ -101,3 +101,74 @@ def test_metrics_survive_mlflow_killed_and_restarted(tracking_env, tiny_model_di
     for key in ("loss", "entropy", "lr"):
         assert _steps(client, run.info.run_id, key) == list(range(1, steps + 1)), key
     tracking.end_parent(parent)
+
+
+KILLED_ATTEMPT = """
+import sys, time
+from mlflow import MlflowClient
+from components import tracking
+with tracking.stage_run(sys.argv[1], {"lr": 0.1}) as run:
+    for step in (1, 2, 3):
+        run.log_metrics({"step": step, "loss": 10.0 - step})
+    while len(MlflowClient().get_metric_history(run.run_id, "loss")) < 3:
+        time.sleep(0.2)
+    print("LOGGED", flush=True)
+    time.sleep(600)  # killed here, like a pod whose node went away
+"""
+
+
+def _killed_attempt(task: str) -> None:
+    """An attempt of the step `task` that logs steps 1-3 and is then killed (SIGKILL: it cannot close its run)."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_ATTEMPT, task], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "POSTTRAIN_TASK": task})
+    try:
+        assert proc.stdout.readline().strip() == "LOGGED"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_a_retried_step_keeps_one_run_and_the_exit_handler_fails_leftovers(tracking_env, monkeypatch):
+    """One MLflow run per pipeline step, keyed by KFP run id, parent and task: a retry reopens the killed
+    attempt's run and its metrics continue there; a step killed with no retry left is marked FAILED by the exit
+    handler's close_pipeline_runs. No run is left RUNNING."""
+    from mlflow import MlflowClient
+
+    from components import tracking
+    from components.preflight.main import close_pipeline_runs
+
+    kfp_run_id = f"kfp-retry-{time.time_ns()}"
+    monkeypatch.setenv("POSTTRAIN_KFP_RUN_ID", kfp_run_id)
+    monkeypatch.setenv("POSTTRAIN_SYSTEM_METRICS_INTERVAL", "0")
+    parent = tracking.start_parent(tags={"posttrain.role": "pipeline", "posttrain.kfp_run_id": kfp_run_id})
+    monkeypatch.setenv("POSTTRAIN_PARENT_RUN_ID", parent)
+    client = MlflowClient()
+    experiment = client.get_run(parent).info.experiment_id
+
+    def children() -> dict[str, list]:
+        runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
+        return {task: [r for r in runs if r.data.tags["posttrain.task"] == task] for task in ("psft", "dpo")}
+
+    _killed_attempt("psft")
+    (killed,) = children()["psft"]
+    assert killed.info.status == "RUNNING" and killed.info.run_name == "psft"
+    monkeypatch.setenv("POSTTRAIN_TASK", "psft")  # the retry, as components.step sets it
+    with tracking.stage_run("sft", {"lr": 0.1}) as run:
+        for step in (4, 5, 6):
+            run.log_metrics({"step": step, "loss": 10.0 - step})
+    monkeypatch.delenv("POSTTRAIN_TASK")
+    (psft,) = children()["psft"]
+    assert psft.info.run_id == killed.info.run_id == run.run_id  # reopened, not a second run
+    assert psft.info.status == "FINISHED" and psft.data.tags["posttrain.attempt"] == "2"
+    assert _steps(client, psft.info.run_id, "loss") == [1, 2, 3, 4, 5, 6]  # continuous across the attempts
+    assert psft.data.params["lr"] == "0.1"
+
+    _killed_attempt("dpo")  # its last attempt: nothing reopens it
+    assert children()["dpo"][0].info.status == "RUNNING"
+    assert close_pipeline_runs(client, client.get_experiment(experiment).name, kfp_run_id, "FAILED") == [parent]
+    runs = children()
+    assert [r.info.status for r in runs["psft"]] == ["FINISHED"] and [r.info.status for r in runs["dpo"]] == ["FAILED"]
+    assert client.get_run(parent).info.status == "FAILED"
+    leftovers = client.search_runs([experiment], f"tags.`posttrain.kfp_run_id` = '{kfp_run_id}' "
+                                                 "and attributes.status = 'RUNNING'")
+    assert leftovers == []

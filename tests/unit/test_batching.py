@@ -3,18 +3,24 @@
 import random
 
 import pytest
-
 import torch
 
 from components.models import load_model, load_tokenizer
-from components.training.batching import (Example, collate_packed, encode_example, micro_batches, pack_sequences,
-                                          sequence_sums)
+from components.training.batching import (
+    Example,
+    collate_packed,
+    encode_example,
+    micro_batches,
+    pack_sequences,
+    sequence_sums,
+)
 from components.training.loop import forward_logprobs
 
 
 def _examples(tok, n=12, seed=0):
     rng = random.Random(seed)
-    return [encode_example(tok, f"{rng.randint(0, 99999)}+{rng.randint(0, 9)}=", str(rng.randint(0, 10 ** rng.randint(1, 6))))
+    return [encode_example(tok, f"{rng.randint(0, 99999)}+{rng.randint(0, 9)}=",
+                           str(rng.randint(0, 10 ** rng.randint(1, 6))))
             for _ in range(n)]
 
 

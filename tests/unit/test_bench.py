@@ -1,4 +1,4 @@
-"""`posttrain bench`: the JSON lines it prints, and the workload it shares with the peer anchors."""
+"""`posttrain bench`: the JSON lines it prints, and the reference workload it draws (docs/bench.md)."""
 
 import importlib.util
 import json
@@ -7,7 +7,21 @@ import sys
 
 import pytest
 
-from pipelines import bench
+from pipelines.bench import main
+from pipelines.bench.trl_peer import TRL_MISSING
+from pipelines.bench.workloads import (
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    dpo_rows,
+    pair_ids,
+    peer_row,
+    peer_tokenizer,
+    row_example,
+    save_model,
+    stage_pair_row,
+    workload_rows,
+)
 
 SMALL = ["--size", "tiny", "--json", "--steps", "2", "--warmup", "1", "--max-len", "64", "--min-len", "16"]
 
@@ -17,8 +31,8 @@ def _lines(capsys) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-def _anchor_rows(bs, steps, min_len, max_len, vocab):
-    """peer_anchors.sft()'s row loop and text(), verbatim."""
+def _reference_rows(bs, steps, min_len, max_len, vocab):
+    """The reference SFT workload's row loop and text draw, written out independently of workloads.py."""
     def text(n, vocab, rng):
         return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(n))
     rng = random.Random(0); V = vocab  # noqa: E702
@@ -30,7 +44,7 @@ def _anchor_rows(bs, steps, min_len, max_len, vocab):
 
 
 def test_json_lines_for_sft_and_psft(capsys):
-    assert bench.main(SMALL + ["--objectives", "sft,psft"]) == 0
+    assert main(SMALL + ["--objectives", "sft,psft"]) == 0
     lines = _lines(capsys)
     assert [r["what"] for r in lines] == ["posttrain_sft", "posttrain_psft"]
     for r in lines:
@@ -48,31 +62,31 @@ def test_json_lines_for_sft_and_psft(capsys):
 
 def test_mfu_with_peak_from_environment(capsys, monkeypatch):
     monkeypatch.setenv("PEAK_TFLOPS", "1")
-    assert bench.main(SMALL + ["--objectives", "sft", "--steps", "1", "--warmup", "0"]) == 0
+    assert main(SMALL + ["--objectives", "sft", "--steps", "1", "--warmup", "0"]) == 0
     (r,) = _lines(capsys)
     assert 0 < r["mfu"] < 1
 
 
 def test_unknown_objective_names_the_known_ones(capsys):
-    assert bench.main(SMALL + ["--objectives", "sft,ppo"]) == 2
+    assert main(SMALL + ["--objectives", "sft,ppo"]) == 2
     err = capsys.readouterr().err
     assert "ppo" in err and "sft, psft, dpo, grpo" in err
 
 
 def test_table_without_json(capsys):
-    assert bench.main([a for a in SMALL if a != "--json"] + ["--objectives", "sft", "--steps", "1"]) == 0
+    assert main([a for a in SMALL if a != "--json"] + ["--objectives", "sft", "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:2] == ["what", "size"] and "posttrain_sft" in out
     assert not out.lstrip().startswith("{")
 
 
 @pytest.mark.parametrize("vocab,min_len,max_len", [(512, 16, 64), (512, 128, 1024), (151936, 128, 1024)])
-def test_rows_are_the_peer_anchors_rows(vocab, min_len, max_len):
+def test_rows_are_the_reference_workload_rows(vocab, min_len, max_len):
     bs, steps = 8, 3
-    rows = bench.workload_rows(vocab, bs * (steps + 2), min_len, max_len)
-    assert rows == _anchor_rows(bs, steps, min_len, max_len, vocab)
+    rows = workload_rows(vocab, bs * (steps + 2), min_len, max_len)
+    assert rows == _reference_rows(bs, steps, min_len, max_len, vocab)
     # prefix-stable: fewer rows are the first rows of more
-    assert bench.workload_rows(vocab, 5, min_len, max_len) == rows[:5]
+    assert workload_rows(vocab, 5, min_len, max_len) == rows[:5]
     for r in rows:
         p, c = r["prompt"].split(), r["completion"].split()
         n = len(p) + len(c)
@@ -82,34 +96,34 @@ def test_rows_are_the_peer_anchors_rows(vocab, min_len, max_len):
 
 def test_examples_are_the_row_tokens_plus_eos():
     row = {"prompt": "t5 t17", "completion": "t200 t3 t42"}
-    ex = bench.row_example(row)
-    assert ex.input_ids == [5, 17, 200, 3, 42, bench.EOS_ID] and ex.completion_start == 2
+    ex = row_example(row)
+    assert ex.input_ids == [5, 17, 200, 3, 42, EOS_ID] and ex.completion_start == 2
 
 
 def test_peer_tokenizer_reads_every_word_as_one_token():
     vocab = 512
-    tok = bench.peer_tokenizer(vocab)
-    rows = bench.workload_rows(vocab, 4, 16, 64)
+    tok = peer_tokenizer(vocab)
+    rows = workload_rows(vocab, 4, 16, 64)
     for r in rows:
-        ex = bench.row_example(r)
-        peer = bench.peer_row(r)
+        ex = row_example(r)
+        peer = peer_row(r)
         ids = tok(peer["prompt"] + peer["completion"], add_special_tokens=False)["input_ids"]
         assert ids == ex.input_ids  # "t200" stays one token; no merge at the boundary or before EOS
         assert tok(peer["prompt"], add_special_tokens=False)["input_ids"] == ex.input_ids[:ex.completion_start]
-    assert (tok.unk_token_id, tok.pad_token_id, tok.eos_token_id) == (bench.UNK_ID, bench.PAD_ID, bench.EOS_ID)
+    assert (tok.unk_token_id, tok.pad_token_id, tok.eos_token_id) == (UNK_ID, PAD_ID, EOS_ID)
 
 
 def test_missing_trl_is_reported_and_the_rest_runs(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ImportError
-    assert bench.main(SMALL + ["--objectives", "sft", "--peers", "trl", "--steps", "1", "--warmup", "0"]) == 0
+    assert main(SMALL + ["--objectives", "sft", "--peers", "trl", "--steps", "1", "--warmup", "0"]) == 0
     trl_line, ours = _lines(capsys)
-    assert trl_line == {**trl_line, "what": "trl_sft", "error": bench.TRL_MISSING}
+    assert trl_line == {**trl_line, "what": "trl_sft", "error": TRL_MISSING}
     assert ours["what"] == "posttrain_sft" and ours["tokens_per_s"] > 0 and "speedup_vs_trl" not in ours
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed (pip install -e '.[bench]')")
 def test_trl_peer_on_the_same_tokens(capsys):
-    assert bench.main(SMALL + ["--objectives", "sft", "--peers", "trl"]) == 0
+    assert main(SMALL + ["--objectives", "sft", "--peers", "trl"]) == 0
     trl_line, ours = _lines(capsys)
     assert trl_line["what"] == "trl_sft" and "error" not in trl_line, trl_line
     assert trl_line["same_tokens"] is True
@@ -123,7 +137,7 @@ RL = SMALL + ["--steps", "2", "--warmup", "1", "--prompt-len", "16", "--new-toke
 
 
 def test_json_lines_for_dpo_and_grpo(capsys):
-    assert bench.main(RL + ["--objectives", "dpo,grpo"]) == 0
+    assert main(RL + ["--objectives", "dpo,grpo"]) == 0
     dpo, grpo = _lines(capsys)
     assert dpo["what"] == "posttrain_dpo" and "error" not in dpo, dpo
     # 2 measured steps × 8 pairs × (chosen, rejected) of 16 prompt + 16 completion words + EOS
@@ -140,39 +154,40 @@ def test_json_lines_for_dpo_and_grpo(capsys):
 
 
 def test_grpo_workload_is_checked(capsys):
-    assert bench.main(RL + ["--objectives", "grpo", "--group", "5"]) == 2  # 5 does not divide 16
-    assert bench.main(RL + ["--objectives", "grpo", "--steps-per-rollout", "2", "--grpo-steps", "3"]) == 2
+    assert main(RL + ["--objectives", "grpo", "--group", "5"]) == 2  # 5 does not divide 16
+    assert main(RL + ["--objectives", "grpo", "--steps-per-rollout", "2", "--grpo-steps", "3"]) == 2
     assert "--steps-per-rollout" in capsys.readouterr().err
 
 
 def test_dpo_stage_reads_the_pair_ids(tmp_path):
-    """What the dpo stage tokenizes from its JSONL (through the saved tokenizer) is the anchors' pair, word by
+    """What the dpo stage tokenizes from its JSONL (through the saved tokenizer) is the reference pair, word by
     word, plus EOS: the same ids TRL is checked against (same_tokens)."""
     from components.dpo.main import encode_pairs
     from components.models import load_tokenizer
 
-    bench.save_model("tiny", str(tmp_path / "model"))
+    save_model("tiny", str(tmp_path / "model"))
     tok = load_tokenizer(tmp_path / "model")
-    rows = bench.dpo_rows(512, 6, 64)
-    pairs, dropped = encode_pairs([bench.stage_pair_row(r) for r in rows], tok, 65, "pairs.jsonl")
+    rows = dpo_rows(512, 6, 64)
+    pairs, dropped = encode_pairs([stage_pair_row(r) for r in rows], tok, 65, "pairs.jsonl")
     assert dropped == 0
     for (chosen, rejected), row in zip(pairs, rows):
-        prompt, c, r = bench.pair_ids(row)
+        prompt, c, r = pair_ids(row)
         assert chosen.input_ids == prompt + c and rejected.input_ids == prompt + r
         assert chosen.completion_start == rejected.completion_start == len(prompt) == 16
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed (pip install -e '.[bench]')")
 def test_trl_dpo_and_grpo_peers(capsys):
-    assert bench.main(RL + ["--objectives", "dpo,grpo", "--peers", "trl"]) == 0
+    assert main(RL + ["--objectives", "dpo,grpo", "--peers", "trl"]) == 0
     trl_dpo, trl_grpo, dpo, grpo = _lines(capsys)
     assert [r["what"] for r in (trl_dpo, trl_grpo)] == ["trl_dpo", "trl_grpo"]
     for r in (trl_dpo, trl_grpo):
         assert "error" not in r, r
-        assert r["activation_checkpointing"] is True  # TRL's default, as the anchors ran it
+        assert r["activation_checkpointing"] is True  # TRL's default, as the reference measurements ran it
     assert trl_dpo["same_tokens"] is True and trl_dpo["tokens"] == dpo["tokens"]
     assert dpo["speedup_vs_trl"] == pytest.approx(dpo["pairs_per_s"] / trl_dpo["pairs_per_s"])
     assert dpo["vs"] == "trl_dpo" and grpo["vs"] == "trl_grpo"
     assert 2 * 16 <= trl_grpo["completion_tokens"] <= 2 * 16 * 12
     assert trl_grpo["tokens"] == 2 * 16 * 16 + trl_grpo["completion_tokens"]
-    assert grpo["speedup_vs_trl"] == pytest.approx(grpo["completion_tokens_per_s"] / trl_grpo["completion_tokens_per_s"])
+    assert grpo["speedup_vs_trl"] == pytest.approx(
+        grpo["completion_tokens_per_s"] / trl_grpo["completion_tokens_per_s"])

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, image
 from pipelines.cli import main as cli
-from pipelines.images import DEFAULT_REGISTRY, DEFAULT_TAG, image
 from pipelines.posttrain import compile_spec, pipeline_parameters, without_sdk_version
 from pipelines.spec import load_spec, parse_spec
 
@@ -29,7 +29,7 @@ GPU_POOL = {"accelerator": "nvidia.com/gpu", "gpus": 2, "node_selector": {"postt
 MINI = {
     "name": "mini", "base_model": "s3://posttrain-data/models/m",
     "data": {"sources": [{"task": "arithmetic", "rows": 100, "shape": "sft"}]},
-    "stages": [{"stage": "psft", "settings": {"max_steps": 10, "lr": 0.001}}, {"stage": "evaluate"},
+    "stages": [{"stage": "psft", "settings": {"train": {"max_steps": 10, "lr": 0.001}}}, {"stage": "evaluate"},
                {"stage": "register"}],
     "eval_suites": [{"task": "arithmetic", "split": "id"}],
     "promotion": {"metric": "arithmetic-id/accuracy"},
@@ -98,12 +98,15 @@ def test_gpu_stage_placement(tmp_path):
     assert plat["activeDeadlineSeconds"] == "3600"
     assert plat["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi",
                                        "volumeName": "dshm"}]
-    assert plat["podMetadata"]["labels"] == {"posttrain/spec": "mini", "posttrain/stage": "psft"}
+    assert plat["podMetadata"]["labels"] == {"posttrain/spec": "mini", "posttrain/stage": "psft",
+                                             "sidecar.istio.io/inject": "false"}
+    assert plat["securityContext"] == {"runAsUser": "10001", "runAsGroup": "10001", "runAsNonRoot": True}
     assert plat["imagePullPolicy"] == "IfNotPresent"
     assert tasks["sft"]["retryPolicy"]["maxRetryCount"] == 2
     # training writes checkpoints to the run's workspace (a PVC per run): a retry resumes from them
     assert tasks["sft"]["inputs"]["parameters"]["workspace"]["runtimeValue"]["constant"] == "{{$.workspace_path}}"
-    assert k8s["pipelineConfig"]["workspace"]["size"] == "100Gi"
+    assert k8s["pipelineConfig"]["workspace"] == {"size": "100Gi",
+                                                  "kubernetes": {"pvcSpecPatch": {"accessModes": ["ReadWriteOnce"]}}}
     # torchrun with one rank per GPU
     assert tasks["sft"]["inputs"]["parameters"]["nproc"]["runtimeValue"]["constant"] == 2
 
@@ -173,7 +176,7 @@ def test_cluster_runtime_parameters_have_defaults_and_descriptions(tmp_path):
     params = pipeline["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {"base_model", "data_sources", "psft_lr", "psft_max_steps", "grpo_lr", "grpo_max_steps",
                            "tracking_uri", "s3_endpoint"}
-    for name, kind, default, _ in pipeline_parameters(spec):
+    for name, _kind, default, _ in pipeline_parameters(spec):
         p = params[name]
         assert p["description"] and p["isOptional"] is True, name
         assert (json.loads(p["defaultValue"]) if name == "data_sources" else p["defaultValue"]) == (
@@ -195,3 +198,23 @@ def test_golden_ir(name, tmp_path):
     assert "sdkVersion" not in got
     assert golden.read_text() == got, (f"the compiled {name} pipeline changed; if intended: "
                                        "POSTTRAIN_UPDATE_GOLDEN=1 pytest tests/unit/test_compile.py")
+
+
+def test_reward_model_after_a_stage_that_makes_pairs_compiles(tmp_path):
+    spec = copy.deepcopy(MINI)
+    spec["data"]["sources"].append({"task": "arithmetic", "rows": 50, "shape": "prompts", "name": "prompts"})
+    spec["rewards"] = [{"name": "task"}]
+    spec["stages"] = [{"stage": "sft"}, {"stage": "reward_scoring"},
+                      {"stage": "reward_model", "settings": {"eval_fraction": 0.1, "margin": 0.5}},
+                      {"stage": "evaluate"}, {"stage": "register"}]
+    _, pipeline, _ = compiled(parse_spec(spec), tmp_path)
+    tasks = dag_tasks(pipeline)
+    names = {t["taskInfo"]["name"]: n for n, t in tasks.items()}
+    rm = tasks[names["reward_model"]]
+    # its pairs are reward_scoring's, its model the sft policy; the lr and steps are pipeline parameters
+    assert rm["inputs"]["artifacts"]["pairs"]["taskOutputArtifact"]["producerTask"] == names["reward_scoring"]
+    assert rm["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == names["sft"]
+    assert {"reward_model_lr", "reward_model_max_steps"} <= set(pipeline["root"]["inputDefinitions"]["parameters"])
+    # the reward model is not the policy: evaluate still scores sft's model
+    assert tasks[names["evaluate"]]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] \
+        == names["sft"]

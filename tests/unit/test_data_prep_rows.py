@@ -5,8 +5,17 @@ import json
 import pytest
 
 from components.data_prep.main import LENGTH_BINS, READERS, length_stats, on_eval_side, source_files
-from components.datasets import (DataError, RowError, preference_row, prompt_key, prompt_row, reason_key, row_key,
-                                 sft_row)
+from components.data_prep.readers import BrokenFile
+from components.datasets import (
+    DataError,
+    RowError,
+    preference_row,
+    prompt_key,
+    prompt_row,
+    reason_key,
+    row_key,
+    sft_row,
+)
 
 U, A, S = "user", "assistant", "system"
 
@@ -16,13 +25,18 @@ def _m(*turns):
 
 
 @pytest.mark.parametrize("messages, field, reason", [
-    (_m((U, "hi"), ("tool", "x"), (A, "ok")), "messages[1].role", "unknown role (got 'tool'"),
+    (_m((U, "hi"), ("tool", "x"), (A, "ok")), "messages[1].role", "tool turns are not supported (got 'tool')"),
+    (_m((U, "hi"), ("narrator", "x"), (A, "ok")), "messages[1].role", "unknown role (got 'narrator'"),
+    ([{"role": U, "content": "hi"}, {"role": A, "content": "", "tool_calls": [{"name": "f"}]}],
+     "messages[1].tool_calls", "tool calls are not supported"),
     (_m((U, "hi"), (U, "again"), (A, "ok")), "messages[1].role", "out of order (got 'user', expected 'assistant'"),
     (_m((U, "hi"), (S, "late"), (A, "ok")), "messages[1].role", "out of order (got 'system'"),
     (_m((A, "first"), (U, "hi"), (A, "ok")), "messages[0].role", "out of order (got 'assistant', expected 'user'"),
     (_m((U, " "), (A, "ok")), "messages[0].content", "empty message"),
     (_m((U, "hi"), (A, "")), "messages[1].content", "empty completion"),
-    ([{"role": U, "content": ["hi"]}], "messages[0]", "each message needs a string 'role' and a string 'content'"),
+    ([{"role": U, "content": [{"type": "text", "text": "hi"}]}], "messages[0].content",
+     "list-valued content (content parts) is not supported"),
+    ([{"role": U, "content": 3}], "messages[0]", "each message needs a string 'role' and a string 'content'"),
 ])
 def test_bad_messages_are_named(messages, field, reason):
     err = sft_row({"messages": messages}, "f.jsonl", 3)
@@ -114,11 +128,11 @@ def test_csv_and_json_readers_name_lines(tmp_path):
 
     j = tmp_path / "d.json"
     j.write_text(json.dumps({"rows": []}))
-    [(line, err)] = READERS["json"](j, "d.json")
-    assert (line, err.reason) == (1, 'expected an array of rows or {"data": [...]}')
-    j.write_text('[{"prompt": "q"},\n 3,\n {"prompt": ')
-    [(line, err)] = READERS["json"](j, "d.json")
-    assert line == 3 and err.reason.startswith("not valid JSON")
+    with pytest.raises(BrokenFile, match=r'expected an array of rows or \{"data": \[...\]\}: its rows cannot be'):
+        list(READERS["json"](j, "d.json"))
+    j.write_text('[{"prompt": "q"},\n 3,\n {"prompt": ')  # truncated: the rows it lost cannot be counted
+    with pytest.raises(BrokenFile, match="not valid JSON .* at line 3 column 13.* after 2 complete rows"):
+        list(READERS["json"](j, "d.json"))
     j.write_text('[{"prompt": "q"}, 3]')
     rows = list(READERS["json"](j, "d.json"))
     assert rows[0] == (1, {"prompt": "q"}) and rows[1][1].reason == "expected an object with named fields (got int)"
@@ -160,13 +174,13 @@ def test_readme_documents_every_key_and_its_example_loads():
             assert f"| `{f.name}` |" in readme, f"{cls.__name__}.{f.name} is not in the README"
     example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", readme, re.S).group(1))
     cfg = from_mapping(DataPrepConfig, example, "README example")
-    assert [type(s).__name__ for s in cfg.sources] == ["FileSource"] * 3 + ["TaskSource"] * 2
+    assert [type(s).__name__ for s in cfg.sources] == ["FileSource"] * 4 + ["TaskSource"] * 2
 
 
-def test_unreadable_table_file_is_one_named_bad_row(tmp_path):
+def test_unreadable_table_file_is_a_broken_file(tmp_path):
     f = tmp_path / "d.parquet"
     f.write_text("not parquet")
-    [(line, err)] = READERS["parquet"](f, "s3://b/d.parquet")
-    assert (line, err.file) == (1, "s3://b/d.parquet") and err.reason.startswith("not a readable Parquet file (")
-    [(line, err)] = READERS["datasets"](f, "d.arrow")
-    assert err.reason.startswith("not a readable Arrow file (")
+    with pytest.raises(BrokenFile, match=r"not a readable Parquet file \(.*\): its rows cannot be counted"):
+        list(READERS["parquet"](f, "s3://b/d.parquet"))
+    with pytest.raises(BrokenFile, match=r"not a readable Arrow file after row 0 \("):
+        list(READERS["datasets"](f, "d.arrow"))

@@ -1,4 +1,4 @@
-"""images/: hadolint passes on every Dockerfile, the images are named in one place (pipelines/images.py and
+"""images/: hadolint passes on every Dockerfile, the images are named in one place (components/images.py and
 the Makefile agree), and the Dockerfiles install what images/constraints.txt pins, in a rebuild-friendly order."""
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def _make_images(env_overrides: dict[str, str]) -> list[str]:
 
 
 def _python_images(env_overrides: dict[str, str]) -> list[str]:
-    """TRAINER_IMAGE, RUNTIME_IMAGE, MLFLOW_IMAGE of pipelines/images.py, under the given environment."""
+    """TRAINER_IMAGE, RUNTIME_IMAGE, MLFLOW_IMAGE of components/images.py, under the given environment."""
     env = {k: v for k, v in os.environ.items() if k not in ("POSTTRAIN_REGISTRY", "POSTTRAIN_TAG")}
-    code = "from pipelines import images as i; print(i.TRAINER_IMAGE, i.RUNTIME_IMAGE, i.MLFLOW_IMAGE)"
+    code = "from components import images as i; print(i.TRAINER_IMAGE, i.RUNTIME_IMAGE, i.MLFLOW_IMAGE)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env=env | env_overrides, check=True)
     return done.stdout.split()
@@ -78,7 +78,7 @@ def _python_images(env_overrides: dict[str, str]) -> list[str]:
 
 @pytest.mark.parametrize("env", [{}, {"POSTTRAIN_REGISTRY": "registry.example.com/ml", "POSTTRAIN_TAG": "1.2.3"}],
                          ids=["defaults", "from-env"])
-def test_makefile_and_pipelines_images_agree(env):
+def test_makefile_and_components_images_agree(env):
     assert _make_images(env) == _python_images(env)
 
 
@@ -90,8 +90,8 @@ def test_default_image_names():
     ]
 
 
-def test_k8s_runs_the_mlflow_and_trainer_images_of_pipelines_images():
-    from pipelines.images import DEFAULT_REGISTRY, DEFAULT_TAG, image
+def test_k8s_runs_the_mlflow_and_trainer_images_of_components_images():
+    from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, image
 
     manifests = "\n".join(p.read_text() for p in (ROOT / "k8s").rglob("*.yaml"))
     built_here = set(re.findall(r"image: (\S*posttrain-\w+:\S+)", manifests))

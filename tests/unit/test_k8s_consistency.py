@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from k8s_tools import ROOT, load_validate
 
 validate = load_validate()
@@ -28,7 +27,7 @@ KFP_STUB_IMAGE = "argostub/"  # placeholder images of KFP's built-in steps (crea
 @pytest.fixture(scope="module")
 def deployment() -> dict:
     """The facts of k8s/ (base + gpu overlay) a pipeline may rely on."""
-    from pipelines.images import image
+    from components.images import image
 
     resources = validate.render(ROOT / "k8s" / "overlays" / "gpu")
     by = {(r["kind"], r["metadata"]["name"]): r for r in resources}
@@ -37,8 +36,10 @@ def deployment() -> dict:
     runner_rules = [rule for r in resources if r["kind"] == "Role" for rule in r["rules"]]
     return {
         "images": {image(d.parent.name) for d in (ROOT / "images").glob("*/Dockerfile")},
-        "secrets": {s["metadata"]["name"]: {k for k, _ in validate.secret_values(s)} for s in validate.secret_templates()},
-        "readable_secrets": {n for rule in runner_rules if "secrets" in rule["resources"] for n in rule["resourceNames"]},
+        "secrets": {s["metadata"]["name"]: {k for k, _ in validate.secret_values(s)}
+                    for s in validate.secret_templates()},
+        "readable_secrets": {n for rule in runner_rules if "secrets" in rule["resources"]
+                             for n in rule["resourceNames"]},
         "can_create_pvcs": any("persistentvolumeclaims" in rule["resources"] and "create" in rule["verbs"]
                                for rule in runner_rules),
         "buckets": set(by["ConfigMap", "minio-buckets"]["data"]["buckets"].split()),
@@ -88,7 +89,8 @@ def consistency_problems(compiled: Path, deployment: dict) -> list[str]:
             if secret not in deployment["secrets"]:
                 problems.append(f"{name}: Secret {secret} is not one k8s/secrets/ defines")
                 continue
-            problems += [f"{name}: Secret {secret} has no key {k}" for k in keys if k not in deployment["secrets"][secret]]
+            problems += [f"{name}: Secret {secret} has no key {k}"
+                         for k in keys if k not in deployment["secrets"][secret]]
             if secret not in deployment["readable_secrets"]:
                 problems.append(f"{name}: the pipeline runner may not read Secret {secret} (k8s/base/rbac.yaml)")
         accelerator = executors.get(name, {}).get("container", {}).get("resources", {}).get("accelerator")
@@ -101,13 +103,14 @@ def consistency_problems(compiled: Path, deployment: dict) -> list[str]:
             if tolerations != deployment["gpu_tolerations"]:
                 problems.append(f"{name}: tolerations {sorted(tolerations)} are not the gpu overlay's "
                                 f"{sorted(deployment['gpu_tolerations'])} (k8s/overlays/gpu/gpu-pool.yaml)")
-    if any(e.get("container", {}).get("image", "").startswith(KFP_STUB_IMAGE + "createpvc") for e in executors.values()) \
-            and not deployment["can_create_pvcs"]:
+    if any(e.get("container", {}).get("image", "").startswith(KFP_STUB_IMAGE + "createpvc")
+           for e in executors.values()) and not deployment["can_create_pvcs"]:
         problems.append("the pipeline creates a PVC, which the pipeline runner may not (k8s/base/rbac.yaml)")
     texts = _strings(docs)
     for bucket in sorted({m for t in texts for m in S3_URI.findall(t)}):
         if bucket not in deployment["buckets"]:
-            problems.append(f"bucket {bucket} is not created by k8s/base/minio-buckets.yaml ({sorted(deployment['buckets'])})")
+            problems.append(f"bucket {bucket} is not created by k8s/base/minio-buckets.yaml "
+                            f"({sorted(deployment['buckets'])})")
     for service, namespace, port in sorted({m for t in texts for m in CLUSTER_URL.findall(t)}):
         if (service, namespace, int(port)) not in deployment["services"]:
             problems.append(f"{service}.{namespace}.svc.cluster.local:{port} is no Service port of k8s/")
@@ -129,7 +132,7 @@ def _compile_probe(path: Path, *, secret="posttrain-minio", key="AWS_SECRET_ACCE
     Secrets as environment, a workspace PVC, the MinIO and MLflow endpoints, a GPU step on the GPU pool."""
     from kfp import compiler, dsl, kubernetes
 
-    from pipelines.images import RUNTIME_IMAGE, TRAINER_IMAGE
+    from components.images import RUNTIME_IMAGE, TRAINER_IMAGE
 
     pool = pool or {"selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "posttrain/pool": "gpu-training"},
                     "tolerations": [("nvidia.com/gpu", "Exists", "", "NoSchedule"),
@@ -176,7 +179,8 @@ def test_checks_pass_on_a_pipeline_built_to_the_conventions(tmp_path, deployment
     ({"key": "AWS_SECRET_KEY"}, "exec-prepare: Secret posttrain-minio has no key AWS_SECRET_KEY"),
     ({"image": "ghcr.io/posttrain/posttrain-trainer:latest"},
      "exec-train: image ghcr.io/posttrain/posttrain-trainer:latest is not built by images/"),
-    ({"data_uri": "s3://posttrain-models/base"}, "bucket posttrain-models is not created by k8s/base/minio-buckets.yaml"),
+    ({"data_uri": "s3://posttrain-models/base"},
+     "bucket posttrain-models is not created by k8s/base/minio-buckets.yaml"),
     ({"endpoint": "http://minio.storage.svc.cluster.local:9000"},
      "minio.storage.svc.cluster.local:9000 is no Service port of k8s/"),
     ({"pool": {"selector": {"posttrain/pool": "gpu"}, "tolerations": []}},
@@ -202,7 +206,8 @@ def test_a_pvc_the_runner_may_not_create_is_a_mismatch(tmp_path, deployment):
 
 
 def test_compiled_cluster_pipeline_matches_the_manifests(tmp_path, deployment):
-    posttrain = pytest.importorskip("pipelines.posttrain", reason="the pipeline compiler (pipelines/posttrain.py) is not there yet")
+    posttrain = pytest.importorskip("pipelines.posttrain",
+                                    reason="the pipeline compiler (pipelines/posttrain.py) is not there yet")
     out = tmp_path / "pipeline.yaml"
     posttrain.compile_spec(ROOT / "pipelines" / "specs" / "cluster.yaml", out)
     assert consistency_problems(out, deployment) == []

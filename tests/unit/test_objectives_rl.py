@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from components.training.objectives import (aggregation_weights, dpo_loss, group_advantages, grpo_loss, kl_k3)
+from components.training.objectives import aggregation_weights, dpo_loss, group_advantages, grpo_loss, kl_k3
 
 
 def test_group_advantages_each_scale():
@@ -62,7 +62,8 @@ def test_grpo_clip_and_kl():
     ref = torch.log(torch.tensor([0.6, 0.3]))
     loss, m = grpo_loss(logp, old, adv, torch.ones(2), w, epsilon_low=0.2, epsilon_high=0.28, ref_logp=ref, beta=0.1)
     kl = [0.6 / 0.8 - math.log(0.6 / 0.8) - 1, 0.3 / 0.2 - math.log(0.3 / 0.2) - 1]
-    expect = 0.5 * (-1.28) + 0.5 * (0.8) + 0.1 * 0.5 * sum(kl)  # both surrogates clipped: −min(1.6, 1.28), −min(−0.4, −0.8)
+    # both surrogates clipped: −min(1.6, 1.28), −min(−0.4, −0.8)
+    expect = 0.5 * (-1.28) + 0.5 * (0.8) + 0.1 * 0.5 * sum(kl)
     assert float(loss.detach()) == pytest.approx(expect, rel=1e-6)
     assert float(m["clip_ratio/high"]) == 1 and float(m["clip_ratio/low"]) == 1
     assert float(m["kl"]) == pytest.approx(sum(kl), rel=1e-6)
@@ -124,6 +125,101 @@ def test_round_stats_over_ranks_are_the_single_process_stats(scale):
     assert torch.equal(torch.cat([parts[0][0], parts[1][0]]), one_adv)
     assert torch.equal(torch.cat([parts[0][1], parts[1][1]]), one_std)
     assert parts[0][2] == parts[1][2] == one_metrics
-    assert one_metrics["frac_reward_zero_std"] >= 1 / groups and one_metrics["completions/clipped_ratio"] == pytest.approx(1 / 3)
+    assert (one_metrics["frac_reward_zero_std"] >= 1 / groups
+            and one_metrics["completions/clipped_ratio"] == pytest.approx(1 / 3))
     if scale == "batch":  # one rank's own std would give other advantages
         assert not torch.allclose(parts[1][0], group_advantages(torch.tensor(total[cut:]), G, "batch"))
+
+
+def test_rollout_seed_is_fixed_per_round_and_rank():
+    from components.grpo.main import rollout_seed
+    # the seeds runs have sampled with: changing them changes every GRPO run's numbers
+    assert rollout_seed(0, 0, 0) == 0 and rollout_seed(3, 5, 1) == 3 * 1_000_003 + 5 * 97 + 1
+    seeds = {rollout_seed(7, round_index, rank) for round_index in range(50) for rank in range(8)}
+    assert len(seeds) == 50 * 8
+
+
+def test_minibatches_cut_the_passes_over_the_kept_samples():
+    from components.grpo.main import minibatches
+    assert minibatches([0, 1, 2, 3], 2, 4) == [[0, 1], [2, 3], [0, 1], [2, 3]]
+    assert minibatches([0, 2, 5], 2, 4) == [[0], [2], [5], [0, 2, 5]]  # the last step takes the rest
+    assert minibatches([], 2, 3) == [[], [], []]  # nothing kept: the steps are still taken
+
+
+def test_rloo_baseline_leaves_each_sample_out():
+    from components.training.objectives import ADVANTAGE_ESTIMATORS, rloo_advantages
+
+    r = torch.tensor([1.0, 0, 0, 1, 3, 1, 2, 2])
+    # group 1 [1, 0, 0, 1]: baselines (0+0+1)/3, (1+0+1)/3, (1+0+1)/3, (1+0+0)/3 = 1/3, 2/3, 2/3, 1/3
+    #   → Â = 1 − 1/3, 0 − 2/3, 0 − 2/3, 1 − 1/3 = 2/3, −2/3, −2/3, 2/3
+    # group 2 [3, 1, 2, 2]: baselines (1+2+2)/3, (3+2+2)/3, (3+1+2)/3, (3+1+2)/3 = 5/3, 7/3, 2, 2
+    #   → Â = 4/3, −4/3, 0, 0
+    expect = torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 4 / 3, -4 / 3, 0, 0])
+    torch.testing.assert_close(rloo_advantages(r, 4), expect)
+    assert ADVANTAGE_ESTIMATORS["rloo"].fn is rloo_advantages and not ADVANTAGE_ESTIMATORS["rloo"].per_token
+    # GRPO stays group_advantages, whatever the registry
+    torch.testing.assert_close(ADVANTAGE_ESTIMATORS["grpo"].fn(r, 4, scale="batch"), group_advantages(r, 4, "batch"))
+
+
+def test_reinforce_pp_whitens_over_every_token_of_the_round():
+    from components.training.objectives import reinforce_pp_advantages
+
+    # two samples, R = 1 (2 tokens) and R = 0 (1 token), β = 0: returns are R on every token: 1, 1 | 0
+    # mean over the 3 tokens 2/3; unbiased var ((1/3)² + (1/3)² + (2/3)²) / 2 = 1/3; std 1/√3
+    # → Â = (1 − 2/3)·√3 = √3/3 on the two tokens of sample 1, (0 − 2/3)·√3 = −2√3/3 on sample 2, 0 on padding
+    rewards, mask = torch.tensor([1.0, 0.0]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = reinforce_pp_advantages(rewards, torch.zeros(2, 2), mask, beta=0.0)
+    s3 = math.sqrt(3)
+    torch.testing.assert_close(adv, torch.tensor([[s3 / 3, s3 / 3], [-2 * s3 / 3, 0.0]]))
+
+    # the same round split over two ranks: each rank's sums are added to the other's, so each rank's tokens
+    # are whitened by the round's mean and std, as one process does
+    other = {0: {"n": 1.0, "x": 0.0, "xx": 0.0}, 1: {"n": 2.0, "x": 2.0, "xx": 2.0}}  # sample 2's, sample 1's
+    parts = [reinforce_pp_advantages(rewards[i:i + 1], torch.zeros(1, 2), mask[i:i + 1], beta=0.0,
+                                     reduce=lambda d, i=i: {k: d[k] + other[i][k] for k in d}) for i in (0, 1)]
+    torch.testing.assert_close(torch.cat(parts), adv)
+
+
+def test_reinforce_pp_folds_the_k1_kl_into_the_reward():
+    from components.training.objectives import kl_k1, reinforce_pp_advantages
+
+    # one sample of 3 tokens, R = 1, β = 0.5, k1 = log π_old − log π_ref = 0.2, −0.4, 0.6
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.2, -1.6, -1.1]])
+    kl = kl_k1(old, ref)
+    torch.testing.assert_close(kl, torch.tensor([[0.2, -0.4, 0.6]]))
+    # token rewards −β·kl + R on the last token: −0.1, 0.2, −0.3 + 1 = 0.7
+    # returns (γ = 1, sums to the end): 0.8, 0.9, 0.7; mean 0.8, unbiased var (0 + 0.01 + 0.01) / 2 = 0.01, std 0.1
+    # → Â = (0.8 − 0.8) / 0.1, (0.9 − 0.8) / 0.1, (0.7 − 0.8) / 0.1 = 0, 1, −1
+    adv = reinforce_pp_advantages(torch.tensor([1.0]), kl, torch.ones(1, 3), beta=0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 1.0, -1.0]]), atol=1e-5, rtol=1e-5)
+
+
+def test_grpo_config_advantage_setting():
+    from components.config import ConfigError, from_mapping
+    from components.grpo.main import GRPOConfig
+
+    base = {"model": "m", "output_dir": "o", "prompts": {"task": "arithmetic"}, "train": {"batch_size": 8}}
+    assert from_mapping(GRPOConfig, base).advantage == "grpo"
+    cfg = from_mapping(GRPOConfig, {**base, "advantage": "reinforce_pp", "beta": 0.1})
+    assert cfg.loss_beta == 0.0 and from_mapping(GRPOConfig, {**base, "beta": 0.1}).loss_beta == 0.1
+    with pytest.raises(ConfigError, match="advantage.*grpo, rloo, reinforce_pp"):
+        from_mapping(GRPOConfig, {**base, "advantage": "ppo"})
+
+
+def test_bradley_terry_with_and_without_margin():
+    from components.training.objectives import bradley_terry_loss
+
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # r_c − r_r = 1, −1: −log σ(1) = log(1 + e^−1) = 0.313262, −log σ(−1) = log(1 + e) = 1.313262
+    losses, m = bradley_terry_loss(chosen, rejected)
+    torch.testing.assert_close(losses, torch.tensor([0.313262, 1.313262]), rtol=0, atol=1e-6)
+    assert m["accuracy"].tolist() == [1.0, 0.0] and m["margin"].tolist() == [1.0, -1.0]
+    assert m["mean_reward"].tolist() == [1.5, 0.5]
+    # margin 1: −log σ(1 − 1) = log 2 = 0.693147, −log σ(−1 − 1) = log(1 + e²) = 2.126928
+    losses, _ = bradley_terry_loss(chosen, rejected, margin=1.0)
+    torch.testing.assert_close(losses, torch.tensor([0.693147, 2.126928]), rtol=0, atol=1e-6)
+    # per-pair margins 0 and 2: −log σ(1) = 0.313262, −log σ(−1 − 2) = log(1 + e³) = 3.048587; centering
+    # c = 0.1 adds 0.1·(2 + 1)² = 0.9 and 0.1·(0 + 1)² = 0.1 → 1.213262, 3.148587
+    losses, _ = bradley_terry_loss(chosen, rejected, margin=torch.tensor([0.0, 2.0]), center_rewards_coefficient=0.1)
+    torch.testing.assert_close(losses, torch.tensor([1.213262, 3.148587]), rtol=0, atol=1e-6)

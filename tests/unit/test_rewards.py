@@ -96,7 +96,8 @@ def test_math_outside_the_main_thread():
     """math-verify's timeout needs the main thread; elsewhere it must still verify (without the alarm)."""
     out = {}
     worker = threading.Thread(target=lambda: out.update(r=scores(
-        [{"name": "math"}], ["\\boxed{\\frac{\\sqrt{3}}{2}}", "\\boxed{9^{9^{9^{9}}}}"], ["\\frac{\\sqrt{3}}{2}", "1"])[1]))
+        [{"name": "math"}], ["\\boxed{\\frac{\\sqrt{3}}{2}}", "\\boxed{9^{9^{9^{9}}}}"],
+        ["\\frac{\\sqrt{3}}{2}", "1"])[1]))
     worker.start()
     worker.join(timeout=60)
     assert out["r"]["math"] == [1.0, 0.0]

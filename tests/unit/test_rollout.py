@@ -24,7 +24,8 @@ PROMPTS = ["12+7=", "Say something", "99-45=", "a"]
 def test_rollout_logprobs_equal_teacher_forced(model_tok, temperature, checkpoint_defaults, monkeypatch):
     model, tok = model_tok
     if checkpoint_defaults:  # a checkpoint's generation_config.json (Qwen2.5-Instruct ships one) plays no part
-        for key, value in {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "top_k": 5, "temperature": 0.2}.items():
+        for key, value in {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "top_k": 5,
+                           "temperature": 0.2}.items():
             monkeypatch.setattr(model.generation_config, key, value)
     ro = generate(model, tok, PROMPTS, n=3, temperature=temperature, max_new_tokens=12, seed=1, batch_size=5)
     assert len(ro) == 12 and ro.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]

@@ -14,7 +14,7 @@ BASE = {
     "name": "t",
     "base_model": "s3://posttrain-data/models/m",
     "data": {"sources": [{"task": "arithmetic", "rows": 100, "shape": "sft"}]},
-    "stages": [{"stage": "psft", "settings": {"max_steps": 10, "lr": 0.001}},
+    "stages": [{"stage": "psft", "settings": {"train": {"max_steps": 10, "lr": 0.001}}},
                {"stage": "evaluate"},
                {"stage": "register"}],
     "eval_suites": [{"task": "arithmetic", "split": "id"}, {"task": "arithmetic", "split": "ood"}],
@@ -69,19 +69,22 @@ def test_unknown_key(tmp_path):
 
 def test_unknown_stage_setting_is_checked_by_the_stage_config(tmp_path):
     msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(lerning_rate=0.1))
-    assert "stages[0].settings: unknown key(s) 'lerning_rate'; allowed:" in msg and "lr" in msg
+    assert "stages[0].settings.lerning_rate: unknown key; allowed:" in msg and "train" in msg
+    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(warmup_steps=5))  # the old flat form
+    assert "stages[0].settings.warmup_steps: unknown key here; it is a key of `train`: write train: {warmup_steps: 5}" \
+        in msg
 
 
 def test_wrong_type(tmp_path):
     msg = spec_error(tmp_path, lambda d: d.update(resources={"accelerator": "nvidia.com/gpu", "gpus": "eight"}))
     assert "resources.gpus: 'eight' is invalid: an integer" in msg
-    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(max_steps=2.5))
-    assert "stages[0].settings.max_steps: 2.5 is invalid: a positive integer" in msg
+    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"]["train"].update(max_steps=2.5))
+    assert "stages[0].settings.train.max_steps: 2.5 is invalid: a positive integer" in msg
 
 
 def test_negative_learning_rate(tmp_path):
-    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(lr=-0.001))
-    assert "stages[0].settings.lr: -0.001 is invalid: a positive number" in msg
+    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"]["train"].update(lr=-0.001))
+    assert "stages[0].settings.train.lr: -0.001 is invalid: a positive number" in msg
 
 
 def test_dpo_without_preference_data(tmp_path):
@@ -107,7 +110,8 @@ def test_grpo_without_rewards(tmp_path):
 
 def test_register_without_evaluate(tmp_path):
     msg = spec_error(tmp_path, lambda d: d["stages"].pop(1))
-    assert "stages[1].stage: 'register' is invalid here: it needs an evaluate stage before it" in msg
+    assert "stages[1].stage: 'register' is invalid here: it needs the latest evaluation results from a stage " \
+           "before it (evaluate)" in msg
 
 
 def test_stage_that_needs_missing_data(tmp_path):
@@ -151,8 +155,8 @@ def test_pass_at_k_is_known_when_the_evaluate_stage_reports_it():
 def test_key_the_pipeline_sets(tmp_path):
     msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(train_data="x.jsonl"))
     assert "stages[0].settings.train_data: 'x.jsonl' is invalid here: set by the pipeline" in msg
-    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(method="sft"))
-    assert "stages[0].settings.method: 'sft' is invalid here: set by the stage kind" in msg
+    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(objective={"method": "sft"}))
+    assert "stages[0].settings.objective.method: 'sft' is invalid here: set by the stage kind" in msg
 
 
 def test_bad_values_inside_nested_parts(tmp_path):
@@ -220,5 +224,21 @@ def test_a_sampling_stage_takes_at_most_one_gpu(tmp_path):
 
 
 def test_infinite_learning_rate(tmp_path):
-    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"].update(lr=float("inf")))
-    assert "stages[0].settings.lr: inf is invalid: a positive number" in msg
+    msg = spec_error(tmp_path, lambda d: d["stages"][0]["settings"]["train"].update(lr=float("inf")))
+    assert "stages[0].settings.train.lr: inf is invalid: a positive number" in msg
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/../x", "s3://bucket/a/./b", "s3://bucket/a//b", "s3://bucket/a\\b"])
+def test_s3_keys_that_could_escape_are_refused_at_check_time(tmp_path, uri):
+    from components.storage import localize, split_s3
+
+    with pytest.raises(ValueError, match="the key .* has an empty, '.' or '..' segment or a backslash"):
+        split_s3(uri)
+    with pytest.raises(ValueError, match="segment"):  # before any client or cache path exists
+        localize(uri, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    msg = spec_error(tmp_path, lambda d: d.update(base_model=uri))
+    assert f"base_model: {uri!r} is invalid: s3://bucket/key with plain key segments" in msg
+    msg = spec_error(tmp_path, lambda d: d["data"]["sources"].append({"uri": uri, "shape": "sft"}))
+    assert "data: " in msg and "segment" in msg, msg
+    assert split_s3("s3://bucket/a/b..c/") == ("bucket", "a/b..c")

@@ -7,7 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from pipelines.spec import SPEC_CLASSES, field_docs, reference_markdown
+from pipelines.spec.docs import SPEC_CLASSES, field_docs, reference_markdown
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
 

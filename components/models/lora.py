@@ -1,0 +1,185 @@
+"""LoRA and QLoRA through peft: the `lora` part of the training stages' configs (sft, dpo, grpo).
+
+With `lora.enabled` the policy is the base model, frozen, with low-rank adapters on `target_modules`, and only the
+adapters train; with `lora.quantize` (QLoRA) the frozen base is loaded in 4 or 8 bits (bitsandbytes, CUDA only).
+Each stage loads its policy with `load_policy` and saves it with `save_policy`: the one place LoRA is applied.
+
+- The reference of DPO, of SFT-KL and of GRPO's KL term is then the base model with the adapter disabled (peft's
+  `disable_adapter()`, components.training.loop.base_reference) unless `ref_model` names another model: no
+  second model is loaded.
+- The stage's model/ is, by `output`, the merged model (the base with the adapter merged in: a plain Hugging Face
+  directory, safetensors) or the adapter (peft's adapter directory, adapter_config.json and
+  adapter_model.safetensors, with the tokenizer). summary.json records which (`output`: full, merged or
+  adapter) and the trainable and total parameter counts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from components.config import UserError, require
+from components.models import ModelLoading, save_model
+from components.training import distributed
+from components.training.loop import is_lora
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("merged", "adapter")
+QUANTIZE = ("none", "4bit", "8bit")
+
+
+@dataclass(kw_only=True)
+class Adapter:
+    """LoRA/QLoRA through peft (off by default): the `lora` part of the sft, dpo and grpo stages' configs."""
+
+    enabled: bool = False
+    """Train low-rank adapters on the frozen base model instead of every weight."""
+    r: int = 16
+    """Rank of each adapter."""
+    alpha: float = 32.0
+    """Scale of the adapters: their update is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input while training."""
+    target_modules: str | list[str] = "all-linear"
+    """The modules that get an adapter: all-linear (every linear layer but the output head) or a list of module
+    names (e.g. [q_proj, v_proj])."""
+    output: str = "merged"
+    """What model/ holds: merged (the base with the adapter merged in, a plain Hugging Face directory) or adapter
+    (peft's adapter directory and the tokenizer, to load on the base model)."""
+    quantize: str = "none"
+    """QLoRA: load the frozen base in 4bit (NF4, bf16 compute) or 8bit; needs a CUDA device with bitsandbytes.
+    none: the base in full precision."""
+
+    def __post_init__(self):
+        require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "r", self.r,
+                "a positive integer")
+        require(self.alpha > 0, "alpha", self.alpha, "a positive number")
+        require(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
+        names = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
+        require(bool(names) and all(isinstance(name, str) and name for name in names), "target_modules",
+                self.target_modules, "all-linear or a non-empty list of module names")
+        require(self.output in OUTPUTS, "output", self.output, f"one of {', '.join(OUTPUTS)}")
+        require(self.quantize in QUANTIZE, "quantize", self.quantize, f"one of {', '.join(QUANTIZE)}")
+        require(self.quantize == "none" or self.enabled, "quantize", self.quantize,
+                "none unless enabled is true (QLoRA trains adapters on the quantized base)")
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias="none",
+                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+
+
+class QuantizationUnavailable(UserError):
+    """QLoRA was asked for where bitsandbytes cannot run."""
+
+
+def check_quantization(quantize: str, device: torch.device) -> None:
+    """QLoRA needs a CUDA device and bitsandbytes: elsewhere a one-line error naming the setting."""
+    if quantize == "none":
+        return
+    missing = [what for what, ok in (("a CUDA device", device.type == "cuda"),
+                                     ("bitsandbytes", importlib.util.find_spec("bitsandbytes") is not None)) if not ok]
+    if missing:
+        raise QuantizationUnavailable(f"lora.quantize={quantize!r}: QLoRA needs a CUDA device with bitsandbytes, and "
+                                      f"this machine has no {' and no '.join(missing)}; set lora.quantize: none "
+                                      "(plain LoRA) or run on the GPU image")
+
+
+def _quantization_config(quantize: str):
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters: peft's own count for an adapted model (a 4-bit weight counted unpacked),
+    else the model's parameters (ZeRO-3's partitioned ones at their full size)."""
+    if is_lora(model):
+        return model.get_nb_trainable_parameters()
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel() or getattr(param, "ds_numel", 0)
+        total += count
+        trainable += count if param.requires_grad else 0
+    return trainable, total
+
+
+def load_policy(path: str | Path, loading: ModelLoading, lora: Adapter, seed: int = 0):
+    """The model a training stage trains: the model at `path` as is, or with lora.enabled that model frozen
+    (quantized with lora.quantize) under peft's LoRA adapters, which alone train; their random initialization
+    comes from `seed` (the stage's train.seed), so a rerun starts from the same adapters. Logs the parameter
+    counts."""
+    if not lora.enabled:
+        model = loading.load_model(path)
+    else:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if lora.quantize != "none":
+            device = distributed.init().device
+            check_quantization(lora.quantize, device)
+            model = loading.load_model(path, dtype=torch.bfloat16, device=device,
+                                       quantization_config=_quantization_config(lora.quantize))
+            # norms in fp32, inputs that carry gradients; the engine chunks the head itself, so no checkpointing
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        else:
+            model = loading.load_model(path)
+        with torch.random.fork_rng():  # the global RNG stays as it was: no other draw changes
+            torch.manual_seed(seed)
+            model = get_peft_model(model, lora.peft_config())
+    trainable, total = parameter_counts(model)
+    log.info("%s: %d of %d parameters train (%.2f%%)%s", path, trainable, total, 100 * trainable / max(total, 1),
+             f", LoRA r={lora.r}" + (f" on the {lora.quantize} base" if lora.quantize != "none" else "")
+             if lora.enabled else "")
+    return model
+
+
+def save_policy(model, tokenizer, path: Path, dist, lora: Adapter, base: str | Path, loading: ModelLoading,
+                ) -> dict:
+    """Save the trained policy to `path` and return what summary.json records of it: `output` (full, merged or
+    adapter), `trainable_params` and `total_params`.
+
+    An adapted policy's adapter is gathered (ZeRO-3) and saved by rank 0; `merged` then loads the base again,
+    unquantized, on the CPU, merges the adapter into it and saves that: a plain Hugging Face directory, the
+    same whether the training base was quantized or sharded."""
+    trainable, total = parameter_counts(model)
+    counts = {"trainable_params": trainable, "total_params": total}
+    if not is_lora(model):
+        save_model(model, tokenizer, path, dist)
+        return {"output": "full", **counts}
+    merge = lora.output == "merged"
+    scratch = Path(tempfile.mkdtemp(prefix=".adapter-", dir=Path(path).parent)) if merge and dist.rank == 0 else None
+    adapter_dir = scratch or Path(path)
+    if dist.world > 1:
+        import deepspeed
+
+        trained = [param for param in model.parameters() if param.requires_grad]
+        with deepspeed.zero.GatheredParameters(trained, modifier_rank=None):
+            if dist.rank == 0:
+                model.save_pretrained(adapter_dir, safe_serialization=True)
+    else:
+        model.save_pretrained(adapter_dir, safe_serialization=True)
+    if dist.rank == 0:
+        if merge:
+            from peft import PeftModel
+
+            merged = PeftModel.from_pretrained(loading.load_model(base), adapter_dir).merge_and_unload()
+            merged.save_pretrained(path, safe_serialization=True)
+            shutil.rmtree(scratch)
+        tokenizer.save_pretrained(path)
+    dist.barrier()
+    return {"output": lora.output, **counts}
+
+
+__all__ = ["Adapter", "QuantizationUnavailable", "check_quantization", "load_policy", "parameter_counts",
+           "save_policy"]

@@ -1,0 +1,3 @@
+from components.reward_model.main import main
+
+main()

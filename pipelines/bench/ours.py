@@ -1,0 +1,139 @@
+"""Our side of the benchmark: SFT and PSFT through the training loop, DPO and GRPO through their stages run as
+a user runs them (a model directory and a JSONL in, metrics.jsonl out), each measured over the steps after
+warm-up. How each number is counted: docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+from pipelines.bench.measure import peaks, rates, reset_peaks
+from pipelines.bench.workloads import BENCH_REWARDS, PAD_ID, SIZES, build_model, dpo_rows, grpo_prompts, stage_pair_row
+
+
+def stage_config(a, objective: str, token_budget: int, model: str = "", data: str = "", out: str = ""):
+    """The config our side runs `objective` with, from the bench arguments `a`, read as a user's YAML is: the
+    one place that knows the stages' config format. sft/psft: the training loop's (TrainConfig, SFTObjective);
+    dpo/grpo: the stage's config, reading the model directory `model` and the JSONL `data`, writing under
+    `out`."""
+    from components.config import from_mapping
+
+    if objective in ("sft", "psft"):
+        from components.training.loop import SFTObjective, TrainConfig
+
+        total = a.warmup + a.steps
+        train = from_mapping(TrainConfig, {"max_steps": total, "batch_size": a.batch_size, "token_budget": token_budget,
+                                           "lr": 1e-5, "seed": 0, "log_every": total, "precision": "auto"})
+        return train, SFTObjective(method=objective, updates_per_batch=a.updates_per_batch if objective == "psft"
+                                   else 1)
+    if objective == "dpo":
+        from components.dpo.main import DPOConfig
+
+        total = a.warmup + a.steps
+        return from_mapping(DPOConfig, {
+            "model": model, "output_dir": out, "train_data": data, "max_length": a.max_len + 1,
+            "train": {"max_steps": total, "batch_size": a.batch_size, "token_budget": token_budget, "lr": 1e-6,
+                      "seed": 0, "log_every": total}})
+    if objective == "grpo":
+        from components.grpo.main import GRPOConfig
+
+        total = a.grpo_warmup + a.grpo_steps
+        round_size = a.grpo_batch_size * a.steps_per_rollout
+        return from_mapping(GRPOConfig, {
+            "model": model, "output_dir": out, "prompts": {"path": data}, "rewards": BENCH_REWARDS,
+            "num_generations": a.group, "prompts_per_round": round_size // a.group,
+            "sampling": {"max_new_tokens": a.new_tokens, "generation_batch_size": round_size},
+            "train": {"max_steps": total, "batch_size": a.grpo_batch_size, "token_budget": token_budget,
+                      "lr": 1e-6, "seed": 0, "log_every": total}})
+    raise ValueError(f"no stage for objective {objective!r}")
+
+
+def run_ours(a, objective: str, examples: list, dev: torch.device, token_budget: int) -> dict:
+    """SFT or PSFT: the training loop on our Examples of the rows."""
+    from components.training.loop import train
+
+    cfg, method = stage_config(a, objective, token_budget)
+    rss_reset = reset_peaks(dev)
+    model = build_model(a.size, torch.float32)
+    with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as out:
+        hist = train(cfg, model, examples, out, pad_id=PAD_ID, objective=method)
+    mem = peaks(dev, rss_reset)
+    measured = hist[a.warmup:]
+    sec = sum(r["step_time_s"] for r in measured)
+    tokens = int(sum(r["tokens"] for r in measured))
+    flops = sum(r["flops"] for r in measured)  # the loop counts the sequences each step trained
+    res = {**rates(tokens, sec, flops, len(measured), dev), **mem, "tokens": tokens,
+           "trained_tokens": int(sum(r["trained_tokens"] for r in measured)),
+           "token_budget": token_budget, "weights": "fp32",
+           "autocast": "bf16" if dev.type == "cuda" else None, "final_loss": hist[-1]["loss"]}
+    if objective == "psft":
+        res["updates_per_batch"] = a.updates_per_batch
+    del model, hist
+    return res
+
+
+def _jsonl(path: str, rows: list[dict]) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def _metrics(out: str) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_ours_dpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
+    """The dpo stage on the reference pairs. Time per pair: the measured steps plus their share of the
+    reference pass (which TRL does inside each step), so pairs_per_s is the cost of DPO, not of its steps only."""
+    from components.dpo.main import run
+
+    total = a.warmup + a.steps
+    rows = dpo_rows(SIZES[a.size]["vocab_size"], a.batch_size * (total + 2), a.max_len)
+    out = os.path.join(work, "dpo")
+    data = _jsonl(os.path.join(work, "pairs.jsonl"), [stage_pair_row(r) for r in rows])
+    cfg = stage_config(a, "dpo", token_budget, model=os.path.join(work, "model"), data=data, out=out)
+    rss_reset = reset_peaks(dev)
+    summary = run(cfg)
+    mem = peaks(dev, rss_reset)
+    measured = _metrics(out)[a.warmup:]
+    pairs = a.batch_size * len(measured)
+    train_s = sum(r["step_time_s"] for r in measured)
+    ref_s = summary["reference_pass_s"] * pairs / summary["pairs"]
+    tokens = int(sum(r["tokens"] for r in measured))
+    flops = sum(r["flops"] for r in measured) * 4 / 3  # + the reference's forward of every sequence
+    return {**rates(tokens, train_s + ref_s, flops, len(measured), dev), **mem,
+            "pairs_per_s": pairs / (train_s + ref_s),
+            "pairs_per_s_steps_only": pairs / train_s, "reference_share_s": ref_s, "tokens": tokens,
+            "token_budget": token_budget, "weights": "fp32", "autocast": "bf16" if dev.type == "cuda" else None,
+            "rewards/accuracies": measured[-1]["rewards/accuracies"], "final_loss": measured[-1]["loss"]}
+
+
+def run_ours_grpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
+    """The grpo stage on the reference prompts: a round of rollouts (prompts × group) every
+    --steps-per-rollout optimizer steps of --grpo-batch-size sequences; μ = 1, β = 0, as TRL's defaults."""
+    from components.grpo.main import run
+
+    prompts = grpo_prompts(SIZES[a.size]["vocab_size"], a.batch_size * 4 * (a.warmup + a.steps + 2), a.prompt_len)
+    out = os.path.join(work, "grpo")
+    data = _jsonl(os.path.join(work, "prompts.jsonl"), prompts)
+    cfg = stage_config(a, "grpo", token_budget, model=os.path.join(work, "model"), data=data, out=out)
+    rss_reset = reset_peaks(dev)
+    run(cfg)
+    mem = peaks(dev, rss_reset)
+    measured = _metrics(out)[a.grpo_warmup:]
+    sec = sum(r["step_time_s"] for r in measured)
+    completion = int(sum(r["trained_tokens"] for r in measured))  # μ = 1: each sampled token trains once
+    tokens = int(sum(r["tokens"] for r in measured))
+    flops = sum(r["flops"] for r in measured) * 4 / 3  # + the rollout: one forward of every sequence
+    first_of_round = measured[::a.steps_per_rollout]
+    return {**rates(tokens, sec, flops, len(measured), dev), **mem, "completion_tokens_per_s": completion / sec,
+            "completion_tokens": completion, "tokens": tokens,
+            "rollout_s": sum(r["rollout_s"] for r in first_of_round), "token_budget": token_budget,
+            "weights": "fp32", "autocast": "bf16" if dev.type == "cuda" else None,
+            "rollout_cache": "static" if dev.type == "cuda" else "dynamic", "reward": measured[-1]["reward"]}

@@ -1,0 +1,220 @@
+"""Checks across the spec's keys: the stage order and what each stage needs (from the stage registry), each
+stage's settings (by the stage's own config class), the rewards, the eval suites and the promotion rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+
+from components.config import Reader, join
+from components.stages import FEEDS, STAGES
+from components.stages import Stage as StageKind
+from components.stages import get as get_stage
+from pipelines.spec.schema import RUNTIME_KEYS, Spec, SpecError, Stage
+
+REQUIRED_TEXT = {
+    "rewards": "it scores completions, and `rewards` is empty (add e.g. rewards: [{name: arithmetic}])",
+    "eval_suites": "`eval_suites` is empty",
+    "promotion": "a register stage needs a `promotion` rule",
+}
+
+
+def _get(data: dict, dotted: str):
+    """The value at a dotted key path of nested mappings, or a sentinel when absent."""
+    for key in dotted.split("."):
+        if not isinstance(data, dict) or key not in data:
+            return _ABSENT
+        data = data[key]
+    return data
+
+
+_ABSENT = object()
+
+
+def _put(data: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        data = data.setdefault(key, {})
+    data[last] = value
+
+
+def _placeholders(cls, kind: StageKind) -> dict:
+    """A value for each wired key that takes a path or a name, so that only the user's keys can fail; in a
+    required part, the first wired key stands for the part (prompts.path, not also prompts.task)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    out: dict = {}
+    for key in kind.wired:
+        top = key.split(".")[0]
+        if top not in fields:
+            continue
+        if "." in key:
+            required = fields[top].default_factory is dataclasses.MISSING
+            if required and top not in out:
+                _put(out, key, f"pipeline-{top}")
+        elif hints[top] is str or typing.get_origin(hints[top]) in (typing.Union, types.UnionType) \
+                and str in typing.get_args(hints[top]):
+            out[key] = f"pipeline-{key}"
+    return out
+
+
+def validate_settings(kind: StageKind, settings: dict, where: str, path: str, injected: dict | None = None):
+    """Check a stage's settings with its config class. The keys the pipeline sets are refused; what the spec
+    gives the stage (`injected`, e.g. rewards) and placeholders for the wired inputs are added."""
+    for key, by in kind.wired.items():
+        value = _get(settings, key)
+        if value is not _ABSENT:
+            raise SpecError(f"{where}: {join(path, key)}: {value!r} is invalid here: set by {by}; remove it")
+    from components.config import merge
+
+    cls = kind.config_class()
+    values = merge(merge(merge(_placeholders(cls, kind), injected or {}), settings), kind.fixed)
+    return Reader(where, SpecError).build(cls, values, path)
+
+
+class Checker:
+    def __init__(self, spec: Spec, where: str):
+        self.spec, self.where = spec, where
+
+    def error(self, path: str, message: str) -> SpecError:
+        return SpecError(f"{self.where}: {path}: {message}")
+
+    def run(self) -> None:
+        reward_names = self.rewards()
+        shapes = self.data()
+        suites = self.suites()
+        self.order(shapes)
+        for i, stage in enumerate(self.spec.stages):
+            self.settings(i, stage)
+        self.promotion(suites, reward_names)
+
+    def rewards(self) -> list[str]:
+        """The reward names, checked without loading anything (a reward model is loaded by the stage that uses it)."""
+        if not self.spec.rewards:
+            return []
+        from components.rewards import check_rewards
+
+        return [name for name, *_ in check_rewards(self.spec.rewards, where=f"{self.where}: rewards")]
+
+    def data(self) -> set[str]:
+        """Validate `data` with data_prep's config; return the row shapes its sources provide for training
+        (sources whose role is train or both)."""
+        sources = self.spec.data.get("sources", [])
+        if not isinstance(sources, list):
+            raise self.error("data.sources", f"{sources!r} is invalid: a list of sources")
+        for i, src in enumerate(sources):
+            if not isinstance(src, dict) or "shape" not in src:
+                raise self.error(f"data.sources[{i}]", f"{src!r} is invalid: a mapping with a shape "
+                                                      "(sft, preference or prompts) and a uri or a task")
+        if not sources:
+            return set()
+        cfg = validate_settings(get_stage("data_prep"), self.spec.data, self.where, "data")
+        return {src.shape for src in cfg.sources if src.role in ("train", "both")}
+
+    def suites(self) -> list[dict]:
+        """The eval suites in full form (names defaulted), each checked by the evaluate stage's rules."""
+        from components.evaluate.main import normalize_suite
+
+        out = []
+        for i, suite in enumerate(self.spec.eval_suites):
+            try:
+                out.append(normalize_suite(suite, f"eval_suites[{i}]", 0))
+            except ValueError as e:
+                raise SpecError(f"{self.where}: {e}") from None
+        names = [s["name"] for s in out]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise self.error(f"eval_suites[{i}].name", f"{name!r} is invalid: each suite needs its own name")
+        return out
+
+    def order(self, shapes: set[str]) -> None:
+        """Each stage once, the last one last, and each one's inputs provided by the data or a stage before it."""
+        stages = self.spec.stages
+        if not stages:
+            raise self.error("stages", "[] is invalid: at least one stage")
+        provided = {"policy", "base", "data"} | ({"preference"} if "preference" in shapes else set())
+        seen: list[str] = []
+        for i, st in enumerate(stages):
+            path, kind = f"stages[{i}].stage", get_stage(st.stage)
+            if not kind.in_spec:
+                raise self.error(path, f"{st.stage!r} is invalid here: every pipeline runs it once, before the "
+                                       "stages; its settings are the spec's `data`")
+            if st.stage in seen:
+                raise self.error(path, f"{st.stage!r} is invalid: each kind of stage appears once "
+                                       f"(already stages[{seen.index(st.stage)}])")
+            if seen and get_stage(seen[-1]).last:
+                raise self.error(path, f"{st.stage!r} is invalid: {seen[-1]} is the last stage")
+            self.data_needed(path, kind, shapes, provided)
+            for key in kind.requires:
+                if not getattr(self.spec, key):
+                    if key == "promotion":
+                        raise self.error("promotion", f"missing; {REQUIRED_TEXT[key]}")
+                    raise self.error(path, f"{st.stage!r} is invalid: {REQUIRED_TEXT[key]}")
+            if kind.kind == "sample" and st.resources is not None and st.resources.gpus > 1:
+                raise self.error(f"stages[{i}].resources.gpus", f"{st.resources.gpus} is invalid for the {st.stage} "
+                                                               "stage: it runs one process on one accelerator (1)")
+            for inp in kind.inputs.values():
+                if inp.feed not in provided:
+                    makers = [s.name for s in STAGES.values() if any(inp.feed in o.provides
+                                                                     for o in s.outputs.values())]
+                    raise self.error(path, f"{st.stage!r} is invalid here: it needs {FEEDS[inp.feed]} from a stage "
+                                           f"before it ({' or '.join(makers)})")
+            provided |= {feed for out in kind.outputs.values() for feed in out.provides}
+            seen.append(st.stage)
+
+    def data_needed(self, path: str, kind: StageKind, shapes: set[str], provided: set[str]) -> None:
+        need = kind.trains_on
+        if need is None or need in shapes or need in provided:
+            return
+        if need == "preference":
+            makers = [s.name for s in STAGES.values() if any("preference" in o.provides for o in s.outputs.values())
+                      and s.in_spec]
+            raise self.error(path, f"{kind.name!r} is invalid here: it needs preference data, and there is neither a "
+                                   "source of shape 'preference' with role train or both in data.sources nor a "
+                                   f"{' or '.join(makers)} stage before it")
+        raise self.error(path, f"{kind.name!r} is invalid here: it trains on data of shape {need!r}, and no source "
+                               f"in data.sources gives training rows of it (training shapes: "
+                               f"{', '.join(sorted(shapes)) or 'none'}; a source trains when its role is train or "
+                               "both, and a task source's default role is train only for split id, part train)")
+
+    def settings(self, i: int, stage: Stage) -> None:
+        path = f"stages[{i}].settings"
+        kind = get_stage(stage.stage)
+        if kind.kind == "train":
+            train = stage.settings.get("train") if isinstance(stage.settings.get("train"), dict) else {}
+            for key, (cast, allowed) in RUNTIME_KEYS.items():
+                v = train.get(key)
+                ok = isinstance(v, (int, float) if cast is float else int) and not isinstance(v, bool)
+                if v is not None and (not ok or not math.isfinite(v) or v <= 0):
+                    raise self.error(f"{path}.train.{key}", f"{v!r} is invalid: {allowed}")
+        validate_settings(kind, stage.settings, self.where, path, self.injected(kind))
+
+    def injected(self, kind: StageKind) -> dict:
+        """What the spec's top level gives a stage's config."""
+        spec = self.spec
+        values = {"suites": spec.eval_suites, "name": spec.tracking.registered_model,
+                  "promotion": dataclasses.asdict(spec.promotion) if spec.promotion else None}
+        if spec.rewards:
+            values["rewards"] = spec.rewards
+        return {k: v for k, v in values.items() if k in kind.injected}
+
+    def promotion(self, suites: list[dict], reward_names: list[str]) -> None:
+        rule = self.spec.promotion
+        if rule is None:
+            return
+        from components.evaluate.main import default_reward_specs, metric_names
+
+        evaluate = next((s for s in self.spec.stages if s.stage == "evaluate"), None)
+        settings = evaluate.settings if evaluate else {}
+        names = reward_names or [r["name"] for r in default_reward_specs(suites)]
+        known = sorted(metric_names(suites, settings.get("k", [1]), names, kl_to_base=True,
+                                    heldout=settings.get("heldout_text") is not None))
+        for path, metric in [("promotion.metric", rule.metric)] + [
+                (f"promotion.guards[{i}].metric", g.metric) for i, g in enumerate(rule.guards)]:
+            if metric not in known:
+                listed = ", ".join(s["name"] for s in suites) or "none: eval_suites is empty"
+                raise self.error(path, f"{metric!r} is invalid: the eval will not produce it; metrics are "
+                                       f"<suite>/<metric> with the suites of eval_suites ({listed}): "
+                                       f"{', '.join(known) or 'none'}")

@@ -365,28 +365,25 @@ def _kind(c, bucket: str, key: str) -> tuple[str, str | None]:
     raise FileNotFoundError(f"{uri}: no such object or directory")
 
 
+def _read_object(c, bucket: str, key: str, **byte_range) -> bytes:
+    """One GET of an object (or of `offset`/`length` of it), its connection released, its bytes counted."""
+    r = c.get_object(bucket, key, **byte_range)
+    try:
+        data = r.read()
+    finally:
+        r.close()
+        r.release_conn()
+    _count(len(data))
+    return data
+
+
 def _get_bytes(c, bucket: str, key: str) -> bytes:
-    def get() -> bytes:
-        r = c.get_object(bucket, key)
-        try:
-            data = r.read()
-        finally:
-            r.close()
-            r.release_conn()
-        _count(len(data))
-        return data
-    return _retry(get, f"GET s3://{bucket}/{key}")
+    return _retry(lambda: _read_object(c, bucket, key), f"GET s3://{bucket}/{key}")
 
 
 def _get_range(c, bucket: str, key: str, path: Path, offset: int, length: int) -> None:
     def get() -> None:
-        r = c.get_object(bucket, key, offset=offset, length=length)
-        try:
-            data = r.read()
-        finally:
-            r.close()
-            r.release_conn()
-        _count(len(data))
+        data = _read_object(c, bucket, key, offset=offset, length=length)
         if len(data) != length:
             raise ConnectionError(f"short read: {len(data)} of {length} bytes")
         fd = os.open(path, os.O_WRONLY)
@@ -459,16 +456,8 @@ def read_range(uri: str, offset: int, length: int) -> bytes:
     bucket, key = split_s3(uri)
     c = client()
 
-    def get() -> bytes:
-        r = c.get_object(bucket, key, offset=offset, length=length)
-        try:
-            data = r.read()
-        finally:
-            r.close()
-            r.release_conn()
-        _count(len(data))
-        return data
-    return _retry(get, f"GET {uri} [{offset}:{offset + length}]")
+    return _retry(lambda: _read_object(c, bucket, key, offset=offset, length=length),
+                  f"GET {uri} [{offset}:{offset + length}]")
 
 
 def digest(uri: str, endpoint: str | None = None, include: Callable[[str], bool] | None = None) -> list[list]:

@@ -29,7 +29,7 @@ from components.config import require, stage_main
 from components.datasets import load_rows, preference_row
 from components.models import ModelLoading
 from components.models.lora import Adapter, load_policy, save_policy
-from components.training.batching import Example, encode_example, sequence_sums, trained_sequences
+from components.training.batching import Example, encode_example, pair_groups, sequence_sums, trained_sequences
 from components.training.loop import Session, StepResult, TrainConfig, base_reference, is_lora, step_indices
 from components.training.objectives import DPO_LOSSES, dpo_loss
 
@@ -95,15 +95,11 @@ def encode_pairs(rows: list[dict], tokenizer, max_length: int, where: str) -> tu
     return pairs, dropped
 
 
-def _pair_groups(examples: list[Example]) -> list[list[int]]:
-    """Examples come in (chosen, rejected) order; each pair shares a packed row."""
-    return [[chosen, chosen + 1] for chosen in range(0, len(examples), 2)]
-
 
 def _pair_logprobs(session: Session, model, examples: list[Example], pad_id: int, average: bool) -> torch.Tensor:
     """Σ (or mean, for ipo) of completion-token log-probs per example; examples come in (chosen, rejected) order."""
     out = torch.zeros(len(examples), dtype=torch.float64)
-    for micro_batch in session.micro_batches(examples, pad_id, groups=_pair_groups(examples)):
+    for micro_batch in session.micro_batches(examples, pad_id, groups=pair_groups(len(examples))):
         logprobs, _ = session.forward(model, micro_batch)
         sums = sequence_sums(logprobs.float(), micro_batch, len(examples))
         present = trained_sequences(micro_batch, len(examples))
@@ -181,7 +177,7 @@ def dpo_step(cfg: DPOConfig, session: Session, model, examples: list[Example], r
     reference log-probs). Returns the step's result (without the pair metrics), its trained-token count over
     all ranks, and the pair metrics (REWARD_KEYS) as means over all ranks' pairs."""
     dist, average = session.dist, cfg.loss_type == "ipo"
-    batches = session.micro_batches(examples, pad_id, groups=_pair_groups(examples))
+    batches = session.micro_batches(examples, pad_id, groups=pair_groups(len(examples)))
     num_pairs = dist.all_reduce_sum(float(len(examples) // 2))
     trained_tokens = dist.all_reduce_sum(sum(float(batch.loss_mask.sum()) for batch in batches))
     lengths = torch.tensor([len(example) - example.completion_start for example in examples], dtype=torch.float32,

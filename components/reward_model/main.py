@@ -35,7 +35,7 @@ from components.config import require, stage_main
 from components.datasets import load_rows, preference_row, prompt_key, read_jsonl
 from components.models import ModelLoading, check_model_dir, resolve_attention, save_model
 from components.rewards.reward_model import render
-from components.training.batching import Example, PackedBatch
+from components.training.batching import Example, PackedBatch, pair_groups
 from components.training.loop import Session, StepResult, TrainConfig, step_indices
 from components.training.objectives import bradley_terry_loss
 
@@ -123,9 +123,6 @@ def scores(session: Session, model, batch: PackedBatch, examples: list[Example])
     return out, present
 
 
-def _pair_groups(examples: list[Example]) -> list[list[int]]:
-    return [[chosen, chosen + 1] for chosen in range(0, len(examples), 2)]
-
 
 def run(cfg: RewardModelConfig) -> dict:
     with tracking.stage_run("reward_model", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI
@@ -182,7 +179,7 @@ def rm_step(cfg: RewardModelConfig, session: Session, model, examples: list[Exam
     """One optimizer step on this rank's pairs (`examples` in (chosen, rejected) order). Returns the step's
     result, its token count over all ranks, and the pair metrics (PAIR_KEYS) as means over all ranks' pairs."""
     dist = session.dist
-    batches = session.micro_batches(examples, pad_id, groups=_pair_groups(examples))
+    batches = session.micro_batches(examples, pad_id, groups=pair_groups(len(examples)))
     num_pairs = dist.all_reduce_sum(float(len(examples) // 2))
     tokens = dist.all_reduce_sum(float(sum(len(example) for example in examples)))
 
@@ -209,7 +206,7 @@ def evaluate(cfg: RewardModelConfig, session: Session, model, eval_pairs: list[t
     chosen, rejected = [], []
     was_training = model.training
     model.eval()
-    for batch in session.micro_batches(examples, pad_id, groups=_pair_groups(examples)):
+    for batch in session.micro_batches(examples, pad_id, groups=pair_groups(len(examples))):
         values, present = scores(session, model, batch, examples)
         complete = (present[0::2] & present[1::2]).nonzero().reshape(-1)
         chosen += [(int(i), float(values[2 * i])) for i in complete]

@@ -134,6 +134,12 @@ def collate_packed(examples: list[Example], rows: list[list[int]], pad_id: int, 
                        as_t("mask", torch.float32), as_t("seq", torch.long))
 
 
+def pair_groups(num_examples: int) -> list[list[int]]:
+    """Groups for `micro_batches` of examples in (chosen, rejected) order: each pair shares a packed row, so one
+    forward scores both (DPO, the reward model)."""
+    return [[chosen, chosen + 1] for chosen in range(0, num_examples, 2)]
+
+
 def micro_batches(examples: list[Example], token_budget: int, pad_id: int, *, single_row: bool = False,
                   multiple: int = 8, groups: list[list[int]] | None = None) -> list[PackedBatch]:
     """Pack a step's examples into micro-batches of at most `token_budget` tokens each.

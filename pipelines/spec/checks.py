@@ -8,7 +8,7 @@ import math
 import types
 import typing
 
-from components.config import Reader, join
+from components.config import Reader, join, merge
 from components.stages import FEEDS, STAGES
 from components.stages import Stage as StageKind
 from components.stages import get as get_stage
@@ -67,8 +67,6 @@ def validate_settings(kind: StageKind, settings: dict, where: str, path: str, in
         value = _get(settings, key)
         if value is not _ABSENT:
             raise SpecError(f"{where}: {join(path, key)}: {value!r} is invalid here: set by {by}; remove it")
-    from components.config import merge
-
     cls = kind.config_class()
     values = merge(merge(merge(_placeholders(cls, kind), injected or {}), settings), kind.fixed)
     return Reader(where, SpecError).build(cls, values, path)

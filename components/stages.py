@@ -38,20 +38,26 @@ FEEDS = {
 PARAMETERS = {
     "stage": "the stage's name",
     "settings": "the stage's settings from the spec (JSON)",
+    "kind": "the stage's kind (an entry of this registry, e.g. psft), which its name (`stage`) need not be",
     "tracking_uri": "the pipeline parameter tracking_uri",
     "s3_endpoint": "the pipeline parameter s3_endpoint",
     "parent_run_id": "the pipeline's MLflow run (opened by preflight)",
     "workspace": "the run's workspace (a volume every step sees; training stages keep checkpoints there)",
     "lr": "the pipeline parameter <stage>_lr (train stages)",
     "max_steps": "the pipeline parameter <stage>_max_steps (train stages)",
-    "nproc": "processes, one per accelerator of the stage's resources (train stages)",
+    "nproc": "processes per node, one per accelerator: the pipeline parameter <stage>_gpus_per_node, else 1 "
+             "(train stages)",
+    "nodes": "the pipeline parameter <stage>_nodes, else 1 (train stages)",
+    "launch": "how the stage is launched (JSON): the bounds of nodes and nproc, and the TrainJob's placement when "
+              "the spec lets it span nodes (train stages; components/trainjob.py)",
+    "kfp_run_id": "the KFP run's id: names the run's TrainJobs, so a retried step reattaches to its own",
     "rewards": "the spec's `rewards` (JSON)",
     "suites": "the spec's `eval_suites` (JSON)",
     "promotion": "the spec's `promotion` (JSON)",
     "registered_model": "the spec's tracking.registered_model",
     "candidate": "the name of the stage that made the policy (base if none)",
-    "trained": "the names of the stages before that made a model, in order (JSON list): their models are "
-               "<workspace>/<name>/model",
+    "lineage": "the stages before that made a model, in order, each with the model it started from (JSON "
+               "object {name: parent}, parent `base` or an earlier name): their models are <workspace>/<name>/model",
     "data_sources": "the pipeline parameter data_sources",
     "sources_digest": "preflight's fingerprint of the data and the tokenizer (S3 ETags and sizes, local sha256s): "
                       "in a cached step's parameters, it makes the cache key change when the bytes do",
@@ -68,6 +74,9 @@ class Input:
     feed: str
     file_param: str | None = None
     """A component parameter that gets the file inside the fed artifact (e.g. dpo's pairs_file)."""
+    optional: bool = False
+    """The stage runs without it when no step before provides it (the component's parameter defaults to None):
+    e.g. ppo's reward model, read only when a reward names `uri: stage:reward_model`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +188,12 @@ _BUILTIN = [
           wired={"model": _PREV, "prompts.path": _PROMPTS, "prompts.task": _PROMPTS,
                  "rewards": "the spec's `rewards`", "output_dir": _OUT},
           trains_on="prompts", requires=("rewards",), injected=("rewards",), headline=("reward", "final/reward")),
+    Stage(name="ppo", module="ppo", config="PPOConfig", component="ppo", kind="train",
+          inputs={"model": Input(feed="policy"), "data": Input(feed="data"),
+                  "reward_model": Input(feed="reward_model", optional=True)},
+          outputs=_TRAINED,
+          wired={"model": _PREV, "prompts.path": _PROMPTS, "prompts.task": _PROMPTS, "output_dir": _OUT},
+          trains_on="prompts", injected=("rewards",), headline=("score", "final/objective/scores")),
     Stage(name="evaluate", module="evaluate", config="EvaluateConfig", component="evaluate", kind="sample",
           inputs={"model": Input(feed="policy"), "base_model": Input(feed="base")},
           outputs={"results": Output(provides=("eval",))},

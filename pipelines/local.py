@@ -16,8 +16,10 @@ of this Python (kfp.local's SubprocessRunner, no containers), in the order and w
 
 While it runs it prints a line when a step starts and ends (`--verbose`: every step's output, which always
 goes to <out>/run.log). At the end it prints a table (per stage: its training headline and its held-out
-in-domain and OOD accuracy and entropy) and writes run_summary.json in the output directory: each stage's
-metrics and eval, the registered model version, and the promotion decision with its reason.
+in-domain and OOD accuracy and entropy), each stage's effect on accuracy against the stage before it and
+against the base model (a paired bootstrap interval and a verdict: better, worse or within noise), and writes
+run_summary.json in the output directory: each stage's metrics and eval, the effects, the registered model
+version, and the promotion decision with its reason. The evaluation report is copied there too (report.html).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -194,9 +197,15 @@ def run_local(spec_or_path: Spec | str | Path, out: str | Path | None = None, st
     summary = collect(spec, run_dir, display_names(pipeline.pipeline_spec))
     summary.update(status="failed" if error else "succeeded", error=error, seconds=round(time.perf_counter() - t0, 1),
                    tracking_uri=args["tracking_uri"], experiment=spec.tracking.experiment, run_dir=str(run_dir))
+    report = run_dir / display_names(pipeline.pipeline_spec).get("evaluate", "-") / "report"
+    if report.is_file():
+        shutil.copyfile(report, out / "report.html")
     (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))
     print(f"\nrun_summary.json: {out / 'run_summary.json'}\nlog: {out / 'run.log'}\nartifacts: {run_dir}")
+    if report.is_file():
+        print(f"report: {out / 'report.html'}")
+    print(f"MLflow: mlflow ui --backend-store-uri {args['tracking_uri']}  (experiment {spec.tracking.experiment})")
     return summary
 
 
@@ -229,12 +238,12 @@ def collect(spec: Spec, run_dir: Path, tasks: dict[str, str]) -> dict:
     stages = {"base": {"metrics": {}, "eval": held_out(evals.get("base"))}} if evaluation else {}
     for stage in spec.stages:
         kind = get_stage(stage.stage)
-        if not (kind.makes_model or kind.headline) or not (run_dir / tasks.get(stage.stage, "-")).is_dir():
+        if not (kind.makes_model or kind.headline) or not (run_dir / tasks.get(stage.name, "-")).is_dir():
             continue  # evaluate and register are summarized below; a stage that did not run has nothing
-        entry = {"metrics": _metrics(run_dir / tasks[stage.stage])}
+        entry = {"kind": stage.stage, "metrics": _metrics(run_dir / tasks[stage.name])}
         if kind.makes_model:
-            entry["eval"] = held_out(evals.get(stage.stage))
-        stages[stage.stage] = entry
+            entry["eval"] = held_out(evals.get(stage.name))
+        stages[stage.name] = entry
     registration = _read_json(run_dir / tasks.get("register", "-") / "registration")
     outcome = _read_json(run_dir / tasks.get("promote", "-") / "outcome")
     promotion = None
@@ -243,7 +252,29 @@ def collect(spec: Spec, run_dir: Path, tasks: dict[str, str]) -> dict:
                      "promoted": bool(outcome and outcome["promoted"]),
                      "outcome": outcome["reason"] if outcome else "the gate did not promote"}
     registered = {"name": registration["name"], "version": registration["version"]} if registration else None
-    return {"spec": spec.name, "stages": stages, "registered": registered, "promotion": promotion}
+    return {"spec": spec.name, "stages": stages, "effects": evaluation.get("effects", []), "registered": registered,
+            "promotion": promotion}
+
+
+def format_change(effect: dict) -> str:
+    """`+3.5 [+0.5, +6.5] better`: a change in accuracy in points, its 95% interval and the verdict."""
+    def pts(v: float) -> str:
+        return f"{100 * v:+.1f}"
+    return f"{pts(effect['diff'])} [{pts(effect['ci_low'])}, {pts(effect['ci_high'])}] {effect['verdict']}"
+
+
+def format_effects(effects: list[dict]) -> list[str]:
+    """A row per stage and suite: its change in accuracy against the model it started from and against the base."""
+    if not effects:
+        return []
+    by = {(e["stage"], e["suite"], e["against"]): e for e in effects}
+    lines = ["", "effect of each stage on accuracy, in points (95% paired bootstrap interval over the same prompts):",
+             f"{'stage':<15}{'suite':<18}{'vs the model it started from':<34}vs base"]
+    for stage, suite in dict.fromkeys((e["stage"], e["suite"]) for e in effects):
+        prev, base = by.get((stage, suite, "previous")), by.get((stage, suite, "base"))
+        lines.append(f"{stage:<15}{suite:<18}{format_change(prev) if prev else '-':<34}"
+                     f"{format_change(base) if base else '-'}")
+    return lines
 
 
 def format_summary(summary: dict) -> str:
@@ -258,8 +289,8 @@ def format_summary(summary: dict) -> str:
         value = (entry.get("eval") or {}).get(suite, {}).get(key) if suite else None
         return "-" if value is None else format(value, fmt)
 
-    def headline(name: str, metrics: dict) -> str:
-        label, key = (STAGES[name].headline if name in STAGES else None) or ("", "")
+    def headline(kind: str | None, metrics: dict) -> str:
+        label, key = (STAGES[kind].headline if kind in STAGES else None) or ("", "")
         return f"{label} {metrics[key]:.3g}" if key in metrics else "-"
 
     def row(*cells) -> str:
@@ -270,9 +301,10 @@ def format_summary(summary: dict) -> str:
              row("stage", "steps", "training", "id acc", "ood acc", "id entropy", "ood entropy")]
     for name, entry in summary["stages"].items():
         m = entry["metrics"]
-        lines.append(row(name, str(int(m["steps"])) if "steps" in m else "-", headline(name, m),
+        lines.append(row(name, str(int(m["steps"])) if "steps" in m else "-", headline(entry.get("kind"), m),
                          held_out(entry, id_suite, "accuracy", ".1%"), held_out(entry, ood_suite, "accuracy", ".1%"),
                          held_out(entry, id_suite, "entropy", ".3f"), held_out(entry, ood_suite, "entropy", ".3f")))
+    lines += format_effects(summary.get("effects", []))
     if summary.get("registered"):
         reg, promo = summary["registered"], summary["promotion"]
         lines += ["", f"registered: {reg['name']} v{reg['version']} (challenger)",

@@ -10,9 +10,10 @@ The DAG, in order:
       register → If(decision == promote) → promote
 
 Runtime parameters, with the spec's values as defaults and a description each (the KFP UI shows them when a
-run is started): base_model, data_sources, <stage>_lr and <stage>_max_steps of every training stage,
-tracking_uri and s3_endpoint. Everything else (settings, resources, images, secret names) is fixed at compile
-time: change the spec and compile again.
+run is started): base_model, data_sources, <stage>_lr and <stage>_max_steps of every training stage, its
+<stage>_gpus_per_node when it has accelerators and <stage>_nodes when it may span nodes (bounded by the
+spec's resources: the step refuses more), tracking_uri and s3_endpoint. Everything else (settings,
+resources, images, secret names) is fixed at compile time: change the spec and compile again.
 
 On Kubernetes (kfp-kubernetes), from the spec: each step's image, pull policy and pull secrets; CPU and memory
 requests and limits; the accelerator type and count, node selectors and tolerations of the GPU stages; a
@@ -25,11 +26,15 @@ cached (its parameters: the sources, the settings, and preflight's fingerprint o
 tokenizer's bytes, so a scheduled run re-runs it when the data under the same URIs change); every other step
 runs each time. preflight and data_prep read the base model by its URI and fetch only its config and tokenizer
 (and preflight the safetensors headers); the training and sampling steps get it whole, as an artifact.
+A training stage whose resources allow several nodes (max_nodes > 1) runs as a Kubeflow Trainer TrainJob that its
+step creates, watches and deletes (components/trainjob.py); the step itself is then a small pod of
+runtime_resources with the stage's timeout and retries.
 Uploading, running and scheduling: pipelines/kfp_client.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -70,9 +75,10 @@ def pipeline_parameters(spec: Spec) -> list[tuple[str, type, object, str]]:
     for stage in spec.stages:
         if get_stage(stage.stage).kind == "train":
             defaults = spec.runtime_defaults(stage)
-            params += [(f"{stage.stage}_lr", float, defaults["lr"], f"Peak learning rate of the {stage.stage} stage."),
-                       (f"{stage.stage}_max_steps", int, defaults["max_steps"],
-                        f"Optimizer steps of the {stage.stage} stage.")]
+            params += [(f"{stage.name}_lr", float, defaults["lr"], f"Peak learning rate of the {stage.name} stage."),
+                       (f"{stage.name}_max_steps", int, defaults["max_steps"],
+                        f"Optimizer steps of the {stage.name} stage.")]
+            params += scale_parameters(stage.name, spec.stage_resources(stage))
     params += [
         ("tracking_uri", str, spec.tracking.uri,
          f"MLflow tracking server (credentials: Secret {spec.storage.mlflow_secret})."),
@@ -80,6 +86,51 @@ def pipeline_parameters(spec: Spec) -> list[tuple[str, type, object, str]]:
          f"S3 (MinIO) endpoint of s3:// URIs (credentials: Secret {spec.storage.minio_secret}); empty: none."),
     ]
     return params
+
+
+def scale_parameters(stage: str, resources: Resources) -> list[tuple[str, type, object, str]]:
+    """<stage>_nodes (when the spec lets the stage span nodes) and <stage>_gpus_per_node (when it has
+    accelerators), with their bounds in the description: the step refuses a value outside them."""
+    params = []
+    if resources.multi_node:
+        params.append((f"{stage}_nodes", int, resources.nodes,
+                       f"Nodes of the {stage} stage's TrainJob, 1 to {resources.most_nodes}."))
+    if resources.gpus:
+        params.append((f"{stage}_gpus_per_node", int, resources.gpus,
+                       f"Accelerators (torchrun processes) per node of the {stage} stage, 1 to {resources.gpus}."))
+    return params
+
+
+def scale_bounds(spec: Spec) -> dict[str, tuple[int, int]]:
+    """Each scale parameter's (lowest, highest) value."""
+    bounds = {}
+    for stage in spec.stages:
+        if get_stage(stage.stage).kind == "train":
+            resources = spec.stage_resources(stage)
+            bounds |= {f"{stage.name}_nodes": (1, resources.most_nodes), f"{stage.name}_gpus_per_node":
+                       (1, resources.gpus)}
+    return bounds
+
+
+def launch_settings(spec: Spec, stage: StageSpec) -> dict:
+    """How a training step launches its stage (components.step): the bounds of its scale and, when the stage may
+    span nodes, the TrainJob's placement (components.trainjob.Placement) from the stage's resources."""
+    from components.trainjob import Placement
+
+    resources = spec.stage_resources(stage)
+    launch = {"max_nodes": resources.most_nodes, "max_nproc": max(1, resources.gpus)}
+    if resources.multi_node:
+        keys = {spec.storage.minio_secret: list(MINIO_KEYS), spec.storage.mlflow_secret: list(MLFLOW_KEYS)}
+        tolerations = [{k: v for k, v in (("key", t.key), ("operator", t.operator), ("value", t.value),
+                                          ("effect", t.effect), ("tolerationSeconds", t.toleration_seconds)) if v}
+                       for t in resources.tolerations]
+        launch["trainjob"] = Placement(
+            namespace=spec.storage.namespace, runtime=resources.training_runtime, image=spec.images.trainer,
+            spec_name=spec.name, accelerator=resources.accelerator, cpu=resources.cpu, memory=resources.memory,
+            shm_size=resources.shm_size, node_selector=dict(resources.node_selector), tolerations=tolerations,
+            secrets=keys, pull_secrets=list(spec.images.pull_secrets), queue=resources.queue,
+            timeout=resources.timeout).to_json()
+    return launch
 
 
 def _function_with_signature(name: str, doc: str, params, body):
@@ -145,32 +196,52 @@ def place(task, spec: Spec, stage: str, resources: Resources, image: str, *, sec
 # ---------------------------------------------------------------------------------------------------------------
 # The DAG: preflight, then data_prep and the spec's stages, each wired by the registry (components.stages)
 
-def _step_parameters(spec: Spec, p: dict, opened, kind: StageSpec, done: list[str]) -> dict:
+def lineage(stages: list[StageSpec]) -> dict[str, str]:
+    """Each stage that made a model → the model it started from: `start_from`, else the latest model before it
+    (`base` for the first)."""
+    out, latest = {}, "base"
+    for st in stages:
+        if get_stage(st.stage).makes_model:
+            out[st.name] = st.start_from or latest
+            latest = st.name
+    return out
+
+
+def _step_parameters(spec: Spec, p: dict, opened, kind: StageSpec, done: list[StageSpec]) -> dict:
     """What a step may be given by parameter name (components.stages.PARAMETERS); its component takes the
-    ones it declares. `opened`: the preflight task (the MLflow parent run, the data's fingerprint)."""
-    trained = [name for name in done if get_stage(name).makes_model]
-    values = {"stage": kind.stage, "settings": json.dumps(kind.settings), "tracking_uri": p["tracking_uri"],
-              "s3_endpoint": p["s3_endpoint"], "parent_run_id": opened.outputs["parent_run_id"],
+    ones it declares. `opened`: the preflight task (the MLflow parent run, the data's fingerprint); `done`: the
+    stages before it."""
+    parents = lineage(done)
+    trained = list(parents)  # in order: the last one made the policy
+    values = {"stage": kind.name, "kind": kind.stage, "settings": json.dumps(kind.settings),
+              "tracking_uri": p["tracking_uri"], "s3_endpoint": p["s3_endpoint"],
+              "parent_run_id": opened.outputs["parent_run_id"],
               "sources_digest": opened.outputs["sources_digest"], "base_model": p["base_model"],
               "workspace": dsl.WORKSPACE_PATH_PLACEHOLDER, "data_sources": p["data_sources"],
               "rewards": json.dumps(spec.rewards), "suites": json.dumps(spec.eval_suites),
               "registered_model": spec.tracking.registered_model, "candidate": trained[-1] if trained else "base",
-              "trained": json.dumps(trained)}
+              "lineage": json.dumps(parents)}
     if spec.promotion is not None:
         values["promotion"] = json.dumps(asdict(spec.promotion))
     if get_stage(kind.stage).kind == "train":
-        values.update(lr=p[f"{kind.stage}_lr"], max_steps=p[f"{kind.stage}_max_steps"],
-                      nproc=max(1, spec.stage_resources(kind).gpus))
+        values.update(lr=p[f"{kind.name}_lr"], max_steps=p[f"{kind.name}_max_steps"],
+                      nproc=p.get(f"{kind.name}_gpus_per_node", 1), nodes=p.get(f"{kind.name}_nodes", 1),
+                      launch=json.dumps(launch_settings(spec, kind), sort_keys=True),
+                      kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     return values
 
 
-def _add_step(spec: Spec, kind: StageSpec, provided: dict, parameters: dict):
-    """One step of the stage: its inputs from what earlier steps provide, its parameters by name."""
+def _add_step(spec: Spec, kind: StageSpec, provided: dict, parameters: dict, policy: tuple | None = None):
+    """One step of the stage: its inputs from what earlier steps provide (the model it starts from: `policy`,
+    when it is not the latest), its parameters by name; what it provides is added to `provided`."""
     stage = get_stage(kind.stage)
     component = stage.component_fn()
+    inputs = provided if policy is None else {**provided, "policy": policy, "trained_policy": policy}
     arguments = {}
     for name, inp in stage.inputs.items():
-        source, output, file = provided[inp.feed]
+        if inp.optional and inp.feed not in inputs:
+            continue  # the component's parameter keeps its default, None
+        source, output, file = inputs[inp.feed]
         arguments[name] = source.outputs[output] if output else source.output
         if inp.file_param:
             arguments[inp.file_param] = file
@@ -182,7 +253,10 @@ def _add_step(spec: Spec, kind: StageSpec, provided: dict, parameters: dict):
     image = spec.images.trainer if stage.kind in ("train", "sample") else spec.images.runtime
     tracked = "tracking_uri" in declared  # a step that talks to MLflow gets its credentials too
     secrets = (spec.storage.minio_secret, spec.storage.mlflow_secret) if tracked else (spec.storage.minio_secret,)
-    place(task, spec, kind.stage, spec.stage_resources(kind), image, secrets=secrets)
+    resources = spec.stage_resources(kind)
+    if resources.multi_node:  # the step launches a TrainJob: a small pod, as long-lived and retried as the stage
+        resources = dataclasses.replace(spec.runtime_resources, timeout=resources.timeout, retries=resources.retries)
+    place(task, spec, kind.name, resources, image, secrets=secrets)
     task.set_caching_options(stage.cached)
     for name, out in stage.outputs.items():
         for feed in out.provides:
@@ -217,11 +291,16 @@ def _dag(spec: Spec, p: dict) -> None:
         provided = {"policy": (base, None, None), "base": (base, None, None)}
         prep_settings = {k: v for k, v in spec.data.items() if k != "sources"}  # the sources: a parameter
         prep_kind = StageSpec(stage="data_prep", settings=prep_settings)
-        prep = _add_step(spec, prep_kind, provided,
-                         _step_parameters(spec, p, check, prep_kind, [])).after(check)
+        prep = _add_step(spec, prep_kind, provided, _step_parameters(spec, p, check, prep_kind, [])).after(check)
+        models = {}  # the provider of each model made so far, by stage name (start_from)
         for i, kind in enumerate(spec.stages):
-            done = [k.stage for k in spec.stages[:i]]
-            _add_step(spec, kind, provided, _step_parameters(spec, p, check, kind, done)).after(prep)
+            task = _add_step(spec, kind, provided, _step_parameters(spec, p, check, kind, spec.stages[:i]),
+                             policy=models.get(kind.start_from)).after(prep)
+            if "lineage" in (task.component_spec.inputs or {}):  # it reads every earlier model from the workspace
+                for source, _, _ in models.values():
+                    task.after(source)
+            if get_stage(kind.stage).makes_model:
+                models[kind.name] = provided["policy"]
         if "registration" in provided:  # the promotion gate: register's decision
             register, output, _ = provided["registration"]
             with dsl.If(register.outputs["Output"] == "promote", name="promotion-gate"):
@@ -272,6 +351,7 @@ def without_sdk_version(ir_yaml: str) -> str:
 def parse_params(spec: Spec, items: list[str]) -> dict:
     """NAME=VALUE pairs as typed pipeline arguments; an unknown name or a bad value names what is allowed."""
     types = {name: kind for name, kind, _, _ in pipeline_parameters(spec)}
+    bounds = scale_bounds(spec)
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -281,6 +361,9 @@ def parse_params(spec: Spec, items: list[str]) -> dict:
             out[name] = types[name](value)
         except ValueError:
             raise ValueError(f"--param {name}={value!r} is invalid: {types[name].__name__} expected") from None
+        if name in bounds and not bounds[name][0] <= out[name] <= bounds[name][1]:
+            low, high = bounds[name]
+            raise ValueError(f"--param {name}={value!r} is invalid: between {low} and {high} (the spec's resources)")
         if types[name] in (int, float) and not (math.isfinite(out[name]) and out[name] > 0):  # lr, max_steps
             kind = "a positive integer" if types[name] is int else "a positive number"
             raise ValueError(f"--param {name}={value!r} is invalid: {kind}")

@@ -8,7 +8,7 @@ from components.images import TRAINER_IMAGE
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def evaluate(model: Input[Model], base_model: Input[Model], settings: str, suites: str, rewards: str,
-             candidate: str, trained: str, stage: str, workspace: str, tracking_uri: str, parent_run_id: str,
+             candidate: str, lineage: str, stage: str, workspace: str, tracking_uri: str, parent_run_id: str,
              s3_endpoint: str, results: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
     """Evaluates the candidate and its baselines (the base model and every earlier training stage) on the
     same prompts and seeds: accuracy with bootstrap intervals, pass@k, rewards, entropy, KL to the base model.
@@ -23,7 +23,8 @@ def evaluate(model: Input[Model], base_model: Input[Model], settings: str, suite
         suites: The spec's eval suites (JSON list).
         rewards: The spec's reward functions (JSON list; empty: each suite task's verifier).
         candidate: The candidate's name: the stage that trained it.
-        trained: The training stages before, in order (a JSON list); each one's output is <workspace>/<name>.
+        lineage: The training stages before, in order, each with the model it started from (a JSON object
+            {name: parent}, parent base or an earlier name); each one's output is <workspace>/<name>.
         stage: The stage's name, for its MLflow run and workspace directory.
         workspace: The run's workspace (training stages keep their model and metrics.jsonl there).
         tracking_uri: MLflow tracking URI.
@@ -38,13 +39,15 @@ def evaluate(model: Input[Model], base_model: Input[Model], settings: str, suite
 
     from components.step import Step
 
-    names = json.loads(trained)
+    parents = json.loads(lineage)
+    names = list(parents)
     baselines = {"base": base_model.path, **{k: os.path.join(workspace, k, "model") for k in names}}
     baselines.pop(candidate, None)
     histories = {k: os.path.join(workspace, k, "metrics.jsonl") for k in names}
     step = Step(stage, settings, output_dir=os.path.join(workspace, stage), tracking_uri=tracking_uri,
                 parent_run_id=parent_run_id, s3_endpoint=s3_endpoint)
     wiring = {"model": model.path, "name": candidate, "baselines": baselines, "base_model": base_model.path,
+              "parents": parents,
               "suites": json.loads(suites),
               "training_metrics": {k: p for k, p in histories.items() if os.path.exists(p)}}
     if json.loads(rewards):

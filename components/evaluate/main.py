@@ -42,6 +42,7 @@ from components.evaluate.stats import (
 from components.models import ModelLoading
 from components.tasks import SPLITS, TASKS, get_task
 from components.training.batching import Example, encode_example, micro_batches
+from components.training.engines import RolloutEngine
 
 log = logging.getLogger("components.evaluate")
 
@@ -105,10 +106,16 @@ class EvaluateConfig:
     {name, data: JSONL of {prompt, answer, task?, split?} rows, task?: verifier for rows without one, split?}."""
     loading: ModelLoading = field(default_factory=ModelLoading)
     """How the models are loaded (components/README.md)."""
+    rollout: RolloutEngine = field(default_factory=RolloutEngine)
+    """The rollout engine that samples every model: hf or vllm (components/README.md)."""
     name: str = "candidate"
     """The candidate's name in the report (e.g. the stage that produced it)."""
     baselines: dict[str, str] = field(default_factory=dict)
     """Models to compare with, by name (e.g. base, the previous stage, champion): the same prompts and seeds."""
+    parents: dict[str, str] = field(default_factory=dict)
+    """Each trained model → the model it started from (names of the candidate or baselines, e.g. {psft: base,
+    dpo: psft, grpo: dpo}): each one's effect on accuracy is measured against its parent and against the first
+    ancestor (the base model)."""
     base_model: str | None = None
     """The base model that kl_to_base is measured against (it may also be a baseline); unset: no KL."""
     samples: int = 1
@@ -162,6 +169,11 @@ class EvaluateConfig:
                                  f"not one of {', '.join(RESERVED_NAMES)}")
         if self.name in self.baselines:
             bad("name", f"a name that is not also a baseline ({', '.join(self.baselines)})")
+        if not isinstance(self.parents, dict) or any(n not in names for kv in self.parents.items() for n in kv):
+            bad("parents", f"a mapping between model names among {', '.join(names)}")
+        for n in self.parents:
+            if self.lineage(n)[-1] in self.parents:  # the walk stopped at a repeat, not at a root
+                bad("parents", f"a mapping without a cycle (through {n})")
         if not isinstance(self.suites, list) or not self.suites:
             bad("suites", "a non-empty list of suites")
         self.suites = [normalize_suite(s, f"suites[{i}]", self.seed) for i, s in enumerate(self.suites)]
@@ -170,6 +182,13 @@ class EvaluateConfig:
             bad("suites", f"suites with distinct names (got {', '.join(seen)})")
         if self.rewards is not None and not all(isinstance(r, dict) for r in self.rewards):
             bad("rewards", "a list of reward specs (mappings with a 'name')")
+
+    def lineage(self, name: str) -> list[str]:
+        """`name`, its parent, its parent's parent, ... up to a model without one (a cycle stops at a repeat)."""
+        out = [name]
+        while out[-1] in self.parents and self.parents[out[-1]] not in out:
+            out.append(self.parents[out[-1]])
+        return out
 
     def reward_specs(self) -> list[dict]:
         return self.rewards if self.rewards is not None else default_reward_specs(self.suites)
@@ -304,13 +323,11 @@ class SuiteRun:
     samples: list[dict]
 
 
-def sample_and_score(model, tokenizer, rows: list[dict], cfg: EvaluateConfig, rewards) -> tuple[dict, list[dict]]:
-    """Sample cfg.samples completions per row (rollout engine), verify and score them; per-prompt values."""
-    from components.training.rollout import generate
-
+def sample_and_score(engine, rows: list[dict], cfg: EvaluateConfig, rewards) -> tuple[dict, list[dict]]:
+    """Sample cfg.samples completions per row (the rollout engine), verify and score them; per-prompt values."""
     prompts, P, n = [r["prompt"] for r in rows], len(rows), cfg.samples
-    ro = generate(model, tokenizer, prompts, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size)
+    ro = engine.generate(prompts, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
+                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size)
     if list(ro.prompt_index) != [i for i in range(P) for _ in range(n)]:
         raise RuntimeError("rollout returned samples out of prompt order")
     rep = [rows[i] for i in ro.prompt_index]
@@ -329,14 +346,14 @@ def sample_and_score(model, tokenizer, rows: list[dict], cfg: EvaluateConfig, re
     return per_prompt, samples
 
 
-def evaluate_model(model, tokenizer, suites: list[dict], rows: dict[str, list[dict]], heldout: list[dict] | None,
-                   cfg: EvaluateConfig, rewards, base=None) -> dict[str, SuiteRun]:
-    """Every suite for one model (and the held-out text, when given)."""
+def evaluate_model(engine, model, tokenizer, suites: list[dict], rows: dict[str, list[dict]],
+                   heldout: list[dict] | None, cfg: EvaluateConfig, rewards, base=None) -> dict[str, SuiteRun]:
+    """Every suite for one model (and the held-out text, when given); `engine` samples from `model`."""
     runs = {}
     for suite in suites:
         name = suite["name"]
         log.info("%s: %d prompts × %d samples", name, len(rows[name]), cfg.samples)
-        per_prompt, samples = sample_and_score(model, tokenizer, rows[name], cfg, rewards)
+        per_prompt, samples = sample_and_score(engine, rows[name], cfg, rewards)
         refs = [r for r in rows[name] if "completion" in r] if "data" not in suite else []
         teacher = teacher_forced(model, encode_references(tokenizer, refs, cfg.max_length), tokenizer.pad_token_id,
                                  base=base, token_budget=cfg.token_budget) if refs else {}
@@ -373,6 +390,28 @@ def differences(cand: dict[str, SuiteRun], base: dict[str, SuiteRun], cfg: Evalu
     return out
 
 
+def verdict(low: float, high: float) -> str:
+    """A change is `better` or `worse` when its whole 95% interval lies on one side of 0, else `within noise`."""
+    return "better" if low > 0 else "worse" if high < 0 else "within noise"
+
+
+def effects(cfg: EvaluateConfig, runs: dict[str, dict[str, SuiteRun]]) -> list[dict]:
+    """What each model of `cfg.parents` changed: its accuracy minus that of the model it started from
+    (`previous`) and of its first ancestor (`base`), per suite, with the paired bootstrap interval and a verdict."""
+    out = []
+    for name, parent in cfg.parents.items():
+        for against, ref in (("previous", parent), ("base", cfg.lineage(name)[-1])):
+            for suite, run in runs[name].items():
+                if "accuracy" not in run.per_prompt:
+                    continue
+                diff, low, high = paired_bootstrap_ci(run.per_prompt["accuracy"],
+                                                      runs[ref][suite].per_prompt["accuracy"],
+                                                      n_resamples=cfg.bootstrap_samples, seed=cfg.seed)
+                out.append({"stage": name, "against": against, "reference": ref, "suite": suite, "metric": "accuracy",
+                            "diff": diff, "ci_low": low, "ci_high": high, "verdict": verdict(low, high)})
+    return out
+
+
 def eval_document(cfg: EvaluateConfig, runs: dict[str, dict[str, SuiteRun]], rows: dict[str, list[dict]]) -> dict:
     """eval.json: the candidate's flat metrics, each baseline's, the paired differences and suite details."""
     suites = {s["name"]: {**s, "n_prompts": len(rows[s["name"]]), "samples": cfg.samples,
@@ -385,6 +424,7 @@ def eval_document(cfg: EvaluateConfig, runs: dict[str, dict[str, SuiteRun]], row
             "metrics": flat_metrics(runs[cfg.name], cfg),
             "baselines": {b: flat_metrics(runs[b], cfg) for b in cfg.baselines},
             "differences": {b: differences(runs[cfg.name], runs[b], cfg) for b in cfg.baselines},
+            "effects": effects(cfg, runs),
             "suites": suites,
             "config": {k: v for k, v in asdict(cfg).items() if k not in ("suites",)}}
 
@@ -431,6 +471,7 @@ def run(cfg: EvaluateConfig) -> dict:
 
     with tracking.stage_run("evaluate", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI
         runs = {}
+        engine = None  # one rollout engine for every model: built on the first, then given each one's weights
         for name, path in paths.items():
             log.info("evaluating %s (%s)", name, models[name])
             tokenizer = cfg.loading.load_tokenizer(path)
@@ -438,11 +479,17 @@ def run(cfg: EvaluateConfig) -> dict:
                 raise ValueError(f"{name} ({models[name]}) and base_model ({cfg.base_model}) have different "
                                  "vocabularies: kl_to_base needs the same tokenizer")
             model = base if path.resolve() == base_path else cfg.loading.load_model(path, device=device).eval()
-            runs[name] = evaluate_model(model, tokenizer, cfg.suites, rows, heldout, cfg, rewards, base)
+            if engine is None:
+                engine = cfg.rollout.build(model, tokenizer, seed=cfg.seed, max_num_seqs=cfg.batch_size)
+            else:
+                engine.sync(model, tokenizer)
+            runs[name] = evaluate_model(engine, model, tokenizer, cfg.suites, rows, heldout, cfg, rewards, base)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+        if engine is not None:
+            engine.close()
         doc = eval_document(cfg, runs, rows)
         flat = kfp_metrics(doc)
         (out / "eval.json").write_text(json.dumps(doc, indent=2))

@@ -9,9 +9,12 @@ A stage result names a model and carries its eval.json (whose baselines join the
 own names unless a stage already has that name) and the metrics.jsonl of its training. Figures:
 
 - accuracy per suite and model, with the 95% bootstrap intervals;
-- the change of in-domain and OOD accuracy each model made relative to its parent (default: the first model);
+- the change of in-domain and OOD accuracy each stage made, against the stage before it and against the base
+  model, with 95% paired bootstrap intervals (eval.json's `effects`; without them, each model against its
+  parent, default the first model, without intervals);
 - mean token entropy per suite and model (teacher-forced on reference completions);
-- entropy over training steps of every stage that logged `entropy` (SFT vs PSFT, and the RL stages);
+- entropy over training steps of every stage that logged `entropy` (SFT vs PSFT, and the RL stages), the stages
+  one after another on one step axis, in the order they trained;
 - the reward curve of every stage that logged `reward` or `rewards/<fn>/mean` (GRPO).
 
 An input that is missing or unreadable leaves its figure out with a note saying why; it never fails the report.
@@ -57,6 +60,8 @@ class Collected:
     differences: list[tuple[str, str, dict]]
     training: dict[str, list[dict]]
     notes: list[str]
+    effects: list[dict]
+    """Each stage's change in accuracy per suite, against the previous stage and the base (eval.json `effects`)."""
 
     def color(self, name: str) -> str:
         """One color per model or stage, the same in every figure."""
@@ -108,7 +113,7 @@ def collect(stages: Sequence[StageResult]) -> Collected:
     models: dict[str, dict[str, float]] = {}
     parents: dict[str, str | None] = {}
     suites: dict[str, dict] = {}
-    diffs, training, docs = [], {}, {}
+    diffs, training, docs, effects = [], {}, {}, []
     declared = {s.name: s.parent for s in stages}
     for stage in stages:
         if stage.metrics is not None:
@@ -131,7 +136,8 @@ def collect(stages: Sequence[StageResult]) -> Collected:
         for b, d in (doc.get("differences") or {}).items():
             if isinstance(d, dict) and d:
                 diffs.append((stage.name, b, d))
-    return Collected(models, parents, suites, diffs, training, notes)
+        effects += [e for e in doc.get("effects") or [] if isinstance(e, dict)]
+    return Collected(models, parents, suites, diffs, training, notes, effects)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,37 +204,65 @@ def _id_ood_pairs(c: Collected) -> list[tuple[str, str, str]]:
     return [(t, s["id"], s["ood"]) for t, s in by_task.items() if "id" in s and "ood" in s]
 
 
+def _parent_changes(c: Collected, sid: str, sood: str) -> list[tuple[str, float, float, None, None]]:
+    """Without eval.json effects: each model's accuracy minus its parent's (no intervals)."""
+    first, out = next(iter(c.models)), []
+    for name in list(c.models)[1:]:
+        ref = c.parents.get(name) or first
+        m, r = c.models[name], c.models.get(ref, {})
+        keys = (f"{sid}/accuracy", f"{sood}/accuracy")
+        if all(isinstance(x.get(k), (int, float)) for x in (m, r) for k in keys):
+            out.append((f"{name}\n(vs {ref})", m[keys[0]] - r[keys[0]], m[keys[1]] - r[keys[1]], None, None))
+    return out
+
+
+def _effect_changes(c: Collected, sid: str, sood: str, against: str) -> list[tuple]:
+    """(label, Δ id, Δ ood, id interval, ood interval) of every stage's effect against `against`."""
+    by = {(e["stage"], e["suite"]): e for e in c.effects if e.get("against") == against}
+    out = []
+    for stage in dict.fromkeys(e["stage"] for e in c.effects):
+        i, o = by.get((stage, sid)), by.get((stage, sood))
+        if i and o:
+            out.append((f"{stage}\n(vs {i['reference']})", i["diff"], o["diff"], (i["ci_low"], i["ci_high"]),
+                        (o["ci_low"], o["ci_high"])))
+    return out
+
+
 def figure_id_vs_ood(c: Collected) -> Figure | str:
     pairs = _id_ood_pairs(c)
     if not pairs:
         return "no task was evaluated on both its in-domain (id) and out-of-domain (ood) split"
-    names = list(c.models)
-    if len(names) < 2:
+    if len(c.models) < 2:
         return "the change after a stage needs at least two models"
-    first = names[0]
-    fig = Figure(figsize=(max(8.0, 1.3 * len(names)), 3.8 * len(pairs)), layout="constrained")
-    for row, (task, sid, sood) in enumerate(pairs):
-        ax = fig.add_subplot(len(pairs), 1, row + 1)
-        labels, d_id, d_ood = [], [], []
-        for name in names[1:]:
-            ref = c.parents.get(name) or first
-            m, r = c.models[name], c.models.get(ref, {})
-            keys = (f"{sid}/accuracy", f"{sood}/accuracy")
-            if not all(isinstance(x.get(k), (int, float)) for x in (m, r) for k in keys):
-                continue
-            labels.append(f"{name}\n(vs {ref})")
-            d_id.append(m[keys[0]] - r[keys[0]])
-            d_ood.append(m[keys[1]] - r[keys[1]])
-        if not labels:
-            fig.clear()
-            return f"no model has accuracy on both {sid} and {sood} next to its parent's"
-        xs = range(len(labels))
-        ax.bar([x - 0.2 for x in xs], d_id, 0.4, label=f"in-domain ({sid})", color="C0")
-        ax.bar([x + 0.2 for x in xs], d_ood, 0.4, label=f"out-of-domain ({sood})", color="C3")
+    panels = []  # (title, rows)
+    for task, sid, sood in pairs:
+        if c.effects:
+            panels += [(f"{task}: change after each stage, against the stage before", _effect_changes(c, sid, sood,
+                                                                                                     "previous")),
+                       (f"{task}: change after each stage, against the base model", _effect_changes(c, sid, sood,
+                                                                                                   "base"))]
+        else:
+            panels.append((f"{task}: change in accuracy after each stage", _parent_changes(c, sid, sood)))
+    panels = [(title, rows) for title, rows in panels if rows]
+    if not panels:
+        return "no model has accuracy on both splits next to its parent's"
+
+    def err(v, ci):
+        return [[max(v - ci[0], 0.0)], [max(ci[1] - v, 0.0)]] if ci else None
+
+    n = max(len(rows) for _, rows in panels)
+    fig = Figure(figsize=(max(8.0, 1.3 * n + 2), 3.6 * len(panels)), layout="constrained")
+    for k, (title, rows) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, k + 1)
+        for x, (_, d_id, d_ood, ci_id, ci_ood) in enumerate(rows):
+            ax.bar(x - 0.2, d_id, 0.4, yerr=err(d_id, ci_id), capsize=4, color="C0",
+                   label="in-domain" if not x else None)
+            ax.bar(x + 0.2, d_ood, 0.4, yerr=err(d_ood, ci_ood), capsize=4, color="C3",
+                   label="out-of-domain" if not x else None)
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(list(xs), labels)
-        ax.set_ylabel("Δ accuracy")
-        ax.set_title(f"{task}: change in accuracy after each stage")
+        ax.set_xticks(range(len(rows)), [r[0] for r in rows])
+        ax.set_ylabel("Δ accuracy" + (" (95% paired CI)" if c.effects else ""))
+        ax.set_title(title)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(axis="y", alpha=0.3)
     return fig
@@ -245,13 +279,19 @@ def _smooth(ys: list[float]) -> list[float]:
 
 
 def _curves(c: Collected, keys: Callable[[dict], list[str]], ylabel: str, title: str, missing: str) -> Figure | str:
-    series = []
+    """Each stage's curves after the previous stage's, on one step axis (stages in the order they trained)."""
+    series, starts, offset = [], [], 0
     for stage, rows in c.training.items():
+        steps = [r["step"] for r in rows if isinstance(r.get("step"), (int, float))]
         for j, key in enumerate(keys(rows[0] if rows else {})):
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            pts = [(offset + r["step"], r[key]) for r in rows
+                   if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if pts:
                 series.append((f"{stage}" if key in ("entropy", "reward") else f"{stage} {key}", pts,
                                c.color(stage), ("-", "--", ":", "-.")[j % 4]))
+        if steps:
+            starts.append((offset, stage))
+            offset += max(steps)
     if not series:
         return missing
     fig = Figure(figsize=(8.0, 4.2), layout="constrained")
@@ -260,7 +300,9 @@ def _curves(c: Collected, keys: Callable[[dict], list[str]], ylabel: str, title:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, color=color, ls=style, alpha=0.25, lw=0.8)
         ax.plot(xs, _smooth(list(ys)), color=color, ls=style, lw=1.8, label=label)
-    ax.set_xlabel("optimizer step")
+    for x, _ in starts[1:]:
+        ax.axvline(x, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("optimizer step, the stages one after another (" + " → ".join(s for _, s in starts) + ")")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -354,6 +396,18 @@ def _difference_tables(c: Collected) -> str:
     return "\n".join(out)
 
 
+def _effects_table(c: Collected) -> str:
+    body = []
+    for e in c.effects:
+        sure = e.get("verdict") in ("better", "worse")
+        body.append(f"<tr{' class=sig' if sure else ''}><td>{html.escape(str(e.get('stage')))}</td>"
+                    f"<td>{html.escape(str(e.get('reference')))}</td><td>{html.escape(str(e.get('suite')))}</td>"
+                    f"<td>{_fmt(e.get('diff'))}</td><td>[{_fmt(e.get('ci_low'))}, {_fmt(e.get('ci_high'))}]</td>"
+                    f"<td>{html.escape(str(e.get('verdict')))}</td></tr>")
+    return ("<table><tr><th>stage</th><th>against</th><th>suite</th><th>Δ accuracy</th><th>95% paired interval</th>"
+            f"<th>verdict</th></tr>{''.join(body)}</table>")
+
+
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th:first-child,td:first-child{text-align:left}tr.sig td{background:#eef7ee}.note{color:#666}
@@ -378,6 +432,7 @@ def render_html(c: Collected, title: str) -> str:
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p class=note>models: {html.escape(', '.join(c.models) or 'none')}</p>"
             f"{''.join(figures)}"
+            f"{'<h2>Effect of each stage (paired by prompt)</h2>' + _effects_table(c) if c.effects else ''}"
             f"<h2>Metrics</h2>{_suite_tables(c) or '<p>no evaluation results</p>'}"
             f"{'<h2>Differences (paired by prompt)</h2>' + _difference_tables(c) if c.differences else ''}"
             f"{'<h2>Notes</h2><ul id=notes>' + note_html + '</ul>' if notes else ''}"

@@ -9,6 +9,7 @@ from components.images import TRAINER_IMAGE
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def grpo(model: Input[Model], data: Input[Dataset], settings: str, rewards: str, lr: float, max_steps: int,
          stage: str, workspace: str, tracking_uri: str, parent_run_id: str, s3_endpoint: str, nproc: int,
+        nodes: int, launch: str, kfp_run_id: str,
          trained_model: Output[Model], metrics: Output[Metrics]):
     """Group relative policy optimization: sample a group of completions per prompt, reward them, and train on
     group-normalized advantages with the clipped objective (and a KL penalty when beta > 0).
@@ -28,7 +29,10 @@ def grpo(model: Input[Model], data: Input[Dataset], settings: str, rewards: str,
         tracking_uri: MLflow tracking URI.
         parent_run_id: The pipeline's MLflow run.
         s3_endpoint: S3 endpoint for s3:// URIs.
-        nproc: Processes, one per accelerator.
+        nproc: Processes per node, one per accelerator.
+        nodes: Nodes; more than 1 runs the stage as a Kubeflow Trainer TrainJob.
+        launch: The bounds of nodes and nproc and the TrainJob's placement (JSON, from the spec).
+        kfp_run_id: The KFP run's id: names the stage's TrainJob, so a retry reattaches to it.
         trained_model: The trained model (Hugging Face directory, safetensors).
         metrics: The final step's metrics: reward, per-function rewards, entropy, clip fractions, ...
     """
@@ -39,5 +43,6 @@ def grpo(model: Input[Model], data: Input[Dataset], settings: str, rewards: str,
 
     train_step("grpo", stage=stage, settings=settings, lr=lr, max_steps=max_steps, workspace=workspace,
                tracking_uri=tracking_uri, parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc,
+               nodes=nodes, launch=launch, kfp_run_id=kfp_run_id,
                trained_model=trained_model, metrics=metrics, model=model.path,
                prompts={"path": os.path.join(data.path, "prompts.train.jsonl")}, rewards=json.loads(rewards))

@@ -33,12 +33,13 @@ from pathlib import Path
 import torch
 
 from components import tracking
-from components.config import positive_ints, require, stage_main
+from components.config import UserError, positive_ints, require, stage_main
 from components.models import ModelLoading
 from components.models.lora import Adapter, load_policy, save_policy
 from components.prompts import PromptSource
 from components.rewards import build_rewards
 from components.training.batching import Example, completion_values
+from components.training.engines import RolloutEngine
 from components.training.loop import (
     Session,
     StepResult,
@@ -55,6 +56,7 @@ from components.training.objectives import (
     grpo_loss,
     kl_k1,
 )
+from components.training.rl import completion_logprobs, minibatches, rollout_seed
 from components.training.rollout import Sampling
 
 log = logging.getLogger("components.grpo")
@@ -80,6 +82,9 @@ class GRPOConfig:
     """How the models are loaded (components/README.md)."""
     lora: Adapter = field(default_factory=Adapter)
     """LoRA/QLoRA adapters instead of full fine-tuning (off by default; components/README.md)."""
+    rollout: RolloutEngine = field(default_factory=RolloutEngine)
+    """The rollout engine that samples: hf or vllm, its weights synced after the optimizer steps
+    (components/README.md)."""
     rewards: list[dict] = field(default_factory=lambda: [{"name": "task"}])
     """Reward functions and weights, e.g. [{name: task}, {name: format, weight: 0.1}] (components/rewards)."""
     num_generations: int = 8
@@ -110,6 +115,11 @@ class GRPOConfig:
     ref_model: str | None = None
     """β > 0: the reference model of the KL term (default: the starting policy; with LoRA, the base with the
     adapter disabled)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling (as verl's and TRL's): the trainer recomputes π_old's log-probs of every
+    sample before the round's steps (one more forward pass), the clipped ratio uses them, and each token's loss
+    is weighted by min(π_old / π_rollout, tis_cap), correcting for the rollout engine's numerics. null: off (the
+    rollout's log-probs are π_old)."""
     samples_logged: int = 4
     """Scored completions written to samples.jsonl per round."""
 
@@ -128,6 +138,10 @@ class GRPOConfig:
                 f"one of {', '.join(LOSS_AGGREGATIONS)}")
         check_clip_range(self.epsilon_low, self.epsilon_high)
         require(math.isfinite(self.beta) and self.beta >= 0, "beta", self.beta, "a number ≥ 0")
+        require(self.tis_cap is None or (math.isfinite(self.tis_cap) and self.tis_cap >= 1), "tis_cap", self.tis_cap,
+                "null (off) or a number ≥ 1 (verl and TRL use 2)")
+        require(not (self.rollout.engine == "vllm" and self.lora.enabled), "rollout.engine", self.rollout.engine,
+                "hf with lora (the vllm engine takes full weights only)")
         require(self.ref_model is None or self.beta > 0, "ref_model", self.ref_model,
                 "unset with beta 0: only the KL term (beta > 0) reads it")
         require(self.train.checkpoint_every % self.steps_per_round == 0, "train.checkpoint_every",
@@ -186,21 +200,6 @@ def round_stats(ranks: list[dict], rank: int, group_size: int, scale: str, advan
     return advantages, group_std[start // group_size:(start + count) // group_size], metrics
 
 
-def rollout_seed(seed: int, round_index: int, rank: int) -> int:
-    """The sampling seed of one rank's rollout in round `round_index` (0-based).
-
-    Built from the stage's seed, the round and the rank, and nothing else:
-    - distinct for every (round, rank) pair (with fewer than 97 ranks), so the ranks sample different
-      completions of their prompts and no round repeats another's random draws;
-    - a function of the round index alone, so a run resumed at a round boundary samples exactly what the
-      uninterrupted run sampled (the rollout draws from a generator of its own, not from the global RNG);
-    - independent of the data order: the prompts of a round come from step_indices' shuffles (seeded with
-      seed × 100_003 + epoch), which this seed neither feeds nor reads, so changing the sampling settings
-      does not change which prompts a round takes.
-    """
-    return seed * 1_000_003 + round_index * 97 + rank
-
-
 @dataclass
 class RolloutRound:
     """One round's samples on this rank, scored, with everything the round's optimizer steps read."""
@@ -231,6 +230,9 @@ class RolloutRound:
     """Time of the rollout, scoring and reference pass (added to the round's first step)."""
     token_advantages: list[torch.Tensor] | None = None
     """A per-token estimator's advantage of each completion token (None for a per-sequence one)."""
+    rollout_logprobs: list[torch.Tensor] | None = None
+    """With tis_cap: the rollout engine's log-probs of each completion token (old_logprobs are then the
+    trainer's)."""
 
 
 def run(cfg: GRPOConfig) -> dict:
@@ -251,26 +253,16 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
         ref_model = model  # the policy's own base, the adapter disabled (rollout_round)
     elif cfg.beta > 0:
         ref_model = cfg.loading.load_model(cfg.ref_model or cfg.model).to(session.device).eval().requires_grad_(False)
-    dist, pad_id = session.dist, tokenizer.pad_token_id
-
-    step = session.start_step
-    while step < cfg.train.max_steps:
-        rollout = rollout_round(cfg, session, model, ref_model, tokenizer, prompt_rows, rewards,
-                                round_index=step // cfg.steps_per_round)
-        if dist.rank == 0:
-            write_samples(out / "samples.jsonl", rollout, cfg.samples_logged)
-        # μ passes of optimizer steps over minibatches of this round's (kept) samples
-        steps = minibatches(rollout.kept, cfg.num_iterations, cfg.steps_per_round)[:cfg.train.max_steps - step]
-        for position, minibatch in enumerate(steps):
-            started = time.perf_counter()
-            result, trained_tokens = grpo_step(cfg, session, model, rollout, minibatch, pad_id)
-            seconds = time.perf_counter() - started + (rollout.seconds if position == 0 else 0.0)
-            lengths = [len(rollout.examples[sample]) for sample in minibatch]
-            session.record(step, result, trained_tokens, lengths, seconds, extra=rollout.metrics)
-            session.maybe_checkpoint(step)
-            step += 1
-
-    history = session.finish()
+    dist = session.dist
+    if cfg.rollout.engine != "hf" and dist.world > 1:
+        raise UserError(f"rollout.engine {cfg.rollout.engine} runs on one rank for now; use rollout.engine hf with "
+                        f"{dist.world} ranks")
+    engine = cfg.rollout.build(model, tokenizer, seed=cfg.train.seed,
+                               max_num_seqs=cfg.sampling.generation_batch_size)
+    try:
+        history = _train(cfg, session, model, ref_model, tokenizer, prompt_rows, rewards, engine, out)
+    finally:
+        engine.close()
     summary = {"rounds": -(-len(history) // cfg.steps_per_round) if history else 0, "steps": len(history),
                "prompts": len(prompt_rows), "rewards": rewards.names, "final": history[-1] if history else None,
                "reward_curve": [record["reward"] for record in history[::cfg.steps_per_round]]}
@@ -281,8 +273,40 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
     return summary
 
 
+def _train(cfg: GRPOConfig, session: Session, model, ref_model, tokenizer, prompt_rows, rewards, engine,
+           out: Path) -> list[dict]:
+    """The rounds: sample (the engine), then the round's optimizer steps, then give the engine the new weights."""
+    dist, pad_id = session.dist, tokenizer.pad_token_id
+    step = session.start_step
+    while step < cfg.train.max_steps:
+        rollout = rollout_round(cfg, session, model, ref_model, tokenizer, prompt_rows, rewards, engine,
+                                round_index=step // cfg.steps_per_round)
+        if dist.rank == 0:
+            write_samples(out / "samples.jsonl", rollout, cfg.samples_logged)
+        # μ passes of optimizer steps over minibatches of this round's (kept) samples
+        steps = minibatches(rollout.kept, cfg.num_iterations, cfg.steps_per_round)[:cfg.train.max_steps - step]
+        for position, minibatch in enumerate(steps):
+            started = time.perf_counter()
+            # the round's first step sees the policy that sampled: the trainer's log-probs vs the rollout's
+            result, trained_tokens = grpo_step(cfg, session, model, rollout, minibatch, pad_id,
+                                               measure=position == 0 and rollout.rollout_logprobs is None)
+            sync_s = 0.0
+            if position == len(steps) - 1 and step + 1 < cfg.train.max_steps:
+                synced = time.perf_counter()  # the next round samples from the updated policy
+                engine.sync(model)
+                sync_s = time.perf_counter() - synced
+            seconds = time.perf_counter() - started + (rollout.seconds if position == 0 else 0.0)
+            lengths = [len(rollout.examples[sample]) for sample in minibatch]
+            rollout.metrics.update(result.extra)
+            session.record(step, result, trained_tokens, lengths, seconds,
+                           extra={**rollout.metrics, "rollout/sync_s": sync_s})
+            session.maybe_checkpoint(step)
+            step += 1
+    return session.finish()
+
+
 def rollout_round(cfg: GRPOConfig, session: Session, model, ref_model, tokenizer, prompt_rows: list[dict], rewards,
-                  *, round_index: int) -> RolloutRound:
+                  engine, *, round_index: int) -> RolloutRound:
     """Sample, score and prepare one round: this rank's share of the round's prompts, num_generations
     completions of each from the current policy, their rewards, the advantages and metrics over every rank's
     samples (round_stats), and with a reference model its log-probs of every completion."""
@@ -290,7 +314,7 @@ def rollout_round(cfg: GRPOConfig, session: Session, model, ref_model, tokenizer
     dist, group_size = session.dist, cfg.num_generations
     indices = step_indices(len(prompt_rows), cfg.prompts_per_round, round_index, cfg.train.seed)
     round_rows = [prompt_rows[index] for index in indices[dist.rank::dist.world]]  # every rank samples its own share
-    sampled = cfg.sampling.sample(model, tokenizer, [row["prompt"] for row in round_rows], n=group_size,
+    sampled = cfg.sampling.sample(engine, [row["prompt"] for row in round_rows], n=group_size,
                                   seed=rollout_seed(cfg.train.seed, round_index, dist.rank))
     rows = [round_rows[prompt] for prompt in sampled.prompt_index]
     total, per_fn = rewards.score([row["prompt"] for row in rows], sampled.texts, [row.get("answer") for row in rows],
@@ -305,8 +329,13 @@ def rollout_round(cfg: GRPOConfig, session: Session, model, ref_model, tokenizer
     ref_logprobs = None
     if ref_model is not None:
         with base_reference(model) if ref_model is model else nullcontext():
-            ref_logprobs = _completion_logprobs(session, ref_model, examples, tokenizer.pad_token_id,
+            ref_logprobs = completion_logprobs(session, ref_model, examples, tokenizer.pad_token_id,
                                                 cfg.sampling.temperature)
+    old_logprobs, rollout_logprobs = sampled.logprobs, None
+    if cfg.tis_cap is not None:  # π_old from the trainer; the rollout's log-probs only weigh the tokens
+        rollout_logprobs = sampled.logprobs
+        old_logprobs = completion_logprobs(session, model, examples, tokenizer.pad_token_id, cfg.sampling.temperature)
+        metrics.update(logprob_diff(session, old_logprobs, rollout_logprobs))
     per_token = None
     if advantages is None:
         per_token, kl_metrics = token_advantages(cfg, session, total, sampled.logprobs, ref_logprobs)
@@ -316,9 +345,24 @@ def rollout_round(cfg: GRPOConfig, session: Session, model, ref_model, tokenizer
     metrics.update({"rollout_s": seconds, "round": round_index + 1})
     return RolloutRound(index=round_index, rows=rows, completions=sampled.texts, rewards=total, examples=examples,
                         lengths=torch.tensor(sampled.lengths, dtype=torch.float32), advantages=advantages,
-                        kept=kept, old_logprobs=sampled.logprobs,
+                        kept=kept, old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs,
                         ref_logprobs=ref_logprobs if cfg.loss_beta > 0 else None, metrics=metrics, seconds=seconds,
                         token_advantages=per_token)
+
+
+def logprob_diff(session: Session, trainer: list[torch.Tensor], rollout: list[torch.Tensor]) -> dict:
+    """Mean and max |trainer − rollout| log-prob over every completion token of every rank."""
+    diffs = [(a.float() - b.float()).abs() for a, b in zip(trainer, rollout) if len(a)]
+    total = float(sum(d.sum() for d in diffs)) if diffs else 0.0
+    count = float(sum(d.numel() for d in diffs))
+    return _diff_metrics(session, total, count, max((float(d.max()) for d in diffs), default=0.0))
+
+
+def _diff_metrics(session: Session, total: float, count: float, largest: float) -> dict:
+    dist = session.dist
+    sums = dist.all_reduce_sums({"total": total, "count": count})
+    return {"rollout/logprob_diff_mean": sums["total"] / max(sums["count"], 1.0),
+            "rollout/logprob_diff_max": dist.all_reduce_max_float(largest)}
 
 
 def token_advantages(cfg: GRPOConfig, session: Session, rewards: list[float], old_logprobs: list[torch.Tensor],
@@ -353,20 +397,11 @@ def write_samples(path: Path, rollout: RolloutRound, count: int) -> None:
                     + "\n")
 
 
-def minibatches(kept: list[int], num_iterations: int, num_steps: int) -> list[list[int]]:
-    """The samples of each optimizer step of a round: `num_iterations` passes over the kept samples, cut into
-    `num_steps` consecutive minibatches of one size (the last takes the rest). With nothing kept every step
-    gets an empty minibatch: the steps are still taken, so the step count and the ranks' collectives match."""
-    order = kept * num_iterations
-    size = max(1, len(order) // num_steps) if kept else 0
-    return [order[index * size:(index + 1) * size] if index < num_steps - 1 else order[index * size:]
-            for index in range(num_steps)]
-
-
 def grpo_step(cfg: GRPOConfig, session: Session, model, rollout: RolloutRound, minibatch: list[int], pad_id: int,
-              ) -> tuple[StepResult, float]:
+              measure: bool = False) -> tuple[StepResult, float]:
     """One optimizer step of the clipped objective on the round's samples `minibatch` (this rank's); returns
-    its result and its trained-token count over all ranks."""
+    its result (`extra`: rollout/logprob_diff_* when `measure`, the policy being the one that sampled) and its
+    trained-token count over all ranks."""
     dist = session.dist
     examples = [rollout.examples[sample] for sample in minibatch]
     batches = session.micro_batches(examples, pad_id)
@@ -384,7 +419,10 @@ def grpo_step(cfg: GRPOConfig, session: Session, model, rollout: RolloutRound, m
     old_logprobs = [rollout.old_logprobs[sample] for sample in minibatch]
     ref_logprobs = ([rollout.ref_logprobs[sample] for sample in minibatch] if rollout.ref_logprobs is not None
                     else None)
+    rollout_logprobs = ([rollout.rollout_logprobs[sample] for sample in minibatch]
+                        if rollout.rollout_logprobs is not None else None)
     trained_tokens = dist.all_reduce_sum(float(sum(lengths)) if minibatch else 0.0)
+    diff = {"total": 0.0, "count": 0.0, "max": 0.0}
 
     def loss_fn(index, micro_batch):
         logprobs, entropy = session.forward(model, micro_batch, cfg.sampling.temperature)
@@ -394,30 +432,27 @@ def grpo_step(cfg: GRPOConfig, session: Session, model, rollout: RolloutRound, m
         mask = micro_batch.loss_mask
         token_adv = (completion_values(micro_batch, examples, token_advantages) if token_advantages is not None
                      else advantages.to(logprobs.device)[sequence])
+        old = completion_values(micro_batch, examples, old_logprobs)
+        token_weights = weights.to(logprobs.device)[sequence]
+        if rollout_logprobs is not None:  # truncated importance sampling: min(π_old / π_rollout, C) per token
+            behaviour = completion_values(micro_batch, examples, rollout_logprobs)
+            token_weights = token_weights * torch.exp(old - behaviour).clamp(max=cfg.tis_cap) * mask
+        if measure:
+            gap = (logprobs.detach().float() - old).abs() * mask
+            diff["total"] += float(gap.sum())
+            diff["count"] += float(mask.sum())
+            diff["max"] = max(diff["max"], float(gap.max()))
         loss, metrics = grpo_loss(
-            logprobs, completion_values(micro_batch, examples, old_logprobs),
-            token_adv, mask, weights.to(logprobs.device)[sequence],
+            logprobs, old, token_adv, mask, token_weights,
             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.loss_beta,
             ref_logp=completion_values(micro_batch, examples, ref_logprobs) if ref_logprobs is not None else None)
         metrics["entropy"] = (entropy * mask).sum()
         return loss, metrics
 
-    return session.optimize(batches, loss_fn), trained_tokens
-
-
-@torch.no_grad()
-def _completion_logprobs(session: Session, model, examples: list[Example], pad_id: int, temperature: float,
-                         ) -> list[torch.Tensor]:
-    """Per-completion-token log-probs of `model` (the reference) for every example, in one pass."""
-    out: list[torch.Tensor | None] = [None] * len(examples)
-    for micro_batch in session.micro_batches(examples, pad_id):
-        logprobs, _ = session.forward(model, micro_batch, temperature)
-        for sequence in micro_batch.seq_index.unique().tolist():
-            if sequence >= 0:
-                selected = (micro_batch.seq_index == sequence) & (micro_batch.loss_mask > 0)
-                if selected.any():  # (a rank's filler micro-batch has no trained tokens)
-                    out[sequence] = logprobs[selected].float().cpu()
-    return out
+    result = session.optimize(batches, loss_fn)
+    if measure:
+        result.extra = _diff_metrics(session, diff["total"], diff["count"], diff["max"])
+    return result, trained_tokens
 
 
 def main(argv: list[str] | None = None) -> None:

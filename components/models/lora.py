@@ -37,7 +37,8 @@ QUANTIZE = ("none", "4bit", "8bit")
 
 @dataclass(kw_only=True)
 class Adapter:
-    """LoRA/QLoRA through peft (off by default): the `lora` part of the sft, dpo and grpo stages' configs."""
+    """LoRA/QLoRA through peft (off by default): the `lora` part of the sft, dpo, grpo and ppo (actor) stages'
+    configs."""
 
     enabled: bool = False
     """Train low-rank adapters on the frozen base model instead of every weight."""

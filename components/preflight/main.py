@@ -132,15 +132,24 @@ def safetensors_header(uri: str) -> dict:
 
 def sources_digest(sources: list[dict], base_model_uri: str, s3_endpoint: str = "") -> tuple[str, int]:
     """(digest, files): a sha256 over what data_prep's outputs depend on beyond its parameters: each file
-    source's files (components.storage.digest: S3 ETags and sizes, local sha256s) and the base model's config
-    and tokenizer files. data_prep takes it as a parameter, so its cache key changes when the bytes under the
-    same URIs change, and stays the same when they do not."""
+    source's files (components.storage.digest: S3 ETags and sizes, local sha256s), each task source's generator
+    (its settings and its module's code) and the base model's config and tokenizer files. data_prep takes it as
+    a parameter, so its cache key changes when the bytes under the same URIs, or a task's problems, change, and
+    stays the same when they do not."""
     import hashlib
+    import inspect
     import json
 
     from components.storage import digest, not_weights
+    from components.tasks import get_task
 
-    parts = [{"source": src, "files": digest(src["uri"], s3_endpoint or None)} if "uri" in src else {"source": src}
+    def generator(name: str) -> str:
+        task = get_task(name)
+        code = Path(inspect.getfile(type(task))).read_bytes()
+        return hashlib.sha256(repr(task).encode() + code).hexdigest()
+
+    parts = [{"source": src, "files": digest(src["uri"], s3_endpoint or None)} if "uri" in src
+             else {"source": src, "generator": generator(src["task"])} if "task" in src else {"source": src}
              for src in sources]
     parts.append({"tokenizer": digest(base_model_uri, s3_endpoint or None, include=not_weights)})
     files = sum(len(p.get("files", p.get("tokenizer", []))) for p in parts)

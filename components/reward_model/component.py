@@ -9,7 +9,8 @@ from components.images import TRAINER_IMAGE
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def reward_model(model: Input[Model], pairs: Input[Dataset], pairs_file: str, settings: str, lr: float,
                  max_steps: int, stage: str, workspace: str, tracking_uri: str, parent_run_id: str, s3_endpoint: str,
-                 nproc: int, trained_model: Output[Model], metrics: Output[Metrics]):
+                 nproc: int, nodes: int, launch: str, kfp_run_id: str, trained_model: Output[Model],
+                 metrics: Output[Metrics]):
     """A reward model: a scalar head on the policy, trained on {prompt, chosen, rejected} pairs (Bradley–Terry).
 
     A share of the pairs (by a hash of the prompt) is held out for eval/accuracy, eval/margin and the reward
@@ -28,7 +29,10 @@ def reward_model(model: Input[Model], pairs: Input[Dataset], pairs_file: str, se
         tracking_uri: MLflow tracking URI.
         parent_run_id: The pipeline's MLflow run.
         s3_endpoint: S3 endpoint for s3:// URIs.
-        nproc: Processes, one per accelerator.
+        nproc: Processes per node, one per accelerator.
+        nodes: Nodes; more than 1 runs the stage as a Kubeflow Trainer TrainJob.
+        launch: The bounds of nodes and nproc and the TrainJob's placement (JSON, from the spec).
+        kfp_run_id: The KFP run's id: names the stage's TrainJob, so a retry reattaches to it.
         trained_model: The reward model (Hugging Face directory, safetensors, tokenizer).
         metrics: The final metrics: eval/accuracy, eval/margin, eval/mean_reward, eval/std_reward, ...
     """
@@ -38,5 +42,6 @@ def reward_model(model: Input[Model], pairs: Input[Dataset], pairs_file: str, se
 
     train_step("reward_model", stage=stage, settings=settings, lr=lr, max_steps=max_steps, workspace=workspace,
                tracking_uri=tracking_uri, parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc,
+               nodes=nodes, launch=launch, kfp_run_id=kfp_run_id,
                trained_model=trained_model, metrics=metrics, model=model.path,
                train_data=os.path.join(pairs.path, pairs_file))

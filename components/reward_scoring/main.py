@@ -29,6 +29,7 @@ from components.datasets import DataError, write_jsonl
 from components.models import ModelLoading
 from components.prompts import PromptSource
 from components.rewards import build_rewards
+from components.training.engines import RolloutEngine
 from components.training.rollout import Sampling
 
 log = logging.getLogger("components.reward_scoring")
@@ -48,6 +49,8 @@ class RewardScoringConfig:
     """Temperature, top_p, max_new_tokens of the samples (components/README.md)."""
     loading: ModelLoading = field(default_factory=ModelLoading)
     """How the model is loaded (components/README.md)."""
+    rollout: RolloutEngine = field(default_factory=RolloutEngine)
+    """The rollout engine that samples: hf or vllm (components/README.md)."""
     rewards: list[dict] = field(default_factory=lambda: [{"name": "task"}])
     """Reward functions and weights (components/rewards)."""
     num_samples: int = 4
@@ -94,9 +97,13 @@ def run(cfg: RewardScoringConfig) -> dict:
     model = cfg.loading.load_model(cfg.model)
     if torch.cuda.is_available():
         model.cuda()
-    t0 = time.perf_counter()
-    ro = cfg.sampling.sample(model, tokenizer, [r["prompt"] for r in rows], n=cfg.num_samples, seed=cfg.seed)
-    gen_s = time.perf_counter() - t0
+    engine = cfg.rollout.build(model, tokenizer, seed=cfg.seed, max_num_seqs=cfg.sampling.generation_batch_size)
+    try:
+        t0 = time.perf_counter()
+        ro = cfg.sampling.sample(engine, [r["prompt"] for r in rows], n=cfg.num_samples, seed=cfg.seed)
+        gen_s = time.perf_counter() - t0
+    finally:
+        engine.close()
     srows = [rows[i] for i in ro.prompt_index]
     totals, per_fn = rewards.score([r["prompt"] for r in srows], ro.texts, [r.get("answer") for r in srows],
                                    [r.get("task") for r in srows])

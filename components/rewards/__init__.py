@@ -73,7 +73,8 @@ class LengthOptions:
 @dataclass(kw_only=True, slots=True)
 class RewardModelOptions:
     uri: str
-    """Hugging Face directory of a sequence-classification model with num_labels=1 (local or s3://)."""
+    """Hugging Face directory of a sequence-classification model with num_labels=1 (local or s3://), or in a
+    pipeline `stage:reward_model`: the model the reward_model stage before trained (read by ppo)."""
     batch_size: int = 8
     """Rows per forward pass."""
     max_length: int = 1024
@@ -122,7 +123,28 @@ def _length(o: LengthOptions) -> RowFn:
     return lambda prompt, completion, answer, task: overlong_penalty(count(completion), o.max_length, o.cache)
 
 
+STAGE_PREFIX = "stage:"
+"""A reward model's `uri: stage:<name>` is the model the stage <name> of the same pipeline made: the pipeline
+hands it to the stage that scores with it through that stage's input (e.g. ppo's reward_model), and
+`resolve_stage_models` puts its path in."""
+
+
+def resolve_stage_models(specs: list[dict], models: dict[str, str | None]) -> list[dict]:
+    """`specs` with each `uri: stage:<name>` replaced by models[name] (left as is when not given: it then fails
+    when built, naming the reference)."""
+    out = []
+    for spec in specs:
+        uri = spec.get("uri") if isinstance(spec, dict) else None
+        if isinstance(uri, str) and uri.startswith(STAGE_PREFIX) and models.get(uri[len(STAGE_PREFIX):]):
+            spec = {**spec, "uri": models[uri[len(STAGE_PREFIX):]]}
+        out.append(spec)
+    return out
+
+
 def _reward_model(o: RewardModelOptions) -> BatchFn:
+    if o.uri.startswith(STAGE_PREFIX):
+        raise ValueError(f"uri {o.uri!r} names the model of a stage of a pipeline, and none was handed to this one "
+                         "(only a pipeline step whose stage reads that model resolves it); give a directory")
     return RewardModel(o.uri, batch_size=o.batch_size, max_length=o.max_length)
 
 
@@ -274,4 +296,5 @@ def build_rewards(specs: list[dict], where: str = "rewards") -> RewardSet:
     return RewardSet(rewards, where)
 
 
-__all__ = ["REWARDS", "Reward", "RewardKind", "RewardSet", "build_rewards", "check_rewards", "overlong_penalty"]
+__all__ = ["REWARDS", "STAGE_PREFIX", "Reward", "RewardKind", "RewardSet", "build_rewards", "check_rewards",
+           "overlong_penalty", "resolve_stage_models"]

@@ -7,8 +7,9 @@ from components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
-def sft(model: Input[Model], data: Input[Dataset], settings: str, lr: float, max_steps: int, stage: str,
-        workspace: str, tracking_uri: str, parent_run_id: str, s3_endpoint: str, nproc: int,
+def sft(model: Input[Model], data: Input[Dataset], settings: str, lr: float, max_steps: int, kind: str,
+        stage: str, workspace: str, tracking_uri: str, parent_run_id: str, s3_endpoint: str, nproc: int,
+        nodes: int, launch: str, kfp_run_id: str,
         trained_model: Output[Model], metrics: Output[Metrics]):
     """Supervised fine-tuning: SFT, Proximal SFT (a clipped ratio against a frozen π_old) or SFT with a KL
     penalty, by the stage's method.
@@ -23,12 +24,16 @@ def sft(model: Input[Model], data: Input[Dataset], settings: str, lr: float, max
         settings: The stage's settings from the spec (JSON; keys of components/sft/README.md).
         lr: Peak learning rate.
         max_steps: Optimizer steps.
-        stage: sft, psft or sft_kl: the method, the MLflow run's name and the workspace directory.
+        kind: sft, psft or sft_kl: the method.
+        stage: The stage's name: the MLflow run's name and the workspace directory.
         workspace: The run's workspace; checkpoints go to <workspace>/<stage>.
         tracking_uri: MLflow tracking URI.
         parent_run_id: The pipeline's MLflow run.
         s3_endpoint: S3 endpoint for s3:// URIs.
-        nproc: Processes, one per accelerator.
+        nproc: Processes per node, one per accelerator.
+        nodes: Nodes; more than 1 runs the stage as a Kubeflow Trainer TrainJob.
+        launch: The bounds of nodes and nproc and the TrainJob's placement (JSON, from the spec).
+        kfp_run_id: The KFP run's id: names the stage's TrainJob, so a retry reattaches to it.
         trained_model: The trained model (Hugging Face directory, safetensors).
         metrics: The final step's metrics and the data statistics.
     """
@@ -36,7 +41,8 @@ def sft(model: Input[Model], data: Input[Dataset], settings: str, lr: float, max
 
     from components.step import train_step
 
-    train_step(stage, stage=stage, settings=settings, lr=lr, max_steps=max_steps, workspace=workspace,
+    train_step(kind, stage=stage, settings=settings, lr=lr, max_steps=max_steps, workspace=workspace,
                tracking_uri=tracking_uri, parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc,
+               nodes=nodes, launch=launch, kfp_run_id=kfp_run_id,
                trained_model=trained_model, metrics=metrics, model=model.path,
                train_data=os.path.join(data.path, "sft.train.jsonl"))

@@ -6,11 +6,16 @@ plain torch: AdamW, gradient-norm clipping, a LambdaLR schedule. With more, Deep
 same model, optimizer and schedule. The loop only calls backward / step / lr / save / load.
 
 Checkpoints are directories `step-NNNNNNNN` holding a COMPLETE marker written last: a checkpoint
-interrupted while being written is never resumed from.
+interrupted while being written is never resumed from. They live where every node sees them (the run's
+workspace): DeepSpeed writes each rank's optimizer shard from that rank and the model states from global rank 0
+only; rank 0 writes topology.json (nodes × processes per node) and the marker after a barrier. A checkpoint
+resumes only on the topology that wrote it (check_topology): the ranks' data shares, π_old caches and shards
+belong to that split.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -19,6 +24,7 @@ from pathlib import Path
 import torch
 
 COMPLETE = "COMPLETE"
+TOPOLOGY = "topology.json"
 
 
 @dataclass
@@ -27,6 +33,12 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    nodes: int = 1
+    """Nodes of the run: torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE."""
+
+    @property
+    def topology(self) -> dict:
+        return {"nodes": self.nodes, "nproc_per_node": self.world // self.nodes, "world": self.world}
 
     def _reduce(self, values: list[float], op) -> list[float]:
         if self.world == 1:
@@ -39,7 +51,10 @@ class Dist:
         return self._reduce([x], torch.distributed.ReduceOp.SUM if self.world > 1 else None)[0]
 
     def all_reduce_max(self, x: int) -> int:
-        return int(self._reduce([float(x)], torch.distributed.ReduceOp.MAX if self.world > 1 else None)[0])
+        return int(self.all_reduce_max_float(float(x)))
+
+    def all_reduce_max_float(self, x: float) -> float:
+        return self._reduce([x], torch.distributed.ReduceOp.MAX if self.world > 1 else None)[0]
 
     def all_reduce_sums(self, d: dict[str, float]) -> dict[str, float]:
         keys = sorted(d)
@@ -71,7 +86,36 @@ def init() -> Dist:
 
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank = torch.distributed.get_rank() if world > 1 else 0
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device, nodes=max(1, world // local_world))
+
+
+def write_topology(path: Path, dist: Dist) -> None:
+    (path / TOPOLOGY).write_text(json.dumps(dist.topology))
+
+
+def checkpoint_topology(path: Path) -> dict | None:
+    """The topology a checkpoint was written by; None for one written before topologies were recorded."""
+    file = Path(path) / TOPOLOGY
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+def topology_problem(path: Path, nodes: int, nproc_per_node: int) -> str | None:
+    """Why a run of `nodes` × `nproc_per_node` may not resume from the checkpoint at `path`, None if it may."""
+    wrote = checkpoint_topology(path)
+    if wrote is None or (wrote["nodes"], wrote["nproc_per_node"]) == (nodes, nproc_per_node):
+        return None
+    return (f"{path} was written by {wrote['nodes']} node(s) × {wrote['nproc_per_node']} process(es), and this run "
+            f"has {nodes} × {nproc_per_node}: resume on the topology that wrote it (the run parameters "
+            f"<stage>_nodes={wrote['nodes']} and <stage>_gpus_per_node={wrote['nproc_per_node']}), or delete "
+            f"{Path(path).parent} to start the stage over (each rank's data share, π_old log-probs and optimizer "
+            "shard belong to that split)")
+
+
+def check_topology(path: Path, dist: Dist) -> None:
+    topology = dist.topology
+    if (problem := topology_problem(path, topology["nodes"], topology["nproc_per_node"])) is not None:
+        raise RuntimeError(problem)
 
 
 def _param_groups(model, cfg) -> list[dict]:
@@ -123,6 +167,7 @@ class PlainEngine:
         tmp.mkdir(parents=True)
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), **client_state}, tmp / "state.pt")
+        write_topology(tmp, Dist())
         (tmp / COMPLETE).touch()
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
@@ -195,6 +240,7 @@ class DeepSpeedEngine:
         torch.save({**client_state, "world": self.dist.world}, self._client_file(path))
         self.dist.barrier()
         if self.dist.rank == 0:
+            write_topology(path, self.dist)
             (path / COMPLETE).touch()
         self.dist.barrier()
 

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -221,6 +221,8 @@ class StepResult:
     """The global gradient norm before clipping."""
     lr: float
     """The learning rate the step was taken with."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """Metrics already reduced over ranks that the loop reports as they are (GRPO's rollout/logprob_diff_*)."""
 
 
 class Session:
@@ -232,9 +234,15 @@ class Session:
     """
 
     def __init__(self, cfg: TrainConfig, model, output_dir: str | Path,
-                 on_metrics: Callable[[dict], None] | None = None, run_config: dict | None = None):
+                 on_metrics: Callable[[dict], None] | None = None, run_config: dict | None = None,
+                 companions: dict[str, tuple[torch.nn.Module, TrainConfig]] | None = None):
         """`run_config`: the whole stage's config (default: `cfg`'s), stored in each checkpoint; a resume under
-        another config is refused unless cfg.allow_config_change."""
+        another config is refused unless cfg.allow_config_change.
+
+        `companions`: other trained models of the stage (PPO's critic), by name, each with its own engine and
+        optimizer (`self.engines[name]`, built from its TrainConfig: lr, betas, clip; the schedule's shape is
+        `cfg`'s). Each checkpoint holds them in `<name>-step-N` beside `step-N`, written before it: `step-N`'s
+        COMPLETE marker, written last, vouches for both."""
         self.cfg, self.model, self.out, self.on_metrics = cfg, model, Path(output_dir), on_metrics
         self.run_config = run_config if run_config is not None else asdict(cfg)
         self.dist = dist = distributed.init()
@@ -246,13 +254,22 @@ class Session:
         model.config.use_cache = False
         model.train()
         self.engine = distributed.make_engine(model, cfg, lr_lambda(cfg), dist)
+        self.engines, self.companions = {}, {name: companion for name, (companion, _) in (companions or {}).items()}
+        for name, (companion, companion_cfg) in (companions or {}).items():
+            companion.to(self.device)
+            companion.config.use_cache = False
+            companion.train()
+            self.engines[name] = distributed.make_engine(companion, companion_cfg, lr_lambda(cfg), dist)
         self.varlen = model.config._attn_implementation in ("flash_attention_2", "flash_attention_3")
         self.ckpt_root = self.out / "checkpoints"
         self.start_step, self.resumed = 0, {}
         latest = distributed.latest_checkpoint(self.ckpt_root)
         if latest is not None:
+            distributed.check_topology(latest, dist)
             state = self.engine.load(latest)
             check_resumable(state.get("config"), self.run_config, latest, cfg.allow_config_change)
+            for name, engine in self.engines.items():
+                engine.load(latest.with_name(f"{name}-{latest.name}"))
             self.start_step, self.resumed = state["step"], state
             random.setstate(_to_pystate(state["py_rng"]))
             torch.set_rng_state(state["torch_rng"])
@@ -280,20 +297,22 @@ class Session:
             batches.append(micro_batches([Example([pad_id] * 8, 8)], 8, pad_id)[0])
         return [batch.to(self.device) for batch in batches]
 
-    def optimize(self, batches: list[PackedBatch], loss_fn) -> StepResult:
+    def optimize(self, batches: list[PackedBatch], loss_fn, engine: str | None = None) -> StepResult:
         """Backward `loss_fn(index, micro_batch) -> (loss, metric sums)` over every micro-batch, then one
-        optimizer step. The loss and sums of the result are local to this rank.
+        optimizer step of the model (`engine`: of the companion of that name). The loss and sums of the result
+        are local to this rank.
         """
+        engine = self.engines[engine] if engine is not None else self.engine
         sums: dict[str, float] = {}
         loss_total = 0.0
         for index, micro_batch in enumerate(batches):
             loss, metrics = loss_fn(index, micro_batch)
-            self.engine.backward(loss * self.dist.world, last=index == len(batches) - 1)
+            engine.backward(loss * self.dist.world, last=index == len(batches) - 1)
             loss_total += float(loss.detach())
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
-        lr = self.engine.lr()
-        grad_norm = self.engine.step()
+        lr = engine.lr()
+        grad_norm = engine.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return StepResult(loss=loss_total, sums=sums, grad_norm=grad_norm, lr=lr)
@@ -331,15 +350,21 @@ class Session:
         cfg = self.cfg
         if not (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps):
             return
-        self.engine.save(self.ckpt_root / f"step-{step + 1:08d}", {
+        path = self.ckpt_root / f"step-{step + 1:08d}"
+        for name, engine in self.engines.items():  # before step-N, whose COMPLETE marker is written last
+            engine.save(path.with_name(f"{name}-{path.name}"), {})
+        self.engine.save(path, {
             "step": step + 1, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
             "config": self.run_config, **(state or {})})
         if self.dist.rank == 0:
-            for old in sorted(self.ckpt_root.glob("step-*"))[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            for prefix in ["", *(f"{name}-" for name in self.engines)]:
+                for old in sorted(self.ckpt_root.glob(f"{prefix}step-*"))[:-cfg.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def finish(self) -> list[dict]:
         self.model.eval()
+        for companion in self.companions.values():
+            companion.eval()
         return self.history
 
 

@@ -283,3 +283,75 @@ def bradley_terry_loss(chosen: Tensor, rejected: Tensor, *, margin: Tensor | flo
         metrics = {"accuracy": (diff > 0).float(), "margin": diff.detach(),
                    "mean_reward": (chosen.detach() + rejected.detach()) / 2}
     return losses, metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# PPO with a critic: per-token rewards with a k1 KL penalty, GAE, the clipped value loss, the KL controllers.
+
+def kl_penalized_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """InstructGPT's per-token reward: r_t = −kl_coef·kl_t on every completion token, plus the sequence's score on
+    its last one. scores [N]; kl [N, T] (k1: log π_old − log π_ref); mask [N, T] (left-aligned completions)."""
+    mask = mask.float()
+    rewards = -kl_coef * kl.float() * mask
+    lengths = mask.sum(dim=1).long()
+    rows = torch.nonzero(lengths > 0).reshape(-1)
+    rewards[rows, lengths[rows] - 1] += scores.float()[rows]
+    return rewards
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation over completion tokens: δ_t = r_t + γ·V_{t+1} − V_t (V = 0 after the last
+    token: the episode ends there), Â_t = δ_t + γλ·Â_{t+1}; returns (Â, Â + V), 0 on padding.
+
+    rewards, values, mask: [N, T], the completions left-aligned (padding at the end).
+    """
+    mask = mask.float()
+    rewards, values = rewards.float() * mask, values.float() * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+def clipped_value_loss(vpred: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, normalizer: float, *,
+                       cliprange_value: float | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's value loss: ½·Σ_t m_t max((V_t − G_t)², (clip(V_t, V_old ± ε_v) − G_t)²) / N (ε_v None: no clip).
+
+    Metrics are sums over counted tokens: val/clipfrac (the clipped term is the larger), val/vpred, val/error
+    ((V_t − G_t)²).
+    """
+    unclipped = (vpred - returns) ** 2
+    if cliprange_value is None:
+        per_token, clipped_more = unclipped, torch.zeros_like(unclipped)
+    else:
+        clipped = (torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value) - returns) ** 2
+        per_token, clipped_more = torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+    loss = 0.5 * (per_token * mask).sum() / normalizer
+    with torch.no_grad():
+        metrics = {"val/clipfrac": (clipped_more * mask).sum(), "val/vpred": (vpred.detach() * mask).sum(),
+                   "val/error": (unclipped.detach() * mask).sum()}
+    return loss, metrics
+
+
+KL_CONTROLLERS = ("fixed", "adaptive")
+
+
+@dataclass
+class KLController:
+    """The KL penalty's coefficient β: fixed, or adaptive (Ziegler et al. 2019): after each rollout of n samples
+    with mean KL per sequence kl, e = clip(kl / target − 1, −0.2, 0.2) and β ← β·(1 + e·n / horizon)."""
+
+    value: float
+    kind: str = "fixed"
+    target: float = 6.0
+    horizon: float = 10000.0
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.kind == "adaptive":
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value

@@ -31,7 +31,7 @@ from components.training.loop import is_lora
 @dataclass(kw_only=True)
 class Sampling:
     """How completions are sampled: the `sampling` part of the stages that sample to train on or to score
-    (reward_scoring, grpo)."""
+    (reward_scoring, grpo, ppo)."""
 
     temperature: float = 1.0
     """Sampling temperature (the log-probs are those of softmax(logits / temperature))."""
@@ -48,10 +48,10 @@ class Sampling:
         require(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
         positive_ints(self, "max_new_tokens", "generation_batch_size")
 
-    def sample(self, model, tokenizer, prompts: list, *, n: int, seed: int) -> Rollout:
-        """`n` completions per prompt with these settings (see `generate`)."""
-        return generate(model, tokenizer, prompts, n=n, temperature=self.temperature, top_p=self.top_p,
-                        max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.generation_batch_size)
+    def sample(self, engine, prompts: list, *, n: int, seed: int) -> Rollout:
+        """`n` completions per prompt with these settings from a rollout engine (components/training/engines.py)."""
+        return engine.generate(prompts, n=n, temperature=self.temperature, top_p=self.top_p,
+                               max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.generation_batch_size)
 
 
 @dataclass

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--new-tokens", type=int, default=256, help="most new tokens per completion (default: 256)")
     g.add_argument("--grpo-steps", type=int, default=3, help="measured optimizer steps (default: 3)")
     g.add_argument("--grpo-warmup", type=int, default=1, help="warm-up optimizer steps (default: 1)")
+    g.add_argument("--rollout", choices=("hf", "vllm"), default="hf",
+                   help="our rollout engine (the grpo stage's rollout.engine; default: hf)")
     g.add_argument("--steps-per-rollout", type=int, default=1,
                    help="optimizer steps per rollout round, for us and TRL (TRL's steps_per_generation; default: 1)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
@@ -97,6 +99,7 @@ def _workloads(a) -> dict[str, dict]:
         "dpo": {"bs": a.batch_size, "steps": a.steps, "warmup": a.warmup, "prompt_len": a.max_len // 4,
                 "completion_len": a.max_len // 4, "seq": "prompt+chosen|rejected+eos"},
         "grpo": {"bs": a.grpo_batch_size, "steps": a.grpo_steps, "warmup": a.grpo_warmup, "group": a.group,
+                 "rollout": a.rollout,
                  "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "steps_per_rollout": a.steps_per_rollout},
     }
     workload["psft"] = workload["sft"]

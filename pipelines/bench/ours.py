@@ -47,6 +47,7 @@ def stage_config(a, objective: str, token_budget: int, model: str = "", data: st
             "model": model, "output_dir": out, "prompts": {"path": data}, "rewards": BENCH_REWARDS,
             "num_generations": a.group, "prompts_per_round": round_size // a.group,
             "sampling": {"max_new_tokens": a.new_tokens, "generation_batch_size": round_size},
+            "rollout": {"engine": a.rollout},
             "train": {"max_steps": total, "batch_size": a.grpo_batch_size, "token_budget": token_budget,
                       "lr": 1e-6, "seed": 0, "log_every": total}})
     raise ValueError(f"no stage for objective {objective!r}")
@@ -136,4 +137,7 @@ def run_ours_grpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
             "completion_tokens": completion, "tokens": tokens,
             "rollout_s": sum(r["rollout_s"] for r in first_of_round), "token_budget": token_budget,
             "weights": "fp32", "autocast": "bf16" if dev.type == "cuda" else None,
-            "rollout_cache": "static" if dev.type == "cuda" else "dynamic", "reward": measured[-1]["reward"]}
+            "rollout": a.rollout, "rollout_cache": ("static" if dev.type == "cuda" else "dynamic") if a.rollout == "hf"
+            else "vllm", "sync_s": sum(r.get("rollout/sync_s", 0.0) for r in measured),
+            "logprob_diff_max": max(r.get("rollout/logprob_diff_max", 0.0) for r in measured),
+            "reward": measured[-1]["reward"]}

@@ -10,10 +10,13 @@ import random
 
 import torch
 
-# The reference workload's model shapes, random-init Qwen2 (the Qwen2/Qwen2.5 0.5B and 1.5B shapes, and a tiny one).
+# The reference workload's model shapes, random-init Qwen2 (the Qwen2/Qwen2.5 0.5B and 1.5B shapes, and a tiny one),
+# and "small": 24.4M parameters over the tiny vocabulary, where a CPU's rollout cost is no longer per-step overhead.
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=512),
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,

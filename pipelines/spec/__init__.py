@@ -49,7 +49,7 @@ from pipelines.spec.schema import (
 )
 
 SPECS_DIR = Path(__file__).parents[1] / "specs"
-BUNDLED_SPECS = ("demo", "cluster")
+BUNDLED_SPECS = ("demo", "compare", "rlhf-demo", "cluster", "cluster-7b", "cluster-70b-lora")
 """Workflow specs shipped in pipelines/specs/, loadable by name."""
 
 
@@ -61,7 +61,7 @@ def parse_spec(data, where: str = "spec") -> Spec:
 
 
 def spec_path(name_or_path: str | Path) -> Path:
-    """A bundled spec by name (demo, cluster) or a path to a YAML file."""
+    """A bundled spec by name (BUNDLED_SPECS) or a path to a YAML file."""
     if str(name_or_path) in BUNDLED_SPECS:
         return SPECS_DIR / f"{name_or_path}.yaml"
     p = Path(name_or_path)

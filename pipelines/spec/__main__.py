@@ -12,6 +12,6 @@ elif len(sys.argv) == 3 and sys.argv[1] == "check":
         s = load_spec(sys.argv[2])
     except SpecError as e:
         sys.exit(str(e))
-    print(f"{s.name}: valid ({len(s.stages)} stages: {', '.join(st.stage for st in s.stages)})")
+    print(f"{s.name}: valid ({len(s.stages)} stages: {', '.join(st.name for st in s.stages)})")
 else:
     sys.exit("usage: python -m pipelines.spec docs | check SPEC")

@@ -86,6 +86,7 @@ class Checker:
         self.order(shapes)
         for i, stage in enumerate(self.spec.stages):
             self.settings(i, stage)
+            self.stage_models(i, stage)
         self.promotion(suites, reward_names)
 
     def rewards(self) -> list[str]:
@@ -128,39 +129,66 @@ class Checker:
         return out
 
     def order(self, shapes: set[str]) -> None:
-        """Each stage once, the last one last, and each one's inputs provided by the data or a stage before it."""
+        """Names unique, a kind that makes no model once, the last one last, `start_from` naming an earlier model,
+        and each stage's inputs provided by the data or a stage before it."""
         stages = self.spec.stages
         if not stages:
             raise self.error("stages", "[] is invalid: at least one stage")
         provided = {"policy", "base", "data"} | ({"preference"} if "preference" in shapes else set())
         seen: list[str] = []
+        names: list[str] = []
         for i, st in enumerate(stages):
             path, kind = f"stages[{i}].stage", get_stage(st.stage)
             if not kind.in_spec:
                 raise self.error(path, f"{st.stage!r} is invalid here: every pipeline runs it once, before the "
                                        "stages; its settings are the spec's `data`")
-            if st.stage in seen:
-                raise self.error(path, f"{st.stage!r} is invalid: each kind of stage appears once "
+            if st.name in names:
+                raise self.error(f"stages[{i}].name", f"{st.name!r} is invalid: each stage needs its own name "
+                                                      f"(already stages[{names.index(st.name)}]; set `name`)")
+            if st.stage in seen and not kind.makes_model:
+                raise self.error(path, f"{st.stage!r} is invalid: a kind of stage that makes no model appears once "
                                        f"(already stages[{seen.index(st.stage)}])")
             if seen and get_stage(seen[-1]).last:
                 raise self.error(path, f"{st.stage!r} is invalid: {seen[-1]} is the last stage")
+            if st.start_from is not None and (st.start_from not in names
+                                              or not get_stage(stages[names.index(st.start_from)].stage).makes_model):
+                made = [n for n, s in zip(names, stages) if get_stage(s.stage).makes_model]
+                raise self.error(f"stages[{i}].start_from", f"{st.start_from!r} is invalid: the name of an earlier "
+                                                            f"stage that made a model ({', '.join(made) or 'none'})")
             self.data_needed(path, kind, shapes, provided)
             for key in kind.requires:
                 if not getattr(self.spec, key):
                     if key == "promotion":
                         raise self.error("promotion", f"missing; {REQUIRED_TEXT[key]}")
                     raise self.error(path, f"{st.stage!r} is invalid: {REQUIRED_TEXT[key]}")
+            self.scale(i, st, kind)
             if kind.kind == "sample" and st.resources is not None and st.resources.gpus > 1:
                 raise self.error(f"stages[{i}].resources.gpus", f"{st.resources.gpus} is invalid for the {st.stage} "
                                                                "stage: it runs one process on one accelerator (1)")
             for inp in kind.inputs.values():
-                if inp.feed not in provided:
+                if inp.feed not in provided and not inp.optional:
                     makers = [s.name for s in STAGES.values() if any(inp.feed in o.provides
                                                                      for o in s.outputs.values())]
                     raise self.error(path, f"{st.stage!r} is invalid here: it needs {FEEDS[inp.feed]} from a stage "
                                            f"before it ({' or '.join(makers)})")
             provided |= {feed for out in kind.outputs.values() for feed in out.provides}
             seen.append(st.stage)
+            names.append(st.name)
+
+    def scale(self, i: int, st: Stage, kind: StageKind) -> None:
+        """Several nodes: a training stage only, on a workspace every node can mount at once."""
+        resources = self.spec.stage_resources(st)
+        if not resources.multi_node:
+            return
+        where = f"stages[{i}].resources" if st.resources is not None else "resources"
+        if kind.kind != "train":
+            raise self.error(f"{where}.max_nodes", f"{resources.most_nodes} is invalid for the {st.stage} stage: "
+                                                    "only a training stage runs on several nodes (1)")
+        modes = self.spec.storage.workspace_access_modes
+        if "ReadWriteMany" not in modes:
+            raise self.error("storage.workspace_access_modes",
+                             f"{modes} is invalid: {st.stage} may run on {resources.most_nodes} nodes, which all "
+                             "mount the run's workspace (its checkpoints) at once: add ReadWriteMany")
 
     def data_needed(self, path: str, kind: StageKind, shapes: set[str], provided: set[str]) -> None:
         need = kind.trains_on
@@ -188,6 +216,32 @@ class Checker:
                 if v is not None and (not ok or not math.isfinite(v) or v <= 0):
                     raise self.error(f"{path}.train.{key}", f"{v!r} is invalid: {allowed}")
         validate_settings(kind, stage.settings, self.where, path, self.injected(kind))
+
+    def stage_models(self, i: int, stage: Stage) -> None:
+        """A reward whose `uri` is `stage:<name>` (the model a stage before made, e.g. stage:reward_model) is read
+        through an input of the stage that scores with it: that stage must have an input fed by what the named
+        stage provides, and the named stage must come before it."""
+        from components.rewards import STAGE_PREFIX
+
+        own = stage.settings.get("rewards") if isinstance(stage.settings, dict) else None
+        kind = get_stage(stage.stage)
+        specs, path = ((own, f"stages[{i}].settings.rewards") if own is not None
+                       else (self.injected(kind).get("rewards") or [], "rewards"))
+        before = {s.name: s.stage for s in self.spec.stages[:i]}
+        for j, reward in enumerate(specs):
+            uri = reward.get("uri") if isinstance(reward, dict) else None
+            if not (isinstance(uri, str) and uri.startswith(STAGE_PREFIX)):
+                continue
+            name, at = uri[len(STAGE_PREFIX):], f"{path}[{j}].uri"
+            if name not in before:
+                raise self.error(at, f"{uri!r} is invalid for the {stage.name} stage: no {name} stage before it "
+                                     f"(stages before: {', '.join(before) or 'none'})")
+            provides = {feed for out in get_stage(before[name]).outputs.values() for feed in out.provides}
+            if not any(inp.feed in provides for inp in kind.inputs.values()):
+                readers = [s.name for s in STAGES.values() if any(inp.feed in provides for inp in s.inputs.values())]
+                raise self.error(at, f"{uri!r} is invalid for the {stage.name} stage: it has no input for the model "
+                                     f"of {name} (stages that read one: {', '.join(readers) or 'none'}); give a "
+                                     "directory, or set the rewards in the settings of a stage that reads it")
 
     def injected(self, kind: StageKind) -> dict:
         """What the spec's top level gives a stage's config."""

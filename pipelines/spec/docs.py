@@ -55,8 +55,8 @@ def reference_markdown() -> str:
              "<!-- Generated from the field docstrings of pipelines/spec/schema.py by "
              "`python -m pipelines.spec docs > docs/spec.md`; tests/unit/test_spec_docs.py checks it is current. -->",
              "", inspect.cleandoc(spec_module.__doc__.split("\n\n", 2)[2]), "",
-             "Bundled specs: `pipelines/specs/demo.yaml` (CPU, tiny model) and `pipelines/specs/cluster.yaml` "
-             "(8 GPUs).",
+             "Bundled specs: `pipelines/specs/demo.yaml` (CPU, tiny model), `pipelines/specs/rlhf-demo.yaml` (CPU, "
+             "tiny model: SFT, a reward model, PPO) and `pipelines/specs/cluster.yaml` (8 GPUs).",
              ""]
     for cls in SPEC_CLASSES:
         hints = typing.get_type_hints(cls)

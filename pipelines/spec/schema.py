@@ -22,6 +22,7 @@ RUNTIME_KEYS = {"lr": (float, "a positive number"), "max_steps": (int, "a positi
 BUNDLED_MODELS = ("bundled:tiny",)
 """Base models built on the machine that runs the pipeline locally instead of read from a URI."""
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+STEP_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|M|G|T|P)?$")
 
 
@@ -66,9 +67,10 @@ class Resources:
     """The accelerator's extended resource name, e.g. nvidia.com/gpu or amd.com/gpu; pick the model of
     accelerator with node_selector (e.g. nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3)."""
     gpus: int = 0
-    """Accelerators per pod; needs `accelerator`. With more than one, a training stage (sft, psft, sft_kl, dpo,
-    grpo) runs under torchrun with one rank per accelerator (DeepSpeed ZeRO); reward_scoring and evaluate run
-    one process and take at most 1."""
+    """Accelerators per pod (per node of a multi-node stage); needs `accelerator`. With more than one, a training
+    stage (sft, psft, sft_kl, dpo, grpo) runs under torchrun with one rank per accelerator (DeepSpeed ZeRO); the
+    run parameter <stage>_gpus_per_node (default this) may lower it to as few as 1. reward_scoring and evaluate
+    run one process and take at most 1."""
     cpu: str | None = None
     """CPU request and limit, a Kubernetes quantity: "8" or "500m"."""
     memory: str | None = None
@@ -88,6 +90,17 @@ class Resources:
     queue: str | None = None
     """A Kueue LocalQueue in the steps' namespace, e.g. posttrain-gpu (k8s/overlays/kueue): set as the pod label
     kueue.x-k8s.io/queue-name, so Kueue admits the step against its ClusterQueue's quota; none: not queued."""
+    nodes: int = 1
+    """Nodes a training stage runs on, each with `gpus` accelerators; the run parameter <stage>_nodes (default
+    this) may change it up to `max_nodes`. With max_nodes above 1 the stage's step creates a Kubeflow Trainer
+    TrainJob (k8s/overlays/trainer) of that many nodes and streams its logs, and the step's own pod is a launcher
+    with `runtime_resources`; with max_nodes 1 the stage runs inside the step's pod. Several nodes share the run's
+    workspace: storage.workspace_access_modes must include ReadWriteMany."""
+    max_nodes: int | None = None
+    """The most nodes a run may ask for with <stage>_nodes; none: `nodes`. The run parameter
+    <stage>_gpus_per_node (default `gpus`) may likewise lower the accelerators per node to as few as 1."""
+    training_runtime: str = "posttrain-trainer"
+    """The TrainingRuntime (in storage.namespace) a multi-node stage's TrainJob references (k8s/overlays/trainer)."""
 
     def __post_init__(self):
         if self.queue is not None and not NAME_RE.match(self.queue):
@@ -107,16 +120,34 @@ class Resources:
             raise Invalid("timeout", self.timeout, "seconds ≥ 0 (0: no limit)")
         if self.retries < 0:
             raise Invalid("retries", self.retries, "an integer ≥ 0")
+        if self.nodes < 1:
+            raise Invalid("nodes", self.nodes, "an integer ≥ 1")
+        if self.max_nodes is not None and self.max_nodes < self.nodes:
+            raise Invalid("max_nodes", self.max_nodes, f"at least nodes ({self.nodes})")
+        if not NAME_RE.match(self.training_runtime):
+            raise Invalid("training_runtime", self.training_runtime, "a TrainingRuntime name: lowercase letters, "
+                                                                     "digits and '-'")
+
+    @property
+    def most_nodes(self) -> int:
+        """The most nodes a run may use: max_nodes, else nodes."""
+        return self.max_nodes if self.max_nodes is not None else self.nodes
+
+    @property
+    def multi_node(self) -> bool:
+        """The stage runs as a TrainJob (its step launches it) rather than inside the step's pod."""
+        return self.most_nodes > 1
 
 
 @dataclass(kw_only=True)
 class Stage:
     """One step of the workflow. Stages run in the order listed; a training stage starts from the model of
-    the training stage before it, or from base_model."""
+    the training stage before it (or base_model), unless `start_from` names another."""
 
     stage: str
     """sft, psft or sft_kl (the sft stage with that method), reward_scoring, dpo, grpo, evaluate or register
-    (the bundled kinds of components/stages.py, the stage registry). Each kind appears at most once. Data:
+    (the bundled kinds of components/stages.py, the stage registry). A kind that trains a model may appear
+    more than once, each time with its own `name`; any other kind appears at most once. Data:
     sft/psft/sft_kl train on the `sft` rows of `data`, dpo on the `preference` rows (or on the pairs of a
     reward_scoring stage before it), reward_scoring and grpo on the `prompts` rows; evaluate runs `eval_suites`;
     register follows evaluate and ends the list."""
@@ -127,10 +158,19 @@ class Stage:
     (components/README.md)."""
     resources: Resources | None = None
     """Where this stage runs; default: the spec's `resources` (register: `runtime_resources`)."""
+    name: str = ""
+    """The step's name, unique in the spec (default: `stage`): its workspace directory, MLflow run, pipeline
+    parameters (`<name>_lr`, `<name>_max_steps`) and row in the tables. Lowercase letters, digits and '_'."""
+    start_from: str | None = None
+    """The name of an earlier stage that made a model: this stage starts from (or, sampling, samples) that model
+    instead of the latest one. Branches from one start, e.g. sft → grpo and sft → dpo, compare stages fairly."""
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise Invalid("stage", self.stage, f"one of {', '.join(spec_kinds())}")
+        self.name = self.name or self.stage
+        if not isinstance(self.name, str) or not STEP_NAME_RE.match(self.name):
+            raise Invalid("name", self.name, "lowercase letters, digits and '_', starting with a letter (≤ 40)")
 
     @property
     def module(self) -> str:
@@ -349,8 +389,8 @@ class Spec:
         kind = get_stage(stage.stage).kind
         if kind == "cpu":
             return self.runtime_resources
-        if kind == "sample" and self.resources.gpus > 1:  # one accelerator of the pool
-            return dataclasses.replace(self.resources, gpus=1)
+        if kind == "sample" and (self.resources.gpus > 1 or self.resources.multi_node):  # one accelerator, one node
+            return dataclasses.replace(self.resources, gpus=min(1, self.resources.gpus), nodes=1, max_nodes=None)
         return self.resources
 
     def runtime_defaults(self, stage: Stage) -> dict:

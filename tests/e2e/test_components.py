@@ -24,8 +24,10 @@ def test_sft_component_trains_and_fills_its_outputs(tiny_model_dir, tmp_path, mo
     model = dsl.Model(name="trained_model", uri=str(tmp_path / "out" / "model"))
     metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "out" / "metrics"))
     args = dict(model=dsl.Model(name="base", uri=str(tiny_model_dir)), data=dsl.Dataset(name="data", uri=str(data)),
-                settings=json.dumps(SETTINGS), lr=0.004, max_steps=3, stage="psft", workspace=str(workspace),
-                tracking_uri="", parent_run_id="", s3_endpoint="", nproc=1, trained_model=model, metrics=metrics)
+                settings=json.dumps(SETTINGS), lr=0.004, max_steps=3, kind="psft", stage="psft",
+                workspace=str(workspace), tracking_uri="", parent_run_id="", s3_endpoint="", nproc=1, nodes=1,
+                launch="", kfp_run_id="",
+                trained_model=model, metrics=metrics)
     sft.python_func(**args)
 
     assert (tmp_path / "out" / "model" / "config.json").exists()
@@ -45,8 +47,8 @@ def test_sft_component_names_a_bad_setting(tiny_model_dir, tmp_path, monkeypatch
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = dict(model=dsl.Model(name="base", uri=str(tiny_model_dir)),
                 data=dsl.Dataset(name="data", uri=str(tmp_path)), settings=json.dumps({"train": {"zero_stage": 1}}),
-                lr=0.004, max_steps=3, stage="psft", workspace=str(tmp_path / "ws"), tracking_uri="",
-                parent_run_id="", s3_endpoint="", nproc=1,
+                lr=0.004, max_steps=3, kind="psft", stage="psft", workspace=str(tmp_path / "ws"), tracking_uri="",
+                parent_run_id="", s3_endpoint="", nproc=1, nodes=1, launch="", kfp_run_id="",
                 trained_model=dsl.Model(name="m", uri=str(tmp_path / "m")),
                 metrics=dsl.Metrics(name="x", uri=str(tmp_path / "x")))
     with pytest.raises(ConfigError, match="stage psft: train.zero_stage: 1 is invalid: 2 or 3"):

@@ -121,3 +121,29 @@ def test_data_prep_is_reused_while_the_data_are_the_same_and_rerun_when_a_byte_c
     source.write_text(source.read_text().replace(" 2\"", " 3\"", 1))  # one byte of one row
     ran, changed = run()
     assert ran and changed != first  # the same URI, other bytes: data_prep runs again
+
+
+def test_a_branching_spec_runs_each_arm_from_its_start_and_measures_each_effect(tmp_path):
+    """Two arms from one SFT start (the compare spec's shape): a second sft stage under its own name and a psft
+    branch; evaluate waits for both and measures each against the model it started from and against the base."""
+    spec = parse_spec({
+        "name": "branches", "base_model": "bundled:tiny",
+        "data": {"max_length": 64, "sources": [{"task": "arithmetic", "rows": 300, "shape": "sft", "seed": 0}]},
+        "stages": [{"stage": "sft", "settings": {"train": {"max_steps": 6, "batch_size": 16, "lr": 0.003}}},
+                   {"stage": "sft", "name": "sft_more", "start_from": "sft",
+                    "settings": {"train": {"max_steps": 3, "batch_size": 16, "lr": 0.001}}},
+                   {"stage": "psft", "start_from": "sft",
+                    "settings": {"train": {"max_steps": 3, "batch_size": 16, "lr": 0.001}}},
+                   {"stage": "evaluate", "settings": {"max_new_tokens": 4}}],
+        "eval_suites": [{"task": "arithmetic", "split": "id", "n_prompts": 10},
+                        {"task": "arithmetic", "split": "ood", "n_prompts": 10}]}, "branches")
+    summary = run_local(spec, tmp_path / "out", state=tmp_path / "state")
+
+    assert summary["status"] == "succeeded", summary["error"]
+    assert list(summary["stages"]) == ["base", "sft", "sft_more", "psft"]
+    assert summary["stages"]["sft_more"]["metrics"]["steps"] == 3 and summary["stages"]["sft_more"]["kind"] == "sft"
+    effects = {(e["stage"], e["against"], e["suite"]): e["reference"] for e in summary["effects"]}
+    assert effects[("sft_more", "previous", "arithmetic-ood")] == effects[("psft", "previous", "arithmetic-id")] \
+        == "sft"
+    assert effects[("psft", "base", "arithmetic-id")] == "base" and len(effects) == 3 * 2 * 2
+    assert (tmp_path / "out" / "report.html").is_file()

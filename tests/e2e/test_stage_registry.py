@@ -120,7 +120,7 @@ def test_a_stage_registered_in_a_test_is_checked_compiled_and_run(echo_stage, tm
     evaluate = dag["evaluate"]["inputs"]
     assert evaluate["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "echo"
     assert evaluate["parameters"]["candidate"]["runtimeValue"]["constant"] == "echo"
-    assert json.loads(evaluate["parameters"]["trained"]["runtimeValue"]["constant"]) == ["sft", "echo"]
+    assert json.loads(evaluate["parameters"]["lineage"]["runtimeValue"]["constant"]) == {"sft": "base", "echo": "sft"}
 
     # and the local run executes it
     summary = run_local(spec, tmp_path / "out", state=tmp_path / "state")

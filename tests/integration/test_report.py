@@ -86,7 +86,7 @@ def stages(tmp_path_factory, tiny_model_dir):
     cfg = from_mapping(EvaluateConfig, {
         "model": str(root / "psft" / "model"), "name": "psft", "output_dir": str(root / "eval"),
         "baselines": {"base": str(tiny_model_dir), "sft": str(root / "sft" / "model")},
-        "base_model": str(tiny_model_dir),
+        "base_model": str(tiny_model_dir), "parents": {"psft": "base"},
         "suites": [{"task": "arithmetic", "split": "id", "n_prompts": 8}, {"task": "arithmetic", "split": "ood",
                                                                            "n_prompts": 8}],
         "samples": 2, "temperature": 1.0, "max_new_tokens": 6, "k": [1, 2], "bootstrap_samples": 200,
@@ -106,6 +106,12 @@ def test_report_renders_every_figure_in_chromium(stages, tmp_path):
     assert "Reward curve: omitted" in html  # no stage logged rewards: a note, not a failure
     for name in ("base", "sft", "psft", "arithmetic-id", "arithmetic-ood"):
         assert name in html
+    # psft's effect against base on both suites, each with its paired interval and verdict
+    effects = json.loads((stages / "eval" / "eval.json").read_text())["effects"]
+    assert {(e["stage"], e["against"], e["suite"]) for e in effects} == {
+        ("psft", a, s) for a in ("previous", "base") for s in ("arithmetic-id", "arithmetic-ood")}
+    assert "Effect of each stage" in html and html.count("within noise") + html.count("better") \
+        + html.count("worse") >= len(effects)
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "evaluate-report.png"

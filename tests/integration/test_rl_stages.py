@@ -134,6 +134,12 @@ def test_grpo_config_errors(tiny_model_dir):
         from_mapping(GRPOConfig, {"model": "m", "output_dir": "o"})
     with pytest.raises(ConfigError, match="prompts.path: None is invalid: exactly one of path and task"):
         from_mapping(GRPOConfig, {"model": "m", "output_dir": "o", "prompts": {}})
+    with pytest.raises(ConfigError, match=r"rollout.engine: 'sglang' is invalid: one of hf, vllm"):
+        from_mapping(GRPOConfig, {**base, "rollout": {"engine": "sglang"}})
+    with pytest.raises(ConfigError, match=r"tis_cap: 0.5 is invalid"):
+        from_mapping(GRPOConfig, {**base, "tis_cap": 0.5})
+    with pytest.raises(ConfigError, match=r"rollout.engine: 'vllm' is invalid: hf with lora"):
+        from_mapping(GRPOConfig, {**base, "rollout": {"engine": "vllm"}, "lora": {"enabled": True}})
 
 
 def test_dpo_rpo_adds_the_chosen_nll(tiny_model_dir, tmp_path):
@@ -179,3 +185,21 @@ def test_scoring_fails_below_min_pairs(tiny_model_dir, tmp_path):
     with pytest.raises(Exception, match="min_pairs: 0 is invalid: a positive integer"):
         from_mapping(RewardScoringConfig, {"model": "m", "output_dir": "o", "prompts": {"task": "arithmetic"},
                                            "min_pairs": 0})
+
+
+def test_grpo_logs_the_rollout_gap_and_truncated_importance_sampling(tiny_model_dir, tmp_path):
+    """Every step logs rollout/logprob_diff_* (the hf sampler's log-probs vs the trainer's: equal in fp32).
+    tis_cap: the trainer recomputes π_old and weighs each token by min(π_old / π_rollout, C); here the two
+    agree, so the weights are 1 and the losses equal the run without the correction."""
+    base = {"model": str(tiny_model_dir), "prompts": {"task": "arithmetic", "task_rows": 16},
+            "prompts_per_round": 4, "num_generations": 4, "sampling": {"max_new_tokens": 8, "temperature": 1.0},
+            "rewards": [{"name": "format", "pattern": "(?s)[0-9A-Za-z].*"}],
+            "train": {"batch_size": 16, "lr": 3e-3, "max_steps": 3, "log_every": 1}}
+    run_grpo(from_mapping(GRPOConfig, {**base, "output_dir": str(tmp_path / "plain")}))
+    run_grpo(from_mapping(GRPOConfig, {**base, "output_dir": str(tmp_path / "tis"), "tis_cap": 2.0}))
+    plain, corrected = lines(tmp_path / "plain" / "metrics.jsonl"), lines(tmp_path / "tis" / "metrics.jsonl")
+    assert len(plain) == len(corrected) == 3
+    for a, b in zip(plain, corrected):
+        for h in (a, b):
+            assert 0 <= h["rollout/logprob_diff_mean"] <= h["rollout/logprob_diff_max"] < 1e-4
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)

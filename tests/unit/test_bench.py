@@ -191,3 +191,10 @@ def test_trl_dpo_and_grpo_peers(capsys):
     assert trl_grpo["tokens"] == 2 * 16 * 16 + trl_grpo["completion_tokens"]
     assert grpo["speedup_vs_trl"] == pytest.approx(
         grpo["completion_tokens_per_s"] / trl_grpo["completion_tokens_per_s"])
+
+
+def test_small_size_is_25m_parameters_over_the_tiny_vocabulary():
+    from pipelines.bench.workloads import SIZES, build_model
+
+    assert SIZES["small"]["vocab_size"] == SIZES["tiny"]["vocab_size"]
+    assert 24e6 < sum(p.numel() for p in build_model("small").parameters()) < 26e6

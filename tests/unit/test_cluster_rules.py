@@ -61,6 +61,21 @@ def demo(tmp_path_factory) -> dict:
     return _compile("demo", tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def cluster_7b(tmp_path_factory) -> dict:
+    return _compile("cluster-7b", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def cluster_70b_lora(tmp_path_factory) -> dict:
+    return _compile("cluster-70b-lora", tmp_path_factory)
+
+
+COMPILED = ["cluster", "demo", "cluster_7b", "cluster_70b_lora"]
+"""Every bundled spec's fixture; the multi-node ones run their training stages as TrainJobs."""
+MULTI_NODE = ["cluster_7b", "cluster_70b_lora"]
+
+
 def _steps(compiled: dict) -> dict[str, dict]:
     """The steps' kfp-kubernetes configs, by executor (importer executors have none and run no user container)."""
     return {name: config for name, config in compiled["k8s"].items() if "container" in compiled["executors"][name]}
@@ -73,7 +88,10 @@ def _pod_templates(resources: list[dict]) -> list[tuple[str, dict]]:
         spec = validate.pod_spec(r)
         if spec is None:
             continue
-        template = r if r["kind"] == "Pod" else (r["spec"].get("jobTemplate", {}).get("spec", r["spec"]))["template"]
+        if r["kind"] == "TrainingRuntime":  # the pod template of its JobSet's replicated job
+            template = r["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+        else:
+            template = r if r["kind"] == "Pod" else r["spec"].get("jobTemplate", {}).get("spec", r["spec"])["template"]
         out.append((validate.name_of(r), template))
     return out
 
@@ -122,7 +140,7 @@ def quantity(text) -> float:
 # --- 1. the workspace PVC ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["cluster", "demo"])
+@pytest.mark.parametrize("name", COMPILED)
 def test_1_workspace_pvc_is_one_kfp_creates(name, request):
     """kubeflow/pipelines backend/src/v2/compiler/argocompiler/argo.go (GetWorkspacePVC, convertStructToPVCSpec;
     from 2.15): the size is a quantity ≥ 0, the patch may hold only accessModes and storageClassName, accessModes must
@@ -134,7 +152,9 @@ def test_1_workspace_pvc_is_one_kfp_creates(name, request):
     assert set(patch) <= {"accessModes", "storageClassName"}, f"unknown fields in PVC spec patch: {sorted(patch)}"
     assert patch.get("accessModes"), "workspace PVC spec must specify accessModes"
     assert set(patch["accessModes"]) <= {"ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany", "ReadOnlyMany"}
-    assert patch["accessModes"] == storage.workspace_access_modes == ["ReadWriteOnce"]
+    # one step at a time: ReadWriteOnce; every node of a TrainJob mounts it at once: ReadWriteMany
+    assert patch["accessModes"] == storage.workspace_access_modes == (
+        ["ReadWriteMany"] if name in MULTI_NODE else ["ReadWriteOnce"])
     assert patch.get("storageClassName", "unset") != ""
 
 
@@ -182,7 +202,7 @@ def test_2_no_pod_takes_an_istio_sidecar(target, rendered):
             assert added <= baseline_caps, f"{name}: {c['name']} adds {added - baseline_caps}"
 
 
-@pytest.mark.parametrize("name", ["cluster", "demo"])
+@pytest.mark.parametrize("name", COMPILED)
 def test_2_no_pipeline_step_takes_an_istio_sidecar(name, request):
     """The steps opt out too (kfp-kubernetes add_pod_label): no sidecar is injected into them, so none is needed in
     MinIO and MLflow, whose callers then carry no mTLS identity that an AuthorizationPolicy could match."""
@@ -331,7 +351,7 @@ def _image_users() -> set[str]:
     return users
 
 
-@pytest.mark.parametrize("name", ["cluster", "demo"])
+@pytest.mark.parametrize("name", COMPILED)
 def test_11_every_step_runs_as_the_images_non_root_user(name, request):
     """kfp-kubernetes 2.17 sets runAsUser, runAsGroup and runAsNonRoot (kubeflow/pipelines
     kubernetes_platform/python/kfp/kubernetes/security_context.py); KFP 2.17's compiler adds no privilege
@@ -390,7 +410,7 @@ def test_9_every_demo_step_requests_cpu_and_memory_and_is_retried(demo):
         assert task.get("retryPolicy", {}).get("maxRetryCount", 0) >= 1, key
 
 
-@pytest.mark.parametrize("name", ["cluster", "demo"])
+@pytest.mark.parametrize("name", COMPILED)
 def test_4_cached_data_prep_keys_on_the_datas_fingerprint(name, request):
     """KFP's cache key is the task's input parameters and artifacts, never the bytes behind a URI
     (kubeflow/pipelines backend/src/v2/cacheutils/cache.go, GenerateCacheKey). data_prep is the one cached
@@ -405,3 +425,89 @@ def test_4_cached_data_prep_keys_on_the_datas_fingerprint(name, request):
     digest = tasks["data-prep"]["inputs"]["parameters"]["sources_digest"]["taskOutputParameter"]
     assert digest == {"outputParameterKey": "sources_digest", "producerTask": "preflight"}
     assert "cachingOptions" not in tasks["preflight"] or not tasks["preflight"]["cachingOptions"].get("enableCache")
+
+
+# --- several nodes: Kubeflow Trainer TrainJobs (k8s/overlays/trainer) ------------------------------------------------
+
+
+def _trainjobs(compiled: dict) -> list[dict]:
+    """The TrainJob each multi-node training step creates, at its spec's max_nodes, as components/trainjob.py
+    builds it from the step's compiled `launch` parameter."""
+    import json
+
+    from components.trainjob import Placement, trainjob_manifest
+
+    out = []
+    for key, task in _tasks(compiled["pipeline"]).items():
+        launch = task.get("inputs", {}).get("parameters", {}).get("launch")
+        if launch is None:
+            continue
+        settings = json.loads(launch["runtimeValue"]["constant"])
+        if "trainjob" not in settings:
+            continue
+        placement = Placement.from_json(settings["trainjob"])
+        out.append(trainjob_manifest(placement, name="pt-rule-check", run_id="run", stage=key.split("/")[-1],
+                                     nodes=settings["max_nodes"], nproc=settings["max_nproc"],
+                                     command=["python"], env={}, workspace="/kfp-workspace", workspace_pvc="ws"))
+    return out
+
+
+@pytest.mark.parametrize("name", MULTI_NODE)
+def test_5_every_trainjob_is_queued_and_fits_the_quota(name, request, rendered):
+    """Kueue admits a TrainJob (its trainer.kubeflow.org/trainjob integration, kubernetes-sigs/kueue
+    pkg/controller/jobs/trainjob) as one workload: all its nodes' requests together (numNodes × resourcesPerNode),
+    against the quota of the ClusterQueue behind the LocalQueue its kueue.x-k8s.io/queue-name label names."""
+    resources = rendered["overlays/kueue"]
+    local = {r["metadata"]["name"]: r for r in resources if r["kind"] == "LocalQueue"}
+    queues = {r["metadata"]["name"]: r for r in resources if r["kind"] == "ClusterQueue"}
+    jobs = _trainjobs(request.getfixturevalue(name))
+    assert len(jobs) == 2  # psft and grpo
+    for job in jobs:
+        queue = local[job["metadata"]["labels"][QUEUE_LABEL]]
+        assert queue["metadata"]["namespace"] == job["metadata"]["namespace"]
+        trainer = job["spec"]["trainer"]
+        per_node = {k: quantity(v) for k, v in trainer["resourcesPerNode"]["limits"].items()}
+        total = {k: v * trainer["numNodes"] for k, v in per_node.items()}
+        (group,) = queues[queue["spec"]["clusterQueue"]]["spec"]["resourceGroups"]
+        quotas = [{r["name"]: quantity(r["nominalQuota"]) for r in f["resources"]} for f in group["flavors"]]
+        assert any(all(total[k] <= quota[k] for k in total) for quota in quotas), f"{total} exceeds {quotas}"
+
+
+@pytest.mark.parametrize("name", MULTI_NODE)
+def test_trainjobs_reference_the_runtime_the_trainer_overlay_renders(name, request, rendered):
+    """kubeflow/trainer pkg/apis/trainer/v1alpha1/trainjob_types.go: runtimeRef names a TrainingRuntime of the
+    TrainJob's namespace; the torch plugin (pkg/runtime/framework/plugins/torch/torch.go) sets PET_* in the container
+    named `node`, which the runtime patch's volume mounts also target; the TrainJob's name is a DNS-1035 label
+    (the CRD's CEL rule)."""
+    from components.trainjob import NODE
+
+    runtimes = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in rendered["overlays/trainer"]
+                if r["kind"] == "TrainingRuntime"}
+    for job in _trainjobs(request.getfixturevalue(name)):
+        ref = job["spec"]["runtimeRef"]
+        assert ref["kind"] == "TrainingRuntime"
+        runtime = runtimes[(job["metadata"]["namespace"], ref["name"])]
+        assert "torch" in runtime["spec"]["mlPolicy"]
+        (replicated,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+        assert replicated["name"] == NODE
+        assert [c["name"] for c in replicated["template"]["spec"]["template"]["spec"]["containers"]] == [NODE]
+        assert validate.crd_errors(job) == []
+        name = job["metadata"]["name"]
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
+
+
+def test_6_the_runner_may_manage_trainjobs_and_nothing_more(rendered):
+    """The trainer overlay's Role: create, get, list, watch and delete on trainjobs, reading pods and their logs;
+    no other trainer.kubeflow.org resource (runtimes are the admin's), no ClusterRole, nothing outside the
+    namespace."""
+    resources = rendered["overlays/trainer"]
+    assert not [r for r in resources if r["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    roles = {r["metadata"]["name"]: r for r in resources if r["kind"] == "Role"}
+    bound = [roles[b["roleRef"]["name"]] for b in resources if b["kind"] == "RoleBinding"
+             if any(s["kind"] == "ServiceAccount" and s["name"] == RUNNER_SERVICE_ACCOUNT for s in b["subjects"])]
+    rules = [rule for role in bound for rule in role["rules"]]
+    trainer = [r for r in rules if "trainer.kubeflow.org" in r["apiGroups"]]
+    assert trainer == [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+                        "verbs": ["create", "get", "list", "watch", "delete"]}]
+    assert any("pods/log" in r["resources"] and "get" in r["verbs"] for r in rules)
+    assert all(r["apiGroups"] in ([""], ["trainer.kubeflow.org"], ["argoproj.io"]) for r in rules)

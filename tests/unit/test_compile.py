@@ -107,8 +107,14 @@ def test_gpu_stage_placement(tmp_path):
     assert tasks["sft"]["inputs"]["parameters"]["workspace"]["runtimeValue"]["constant"] == "{{$.workspace_path}}"
     assert k8s["pipelineConfig"]["workspace"] == {"size": "100Gi",
                                                   "kubernetes": {"pvcSpecPatch": {"accessModes": ["ReadWriteOnce"]}}}
-    # torchrun with one rank per GPU
-    assert tasks["sft"]["inputs"]["parameters"]["nproc"]["runtimeValue"]["constant"] == 2
+    # torchrun with one rank per GPU: the run parameter psft_gpus_per_node, the spec's gpus by default; one node
+    nproc = tasks["sft"]["inputs"]["parameters"]["nproc"]
+    assert nproc["componentInputParameter"] == "pipelinechannel--psft_gpus_per_node"
+    assert pipeline["root"]["inputDefinitions"]["parameters"]["psft_gpus_per_node"]["defaultValue"] == 2
+    assert "psft_nodes" not in pipeline["root"]["inputDefinitions"]["parameters"]
+    assert tasks["sft"]["inputs"]["parameters"]["nodes"]["runtimeValue"]["constant"] == 1
+    launch = json.loads(tasks["sft"]["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"])
+    assert launch == {"max_nodes": 1, "max_nproc": 2}  # no TrainJob: the stage runs in the step's pod
 
 
 def test_credentials_come_only_from_secrets(tmp_path):
@@ -175,7 +181,7 @@ def test_cluster_runtime_parameters_have_defaults_and_descriptions(tmp_path):
     _, pipeline, _ = compiled(spec, tmp_path)
     params = pipeline["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {"base_model", "data_sources", "psft_lr", "psft_max_steps", "grpo_lr", "grpo_max_steps",
-                           "tracking_uri", "s3_endpoint"}
+                           "psft_gpus_per_node", "grpo_gpus_per_node", "tracking_uri", "s3_endpoint"}
     for name, _kind, default, _ in pipeline_parameters(spec):
         p = params[name]
         assert p["description"] and p["isOptional"] is True, name
@@ -187,7 +193,7 @@ def test_cluster_runtime_parameters_have_defaults_and_descriptions(tmp_path):
 
 
 @needs_rewards
-@pytest.mark.parametrize("name", ["cluster", "demo"])
+@pytest.mark.parametrize("name", ["cluster", "demo", "rlhf-demo"])
 def test_golden_ir(name, tmp_path):
     text, _, _ = compiled(load_spec(name), tmp_path)
     got = without_sdk_version(text)
@@ -218,3 +224,124 @@ def test_reward_model_after_a_stage_that_makes_pairs_compiles(tmp_path):
     # the reward model is not the policy: evaluate still scores sft's model
     assert tasks[names["evaluate"]]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] \
         == names["sft"]
+
+
+# --- several nodes: a TrainJob per training stage -----------------------------------------------------------------
+
+
+@needs_rewards
+@pytest.mark.parametrize("name", ["cluster-7b", "cluster-70b-lora"])
+def test_multi_node_specs_compile_to_launcher_steps(name, tmp_path):
+    """A stage whose resources allow several nodes: its step is a small pod (runtime_resources, the stage's timeout
+    and retries) that launches a TrainJob; nodes and GPUs per node are run parameters with the spec's bounds."""
+    from components.trainjob import Placement
+
+    spec = load_spec(name)
+    _, pipeline, k8s = compiled(spec, tmp_path)
+    params = pipeline["root"]["inputDefinitions"]["parameters"]
+    for stage in ("psft", "grpo"):
+        assert params[f"{stage}_nodes"]["defaultValue"] == 2 and "1 to 4" in params[f"{stage}_nodes"]["description"]
+        assert params[f"{stage}_gpus_per_node"]["defaultValue"] == 8
+    tasks = dag_tasks(pipeline)
+    for task, stage in (("sft", "psft"), ("grpo", "grpo")):
+        inputs = tasks[task]["inputs"]["parameters"]
+        assert inputs["nodes"]["componentInputParameter"] == f"pipelinechannel--{stage}_nodes"
+        assert inputs["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+        launch = json.loads(inputs["launch"]["runtimeValue"]["constant"])
+        assert launch["max_nodes"] == 4 and launch["max_nproc"] == 8
+        placement = Placement.from_json(launch["trainjob"])
+        assert placement.runtime == "posttrain-trainer" and placement.namespace == "posttrain"
+        assert placement.accelerator == "nvidia.com/gpu" and placement.shm_size == "64Gi"
+        assert placement.secrets == {"posttrain-minio": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+                                     "posttrain-mlflow": ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]}
+        assert placement.node_selector["posttrain/pool"] == "gpu-training" and placement.timeout == 86400
+        # the launcher pod: no accelerator, no GPU node pool, the stage's timeout and retries
+        assert "accelerator" not in executor(pipeline, task).get("resources", {})
+        plat = k8s["deploymentSpec"]["executors"][f"exec-{task}"]
+        assert "tolerations" not in plat and "nodeSelector" not in plat
+        assert plat["activeDeadlineSeconds"] == "86400" and tasks[task]["retryPolicy"]["maxRetryCount"] == 2
+    assert k8s["pipelineConfig"]["workspace"]["kubernetes"]["pvcSpecPatch"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_scale_parameters_are_checked_against_the_spec():
+    from pipelines.posttrain import parse_params
+
+    spec = load_spec("cluster-7b")
+    assert parse_params(spec, ["psft_nodes=4", "grpo_gpus_per_node=4"]) == {"psft_nodes": 4, "grpo_gpus_per_node": 4}
+    with pytest.raises(ValueError, match=r"psft_nodes='5' is invalid: between 1 and 4"):
+        parse_params(spec, ["psft_nodes=5"])
+    with pytest.raises(ValueError, match=r"grpo_gpus_per_node='9' is invalid: between 1 and 8"):
+        parse_params(spec, ["grpo_gpus_per_node=9"])
+    with pytest.raises(ValueError, match="NAME one of"):  # one node: no <stage>_nodes parameter
+        parse_params(load_spec("cluster"), ["psft_nodes=2"])
+
+
+def test_the_step_refuses_a_scale_outside_the_spec():
+    from components.step import check_scale
+
+    check_scale("psft", 4, 8, {"max_nodes": 4, "max_nproc": 8})
+    with pytest.raises(ValueError, match=r"stage psft: psft_nodes=5 is invalid: between 1 and 4"):
+        check_scale("psft", 5, 8, {"max_nodes": 4, "max_nproc": 8})
+    with pytest.raises(ValueError, match=r"psft_gpus_per_node=0 is invalid: between 1 and 8"):
+        check_scale("psft", 1, 0, {"max_nodes": 4, "max_nproc": 8})
+    with pytest.raises(ValueError, match="runs this stage on one node"):
+        check_scale("psft", 2, 1, {"max_nodes": 1, "max_nproc": 1})
+
+
+def test_multi_node_needs_a_shared_workspace_and_a_training_stage():
+    from pipelines.spec import SpecError, parse_spec
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "pipelines/specs/cluster-7b.yaml").read_text())
+    data["storage"]["workspace_access_modes"] = ["ReadWriteOnce"]
+    with pytest.raises(SpecError, match=r"storage.workspace_access_modes: .* add ReadWriteMany"):
+        parse_spec(copy.deepcopy(data))
+    data["storage"]["workspace_access_modes"] = ["ReadWriteMany"]
+    data["stages"][2]["resources"]["max_nodes"] = 2  # evaluate
+    with pytest.raises(SpecError, match=r"max_nodes: 2 is invalid for the evaluate stage: only a training stage"):
+        parse_spec(copy.deepcopy(data))
+    data["stages"][2]["resources"].pop("max_nodes")
+    data["resources"]["max_nodes"] = 1
+    with pytest.raises(SpecError, match=r"max_nodes: 1 is invalid: at least nodes \(2\)"):
+        parse_spec(copy.deepcopy(data))
+
+
+@needs_rewards
+def test_ppo_reads_the_runs_reward_model_through_its_optional_input(tmp_path):
+    spec = copy.deepcopy(MINI)
+    spec["data"]["sources"].append({"task": "arithmetic", "rows": 50, "shape": "prompts", "name": "prompts"})
+    spec["rewards"] = [{"name": "task"}]
+    spec["stages"] = [{"stage": "sft"}, {"stage": "ppo"}, {"stage": "evaluate"}, {"stage": "register"}]
+    _, pipeline, _ = compiled(parse_spec(spec), tmp_path / "a")
+    tasks = dag_tasks(pipeline)
+    names = {t["taskInfo"]["name"]: n for n, t in tasks.items()}
+    # no reward_model stage: the optional input is left out, the spec's verifier is the reward
+    assert set(tasks[names["ppo"]]["inputs"]["artifacts"]) == {"model", "data"}
+    assert pipeline["components"]["comp-ppo"]["inputDefinitions"]["artifacts"]["reward_model"]["isOptional"]
+
+    spec["stages"][1:1] = [{"stage": "reward_scoring"}, {"stage": "reward_model"}]
+    spec["stages"][3]["settings"] = {"rewards": [{"name": "reward_model", "uri": "stage:reward_model"}]}
+    _, pipeline, _ = compiled(parse_spec(spec), tmp_path / "b")
+    tasks = dag_tasks(pipeline)
+    names = {t["taskInfo"]["name"]: n for n, t in tasks.items()}
+    ppo = tasks[names["ppo"]]["inputs"]["artifacts"]
+    assert ppo["reward_model"]["taskOutputArtifact"]["producerTask"] == names["reward_model"]
+    assert ppo["model"]["taskOutputArtifact"]["producerTask"] == names["sft"]  # the reward model is not the policy
+    assert tasks[names["evaluate"]]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] \
+        == names["ppo"]
+
+
+@needs_rewards
+def test_branches_start_from_their_named_model_and_evaluate_waits_for_every_model(tmp_path):
+    """compare: each arm's model input comes from the stage it starts from; evaluate reads every model from the
+    workspace, so it runs after all of them, not only after the candidate's chain."""
+    _, pipeline, _ = compiled(load_spec("compare"), tmp_path)
+    tasks = dag_tasks(pipeline)
+    names = {t["taskInfo"]["name"]: n for n, t in tasks.items()}
+
+    def source(stage: str) -> str:
+        return tasks[names[stage]]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"]
+    assert {s: source(s) for s in ("sft_longer", "psft", "sft_grpo", "sft_dpo", "sft_grpo_half")} == {
+        s: names["sft"] for s in ("sft_longer", "psft", "sft_grpo", "sft_dpo", "sft_grpo_half")}
+    assert source("sft_grpo_dpo") == names["sft_grpo_half"] and source("evaluate") == names["sft_grpo_dpo"]
+    trained = {"sft", "sft_longer", "psft", "sft_grpo", "sft_dpo", "sft_grpo_half", "sft_grpo_dpo"}
+    assert {names[s] for s in trained} <= set(tasks[names["evaluate"]]["dependentTasks"])

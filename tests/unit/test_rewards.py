@@ -194,12 +194,13 @@ def test_missing_answer_or_task_names_the_row_before_scoring():
     with pytest.raises(ValueError, match=r"row 0 .*'answer'"):
         rewards.score(["a"], ["1"])
     tasks = build_rewards([{"name": "task"}])
-    with pytest.raises(ValueError, match=r"row 2 .*'task' = 'poetry'.*arithmetic, general_points"):
+    with pytest.raises(ValueError, match=r"row 2 .*'task' = 'poetry'.*arithmetic, arithmetic_length, general_points"):
         tasks.score(["1+1="] * 3, ["2"] * 3, ["2"] * 3, ["arithmetic", "arithmetic", "poetry"])
 
 
 def test_registry_names():
-    assert set(REWARDS) == {"task", "arithmetic", "general_points", "math", "format", "length", "reward_model"}
+    assert set(REWARDS) == {"task", "arithmetic", "arithmetic_length", "general_points", "math", "format", "length",
+                            "reward_model"}
 
 
 # --- reward model -----------------------------------------------------------------------------------------

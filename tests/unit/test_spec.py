@@ -44,11 +44,11 @@ def test_base_spec_is_valid():
     assert spec.runtime_defaults(spec.stages[0]) == {"lr": 0.001, "max_steps": 10}
 
 
-@pytest.mark.parametrize("name", ["demo", "cluster"])
+@pytest.mark.parametrize("name", ["demo", "compare", "rlhf-demo", "cluster"])
 def test_bundled_specs_load_by_name(name):
     pytest.importorskip("components.rewards", reason="the bundled specs name reward functions")
     spec = load_spec(name)
-    assert spec.stages and spec.promotion is not None
+    assert spec.stages and (spec.promotion is not None) == any(s.stage == "register" for s in spec.stages)
 
 
 def test_cluster_spec_places_training_on_tainted_gpu_nodes():
@@ -62,7 +62,7 @@ def test_cluster_spec_places_training_on_tainted_gpu_nodes():
 
 def test_unknown_key(tmp_path):
     msg = spec_error(tmp_path, lambda d: d["stages"][1].update(setings={"k": [1]}))
-    assert "stages[1].setings: unknown key; allowed: resources, settings, stage" in msg
+    assert "stages[1].setings: unknown key; allowed: name, resources, settings, stage, start_from" in msg
     msg = spec_error(tmp_path, lambda d: d.update(resources={"gpu": 8}))
     assert "resources.gpu: unknown key; allowed: accelerator, cpu, gpus" in msg
 
@@ -106,6 +106,44 @@ def test_grpo_without_rewards(tmp_path):
         d["stages"].insert(1, {"stage": "grpo"})
     msg = spec_error(tmp_path, change)
     assert "stages[1].stage: 'grpo' is invalid: it scores completions, and `rewards` is empty" in msg
+
+
+def _with_prompts_and(*stages):
+    def change(d):
+        d["data"]["sources"].append({"task": "arithmetic", "rows": 50, "shape": "prompts", "seed": 1})
+        d["stages"][1:1] = list(stages)
+    return change
+
+
+def test_ppo_without_any_reward(tmp_path):
+    msg = spec_error(tmp_path, _with_prompts_and({"stage": "ppo"}))
+    assert "stages[1].settings.rewards: [] is invalid: a non-empty list: ppo needs a reward to maximize; give the " \
+           "spec's `rewards` or the stage's own" in msg
+
+
+def test_ppo_rewards_of_its_own_or_the_specs():
+    pytest.importorskip("components.rewards", reason="the ppo stage names reward functions")
+    data = copy.deepcopy(BASE)
+    _with_prompts_and({"stage": "ppo", "settings": {"rewards": [{"name": "arithmetic"}]}})(data)
+    assert [s.stage for s in parse_spec(data).stages][:2] == ["psft", "ppo"]
+    data = copy.deepcopy(BASE)
+    _with_prompts_and({"stage": "ppo"})(data)
+    data["rewards"] = [{"name": "arithmetic"}]
+    assert parse_spec(data).stages[1].stage == "ppo"
+
+
+def test_a_reward_naming_a_stages_model(tmp_path):
+    rm = {"stage": "ppo", "settings": {"rewards": [{"name": "reward_model", "uri": "stage:reward_model"}]}}
+    msg = spec_error(tmp_path, _with_prompts_and(rm))  # no reward_model stage before ppo
+    assert "stages[1].settings.rewards[0].uri: 'stage:reward_model' is invalid for the ppo stage: no reward_model " \
+           "stage before it (stages before: psft)" in msg
+
+    def top_level(d):  # evaluate gets the spec's rewards, and has no input for a reward model
+        _with_prompts_and({"stage": "reward_scoring"}, {"stage": "reward_model"})(d)
+        d["rewards"] = [{"name": "arithmetic"}, {"name": "reward_model", "uri": "stage:reward_model"}]
+    msg = spec_error(tmp_path, top_level)
+    assert "rewards[1].uri: 'stage:reward_model' is invalid for the reward_scoring stage: no reward_model stage " \
+           "before it" in msg
 
 
 def test_register_without_evaluate(tmp_path):
@@ -179,7 +217,8 @@ def test_missing_required_key(tmp_path):
 
 
 def test_unknown_spec_name_lists_the_bundled_ones():
-    with pytest.raises(SpecError, match=r"nosuch: no such file, and no bundled spec .*\(bundled: demo, cluster\)"):
+    with pytest.raises(SpecError, match=r"nosuch: no such file, .*\(bundled: demo, compare, rlhf-demo, "
+                                        r"cluster, cluster-7b, cluster-70b-lora\)"):
         load_spec("nosuch")
 
 
@@ -242,3 +281,39 @@ def test_s3_keys_that_could_escape_are_refused_at_check_time(tmp_path, uri):
     msg = spec_error(tmp_path, lambda d: d["data"]["sources"].append({"uri": uri, "shape": "sft"}))
     assert "data: " in msg and "segment" in msg, msg
     assert split_s3("s3://bucket/a/b..c/") == ("bucket", "a/b..c")
+
+
+def test_a_training_kind_may_repeat_under_its_own_name_and_start_from_an_earlier_model(tmp_path):
+    data = copy.deepcopy(BASE)
+    data["stages"][1:1] = [{"stage": "sft", "name": "sft_longer", "start_from": "psft"},
+                           {"stage": "psft", "name": "psft_again", "start_from": "psft"}]
+    spec = parse_spec(data)
+    assert [(s.name, s.stage, s.start_from) for s in spec.stages[:3]] == [
+        ("psft", "psft", None), ("sft_longer", "sft", "psft"), ("psft_again", "psft", "psft")]
+    from pipelines.posttrain import lineage, pipeline_parameters
+    assert lineage(spec.stages) == {"psft": "base", "sft_longer": "psft", "psft_again": "psft"}
+    assert {"psft_again_lr", "psft_again_max_steps", "sft_longer_lr"} <= {p[0] for p in pipeline_parameters(spec)}
+
+    msg = spec_error(tmp_path, lambda d: d["stages"].insert(1, {"stage": "psft"}))
+    assert "stages[1].name: 'psft' is invalid: each stage needs its own name (already stages[0]; set `name`)" in msg
+    msg = spec_error(tmp_path, lambda d: d["stages"].insert(2, {"stage": "evaluate", "name": "again"}))
+    assert "stages[2].stage: 'evaluate' is invalid: a kind of stage that makes no model appears once" in msg
+    msg = spec_error(tmp_path, lambda d: d["stages"].insert(1, {"stage": "sft", "name": "b", "start_from": "nope"}))
+    assert "stages[1].start_from: 'nope' is invalid: the name of an earlier stage that made a model (psft)" in msg
+    msg = spec_error(tmp_path, lambda d: d["stages"][0].update(name="Bad-Name"))
+    assert "stages[0].name" in msg and "lowercase letters, digits and '_'" in msg
+
+
+def test_the_compare_spec_branches_from_one_sft_start():
+    pytest.importorskip("components.rewards", reason="the bundled specs name reward functions")
+    from pipelines.posttrain import lineage
+    spec = load_spec("compare")
+    assert lineage(spec.stages) == {"sft": "base", "sft_longer": "sft", "psft": "sft", "sft_grpo": "sft",
+                                    "sft_dpo": "sft", "sft_grpo_half": "sft", "sft_grpo_dpo": "sft_grpo_half"}
+    # the same budget of trained sequences for each arm (steps × batch size; a DPO pair is two sequences)
+    def sequences(name):
+        st = next(s for s in spec.stages if s.name == name)
+        per_step = st.settings["train"]["batch_size"] * (2 if st.stage == "dpo" else 1)
+        return st.settings["train"]["max_steps"] * per_step
+    arms = [["sft_longer"], ["psft"], ["sft_grpo"], ["sft_dpo"], ["sft_grpo_half", "sft_grpo_dpo"]]
+    assert {sum(sequences(n) for n in arm) for arm in arms} == {25_600}

@@ -23,7 +23,7 @@ from components.tasks.general_points import (
     solve,
 )
 
-TASK_NAMES = ["arithmetic", "general_points"]
+TASK_NAMES = ["arithmetic", "arithmetic_length", "general_points"]
 COMBOS = [("id", "train"), ("id", "test"), ("ood", "test")]
 ROW_KEYS = {"prompt", "completion", "answer", "task", "split"}
 
@@ -163,8 +163,30 @@ def test_arithmetic_id_rows_are_two_small_operands():
             assert row["answer"] == row["completion"] == str(a + b if op == "+" else a - b)
 
 
-def test_arithmetic_ood_rows_are_long_or_three_terms():
+def leading_pair(prompt: str) -> tuple[int, int] | None:
+    """The leading digits of a two-operand prompt whose operands both have two digits."""
+    m = ARITH_ID.fullmatch(prompt)
+    return (int(m.group(1)[0]), int(m.group(3)[0])) if m and len(m.group(1)) == len(m.group(3)) == 2 else None
+
+
+def test_arithmetic_ood_rows_are_the_held_out_pairings_of_leading_digits():
     task = Arithmetic()
+    holes = {(i, j) for i in range(1, 10) for j in range(1, 10) if (j - i) % 9 == 4}
+    assert len(holes) == 9 and {i for i, _ in holes} == {j for _, j in holes} == set(range(1, 10))
+    ood = task.generate(300, seed=6, split="ood")
+    assert {leading_pair(r["prompt"]) for r in ood} == holes  # every hole, nothing else
+    assert {r["prompt"][2] for r in ood} == {"+", "-"}
+    for row in ood:
+        assert int(row["answer"]) == eval_plus_minus(row["prompt"][:-1])  # trusted, generated text only
+    # in-domain rows, train and test, never fall in a hole, yet every leading digit is seen on both sides
+    seen = {leading_pair(r["prompt"]) for part, n in (("train", 3000), ("test", 1500))
+            for r in task.generate(n, seed=6, part=part)}
+    assert not seen & holes
+    assert {p[0] for p in seen if p} == {p[1] for p in seen if p} == set(range(1, 10))
+
+
+def test_arithmetic_length_ood_rows_are_long_or_three_terms():
+    task = Arithmetic(ood_kind="length")
     kinds = set()
     for row in task.generate(300, seed=6, split="ood"):
         assert re.fullmatch(r"[0-9]+(?:[-+][0-9]+){1,2}=", row["prompt"]), row
@@ -177,6 +199,8 @@ def test_arithmetic_ood_rows_are_long_or_three_terms():
             assert max(len(t) for t in terms) == task.ood_digits  # longer than any in-domain operand
         assert int(row["answer"]) == eval_plus_minus(row["prompt"][:-1])  # trusted, generated text only
     assert kinds == {"three_terms", "long"}
+    # with no holes, in-domain rows cover every pairing of leading digits
+    assert len({leading_pair(r["prompt"]) for r in task.generate(3000, seed=6)} - {None}) == 81
 
 
 def eval_plus_minus(expr: str) -> int:
@@ -189,7 +213,7 @@ def eval_plus_minus(expr: str) -> int:
 
 
 def test_arithmetic_difficulty_is_tunable():
-    task = Arithmetic(max_digits_id=2, ood_digits=5, ood_three_term_fraction=0.0)
+    task = Arithmetic(max_digits_id=2, ood_digits=5, ood_three_term_fraction=0.0, ood_kind="length")
     for row in task.generate(100, seed=0):
         assert all(len(t) <= 2 for t in ARITH_TERMS.findall(row["prompt"]))
     for row in task.generate(100, seed=0, split="ood"):
@@ -197,6 +221,8 @@ def test_arithmetic_difficulty_is_tunable():
         assert len(terms) == 2 and 2 < max(len(t) for t in terms) <= 5
     with pytest.raises(ValueError):
         Arithmetic(max_digits_id=3, ood_digits=3)
+    with pytest.raises(ValueError, match="ood_kind"):
+        Arithmetic(ood_kind="other")
 
 
 @pytest.mark.parametrize("prompt,completion,answer,expected", [
@@ -365,3 +391,16 @@ def test_arithmetic_ops_restrict_the_operators():
         assert all("-" not in r["prompt"] for r in task.generate(100, seed=0, split=split))
     with pytest.raises(ValueError, match="ops"):
         Arithmetic(ops="*")
+
+
+def test_data_prep_cache_key_follows_the_task_generator(monkeypatch, tmp_path):
+    """preflight's data fingerprint covers a task source's generator: other problems, another cache key."""
+    from components.models import build_tiny_model
+    from components.preflight.main import sources_digest
+    from components.tasks import TASKS
+
+    model = build_tiny_model(tmp_path / "tiny", seed=0)
+    sources = [{"name": "a", "task": "arithmetic", "rows": 100, "shape": "sft", "seed": 0}]
+    before, again = sources_digest(sources, str(model))[0], sources_digest(sources, str(model))[0]
+    monkeypatch.setitem(TASKS, "arithmetic", Arithmetic(hole_shift=3))
+    assert before == again != sources_digest(sources, str(model))[0]

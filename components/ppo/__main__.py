@@ -1,0 +1,3 @@
+from components.ppo.main import main
+
+main()

@@ -1,0 +1,60 @@
+"""What the stages that train on their own samples share (grpo, ppo): the rollout's seed, a round's minibatches,
+and a per-completion-token pass of a model over a round's sequences (the reference's log-probs, the critic's
+values)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from components.training.batching import Example, PackedBatch
+from components.training.loop import Session
+
+
+def rollout_seed(seed: int, round_index: int, rank: int) -> int:
+    """The sampling seed of one rank's rollout in round `round_index` (0-based).
+
+    Built from the stage's seed, the round and the rank, and nothing else:
+    - distinct for every (round, rank) pair (with fewer than 97 ranks), so the ranks sample different
+      completions of their prompts and no round repeats another's random draws;
+    - a function of the round index alone, so a run resumed at a round boundary samples exactly what the
+      uninterrupted run sampled (the rollout draws from a generator of its own, not from the global RNG);
+    - independent of the data order: the prompts of a round come from step_indices' shuffles (seeded with
+      seed × 100_003 + epoch), which this seed neither feeds nor reads, so changing the sampling settings
+      does not change which prompts a round takes.
+    """
+    return seed * 1_000_003 + round_index * 97 + rank
+
+
+def minibatches(kept: list[int], num_iterations: int, num_steps: int) -> list[list[int]]:
+    """The samples of each optimizer step of a round: `num_iterations` passes over the kept samples, cut into
+    `num_steps` consecutive minibatches of one size (the last takes the rest). With nothing kept every step
+    gets an empty minibatch: the steps are still taken, so the step count and the ranks' collectives match."""
+    order = kept * num_iterations
+    size = max(1, len(order) // num_steps) if kept else 0
+    return [order[index * size:(index + 1) * size] if index < num_steps - 1 else order[index * size:]
+            for index in range(num_steps)]
+
+
+@torch.no_grad()
+def per_completion_token(session: Session, examples: list[Example], pad_id: int,
+                         forward: Callable[[PackedBatch], torch.Tensor]) -> list[torch.Tensor]:
+    """`forward(micro_batch)` (a value per position, shaped like its targets) at each example's completion tokens,
+    in one pass over the examples: out[i][j] is the value at the position that predicts completion token j."""
+    out: list[torch.Tensor | None] = [None] * len(examples)
+    for micro_batch in session.micro_batches(examples, pad_id):
+        values = forward(micro_batch)
+        for sequence in micro_batch.seq_index.unique().tolist():
+            if sequence >= 0:
+                selected = (micro_batch.seq_index == sequence) & (micro_batch.loss_mask > 0)
+                if selected.any():  # (a rank's filler micro-batch has no trained tokens)
+                    out[sequence] = values[selected].float().cpu()
+    return out
+
+
+def completion_logprobs(session: Session, model, examples: list[Example], pad_id: int, temperature: float,
+                        ) -> list[torch.Tensor]:
+    """Per-completion-token log-probs of `model` (the reference, or the policy: π_old) for every example."""
+    return per_completion_token(session, examples, pad_id,
+                                lambda micro_batch: session.forward(model, micro_batch, temperature)[0])

@@ -1,0 +1,143 @@
+"""The vllm rollout engine, real vLLM on CPU (fp32) over the tiny model: weight sync after GRPO steps, a sync that
+fails or hangs, and the engine's samples and log-probs. Skipped where vLLM is not installed (the `rollout` extra)."""
+import json
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from components.config import from_mapping  # noqa: E402
+from components.grpo.main import GRPOConfig  # noqa: E402
+from components.grpo.main import run as run_grpo  # noqa: E402
+from components.models import load_model, load_tokenizer  # noqa: E402
+from components.training import engines  # noqa: E402
+from components.training.batching import Example, micro_batches  # noqa: E402
+from components.training.engines import EngineSyncError, RolloutEngine, VLLMEngine  # noqa: E402
+from components.training.loop import forward_logprobs  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def small_engine(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def trainer_logprobs(model, ro, pad_id):
+    examples = [Example(p + c, len(p)) for p, c in zip(ro.prompt_ids, ro.completion_ids)]
+    [mb] = micro_batches(examples, 100_000, pad_id, single_row=True)
+    with torch.no_grad():
+        logp, _ = forward_logprobs(model, mb, 64, autocast=False)
+    return [logp[(mb.seq_index == i) & (mb.loss_mask > 0)] for i in range(len(examples))]
+
+
+def test_engine_samples_log_probs_and_refuses_a_failed_or_hung_sync(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    with torch.no_grad():  # sharpen the near-uniform random model so that samples end at EOS sometimes
+        for p in model.parameters():
+            p.mul_(3.0)
+    tok = load_tokenizer(tiny_model_dir)
+    engine = RolloutEngine(engine="vllm", sync_timeout_s=3.0).build(model, tok, seed=0, max_num_seqs=64)
+    try:
+        prompts = ["12+7=", "Say something", "a"]
+        ro = engine.generate(prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=5, batch_size=64)
+        assert ro.prompt_index == [0] * 4 + [1] * 4 + [2] * 4 and len(ro.texts) == 12
+        assert all(len(lp) == len(c) for lp, c in zip(ro.logprobs, ro.completion_ids))
+        for fin, c in zip(ro.finished, ro.completion_ids):
+            assert fin == (c[-1] == tok.eos_token_id) and (fin or len(c) == 12)
+        worst = max(float((a - b).abs().max()) for a, b in zip(trainer_logprobs(model, ro, tok.pad_token_id),
+                                                               ro.logprobs) if len(b))
+        assert worst < 1e-4
+        again = engine.generate(prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=5, batch_size=64)
+        assert again.completion_ids == ro.completion_ids  # the call's seed fixes the samples
+
+        # a failing sync (a weight vLLM refuses) raises, and the engine refuses to sample afterwards
+        real = engines.policy_weights
+        bad = lambda m: [(n, t[:1] if n.endswith("q_proj.weight") else t) for n, t in real(m)]  # noqa: E731
+        engines.policy_weights = bad
+        try:
+            with pytest.raises(EngineSyncError, match="failed"):
+                engine.sync(model)
+        finally:
+            engines.policy_weights = real
+        with pytest.raises(EngineSyncError, match="unusable"):
+            engine.generate(prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0, batch_size=8)
+
+        # a sync that never returns raises once the timeout has passed
+        engine.broken = None
+        engine.llm.collective_rpc = lambda *a, **k: time.sleep(60)
+        started = time.monotonic()
+        with pytest.raises(EngineSyncError, match="did not finish within 3 s"):
+            engine.sync(model)
+        assert time.monotonic() - started < 10
+    finally:
+        engine.close()
+
+
+def grpo_config(model_dir, out, engine="vllm"):
+    return from_mapping(GRPOConfig, {
+        "model": str(model_dir), "output_dir": str(out), "prompts": {"task": "arithmetic", "task_rows": 16},
+        "prompts_per_round": 4, "num_generations": 4, "sampling": {"max_new_tokens": 8, "temperature": 1.0},
+        "rollout": {"engine": engine, "sync_timeout_s": 60},
+        "rewards": [{"name": "format", "pattern": "(?s)[0-9A-Za-z].*"}],
+        "train": {"batch_size": 16, "lr": 3e-3, "max_steps": 3, "log_every": 1}})
+
+
+def test_grpo_weight_sync_keeps_the_engine_on_policy(tiny_model_dir, tmp_path, monkeypatch):
+    """Each round samples with the engine, then trains one step: the round's first step compares the trainer's
+    log-probs of the sampled tokens with the engine's (rollout/logprob_diff_*). With every sync they agree to
+    1e-4 (fp32); with the second sync skipped the engine samples from stale weights and the check fails."""
+    run_grpo(grpo_config(tiny_model_dir, tmp_path / "synced"))
+    hist = lines(tmp_path / "synced" / "metrics.jsonl")
+    assert [h["step"] for h in hist] == [1, 2, 3]
+    assert all(h["rollout/logprob_diff_max"] < 1e-4 for h in hist), [h["rollout/logprob_diff_max"] for h in hist]
+    assert hist[1]["rollout/sync_s"] > 0 and hist[2]["rollout/sync_s"] == 0  # no sync after the last step
+    assert all(h["grad_norm"] > 0 for h in hist[:2])  # the steps changed the policy
+
+    real_sync, calls = VLLMEngine.sync, []
+
+    def skip_second(self, model, tokenizer=None):
+        calls.append(1)
+        if len(calls) != 2:
+            real_sync(self, model, tokenizer)
+
+    monkeypatch.setattr(VLLMEngine, "sync", skip_second)
+    run_grpo(grpo_config(tiny_model_dir, tmp_path / "skipped"))
+    stale = lines(tmp_path / "skipped" / "metrics.jsonl")
+    assert len(calls) == 2
+    assert stale[1]["rollout/logprob_diff_max"] < 1e-4  # the first sync happened
+    assert stale[2]["rollout/logprob_diff_max"] > 1e-2  # round 3 sampled from the weights before step 2
+
+
+
+def test_bench_grpo_with_the_vllm_engine(capsys):
+    from pipelines.bench.cli import main
+
+    # (the tiny bench shape's head_dim 16 is below what vLLM's CPU attention supports)
+    assert main(["--size", "small", "--json", "--objectives", "grpo", "--rollout", "vllm", "--prompt-len", "16",
+                 "--new-tokens", "12", "--grpo-steps", "2", "--grpo-warmup", "1", "--grpo-batch-size", "16",
+                 "--group", "4"]) == 0
+    [grpo] = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert grpo["what"] == "posttrain_grpo" and "error" not in grpo, grpo
+    assert grpo["rollout"] == "vllm" and grpo["rollout_cache"] == "vllm" and grpo["sync_s"] > 0
+    assert 2 * 16 <= grpo["completion_tokens"] <= 2 * 16 * 12 and grpo["logprob_diff_max"] < 1e-4
+
+
+def test_reward_scoring_with_the_vllm_engine(tiny_model_dir, tmp_path):
+    from components.reward_scoring.main import RewardScoringConfig
+    from components.reward_scoring.main import run as run_scoring
+
+    cfg = from_mapping(RewardScoringConfig, {
+        "model": str(tiny_model_dir), "output_dir": str(tmp_path), "prompts": {"task": "arithmetic", "task_rows": 12},
+        "num_samples": 4, "sampling": {"max_new_tokens": 6, "temperature": 1.5}, "seed": 1,
+        "rollout": {"engine": "vllm"}, "rewards": [{"name": "task"}, {"name": "length", "max_length": 6, "cache": 6}]})
+    stats = run_scoring(cfg)
+    scored, pairs = lines(tmp_path / "scored.jsonl"), lines(tmp_path / "pairs.jsonl")
+    assert len(scored) == 48 and stats["samples"] == 48 and stats["pairs"] == len(pairs) >= 1
+    for p in pairs:
+        assert p["chosen_reward"] > p["rejected_reward"] and p["chosen"] != p["rejected"]

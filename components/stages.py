@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 
 KINDS = ("train", "sample", "cpu")
 """train: trains a model (torchrun with one rank per accelerator; `<stage>_lr` and `<stage>_max_steps` become
-pipeline parameters); sample: samples in one process on at most one accelerator; cpu: the runtime image."""
+pipeline parameters); sample: samples (torchrun with one rank per accelerator, each a shard of the prompts, on one
+node); cpu: the runtime image."""
+
+SCALED_KINDS = ("train", "sample")
+"""The kinds whose step runs one process per accelerator of its resources (torchrun when there are several):
+their component takes `nproc` (the run parameter <stage>_gpus_per_node) and `launch` (its bounds)."""
+
+MULTI_NODE_KINDS = ("train",)
+"""The kinds a spec may spread over several nodes (a Kubeflow Trainer TrainJob; <stage>_nodes)."""
 
 FEEDS = {
     "policy": "the model of the training stage before (or the base model)",
@@ -46,10 +54,10 @@ PARAMETERS = {
     "lr": "the pipeline parameter <stage>_lr (train stages)",
     "max_steps": "the pipeline parameter <stage>_max_steps (train stages)",
     "nproc": "processes per node, one per accelerator: the pipeline parameter <stage>_gpus_per_node, else 1 "
-             "(train stages)",
+             "(train and sample stages)",
     "nodes": "the pipeline parameter <stage>_nodes, else 1 (train stages)",
     "launch": "how the stage is launched (JSON): the bounds of nodes and nproc, and the TrainJob's placement when "
-              "the spec lets it span nodes (train stages; components/trainjob.py)",
+              "the spec lets it span nodes (train and sample stages; components/trainjob.py)",
     "kfp_run_id": "the KFP run's id: names the run's TrainJobs, so a retried step reattaches to its own",
     "rewards": "the spec's `rewards` (JSON)",
     "suites": "the spec's `eval_suites` (JSON)",
@@ -131,6 +139,16 @@ class Stage:
     @property
     def main(self) -> str:
         return f"{self.package or 'components.' + self.module}.main"
+
+    @property
+    def scaled(self) -> bool:
+        """Its step runs one process per accelerator (SCALED_KINDS): it takes nproc and launch."""
+        return self.kind in SCALED_KINDS
+
+    @property
+    def multi_node(self) -> bool:
+        """A spec may spread it over several nodes (MULTI_NODE_KINDS)."""
+        return self.kind in MULTI_NODE_KINDS
 
     @property
     def makes_model(self) -> bool:

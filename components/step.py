@@ -9,8 +9,9 @@ A KFP component (components/<stage>/component.py) is a typed signature and a few
   already in the environment, from Kubernetes Secrets, and never pass through here;
 - builds the stage's config class (components.stages) from the spec's settings (JSON), the runtime parameters
   and the input and output paths with components.config.from_mapping, so a bad value fails naming its key;
-- runs the stage in this process, or under torchrun with one rank per accelerator when nproc > 1, or, when the
-  spec lets the stage span nodes (`launch` has a TrainJob placement), as a Kubeflow Trainer TrainJob of `nodes`
+- runs the stage in this process, or under torchrun with one rank per accelerator when nproc > 1 (a training
+  stage's ranks train together, a sampling stage's each sample a shard of the prompts), or, when the spec lets
+  the stage span nodes (`launch` has a TrainJob placement), as a Kubeflow Trainer TrainJob of `nodes`
   nodes × `nproc` processes that this step creates, watches and deletes (components.trainjob).
 
 `nodes` and `nproc` are run parameters (<stage>_nodes, <stage>_gpus_per_node): check_scale refuses values outside
@@ -30,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -102,6 +104,12 @@ class Step:
         stage = get(kind)
         values = merge(merge(self.settings, stage.fixed), {**wiring, "output_dir": str(self.output_dir)})
         cfg = from_mapping(stage.config_class(), values, f"stage {self.stage}")
+        rollout = getattr(cfg, "rollout", None)
+        if rollout is not None:  # refused here, before torchrun starts a process per accelerator
+            from components.training.parallel import check_tensor_parallel
+
+            check_tensor_parallel(rollout.tensor_parallel_size, self.nproc * self.nodes,
+                                  f"stage {self.stage}: rollout.tensor_parallel_size")
         stage_module = importlib.import_module(stage.main)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.launch.get("trainjob"):
@@ -112,12 +120,13 @@ class Step:
             summary = stage_module.run(cfg) or {}
             log.info("stage %s: %d bytes downloaded from S3 by this step", self.stage, bytes_downloaded())
             return summary
-        config = self.output_dir / "step-config.yaml"
-        config.write_text(yaml.safe_dump(values, sort_keys=False))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
-               "-m", f"components.{stage.module}", "--config", str(config)]
-        log.info("running %s", " ".join(cmd))
-        subprocess.run(cmd, check=True)
+        with tempfile.TemporaryDirectory(prefix="posttrain-step-") as tmp:  # not in output_dir: it may be an artifact
+            config = Path(tmp) / "step-config.yaml"
+            config.write_text(yaml.safe_dump(values, sort_keys=False))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
+                   "-m", f"components.{stage.module}", "--config", str(config)]
+            log.info("running %s", " ".join(cmd))
+            subprocess.run(cmd, check=True)
         summary = self.output_dir / "summary.json"
         return json.loads(summary.read_text()) if summary.exists() else {}
 

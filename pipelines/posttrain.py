@@ -10,9 +10,10 @@ The DAG, in order:
       register → If(decision == promote) → promote
 
 Runtime parameters, with the spec's values as defaults and a description each (the KFP UI shows them when a
-run is started): base_model, data_sources, <stage>_lr and <stage>_max_steps of every training stage, its
-<stage>_gpus_per_node when it has accelerators and <stage>_nodes when it may span nodes (bounded by the
-spec's resources: the step refuses more), tracking_uri and s3_endpoint. Everything else (settings,
+run is started): base_model, data_sources, <stage>_lr and <stage>_max_steps of every training stage,
+<stage>_gpus_per_node of every training or sampling stage with accelerators (one process each) and <stage>_nodes
+of a training stage that may span nodes (bounded by the spec's resources: the step refuses more), tracking_uri
+and s3_endpoint. Everything else (settings,
 resources, images, secret names) is fixed at compile time: change the spec and compile again.
 
 On Kubernetes (kfp-kubernetes), from the spec: each step's image, pull policy and pull secrets; CPU and memory
@@ -73,11 +74,13 @@ def pipeline_parameters(spec: Spec) -> list[tuple[str, type, object, str]]:
          "(docs/spec.md, key data)."),
     ]
     for stage in spec.stages:
-        if get_stage(stage.stage).kind == "train":
+        kind = get_stage(stage.stage)
+        if kind.kind == "train":
             defaults = spec.runtime_defaults(stage)
             params += [(f"{stage.name}_lr", float, defaults["lr"], f"Peak learning rate of the {stage.name} stage."),
                        (f"{stage.name}_max_steps", int, defaults["max_steps"],
                         f"Optimizer steps of the {stage.name} stage.")]
+        if kind.scaled:
             params += scale_parameters(stage.name, spec.stage_resources(stage))
     params += [
         ("tracking_uri", str, spec.tracking.uri,
@@ -105,7 +108,7 @@ def scale_bounds(spec: Spec) -> dict[str, tuple[int, int]]:
     """Each scale parameter's (lowest, highest) value."""
     bounds = {}
     for stage in spec.stages:
-        if get_stage(stage.stage).kind == "train":
+        if get_stage(stage.stage).scaled:
             resources = spec.stage_resources(stage)
             bounds |= {f"{stage.name}_nodes": (1, resources.most_nodes), f"{stage.name}_gpus_per_node":
                        (1, resources.gpus)}
@@ -113,8 +116,8 @@ def scale_bounds(spec: Spec) -> dict[str, tuple[int, int]]:
 
 
 def launch_settings(spec: Spec, stage: StageSpec) -> dict:
-    """How a training step launches its stage (components.step): the bounds of its scale and, when the stage may
-    span nodes, the TrainJob's placement (components.trainjob.Placement) from the stage's resources."""
+    """How a training or sampling step launches its stage (components.step): the bounds of its scale and, when the
+    stage may span nodes, the TrainJob's placement (components.trainjob.Placement) from the stage's resources."""
     from components.trainjob import Placement
 
     resources = spec.stage_resources(stage)
@@ -223,9 +226,11 @@ def _step_parameters(spec: Spec, p: dict, opened, kind: StageSpec, done: list[St
               "lineage": json.dumps(parents)}
     if spec.promotion is not None:
         values["promotion"] = json.dumps(asdict(spec.promotion))
-    if get_stage(kind.stage).kind == "train":
-        values.update(lr=p[f"{kind.name}_lr"], max_steps=p[f"{kind.name}_max_steps"],
-                      nproc=p.get(f"{kind.name}_gpus_per_node", 1), nodes=p.get(f"{kind.name}_nodes", 1),
+    stage = get_stage(kind.stage)
+    if stage.kind == "train":
+        values.update(lr=p[f"{kind.name}_lr"], max_steps=p[f"{kind.name}_max_steps"])
+    if stage.scaled:
+        values.update(nproc=p.get(f"{kind.name}_gpus_per_node", 1), nodes=p.get(f"{kind.name}_nodes", 1),
                       launch=json.dumps(launch_settings(spec, kind), sort_keys=True),
                       kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     return values

@@ -6,9 +6,9 @@ N ranks:         torchrun --nproc-per-node N -m components.dpo --config dpo.yaml
 The reference model's log-probs of every chosen and rejected completion are computed once, in a pass before
 training, and the reference model is then dropped: it is never in memory while the policy trains (with no
 `ref_model` the reference is the starting policy itself, so no second model is ever loaded; with LoRA it is the
-base model with the adapter disabled). Chosen and
-rejected share a packed row, so one forward gives both; the loss of a step is the mean over its pairs of
-sigmoid, ipo, hinge or robust DPO (components/training/objectives.py).
+base model with the adapter disabled). Chosen and rejected share a micro-batch (each in a row of its own), so one
+forward gives both; the loss of a step is the mean over its pairs of sigmoid, ipo, hinge or robust DPO
+(components/training/objectives.py).
 
 Outputs in `output_dir`: model/ (Hugging Face, safetensors), metrics.jsonl (rewards/chosen, rewards/rejected,
 rewards/accuracies, rewards/margins per step), summary.json, checkpoints/.

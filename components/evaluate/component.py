@@ -9,12 +9,15 @@ from components.images import TRAINER_IMAGE
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def evaluate(model: Input[Model], base_model: Input[Model], settings: str, suites: str, rewards: str,
              candidate: str, lineage: str, stage: str, workspace: str, tracking_uri: str, parent_run_id: str,
-             s3_endpoint: str, results: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
+             s3_endpoint: str, nproc: int, launch: str, results: Output[Artifact], report: Output[HTML],
+             metrics: Output[Metrics]):
     """Evaluates the candidate and its baselines (the base model and every earlier training stage) on the
     same prompts and seeds: accuracy with bootstrap intervals, pass@k, rewards, entropy, KL to the base model.
 
     Writes the eval JSON the promotion gate reads, KFP metrics, and a self-contained HTML report with the
-    in-domain and out-of-domain accuracy of every stage and the training curves (entropy, reward).
+    in-domain and out-of-domain accuracy of every stage and the training curves (entropy, reward). With nproc > 1
+    it runs under torchrun, one rank per accelerator, each sampling a shard of the prompts (with the vllm engine,
+    groups of rollout.tensor_parallel_size ranks share one engine); rank 0 writes the outputs.
 
     Args:
         model: The candidate: the last training stage's model.
@@ -30,6 +33,8 @@ def evaluate(model: Input[Model], base_model: Input[Model], settings: str, suite
         tracking_uri: MLflow tracking URI.
         parent_run_id: The pipeline's MLflow run.
         s3_endpoint: S3 endpoint for s3:// suites.
+        nproc: Processes, one per accelerator.
+        launch: The bounds of nproc (JSON, from the spec).
         results: eval.json: {metrics, baselines, suites, ...}.
         report: The HTML report.
         metrics: The candidate's metrics, each baseline's (baselines/<name>/...) and the differences.
@@ -45,7 +50,7 @@ def evaluate(model: Input[Model], base_model: Input[Model], settings: str, suite
     baselines.pop(candidate, None)
     histories = {k: os.path.join(workspace, k, "metrics.jsonl") for k in names}
     step = Step(stage, settings, output_dir=os.path.join(workspace, stage), tracking_uri=tracking_uri,
-                parent_run_id=parent_run_id, s3_endpoint=s3_endpoint)
+                parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc, launch=launch)
     wiring = {"model": model.path, "name": candidate, "baselines": baselines, "base_model": base_model.path,
               "parents": parents,
               "suites": json.loads(suites),

@@ -16,6 +16,15 @@ metric has a paired bootstrap interval (the same prompts resampled for both).
 
 Outputs in `output_dir`: eval.json (read by the promotion gate), metrics.json (flat, for KFP Metrics),
 samples.jsonl (every completion with its scores) and report.html (self-contained, figures embedded).
+
+On several processes (torchrun, one per accelerator; components/training/parallel.py) each data-parallel group
+samples and scores a contiguous shard of every suite's prompts; rank 0 gathers the shards in prompt order,
+measures the teacher-forced quantities itself (entropy, kl_to_base: the reference passes are short next to the
+sampling) and writes the same outputs as one process. Samples are seeded per prompt (seed, prompt index, sample
+number), so the results do not depend on the number of processes. With `rollout.engine: vllm` the engine loads
+each model directory itself (`rollout.tensor_parallel_size` accelerators per engine) and no process but rank 0
+loads a Hugging Face copy, rank 0 only for the teacher-forced passes: `teacher_forced: false` skips them, for a
+model no single accelerator holds.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from components.models import ModelLoading
 from components.tasks import SPLITS, TASKS, get_task
 from components.training.batching import Example, encode_example, micro_batches
 from components.training.engines import RolloutEngine
+from components.training.parallel import SamplingWorld, init_sampling
 
 log = logging.getLogger("components.evaluate")
 
@@ -144,6 +154,10 @@ class EvaluateConfig:
     """Most tokens in one teacher-forced micro-batch."""
     training_metrics: dict[str, str] = field(default_factory=dict)
     """metrics.jsonl of earlier stages by stage name, for the report's entropy and reward curves."""
+    teacher_forced: bool = True
+    """Measure entropy and kl_to_base teacher-forced on reference completions, with a Hugging Face copy of each
+    model (and of base_model) on rank 0's accelerator. false: neither is measured, and with rollout.engine vllm no
+    process loads a Hugging Face copy (a model larger than one accelerator, sampled tensor-parallel)."""
 
     def __post_init__(self):
         def bad(key, allowed):
@@ -182,6 +196,10 @@ class EvaluateConfig:
             bad("suites", f"suites with distinct names (got {', '.join(seen)})")
         if self.rewards is not None and not all(isinstance(r, dict) for r in self.rewards):
             bad("rewards", "a list of reward specs (mappings with a 'name')")
+        if not isinstance(self.teacher_forced, bool):
+            bad("teacher_forced", "true or false")
+        if self.heldout_text is not None and not self.teacher_forced:
+            bad("heldout_text", "unset with teacher_forced false (held-out text is only measured teacher-forced)")
 
     def lineage(self, name: str) -> list[str]:
         """`name`, its parent, its parent's parent, ... up to a model without one (a cycle stops at a repeat)."""
@@ -196,7 +214,12 @@ class EvaluateConfig:
     def metric_names(self, reward_names: list[str]) -> set[str]:
         """Every `<suite>/<metric>` this evaluation writes for a model (reward_names: RewardSet.names)."""
         return metric_names(self.suites, self.k, reward_names, kl_to_base=self.base_model is not None,
-                            heldout=self.heldout_text is not None)
+                            heldout=self.heldout_text is not None, teacher_forced=self.teacher_forced)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Some suite (a task's, with reference completions) or the held-out text is measured teacher-forced."""
+        return self.teacher_forced and (self.heldout_text is not None or any("data" not in s for s in self.suites))
 
 
 
@@ -207,14 +230,15 @@ def per_prompt_metric_names(k_list: list[int], reward_names: list[str]) -> list[
 
 
 def metric_names(suites: list[dict], k_list: list[int], reward_names: list[str], *, kl_to_base: bool = False,
-                 heldout: bool = False) -> set[str]:
+                 heldout: bool = False, teacher_forced: bool = True) -> set[str]:
     """Every metric name eval.json carries for a model, so a promotion rule can be checked before a run.
 
     suites: as in the evaluate config (short or full form); k_list: the pass@k k's; reward_names: the names of
-    the reward functions (RewardSet.names); kl_to_base: a base model is set; heldout: heldout_text is set.
-    Task suites add teacher-forced `entropy` (and `kl_to_base`); data suites carry no reference completions.
+    the reward functions (RewardSet.names); kl_to_base: a base model is set; heldout: heldout_text is set;
+    teacher_forced: the evaluation's `teacher_forced`. Task suites add teacher-forced `entropy` (and
+    `kl_to_base`); data suites carry no reference completions.
     """
-    teacher = ["entropy", *(["kl_to_base"] if kl_to_base else [])]
+    teacher = ["entropy", *(["kl_to_base"] if kl_to_base else [])] if teacher_forced else []
     names = set()
     for i, raw in enumerate(suites):
         s = normalize_suite(raw, f"suites[{i}]", 0)
@@ -323,11 +347,19 @@ class SuiteRun:
     samples: list[dict]
 
 
-def sample_and_score(engine, rows: list[dict], cfg: EvaluateConfig, rewards) -> tuple[dict, list[dict]]:
-    """Sample cfg.samples completions per row (the rollout engine), verify and score them; per-prompt values."""
+def sample_and_score(engine, rows: list[dict], cfg: EvaluateConfig, rewards,
+                     shard: range | None = None) -> tuple[dict, list[dict]] | None:
+    """Sample cfg.samples completions per row of `shard` (default: every row) through the rollout engine, each
+    prompt's samples seeded by its index in `rows`; verify and score them. Per-prompt values and the samples, in
+    row order; None for an empty shard."""
+    shard = range(len(rows)) if shard is None else shard
+    if not shard:
+        return None
+    rows = [rows[i] for i in shard]
     prompts, P, n = [r["prompt"] for r in rows], len(rows), cfg.samples
     ro = engine.generate(prompts, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size)
+                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
+                         indices=list(shard))
     if list(ro.prompt_index) != [i for i in range(P) for _ in range(n)]:
         raise RuntimeError("rollout returned samples out of prompt order")
     rep = [rows[i] for i in ro.prompt_index]
@@ -346,15 +378,37 @@ def sample_and_score(engine, rows: list[dict], cfg: EvaluateConfig, rewards) -> 
     return per_prompt, samples
 
 
+def merge_scored(parts: list[tuple[dict, list[dict]] | None]) -> tuple[dict, list[dict]]:
+    """The shards of sample_and_score (in shard order, None for an empty one) as one: per-prompt values and
+    samples in prompt order."""
+    parts = [p for p in parts if p is not None]
+    per_prompt = {m: np.concatenate([p[0][m] for p in parts]) for m in parts[0][0]}
+    return per_prompt, [sample for p in parts for sample in p[1]]
+
+
 def evaluate_model(engine, model, tokenizer, suites: list[dict], rows: dict[str, list[dict]],
-                   heldout: list[dict] | None, cfg: EvaluateConfig, rewards, base=None) -> dict[str, SuiteRun]:
-    """Every suite for one model (and the held-out text, when given); `engine` samples from `model`."""
+                   heldout: list[dict] | None, cfg: EvaluateConfig, rewards, base=None,
+                   world: SamplingWorld | None = None) -> dict[str, SuiteRun] | None:
+    """Every suite for one model (and the held-out text, when given); `engine` samples from the model.
+
+    Each data-parallel group of `world` samples its shard of every suite; rank 0 gets the runs, in prompt order,
+    and measures the teacher-forced quantities with `model` (None when cfg.teacher_forced is off); the other
+    ranks get None."""
+    world = world or SamplingWorld()
+    scored = {}
+    for suite in suites:
+        name = suite["name"]
+        shard = world.shard(len(rows[name]))
+        log.info("%s: %d of %d prompts × %d samples", name, len(shard), len(rows[name]), cfg.samples)
+        scored[name] = sample_and_score(engine, rows[name], cfg, rewards, shard)
+    parts = world.gather(scored)
+    if parts is None:
+        return None
     runs = {}
     for suite in suites:
         name = suite["name"]
-        log.info("%s: %d prompts × %d samples", name, len(rows[name]), cfg.samples)
-        per_prompt, samples = sample_and_score(engine, rows[name], cfg, rewards)
-        refs = [r for r in rows[name] if "completion" in r] if "data" not in suite else []
+        per_prompt, samples = merge_scored([part[name] for part in parts])
+        refs = [r for r in rows[name] if "completion" in r] if "data" not in suite and cfg.teacher_forced else []
         teacher = teacher_forced(model, encode_references(tokenizer, refs, cfg.max_length), tokenizer.pad_token_id,
                                  base=base, token_budget=cfg.token_budget) if refs else {}
         runs[name] = SuiteRun(per_prompt, teacher, samples)
@@ -448,6 +502,14 @@ def kfp_metrics(doc: dict) -> dict[str, float]:
 # The stage
 
 def run(cfg: EvaluateConfig) -> dict:
+    world = init_sampling(cfg.rollout.tensor_parallel_size)
+    try:
+        return _run(cfg, world)
+    finally:
+        world.close()
+
+
+def _run(cfg: EvaluateConfig, world: SamplingWorld) -> dict:
     from components.evaluate.report import StageResult, write_report
     from components.rewards import build_rewards
     from components.storage import localize
@@ -463,33 +525,47 @@ def run(cfg: EvaluateConfig) -> dict:
     training_metrics = {stage: localize(uri) for stage, uri in cfg.training_metrics.items()}
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vllm = cfg.rollout.engine == "vllm"
+    teacher = cfg.needs_teacher and world.writes  # the teacher-forced passes run on rank 0
     base = base_path = base_vocab = None
-    if cfg.base_model is not None:
+    if cfg.base_model is not None and teacher:
         base_path = localize(cfg.base_model).resolve()
         base = cfg.loading.load_model(base_path, device=device).eval()
         base_vocab = cfg.loading.load_tokenizer(base_path).get_vocab()
 
-    with tracking.stage_run("evaluate", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI
+    with tracking.stage_run("evaluate", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI, and off rank 0
         runs = {}
         engine = None  # one rollout engine for every model: built on the first, then given each one's weights
-        for name, path in paths.items():
-            log.info("evaluating %s (%s)", name, models[name])
-            tokenizer = cfg.loading.load_tokenizer(path)
-            if base_vocab is not None and tokenizer.get_vocab() != base_vocab:
-                raise ValueError(f"{name} ({models[name]}) and base_model ({cfg.base_model}) have different "
-                                 "vocabularies: kl_to_base needs the same tokenizer")
-            model = base if path.resolve() == base_path else cfg.loading.load_model(path, device=device).eval()
-            if engine is None:
-                engine = cfg.rollout.build(model, tokenizer, seed=cfg.seed, max_num_seqs=cfg.batch_size)
-            else:
-                engine.sync(model, tokenizer)
-            runs[name] = evaluate_model(engine, model, tokenizer, cfg.suites, rows, heldout, cfg, rewards, base)
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-        if engine is not None:
-            engine.close()
+        try:
+            for name, path in paths.items():
+                log.info("evaluating %s (%s)", name, models[name])
+                tokenizer = cfg.loading.load_tokenizer(path)
+                if base_vocab is not None and tokenizer.get_vocab() != base_vocab:
+                    raise ValueError(f"{name} ({models[name]}) and base_model ({cfg.base_model}) have different "
+                                     "vocabularies: kl_to_base needs the same tokenizer")
+                model = None  # a Hugging Face copy: what the hf engine samples with, and the teacher-forced passes
+                if not vllm or teacher:
+                    model = base if path.resolve() == base_path else cfg.loading.load_model(path, device=device).eval()
+                if vllm:  # the engine loads each model directory itself (its share, with tensor parallelism)
+                    if engine is None:
+                        engine = cfg.rollout.build_from(path, tokenizer, seed=cfg.seed, max_num_seqs=cfg.batch_size,
+                                                        world_size=world.world)
+                    else:
+                        engine.load(path, tokenizer)
+                elif engine is None:
+                    engine = cfg.rollout.build(model, tokenizer, seed=cfg.seed, max_num_seqs=cfg.batch_size)
+                else:
+                    engine.sync(model, tokenizer)
+                runs[name] = evaluate_model(engine, model, tokenizer, cfg.suites, rows, heldout, cfg, rewards, base,
+                                            world)
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        finally:
+            if engine is not None:
+                engine.close()
+        if not world.writes:
+            return {}
         doc = eval_document(cfg, runs, rows)
         flat = kfp_metrics(doc)
         (out / "eval.json").write_text(json.dumps(doc, indent=2))

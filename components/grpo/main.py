@@ -37,7 +37,6 @@ from components.config import UserError, positive_ints, require, stage_main
 from components.models import ModelLoading
 from components.models.lora import Adapter, load_policy, save_policy
 from components.prompts import PromptSource
-from components.rewards import build_rewards
 from components.training.batching import Example, completion_values
 from components.training.engines import RolloutEngine
 from components.training.loop import (
@@ -56,7 +55,14 @@ from components.training.objectives import (
     grpo_loss,
     kl_k1,
 )
-from components.training.rl import completion_logprobs, minibatches, rollout_seed
+from components.training.rl import (
+    check_round_checkpoints,
+    completion_logprobs,
+    minibatches,
+    prompts_and_rewards,
+    reference_model,
+    rollout_seed,
+)
 from components.training.rollout import Sampling
 
 log = logging.getLogger("components.grpo")
@@ -142,12 +148,13 @@ class GRPOConfig:
                 "null (off) or a number ≥ 1 (verl and TRL use 2)")
         require(not (self.rollout.engine == "vllm" and self.lora.enabled), "rollout.engine", self.rollout.engine,
                 "hf with lora (the vllm engine takes full weights only)")
+        tp = self.rollout.tensor_parallel_size
+        require(tp == 1, "rollout.tensor_parallel_size", tp,
+                "1 in grpo (its rollout engine is colocated with the trainer on one rank; tensor parallelism is for "
+                "evaluate and reward_scoring)")
         require(self.ref_model is None or self.beta > 0, "ref_model", self.ref_model,
                 "unset with beta 0: only the KL term (beta > 0) reads it")
-        require(self.train.checkpoint_every % self.steps_per_round == 0, "train.checkpoint_every",
-                self.train.checkpoint_every,
-                f"a multiple of the {self.steps_per_round} optimizer steps of a round (a checkpoint sits between "
-                "rounds)")
+        check_round_checkpoints(self.train, self.steps_per_round)
 
     @property
     def loss_beta(self) -> float:
@@ -242,17 +249,11 @@ def run(cfg: GRPOConfig) -> dict:
 
 def _run(cfg: GRPOConfig, tracked) -> dict:
     out = Path(cfg.output_dir)
-    rewards = build_rewards(cfg.rewards, where="rewards")
-    prompt_rows = cfg.prompts.load_prompts(cfg.train.seed)
-    cfg.prompts.check_rows(prompt_rows, rewards)
+    prompt_rows, rewards = prompts_and_rewards(cfg)
     tokenizer = cfg.loading.load_tokenizer(cfg.model)
     model = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed)
     session = Session(cfg.train, model, out, on_metrics=tracked.log_metrics, run_config=asdict(cfg))
-    ref_model = None
-    if cfg.beta > 0 and cfg.lora.enabled and not cfg.ref_model:
-        ref_model = model  # the policy's own base, the adapter disabled (rollout_round)
-    elif cfg.beta > 0:
-        ref_model = cfg.loading.load_model(cfg.ref_model or cfg.model).to(session.device).eval().requires_grad_(False)
+    ref_model = reference_model(cfg, model, session.device, cfg.beta)
     dist = session.dist
     if cfg.rollout.engine != "hf" and dist.world > 1:
         raise UserError(f"rollout.engine {cfg.rollout.engine} runs on one rank for now; use rollout.engine hf with "

@@ -18,8 +18,9 @@ vf_coef). β is fixed or adaptive (Ziegler et al.: after each round β ← β·(
 horizon)). `preset: a2c` is one pass, one minibatch, no clipping (advantage actor-critic).
 
 The critic is the causal LM's backbone with a scalar head (AutoModelForSequenceClassification, num_labels=1),
-initialized from the reward model (`critic_init: reward_model`, its head too) or from the policy (a new head at
-zero). Its value at the position that predicts completion token t is V(s_t).
+initialized from the reward model (`critic_init: reward_model`, its head too; a reward model with head logprob has
+none, so a new head at zero) or from the policy (a new head at zero). Its value at the position that predicts
+completion token t is V(s_t).
 
 Outputs in `output_dir`: model/ (the actor, Hugging Face, safetensors), critic/ (the value model), metrics.jsonl
 (one line per optimizer step, TRL's metric names), samples.jsonl, summary.json, checkpoints/ (actor and critic,
@@ -44,7 +45,6 @@ from components.models import ModelLoading, save_model
 from components.models.lora import Adapter, load_policy, save_policy
 from components.prompts import PromptSource
 from components.reward_model.main import load_scalar_model
-from components.rewards import build_rewards
 from components.training.batching import Example, PackedBatch, completion_values
 from components.training.engines import HFEngine
 from components.training.loop import Session, StepResult, TrainConfig, base_reference, step_indices
@@ -58,7 +58,15 @@ from components.training.objectives import (
     kl_penalized_rewards,
     whiten,
 )
-from components.training.rl import completion_logprobs, minibatches, per_completion_token, rollout_seed
+from components.training.rl import (
+    check_round_checkpoints,
+    completion_logprobs,
+    minibatches,
+    per_completion_token,
+    prompts_and_rewards,
+    reference_model,
+    rollout_seed,
+)
 from components.training.rollout import Sampling
 
 log = logging.getLogger("components.ppo")
@@ -108,8 +116,9 @@ class PPOConfig:
     critic_lr: float | None = None
     """Peak learning rate of the critic (default: train.lr); same schedule shape as the actor's."""
     critic_init: str = "auto"
-    """reward_model (the critic starts as the first reward_model reward's model, head included), policy (the
-    actor's weights and a new value head at zero), or auto (reward_model when a reward is one, else policy)."""
+    """reward_model (the critic starts as the first reward_model reward's model, head included; at zero for a
+    reward model with head logprob), policy (the actor's weights and a new value head at zero), or auto
+    (reward_model when a reward is one, else policy)."""
     gamma: float = 1.0
     """γ: discount of GAE."""
     lam: float = 0.95
@@ -168,10 +177,7 @@ class PPOConfig:
                 "kl_target and kl_horizon: positive numbers")
         require(self.ref_model is None or self.kl_coef > 0, "ref_model", self.ref_model,
                 "unset with kl_coef 0: only the KL penalty reads it")
-        require(self.train.checkpoint_every % self.steps_per_round == 0, "train.checkpoint_every",
-                self.train.checkpoint_every,
-                f"a multiple of the {self.steps_per_round} optimizer steps of a round (a checkpoint sits between "
-                "rounds)")
+        check_round_checkpoints(self.train, self.steps_per_round)
 
     @property
     def steps_per_round(self) -> int:
@@ -213,9 +219,14 @@ def load_critic(cfg: PPOConfig, pad_token_id: int):
     """The value model: the reward model (critic_init reward_model) or the policy's weights with a value head at
     zero (critic_init policy), as a sequence-classification model with one output."""
     if cfg.critic_init == "reward_model":
-        from components.rewards.reward_model import check_weights, local_dir
+        from components.rewards.reward_model import check_weights, local_dir, reward_head
 
-        return load_scalar_model(cfg, str(check_weights(local_dir(cfg.reward_model_path()))), pad_token_id)
+        path = check_weights(local_dir(cfg.reward_model_path()))
+        critic = load_scalar_model(cfg, str(path), pad_token_id)
+        if reward_head(path) == "logprob":  # a log-prob reward model has no scalar head: its weights, a head at zero
+            torch.nn.init.zeros_(critic.score.weight)
+            critic.config.reward_head = "scalar"  # what the saved critic is
+        return critic
     critic = load_scalar_model(cfg, cfg.model, pad_token_id)
     torch.nn.init.zeros_(critic.score.weight)
     return critic
@@ -223,19 +234,13 @@ def load_critic(cfg: PPOConfig, pad_token_id: int):
 
 def _run(cfg: PPOConfig, tracked) -> dict:
     out = Path(cfg.output_dir)
-    rewards = build_rewards(cfg.rewards, where="rewards")
-    prompt_rows = cfg.prompts.load_prompts(cfg.train.seed)
-    cfg.prompts.check_rows(prompt_rows, rewards)
+    prompt_rows, rewards = prompts_and_rewards(cfg)
     tokenizer = cfg.loading.load_tokenizer(cfg.model)
     actor = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed)
     critic = load_critic(cfg, tokenizer.pad_token_id)
     session = Session(cfg.train, actor, out, on_metrics=tracked.log_metrics, run_config=asdict(cfg),
                       companions={"critic": (critic, cfg.critic_train)})
-    ref_model = None
-    if cfg.kl_coef > 0 and cfg.lora.enabled and not cfg.ref_model:
-        ref_model = actor  # the actor's own base, the adapter disabled
-    elif cfg.kl_coef > 0:
-        ref_model = cfg.loading.load_model(cfg.ref_model or cfg.model).to(session.device).eval().requires_grad_(False)
+    ref_model = reference_model(cfg, actor, session.device, cfg.kl_coef)
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_controller, cfg.kl_target, cfg.kl_horizon)
     if "kl_coef" in session.resumed:
         kl_ctl.value = float(session.resumed["kl_coef"])

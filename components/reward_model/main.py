@@ -3,19 +3,28 @@
 Single device:   python -m components.reward_model --config rm.yaml    (or: posttrain stage reward_model --config ...)
 N ranks:         torchrun --nproc-per-node N -m components.reward_model --config rm.yaml   (DeepSpeed ZeRO)
 
-The model is AutoModelForSequenceClassification with num_labels=1 on the policy's (or the SFT model's) weights:
-the transformer as trained, a new linear score head. A pair's chosen and rejected sequences are rendered and
-tokenized exactly as the `reward_model` reward reads them (components/rewards/reward_model.py: chat template,
-left truncation) and share a packed row; the score of a sequence is the head's output at its last non-pad token,
-as the sequence-classification model gives it. Loss per pair: −log σ(r_c − r_r − margin) +
-center_rewards_coefficient·(r_c + r_r)², the mean over a step's pairs.
+The model starts from the policy's (or the SFT model's) weights, and `head` says how it scores a sequence:
+
+- scalar: AutoModelForSequenceClassification with num_labels=1, the transformer as trained and a new linear score
+  head; the score is the head's output at the sequence's last non-pad token, as the sequence-classification
+  model gives it.
+- logprob: the causal LM itself; the score is β·Σ log π(token | what precedes it) over the completion's tokens (its
+  closing EOS included), the model's own next-token predictions (the implicit reward of reference-free preference
+  optimization). A small model that cannot yet carry "is this answer right" in one hidden state still compares
+  each answer token with what it would have predicted there.
+
+A pair's chosen and rejected sequences are rendered and tokenized exactly as the `reward_model` reward reads them
+(components/rewards/reward_model.py: chat template, left truncation) and share a micro-batch. Loss per pair:
+−log σ(r_c − r_r − margin) + center_rewards_coefficient·(r_c + r_r)², the mean over a step's pairs.
 
 A share of the pairs (`eval_fraction`, by a hash of the prompt: every pair of a prompt falls on the same side) is
 held out; on it the stage reports eval/accuracy, eval/margin, eval/mean_reward, eval/std_reward and eval/loss at
 the end (and every `eval_every` steps).
 
 Outputs in `output_dir`: model/ (Hugging Face, safetensors, with the tokenizer: what the `reward_model` reward
-loads), metrics.jsonl, summary.json, checkpoints/.
+loads; its config.json says `reward_head` and, for head logprob, `reward_beta`, so the reward scores the same
+way),
+metrics.jsonl, summary.json, checkpoints/.
 """
 
 from __future__ import annotations
@@ -34,8 +43,9 @@ from components import tracking
 from components.config import require, stage_main
 from components.datasets import load_rows, preference_row, prompt_key, read_jsonl
 from components.models import ModelLoading, check_model_dir, resolve_attention, save_model
-from components.rewards.reward_model import render
-from components.training.batching import Example, PackedBatch, pair_groups
+from components.rewards.reward_model import HEADS, render
+from components.rewards.reward_model import encode as encode_scored
+from components.training.batching import Example, PackedBatch, pair_groups, sequence_sums, trained_sequences
 from components.training.loop import Session, StepResult, TrainConfig, step_indices
 from components.training.objectives import bradley_terry_loss
 
@@ -50,6 +60,12 @@ class RewardModelConfig:
 
     model: str
     """Model to start from: a causal LM (the SFT policy) or a reward model, a Hugging Face directory (safetensors)."""
+    head: str = "scalar"
+    """How a sequence is scored: scalar (a new linear head on the last token's hidden state) or logprob (β times the
+    sum of the causal LM's log-probs of the completion's tokens; no new weights)."""
+    beta: float = 1.0
+    """β of head logprob, r = β·Σ log π (larger: the loss dwells on the pairs still ranked wrong); scalar: 1 (the
+    head learns its own scale)."""
     train_data: str
     """Preference JSONL: {"prompt", "chosen", "rejected"} rows (reward_scoring's pairs.jsonl, data_prep's rows)."""
     output_dir: str
@@ -72,6 +88,9 @@ class RewardModelConfig:
     """Share of unusable rows tolerated (chosen == rejected, empty prompt, ...); each is reported by line."""
 
     def __post_init__(self):
+        require(self.head in HEADS, "head", self.head, f"one of {', '.join(HEADS)}")
+        require(math.isfinite(self.beta) and self.beta > 0 and (self.head == "logprob" or self.beta == 1), "beta",
+                self.beta, "a positive number with head logprob; 1 with head scalar")
         require(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "a number in [0, 1)")
         require(math.isfinite(self.margin) and self.margin >= 0, "margin", self.margin, "a number ≥ 0")
         require(math.isfinite(self.center_rewards_coefficient) and self.center_rewards_coefficient >= 0,
@@ -86,13 +105,23 @@ def held_out(prompt, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < fraction
 
 
-def encode(tokenizer, prompt, completion: str, max_length: int) -> Example:
-    """The tokens the reward reads for (prompt, completion); `completion_start` marks the scored token (the last
-    non-pad one, where the sequence-classification model reads its score)."""
+def encode(tokenizer, prompt, completion: str, max_length: int, head: str = "scalar") -> Example:
+    """The tokens the reward reads for (prompt, completion). `completion_start` marks what is scored: head scalar,
+    the last non-pad token (where the sequence-classification model reads its score); head logprob, the
+    completion's first token (every token from it on is scored)."""
+    if head == "logprob":
+        return Example(*encode_scored(tokenizer, prompt, completion, max_length))
     ids = tokenizer(render(tokenizer, prompt, completion), truncation=True, max_length=max_length,
                     add_special_tokens=not tokenizer.chat_template)["input_ids"]
     scored = max((i for i, token in enumerate(ids) if token != tokenizer.pad_token_id), default=len(ids) - 1)
     return Example(ids, scored)
+
+
+def load_reward_model(cfg: RewardModelConfig, pad_token_id: int):
+    """The model to train: the scalar-head model (`load_scalar_model`) or, for head logprob, the causal LM."""
+    if cfg.head == "logprob":
+        return cfg.loading.load_model(cfg.model)
+    return load_scalar_model(cfg, cfg.model, pad_token_id)
 
 
 def load_scalar_model(cfg: RewardModelConfig, path: str, pad_token_id: int):
@@ -107,9 +136,14 @@ def load_scalar_model(cfg: RewardModelConfig, path: str, pad_token_id: int):
     return model
 
 
-def scores(session: Session, model, batch: PackedBatch, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The score of each example in the packed micro-batch (its head output at its scored token) and a mask of
-    the examples present in it."""
+def scores(session: Session, model, batch: PackedBatch, examples: list[Example], head: str = "scalar",
+           beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score of each example in the packed micro-batch (head scalar: its head output at its scored token; head
+    logprob: β times the sum of its completion tokens' log-probs) and a mask of the examples present in it."""
+    if head == "logprob":
+        logprobs, _ = session.forward(model, batch)
+        sums = sequence_sums(logprobs.float(), batch, len(examples))
+        return beta * sums, trained_sequences(batch, len(examples))
     with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=session.autocast):
         hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                   use_cache=False).last_hidden_state
@@ -137,8 +171,8 @@ def _run(cfg: RewardModelConfig, tracked) -> dict:
     rejected_rows = sum(1 for _ in read_jsonl(cfg.train_data)) - len(rows)
     pairs = {"train": [], "eval": []}
     for row in rows:
-        pair = (encode(tokenizer, row["prompt"], row["chosen"], cfg.max_length),
-                encode(tokenizer, row["prompt"], row["rejected"], cfg.max_length))
+        pair = (encode(tokenizer, row["prompt"], row["chosen"], cfg.max_length, cfg.head),
+                encode(tokenizer, row["prompt"], row["rejected"], cfg.max_length, cfg.head))
         pairs["eval" if held_out(row["prompt"], cfg.eval_fraction) else "train"].append(pair)
     train_pairs, eval_pairs = pairs["train"], pairs["eval"]
     require(len(train_pairs) > 0, "eval_fraction", cfg.eval_fraction, f"a share that leaves training pairs of "
@@ -146,7 +180,7 @@ def _run(cfg: RewardModelConfig, tracked) -> dict:
     log.info("%d pairs: %d to train on, %d held out; %d rows rejected", len(rows), len(train_pairs), len(eval_pairs),
              rejected_rows)
     torch.manual_seed(cfg.train.seed)  # the new score head's initialization
-    model = load_scalar_model(cfg, cfg.model, tokenizer.pad_token_id)
+    model = load_reward_model(cfg, tokenizer.pad_token_id)
     session = Session(cfg.train, model, out, on_metrics=tracked.log_metrics, run_config=asdict(cfg))
     dist, pad_id = session.dist, tokenizer.pad_token_id
 
@@ -167,6 +201,9 @@ def _run(cfg: RewardModelConfig, tracked) -> dict:
     summary = {"pairs": len(rows), "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
                "rejected_rows": rejected_rows, "steps": len(history), **final_eval,
                "final": {**(history[-1] if history else {}), **final_eval}}
+    model.config.reward_head = cfg.head  # what the `reward_model` reward reads to score as trained
+    if cfg.head == "logprob":
+        model.config.reward_beta = cfg.beta
     save_model(model, tokenizer, out / "model", dist)
     if dist.rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -184,7 +221,7 @@ def rm_step(cfg: RewardModelConfig, session: Session, model, examples: list[Exam
     tokens = dist.all_reduce_sum(float(sum(len(example) for example in examples)))
 
     def loss_fn(index, micro_batch):
-        values, present = scores(session, model, micro_batch, examples)
+        values, present = scores(session, model, micro_batch, examples, cfg.head, cfg.beta)
         complete = present[0::2] & present[1::2]
         losses, metrics = bradley_terry_loss(values[0::2][complete], values[1::2][complete], margin=cfg.margin,
                                              center_rewards_coefficient=cfg.center_rewards_coefficient)
@@ -207,7 +244,7 @@ def evaluate(cfg: RewardModelConfig, session: Session, model, eval_pairs: list[t
     was_training = model.training
     model.eval()
     for batch in session.micro_batches(examples, pad_id, groups=pair_groups(len(examples))):
-        values, present = scores(session, model, batch, examples)
+        values, present = scores(session, model, batch, examples, cfg.head, cfg.beta)
         complete = (present[0::2] & present[1::2]).nonzero().reshape(-1)
         chosen += [(int(i), float(values[2 * i])) for i in complete]
         rejected += [(int(i), float(values[2 * i + 1])) for i in complete]

@@ -73,8 +73,9 @@ class LengthOptions:
 @dataclass(kw_only=True, slots=True)
 class RewardModelOptions:
     uri: str
-    """Hugging Face directory of a sequence-classification model with num_labels=1 (local or s3://), or in a
-    pipeline `stage:reward_model`: the model the reward_model stage before trained (read by ppo)."""
+    """Hugging Face directory of a reward model (local or s3://): a sequence-classification model with
+    num_labels=1, or a causal LM with `reward_head: logprob` in its config (the reward_model stage's head logprob);
+    in a pipeline `stage:reward_model`: the model the reward_model stage before trained (read by ppo)."""
     batch_size: int = 8
     """Rows per forward pass."""
     max_length: int = 1024

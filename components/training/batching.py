@@ -1,11 +1,12 @@
 """Batching: chat templates, completion-only loss masks, and packing into token-budget micro-batches.
 
 A training example is a prompt and a completion turned into token ids. Only completion tokens are
-trained (the loss mask is 0 on the prompt). Examples are packed into one row per micro-batch, up to
+trained (the loss mask is 0 on the prompt). Examples are packed into rows of a micro-batch, up to
 `token_budget` tokens, with position ids restarting at 0 for every sequence. Transformers derives the
 document mask from those position ids (sdpa, eager and flex attention build a block-diagonal causal
-mask; flash-attention runs varlen), so attention never crosses a sequence boundary and no compute is
-spent on padding.
+mask; flash-attention runs varlen), so attention never crosses a sequence boundary. Padding continues
+the last sequence's positions, so a row that holds one sequence has no restart: it runs as plain causal
+attention, with no mask at all.
 """
 
 from __future__ import annotations
@@ -125,8 +126,11 @@ def collate_packed(examples: list[Example], rows: list[list[int]], pad_id: int, 
         pad = width - len(ids)
         if pad < 0:
             raise ValueError(f"row of {len(ids)} tokens does not fit in width {width}")
-        # padding is a sequence of its own (positions restart at 0) that nothing attends to or trains on
-        for name, values, fill in (("ids", ids, [pad_id] * pad), ("pos", pos, range(pad)), ("tgt", tgt, [pad_id] * pad),
+        # padding continues the last sequence's positions (a one-sequence row stays plain causal); it comes after
+        # every real token, so nothing attends to it, and nothing trains on it
+        after = pos[-1] + 1 if pos else 0
+        for name, values, fill in (("ids", ids, [pad_id] * pad), ("pos", pos, range(after, after + pad)),
+                                   ("tgt", tgt, [pad_id] * pad),
                                    ("mask", mask, [0.0] * pad), ("seq", seq, [-1] * pad)):
             cols[name].append(list(values) + list(fill))
     as_t = lambda k, dt: torch.tensor(cols[k], dtype=dt)  # noqa: E731
@@ -135,8 +139,8 @@ def collate_packed(examples: list[Example], rows: list[list[int]], pad_id: int, 
 
 
 def pair_groups(num_examples: int) -> list[list[int]]:
-    """Groups for `micro_batches` of examples in (chosen, rejected) order: each pair shares a packed row, so one
-    forward scores both (DPO, the reward model)."""
+    """Groups for `micro_batches` of examples in (chosen, rejected) order: each pair shares a micro-batch, so one
+    micro-batch's loss couples them (DPO, the reward model)."""
     return [[chosen, chosen + 1] for chosen in range(0, num_examples, 2)]
 
 
@@ -144,13 +148,15 @@ def micro_batches(examples: list[Example], token_budget: int, pad_id: int, *, si
                   multiple: int = 8, groups: list[list[int]] | None = None) -> list[PackedBatch]:
     """Pack a step's examples into micro-batches of at most `token_budget` tokens each.
 
-    groups: lists of example indices that must share a row (DPO's chosen and rejected, whose loss couples
+    groups: lists of example indices that must share a micro-batch (DPO's chosen and rejected, whose loss couples
     them); by default every example is a group of its own.
 
     single_row: one packed row per micro-batch (for varlen kernels such as flash-attention, whose cost is
-    Σ n² whatever the row). Otherwise rows are as wide as the longest sequence (rounded up to `multiple`)
-    and a micro-batch holds token_budget // width of them: kernels that apply a dense block-diagonal mask
-    (sdpa, eager) then pay width² per row instead of token_budget² for one long row.
+    Σ n² whatever the row); a group then shares the row. Otherwise rows are as wide as the longest sequence
+    (rounded up to `multiple`) and a micro-batch holds about token_budget // width of them: kernels that apply a
+    dense causal or block-diagonal mask (sdpa, eager) then pay width² per row instead of token_budget² for one
+    long row, and a group's sequences get rows of their own when they do not fit one together (a DPO pair is
+    two rows of n², not one of (2n)²).
     """
     groups = groups if groups is not None else [[i] for i in range(len(examples))]
     lengths = [sum(len(examples[i]) for i in g) for g in groups]
@@ -161,10 +167,18 @@ def micro_batches(examples: list[Example], token_budget: int, pad_id: int, *, si
     if single_row:
         return [collate_packed(examples, [row], pad_id, round_up(sum(len(examples[i]) for i in row)))
                 for row in expand(pack_sequences(lengths, token_budget))]
-    width = round_up(max(lengths))
-    rows = expand(pack_sequences(lengths, width))
-    per_batch = max(1, token_budget // width)
-    return [collate_packed(examples, rows[i:i + per_batch], pad_id, width) for i in range(0, len(rows), per_batch)]
+    width = round_up(max(len(example) for example in examples))
+    if all(len(g) == 1 for g in groups):  # rows first, then as many rows per micro-batch as the budget holds
+        rows = expand(pack_sequences(lengths, width))
+        per_batch = max(1, token_budget // width)
+        return [collate_packed(examples, rows[i:i + per_batch], pad_id, width)
+                for i in range(0, len(rows), per_batch)]
+    # groups first, into micro-batches of about token_budget tokens, then each micro-batch's sequences into rows
+    out = []
+    for members in expand(pack_sequences(lengths, max(token_budget, width))):
+        rows = pack_sequences([len(examples[i]) for i in members], width)
+        out.append(collate_packed(examples, [[members[i] for i in row] for row in rows], pad_id, width))
+    return out
 
 
 def sequence_sums(values: Tensor, batch: PackedBatch, num_seqs: int) -> Tensor:

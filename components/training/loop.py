@@ -198,13 +198,18 @@ def base_reference(model):
 
 def forward_logprobs(model, batch: PackedBatch, chunk_size: int, autocast: bool, temperature: float = 1.0,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log π(target) and entropy for a packed micro-batch (attention masked by position ids)."""
+    """Per-token log π(target) and entropy for a packed micro-batch (attention masked by position ids), shaped
+    like its targets. Only the trained positions (loss mask > 0) go through the language-model head: prompts and
+    padding cost no head and no log-softmax, and both values are 0 there."""
     causal_lm = model.get_base_model() if is_lora(model) else model  # a LoRA policy: its adapters are inside
+    keep = batch.loss_mask > 0
     with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = causal_lm.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                       use_cache=False).last_hidden_state
-        return token_logprobs(model.get_output_embeddings(), hidden, batch.targets, chunk_size=chunk_size,
-                              temperature=temperature)
+        logprobs, entropy = token_logprobs(model.get_output_embeddings(), hidden[keep], batch.targets[keep],
+                                           chunk_size=chunk_size, temperature=temperature)
+    zeros = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+    return zeros.masked_scatter(keep, logprobs), zeros.masked_scatter(keep, entropy)
 
 
 # ----------------------------------------------------------------------------------------------------

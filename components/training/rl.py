@@ -8,8 +8,36 @@ from collections.abc import Callable
 
 import torch
 
+from components.config import require
 from components.training.batching import Example, PackedBatch
 from components.training.loop import Session
+
+
+def check_round_checkpoints(train, steps_per_round: int) -> None:
+    """A checkpoint sits between rollout rounds: train.checkpoint_every must be a multiple of a round's steps."""
+    require(train.checkpoint_every % steps_per_round == 0, "train.checkpoint_every", train.checkpoint_every,
+            f"a multiple of the {steps_per_round} optimizer steps of a round (a checkpoint sits between rounds)")
+
+
+def prompts_and_rewards(cfg) -> tuple[list[dict], object]:
+    """An RL stage's prompt rows and rewards (cfg.prompts, cfg.rewards), checked against each other."""
+    from components.rewards import build_rewards
+
+    rewards = build_rewards(cfg.rewards, where="rewards")
+    prompt_rows = cfg.prompts.load_prompts(cfg.train.seed)
+    cfg.prompts.check_rows(prompt_rows, rewards)
+    return prompt_rows, rewards
+
+
+def reference_model(cfg, policy, device, kl_coef: float):
+    """The model a KL term compares the policy with, or None when kl_coef is 0: cfg.ref_model, else the starting
+    policy (cfg.model) loaded again, frozen; a LoRA policy with no ref_model is its own reference (its base, the
+    adapter disabled), so no second model is loaded."""
+    if kl_coef <= 0:
+        return None
+    if cfg.lora.enabled and not cfg.ref_model:
+        return policy
+    return cfg.loading.load_model(cfg.ref_model or cfg.model).to(device).eval().requires_grad_(False)
 
 
 def rollout_seed(seed: int, round_index: int, rank: int) -> int:

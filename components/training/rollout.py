@@ -1,27 +1,34 @@
 """Rollout: sample n completions per prompt in large batches, with the sampling policy's per-token log-probs.
 
-Generation runs through Hugging Face `generate` (prefill + KV-cached decode; a static cache, which
-`generate` compiles, on a GPU), but sampling is done here, in a logits processor with its own seeded
-`torch.Generator`: temperature, top-p, and the log-probability of every chosen token under
-softmax(logits / temperature), gathered one step later when the chosen token is known. So
+Generation is a prefill, then a KV-cached decode loop over the Hugging Face model's forward (a dynamic cache;
+on a GPU, Hugging Face `generate` with a static cache, which it compiles). Sampling is done here, with its own
+seeded `torch.Generator`: temperature, top-p, and the log-probability of every chosen token under
+softmax(logits / temperature). So
 
-- the same seed gives the same samples whatever else used the global RNG;
+- the same seed gives the same samples whatever else used the global RNG, on either path;
 - log-probs are computed once, while sampling, and equal a teacher-forced forward of the same tokens
   (tested to 1e-4 in fp32): GRPO uses them as log π_old without another pass;
-- only one [batch, vocab] row of log-probs exists at a time, never logits for the whole completion.
+- only one [batch, vocab] row of log-probs exists at a time, never logits for the whole completion;
+- a token is drawn by inverting the CDF with one uniform number (torch.multinomial draws one per vocabulary
+  entry, which on a CPU costs more than the tiny model's forward);
+- every sequence draws its uniform numbers from a generator of its own, seeded from (seed, its prompt's index,
+  its sample number) (`sample_seed`): a sample does not depend on which other prompts share its batch, its call
+  or its process, so evaluate and reward_scoring can split their prompts over processes and get what one
+  process gets.
 
 temperature 0 is greedy decoding (log-probs then under temperature 1).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from components.config import positive_ints, require
 from components.training.batching import render_prompt
@@ -48,10 +55,19 @@ class Sampling:
         require(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
         positive_ints(self, "max_new_tokens", "generation_batch_size")
 
-    def sample(self, engine, prompts: list, *, n: int, seed: int) -> Rollout:
-        """`n` completions per prompt with these settings from a rollout engine (components/training/engines.py)."""
+    def sample(self, engine, prompts: list, *, n: int, seed: int, indices: list[int] | None = None) -> Rollout:
+        """`n` completions per prompt with these settings from a rollout engine (components/training/engines.py);
+        `indices`: each prompt's index in the whole prompt set (default: its place in `prompts`), for its seeds."""
         return engine.generate(prompts, n=n, temperature=self.temperature, top_p=self.top_p,
-                               max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.generation_batch_size)
+                               max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.generation_batch_size,
+                               indices=indices)
+
+
+def sample_seed(seed: int, index: int, sample: int) -> int:
+    """The seed of sample `sample` of the prompt at `index` (of the whole prompt set) for the call's `seed`: a
+    63-bit hash, so neighbouring prompts and samples get unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}/{index}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass
@@ -76,11 +92,40 @@ class Rollout:
         return len(self.texts)
 
 
-class _Sampler(LogitsProcessor):
-    """Chooses the next token (temperature, top-p, seeded) and records the log-prob of the previous choice."""
+def _choose(scores: Tensor, temperature: float, top_p: float, uniform: Tensor) -> tuple[Tensor, Tensor]:
+    """The next token of each row of `scores` [B, V], drawn with `uniform` [B] (numbers in [0, 1)), and the
+    log-probs [B, V] it was drawn from (under softmax(scores / temperature); temperature 0: greedy, log-probs under
+    temperature 1)."""
+    logits = scores.float()
+    if temperature > 0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    if temperature == 0:
+        return logp.argmax(-1), logp
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    # inverse CDF: the first token whose cumulative mass exceeds u·total (a zero-mass token never does)
+    cdf = probs.double().cumsum(-1)
+    target = uniform.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+    return choice.squeeze(-1), logp
 
-    def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
-        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+
+def _uniforms(seeds: list[int], steps: int, device) -> Tensor:
+    """[len(seeds), steps] numbers in [0, 1): row r is the stream of a generator seeded with seeds[r]."""
+    rows = [torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds]
+    return torch.stack(rows).to(device)
+
+
+class _Sampler(LogitsProcessor):
+    """`_choose` inside Hugging Face `generate`, step t with uniforms[:, t]; records the log-prob of the previous
+    choice."""
+
+    def __init__(self, temperature: float, top_p: float, uniforms: Tensor):
+        self.temperature, self.top_p, self.uniforms = temperature, top_p, uniforms
         self.prev: Tensor | None = None  # log-probs [B, V] of the last step
         self.chosen_logp: list[Tensor] = []
 
@@ -90,23 +135,38 @@ class _Sampler(LogitsProcessor):
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         self.record(input_ids[:, -1])
-        logits = scores.float()
-        if self.temperature > 0:
-            logits = logits / self.temperature
-        logp = torch.log_softmax(logits, dim=-1)
-        self.prev = logp
-        if self.temperature == 0:
-            choice = logp.argmax(-1)
-        else:
-            probs = logp.exp()
-            if self.top_p < 1.0:
-                sorted_p, order = probs.sort(dim=-1, descending=True)
-                drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest prefix reaching top_p
-                probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-            choice = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        choice, self.prev = _choose(scores, self.temperature, self.top_p, self.uniforms[:, len(self.chosen_logp)])
         # hand `generate` (greedy) a distribution that can only pick the chosen token
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(-1, choice[:, None], 0.0)
+
+
+def _decode(model, ids: Tensor, attn: Tensor, *, max_new_tokens: int, temperature: float, top_p: float,
+            uniforms: Tensor, eos: int, pad: int) -> tuple[Tensor, Tensor]:
+    """Prefill the left-padded prompts `ids`, then decode one token per step with a dynamic KV cache until every
+    row has its EOS or max_new_tokens: the new tokens [B, T] (pad after a row's EOS) and their log-probs [B, T]."""
+    cache = DynamicCache(config=model.config)
+    padded = not bool(attn.all())  # without left padding, no mask at all: plain causal attention
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn if padded else None, position_ids=positions,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    position = positions[:, -1:]
+    tokens, logps = [], []
+    for step in range(max_new_tokens):
+        choice, logp = _choose(logits, temperature, top_p, uniforms[:, step])
+        choice = choice.masked_fill(done, pad)
+        tokens.append(choice)
+        logps.append(logp.gather(-1, choice[:, None]).squeeze(-1))
+        done |= choice == eos
+        if len(tokens) == max_new_tokens or bool(done.all()):
+            break
+        position = position + 1
+        if padded:
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+        logits = model(input_ids=choice[:, None], attention_mask=attn if padded else None, position_ids=position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
 @contextmanager
@@ -124,15 +184,22 @@ def _blank_generation_config(model):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-             max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64, cache: str = "auto") -> Rollout:
+             max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64, cache: str = "auto",
+             indices: list[int] | None = None) -> Rollout:
     """Sample `n` completions for each prompt (a string or chat messages, rendered by the chat template).
 
     batch_size: sequences decoded together (prompts × n are split into batches of this size).
-    cache: "static" (a fixed-size KV cache that `generate` compiles), "dynamic", or "auto" (static on a GPU).
+    cache: "static" (Hugging Face `generate` with a fixed-size KV cache, which it compiles), "dynamic" (the decode
+    loop here), or "auto" (static on a GPU).
+    indices: each prompt's index in the whole prompt set (default: its place in `prompts`); sample j of prompt i
+    draws from a generator seeded with sample_seed(seed, indices[i], j).
     """
     if temperature < 0 or not 0 < top_p <= 1 or n < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"invalid sampling settings: temperature={temperature} (≥ 0), top_p={top_p} (in (0, 1]), "
                          f"n={n}, max_new_tokens={max_new_tokens}, batch_size={batch_size} (≥ 1)")
+    indices = list(range(len(prompts))) if indices is None else list(indices)
+    if len(indices) != len(prompts):
+        raise ValueError(f"indices: {len(indices)} given for {len(prompts)} prompts (one per prompt)")
     if is_lora(model):  # generate with the Hugging Face model inside, whose layers hold the adapters
         model = model.get_base_model()
     device = next(model.parameters()).device
@@ -141,7 +208,6 @@ def generate(model, tokenizer, prompts: list, *, n: int = 1, temperature: float 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     encoded = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     order = [i for i in range(len(prompts)) for _ in range(n)]
-    generator = torch.Generator(device=device).manual_seed(seed)
     use_static = cache == "static" or (cache == "auto" and device.type == "cuda")
     out = Rollout()
     for s in range(0, len(order), batch_size):
@@ -152,15 +218,21 @@ def generate(model, tokenizer, prompts: list, *, n: int = 1, temperature: float 
         for r, i in enumerate(idx):  # left padding: every row's last prompt token is at the same column
             ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
             attn[r, width - len(encoded[i]):] = 1
-        sampler = _Sampler(temperature, top_p, generator)
-        with _blank_generation_config(model):
-            seq = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([sampler]),
-                                 pad_token_id=pad, eos_token_id=eos,
-                                 cache_implementation="static" if use_static else None)
-        new = seq[:, width:]
-        sampler.record(new[:, -1])
-        logps = torch.stack(sampler.chosen_logp, dim=1).float().cpu() if sampler.chosen_logp else None
+        uniforms = _uniforms([sample_seed(seed, indices[i], (s + r) % n) for r, i in enumerate(idx)],
+                             max_new_tokens, device)
+        if use_static:
+            sampler = _Sampler(temperature, top_p, uniforms)
+            with _blank_generation_config(model):
+                seq = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False,
+                                     max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([sampler]),
+                                     pad_token_id=pad, eos_token_id=eos, cache_implementation="static")
+            new = seq[:, width:]
+            sampler.record(new[:, -1])
+            logps = torch.stack(sampler.chosen_logp, dim=1).float().cpu()
+        else:
+            new, logps = _decode(model, ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, uniforms=uniforms, eos=eos, pad=pad)
+            logps = logps.float().cpu()
         new = new.cpu()
         for r, i in enumerate(idx):
             toks = new[r].tolist()

@@ -17,17 +17,18 @@ import tempfile
 import traceback
 
 from pipelines.bench.measure import device_name, pick_device
-from pipelines.bench.ours import run_ours, run_ours_dpo, run_ours_grpo
-from pipelines.bench.trl_peer import run_trl, run_trl_dpo, run_trl_grpo
+from pipelines.bench.ours import PPO_EPOCHS, run_ours, run_ours_dpo, run_ours_grpo, run_ours_ppo, run_ours_rm
+from pipelines.bench.trl_peer import run_trl, run_trl_dpo, run_trl_grpo, run_trl_rm, trl_ppo_missing
 from pipelines.bench.workloads import SIZES, row_example, save_model, workload_rows
 
 log = logging.getLogger("posttrain.bench")
 
-OBJECTIVES = ("sft", "psft", "dpo", "grpo")
+OBJECTIVES = ("sft", "psft", "dpo", "grpo", "rm", "ppo")
 PEERS = ("trl",)
 # what each objective is compared on, and with which peer line
 RATE = {"sft": ("tokens_per_s", "trl_sft"), "psft": ("tokens_per_s", "trl_sft"),
-        "dpo": ("pairs_per_s", "trl_dpo"), "grpo": ("completion_tokens_per_s", "trl_grpo")}
+        "dpo": ("pairs_per_s", "trl_dpo"), "grpo": ("completion_tokens_per_s", "trl_grpo"),
+        "rm": ("pairs_per_s", "trl_rm"), "ppo": ("completion_tokens_per_s", "trl_ppo")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,15 +52,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="the TRL model's weights: auto = bf16 on GPU, fp32 on CPU, as the reference measurements "
                         "(default: auto)")
     p.add_argument("--peer-checkpointing", choices=("default", "on", "off"), default="default",
-                   help="TRL's activation checkpointing for DPO and GRPO: default = TRL's (on), as the reference "
+                   help="TRL's activation checkpointing for DPO, GRPO and RM: default = TRL's (on), as the reference "
                         "measurements (SFT: always off, as the reference measurements)")
-    g = p.add_argument_group("GRPO (the reference GRPO workload)")
-    g.add_argument("--grpo-batch-size", type=int, default=32, help="sequences per optimizer step (default: 32)")
+    g = p.add_argument_group("GRPO (the reference GRPO workload) and PPO (its prompts, one completion each; rounds "
+                             "for steps)")
+    g.add_argument("--grpo-batch-size", type=int, default=32,
+                   help="sequences per optimizer step (PPO: prompts per round; default: 32)")
     g.add_argument("--group", type=int, default=8, help="completions per prompt (default: 8)")
     g.add_argument("--prompt-len", type=int, default=128, help="prompt words = tokens (default: 128)")
     g.add_argument("--new-tokens", type=int, default=256, help="most new tokens per completion (default: 256)")
-    g.add_argument("--grpo-steps", type=int, default=3, help="measured optimizer steps (default: 3)")
-    g.add_argument("--grpo-warmup", type=int, default=1, help="warm-up optimizer steps (default: 1)")
+    g.add_argument("--grpo-steps", type=int, default=3, help="measured optimizer steps (PPO: rounds; default: 3)")
+    g.add_argument("--grpo-warmup", type=int, default=1, help="warm-up optimizer steps (PPO: rounds; default: 1)")
     g.add_argument("--rollout", choices=("hf", "vllm"), default="hf",
                    help="our rollout engine (the grpo stage's rollout.engine; default: hf)")
     g.add_argument("--steps-per-rollout", type=int, default=1,
@@ -88,6 +91,9 @@ def _bad_arguments(a, objectives: list[str], peers: list[str]) -> str | None:
                                  or a.grpo_steps % k or a.grpo_warmup < 0):
         return ("GRPO needs --group ≥ 2 dividing --grpo-batch-size, --new-tokens, --prompt-len, "
                 "--grpo-steps ≥ 1, and --grpo-steps and --grpo-warmup multiples of --steps-per-rollout")
+    if "ppo" in objectives and (min(a.grpo_batch_size, a.new_tokens, a.prompt_len, a.grpo_steps) < 1
+                                or a.grpo_warmup < 0):
+        return "PPO needs --grpo-batch-size, --new-tokens, --prompt-len, --grpo-steps ≥ 1 and --grpo-warmup ≥ 0"
     return None
 
 
@@ -103,6 +109,11 @@ def _workloads(a) -> dict[str, dict]:
                  "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "steps_per_rollout": a.steps_per_rollout},
     }
     workload["psft"] = workload["sft"]
+    workload["rm"] = workload["dpo"]
+    workload["ppo"] = {"bs": a.grpo_batch_size, "steps": a.grpo_steps * PPO_EPOCHS,
+                       "warmup": a.grpo_warmup * PPO_EPOCHS, "rounds": a.grpo_steps, "warmup_rounds": a.grpo_warmup,
+                       "ppo_epochs": PPO_EPOCHS, "rollout": "hf", "prompt_len": a.prompt_len,
+                       "new_tokens": a.new_tokens}
     return workload
 
 
@@ -127,22 +138,27 @@ def _run(a, objectives: list[str], peers: list[str], emit) -> bool:
     rows = workload_rows(SIZES[a.size]["vocab_size"], a.batch_size * (a.warmup + a.steps + 2), a.min_len, a.max_len)
     examples = [row_example(r) for r in rows]
     peer_fns = {"sft": lambda: run_trl(a, rows, examples, dev), "dpo": lambda: run_trl_dpo(a, dev),
-                "grpo": lambda: run_trl_grpo(a, dev)}
+                "grpo": lambda: run_trl_grpo(a, dev), "rm": lambda: run_trl_rm(a, dev)}
     peer_rates: dict[str, float] = {}
     if "trl" in peers:
         for obj in dict.fromkeys("sft" if o == "psft" else o for o in objectives):
+            if obj == "ppo":  # no peer to run (docs/bench.md): our line says why
+                continue
             res = _measure(f"trl_{obj}", a.size, peer_fns[obj])
             if RATE[obj][0] in res:
                 peer_rates[f"trl_{obj}"] = res[RATE[obj][0]]
             emit({"what": f"trl_{obj}", **common, **workload[obj], **res})
     failed = False
     with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as work:
-        if {"dpo", "grpo"} & set(objectives):
-            save_model(a.size, os.path.join(work, "model"))
+        if {"dpo", "grpo", "rm", "ppo"} & set(objectives):
+            with contextlib.redirect_stdout(sys.stderr):  # saving may import DeepSpeed, whose logger prints
+                save_model(a.size, os.path.join(work, "model"))
         ours = {"sft": lambda: run_ours(a, "sft", examples, dev, token_budget),
                 "psft": lambda: run_ours(a, "psft", examples, dev, token_budget),
                 "dpo": lambda: run_ours_dpo(a, work, dev, token_budget),
-                "grpo": lambda: run_ours_grpo(a, work, dev, token_budget)}
+                "grpo": lambda: run_ours_grpo(a, work, dev, token_budget),
+                "rm": lambda: run_ours_rm(a, work, dev, token_budget),
+                "ppo": lambda: run_ours_ppo(a, work, dev, token_budget)}
         for obj in objectives:
             res = _measure(f"posttrain_{obj}", a.size, ours[obj])
             failed |= "error" in res
@@ -150,6 +166,8 @@ def _run(a, objectives: list[str], peers: list[str], emit) -> bool:
             if vs in peer_rates and key in res:
                 res["speedup_vs_trl"] = res[key] / peer_rates[vs]
                 res["vs"] = vs
+            if obj == "ppo" and "trl" in peers:
+                res["peer"] = trl_ppo_missing()
             emit({"what": f"posttrain_{obj}", **common, **workload[obj], **res})
     return failed
 

@@ -141,3 +141,97 @@ def run_ours_grpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
             else "vllm", "sync_s": sum(r.get("rollout/sync_s", 0.0) for r in measured),
             "logprob_diff_max": max(r.get("rollout/logprob_diff_max", 0.0) for r in measured),
             "reward": measured[-1]["reward"]}
+
+
+# ---- the reward-model and PPO rows (rm, ppo) ------------------------------------------------------------------------
+
+PPO_EPOCHS = 4
+"""PPO passes over each round: the ppo stage's default (preset ppo; a test checks), so a round is PPO_EPOCHS
+optimizer steps. A constant: the bench's command line does not import the stages before measuring."""
+
+
+def rl_stage_config(a, objective: str, token_budget: int, model: str, data: str, out: str):
+    """The config our side runs `objective` (rm or ppo) with, from the bench arguments `a`, read as a user's YAML
+    is (as `stage_config` does for the others). rm: the reward_model stage on the DPO pairs, none held out. ppo: the
+    ppo stage on the GRPO prompts, one completion each, its defaults otherwise (preset ppo, a KL penalty to the
+    starting policy, a critic from the policy), scoring with BENCH_REWARDS."""
+    from components.config import from_mapping
+
+    if objective == "rm":
+        from components.reward_model.main import RewardModelConfig
+
+        total = a.warmup + a.steps
+        return from_mapping(RewardModelConfig, {
+            "model": model, "output_dir": out, "train_data": data, "max_length": a.max_len + 1, "eval_fraction": 0.0,
+            "train": {"max_steps": total, "batch_size": a.batch_size, "token_budget": token_budget, "lr": 1e-6,
+                      "seed": 0, "log_every": total}})
+    if objective == "ppo":
+        from components.ppo.main import PPOConfig
+
+        total = (a.grpo_warmup + a.grpo_steps) * PPO_EPOCHS
+        return from_mapping(PPOConfig, {
+            "model": model, "output_dir": out, "prompts": {"path": data}, "rewards": BENCH_REWARDS,
+            "ppo_epochs": PPO_EPOCHS, "num_minibatches": 1,
+            "sampling": {"max_new_tokens": a.new_tokens, "generation_batch_size": a.grpo_batch_size},
+            "train": {"max_steps": total, "batch_size": a.grpo_batch_size, "token_budget": token_budget,
+                      "lr": 1e-6, "seed": 0, "log_every": total}})
+    raise ValueError(f"no stage for objective {objective!r}")
+
+
+def run_ours_rm(a, work: str, dev: torch.device, token_budget: int) -> dict:
+    """The reward_model stage on the reference DPO pairs: a scalar head on the random-init model, each pair's
+    chosen and rejected sequence in one packed row, scored at its last token (EOS)."""
+    from components.reward_model.main import run
+    from pipelines.bench.workloads import rm_pair_row
+
+    total = a.warmup + a.steps
+    rows = dpo_rows(SIZES[a.size]["vocab_size"], a.batch_size * (total + 2), a.max_len)
+    out = os.path.join(work, "rm")
+    data = _jsonl(os.path.join(work, "rm_pairs.jsonl"), [rm_pair_row(r) for r in rows])
+    cfg = rl_stage_config(a, "rm", token_budget, model=os.path.join(work, "model"), data=data, out=out)
+    rss_reset = reset_peaks(dev)
+    run(cfg)
+    mem = peaks(dev, rss_reset)
+    measured = _metrics(out)[a.warmup:]
+    pairs = a.batch_size * len(measured)
+    sec = sum(r["step_time_s"] for r in measured)
+    tokens = int(sum(r["tokens"] for r in measured))
+    flops = sum(r["flops"] for r in measured)  # the scalar-head model, as the stage counts it
+    return {**rates(tokens, sec, flops, len(measured), dev), **mem, "pairs_per_s": pairs / sec, "tokens": tokens,
+            "token_budget": token_budget, "weights": "fp32", "autocast": "bf16" if dev.type == "cuda" else None,
+            "accuracy": measured[-1]["accuracy"], "final_loss": measured[-1]["loss"]}
+
+
+def run_ours_ppo(a, work: str, dev: torch.device, token_budget: int) -> dict:
+    """The ppo stage on the reference GRPO prompts: rounds of --grpo-batch-size prompts, one completion each, each
+    round PPO_EPOCHS optimizer steps of the actor and of the critic; --grpo-warmup rounds, then --grpo-steps
+    measured."""
+    from components.ppo.main import run
+
+    cfg_size = SIZES[a.size]
+    prompts = grpo_prompts(cfg_size["vocab_size"], a.batch_size * 4 * (a.warmup + a.steps + 2), a.prompt_len)
+    out = os.path.join(work, "ppo")
+    data = _jsonl(os.path.join(work, "ppo_prompts.jsonl"), prompts)
+    cfg = rl_stage_config(a, "ppo", token_budget, model=os.path.join(work, "model"), data=data, out=out)
+    rss_reset = reset_peaks(dev)
+    run(cfg)
+    mem = peaks(dev, rss_reset)
+    measured = _metrics(out)[a.grpo_warmup * PPO_EPOCHS:]
+    first_of_round = measured[::PPO_EPOCHS]
+    sec = sum(r["step_time_s"] for r in measured)  # a round's first step holds its rollout
+    completion = int(sum(r["trained_tokens"] for r in first_of_round))  # one minibatch: every sampled token
+    tokens = int(sum(r["tokens"] for r in measured))
+    # FLOPs: the actor's training (what the loop counts), the critic's (the same backbone, a scalar head instead of
+    # the LM head: 6·(P_actor − P_critic) less per token), and per round one forward (⅓ of a training pass) of every
+    # sequence by the sampler, the reference and the critic
+    actor = sum(r["flops"] for r in measured)
+    lm_head_less = 6 * (cfg_size["vocab_size"] - 1) * cfg_size["hidden_size"]
+    critic = actor - lm_head_less * tokens
+    round_actor = sum(r["flops"] for r in first_of_round)
+    round_critic = round_actor - lm_head_less * sum(r["tokens"] for r in first_of_round)
+    flops = actor + critic + (2 * round_actor + round_critic) / 3
+    return {**rates(tokens, sec, flops, len(measured), dev), **mem, "completion_tokens_per_s": completion / sec,
+            "completion_tokens": completion, "tokens": tokens,
+            "rollout_s": sum(r["rollout_s"] for r in first_of_round), "token_budget": token_budget,
+            "weights": "fp32", "autocast": "bf16" if dev.type == "cuda" else None,
+            "rollout_cache": "static" if dev.type == "cuda" else "dynamic", "reward": first_of_round[-1]["reward"]}

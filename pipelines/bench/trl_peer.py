@@ -292,3 +292,62 @@ def _same_tokens(dataset, examples: list) -> bool:
         if trained != list(range(ex.completion_start, len(ex))):
             return False
     return True
+
+
+def run_trl_rm(a, dev: torch.device) -> dict:
+    """TRL's RewardTrainer on the same pairs as our reward_model stage: the same random-init model with a scalar head
+    (AutoModelForSequenceClassification, num_labels 1, the head drawn with seed 0), the same pairs per step, TRL's
+    default activation checkpointing (see --peer-checkpointing); checked to see the same tokens (`same_tokens`)."""
+    try:
+        import datasets
+        from transformers import AutoModelForSequenceClassification
+        from trl import RewardConfig, RewardTrainer
+    except ImportError:
+        return {"error": TRL_MISSING}
+    from components.training.flops import training_flops
+    from pipelines.bench.workloads import PAD_ID, rm_pair_row, save_model
+
+    total = a.warmup + a.steps
+    rows = dpo_rows(SIZES[a.size]["vocab_size"], a.batch_size * (total + 2), a.max_len)
+    dtype = torch.bfloat16 if _peer_bf16(a, dev) else torch.float32
+    with tempfile.TemporaryDirectory(prefix="posttrain-bench-trl-model-") as path:
+        save_model(a.size, path)
+        torch.manual_seed(0)  # the new head, as our stage draws it (train.seed 0)
+        rss_reset = reset_peaks(dev)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=PAD_ID,
+                                                                   dtype=dtype)
+    out = tempfile.TemporaryDirectory(prefix="posttrain-bench-trl-")
+    args, checkpointing = _trl_args(RewardConfig, a, dev, out.name, _peer_checkpointing(a), max_steps=total,
+                                    per_device_train_batch_size=a.batch_size, max_length=a.max_len + 1,
+                                    learning_rate=1e-6)
+    clock = _clock(a.warmup, dev)
+    with _no_fingerprints():
+        tr = RewardTrainer(model=model, args=args, processing_class=peer_tokenizer(SIZES[a.size]["vocab_size"]),
+                           train_dataset=datasets.Dataset.from_list([rm_pair_row(r) for r in rows]), callbacks=[clock])
+    ds = tr.train_dataset
+    same = len(ds) == len(rows) and all(
+        (d["chosen_ids"], d["rejected_ids"]) == (prompt + chosen, prompt + rejected)
+        for d, (prompt, chosen, rejected) in zip(ds, map(pair_ids, rows)))
+    batches = _count_batches(tr, lambda fs: [len(f[k]) for f in fs for k in ("chosen_ids", "rejected_ids")])
+    mem = _train_peer(tr, out, dev, rss_reset)
+    measured = _measured(batches, a.warmup, total)
+    sec = clock.seconds
+    tokens = sum(sum(b) for b in measured)
+    flops = sum(training_flops(model, b) for b in measured)
+    res = {**rates(tokens, sec, flops, a.steps, dev), **mem, "pairs_per_s": a.batch_size * a.steps / sec,
+           "tokens": tokens, "weights": "bf16" if dtype == torch.bfloat16 else "fp32", "same_tokens": same,
+           "activation_checkpointing": checkpointing, **_trl_versions()}
+    del tr, model
+    return res
+
+
+def trl_ppo_missing() -> str:
+    """Why the ppo row has no peer: TRL (1.x) has no PPO trainer, neither in trl nor in trl.experimental."""
+    try:
+        import trl
+    except ImportError:
+        return TRL_MISSING
+    experimental = os.path.join(os.path.dirname(trl.__file__), "experimental")  # not imported: it warns
+    if hasattr(trl, "PPOTrainer") or os.path.isdir(os.path.join(experimental, "ppo")):
+        return f"trl {trl.__version__} has a PPO trainer, but no peer for it is written yet"
+    return f"none: trl {trl.__version__} has no PPO trainer (neither trl nor trl.experimental)"

@@ -107,6 +107,13 @@ def peer_pair_row(row: dict) -> dict:
     return {"prompt": row["prompt"], "chosen": " " + row["chosen"] + " t2", "rejected": " " + row["rejected"] + " t2"}
 
 
+def rm_pair_row(row: dict) -> dict:
+    """The row as our reward_model stage and TRL's RewardTrainer read it: both score prompt + completion as one
+    string (no chat template) and neither appends EOS to a completion that ends with it, so each completion is
+    separated from the prompt and ends with " t2": prompt ids + completion ids + EOS, scored at the EOS."""
+    return peer_pair_row(row)
+
+
 def save_model(size: str, path: str) -> str:
     """The random-init model and the peer tokenizer as a Hugging Face directory (what stages load)."""
     model = build_model(size)

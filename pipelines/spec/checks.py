@@ -162,9 +162,7 @@ class Checker:
                         raise self.error("promotion", f"missing; {REQUIRED_TEXT[key]}")
                     raise self.error(path, f"{st.stage!r} is invalid: {REQUIRED_TEXT[key]}")
             self.scale(i, st, kind)
-            if kind.kind == "sample" and st.resources is not None and st.resources.gpus > 1:
-                raise self.error(f"stages[{i}].resources.gpus", f"{st.resources.gpus} is invalid for the {st.stage} "
-                                                               "stage: it runs one process on one accelerator (1)")
+            self.tensor_parallel(i, st)
             for inp in kind.inputs.values():
                 if inp.feed not in provided and not inp.optional:
                     makers = [s.name for s in STAGES.values() if any(inp.feed in o.provides
@@ -181,7 +179,7 @@ class Checker:
         if not resources.multi_node:
             return
         where = f"stages[{i}].resources" if st.resources is not None else "resources"
-        if kind.kind != "train":
+        if not kind.multi_node:
             raise self.error(f"{where}.max_nodes", f"{resources.most_nodes} is invalid for the {st.stage} stage: "
                                                     "only a training stage runs on several nodes (1)")
         modes = self.spec.storage.workspace_access_modes
@@ -189,6 +187,18 @@ class Checker:
             raise self.error("storage.workspace_access_modes",
                              f"{modes} is invalid: {st.stage} may run on {resources.most_nodes} nodes, which all "
                              "mount the run's workspace (its checkpoints) at once: add ReadWriteMany")
+
+    def tensor_parallel(self, i: int, st: Stage) -> None:
+        """rollout.tensor_parallel_size must divide the stage's processes, one per accelerator: each engine takes
+        that many whole accelerators of the node."""
+        rollout = st.settings.get("rollout") if isinstance(st.settings, dict) else None
+        size = rollout.get("tensor_parallel_size", 1) if isinstance(rollout, dict) else 1
+        gpus = self.spec.stage_resources(st).gpus
+        if isinstance(size, int) and not isinstance(size, bool) and size > 1 and max(gpus, 1) % size:
+            where = f"stages[{i}].resources.gpus" if st.resources is not None else "resources.gpus"
+            raise self.error(f"stages[{i}].settings.rollout.tensor_parallel_size",
+                             f"{size} is invalid: a divisor of the stage's accelerators ({where}: {gpus}); each "
+                             f"engine takes {size} of them, one process each")
 
     def data_needed(self, path: str, kind: StageKind, shapes: set[str], provided: set[str]) -> None:
         need = kind.trains_on
@@ -262,7 +272,8 @@ class Checker:
         settings = evaluate.settings if evaluate else {}
         names = reward_names or [r["name"] for r in default_reward_specs(suites)]
         known = sorted(metric_names(suites, settings.get("k", [1]), names, kl_to_base=True,
-                                    heldout=settings.get("heldout_text") is not None))
+                                    heldout=settings.get("heldout_text") is not None,
+                                    teacher_forced=settings.get("teacher_forced", True) is not False))
         for path, metric in [("promotion.metric", rule.metric)] + [
                 (f"promotion.guards[{i}].metric", g.metric) for i, g in enumerate(rule.guards)]:
             if metric not in known:

@@ -67,10 +67,11 @@ class Resources:
     """The accelerator's extended resource name, e.g. nvidia.com/gpu or amd.com/gpu; pick the model of
     accelerator with node_selector (e.g. nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3)."""
     gpus: int = 0
-    """Accelerators per pod (per node of a multi-node stage); needs `accelerator`. With more than one, a training
-    stage (sft, psft, sft_kl, dpo, grpo) runs under torchrun with one rank per accelerator (DeepSpeed ZeRO); the
-    run parameter <stage>_gpus_per_node (default this) may lower it to as few as 1. reward_scoring and evaluate
-    run one process and take at most 1."""
+    """Accelerators per pod (per node of a multi-node stage); needs `accelerator`. With more than one, a stage runs
+    under torchrun with one rank per accelerator: a training stage (sft, psft, sft_kl, dpo, grpo, ...) under
+    DeepSpeed ZeRO, reward_scoring and evaluate each rank sampling a shard of the prompts (with the vllm engine,
+    groups of rollout.tensor_parallel_size ranks share one engine: it must divide this). The run parameter
+    <stage>_gpus_per_node (default this) may lower it to as few as 1."""
     cpu: str | None = None
     """CPU request and limit, a Kubernetes quantity: "8" or "500m"."""
     memory: str | None = None
@@ -351,8 +352,9 @@ class Spec:
     promotion: Promotion | None = None
     """The rule register applies to promote its new version (needed when a register stage exists)."""
     resources: Resources = field(default_factory=Resources)
-    """Where the GPU-image stages run unless a stage sets its own; reward_scoring and evaluate take one of its
-    accelerators (they run one process) with its cpu and memory: give them their own resources to size those."""
+    """Where the GPU-image stages run unless a stage sets its own; reward_scoring and evaluate take one node of it
+    (its accelerators, cpu and memory, one process per accelerator): give them their own resources to size
+    those."""
     runtime_resources: Resources = field(default_factory=lambda: Resources(cpu="1", memory="4Gi"))
     """Where the CPU steps run: preflight, data_prep, register, the promotion, the closing step."""
     images: Images = field(default_factory=Images)
@@ -389,8 +391,8 @@ class Spec:
         kind = get_stage(stage.stage).kind
         if kind == "cpu":
             return self.runtime_resources
-        if kind == "sample" and (self.resources.gpus > 1 or self.resources.multi_node):  # one accelerator, one node
-            return dataclasses.replace(self.resources, gpus=min(1, self.resources.gpus), nodes=1, max_nodes=None)
+        if kind == "sample" and self.resources.multi_node:  # one node
+            return dataclasses.replace(self.resources, nodes=1, max_nodes=None)
         return self.resources
 
     def runtime_defaults(self, stage: Stage) -> dict:

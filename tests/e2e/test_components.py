@@ -123,3 +123,33 @@ def test_register_decides_and_the_gate_promotes(tiny_model_dir, tmp_path, monkey
     decision, third = version(3, 0.45)
     assert decision == "promote" and str(client.get_model_version_by_alias("demo", "champion").version) == "3"
     assert "**Decision: promote**" in (tmp_path / "card3.md").read_text()
+
+
+def test_reward_scoring_component_runs_on_two_processes(tiny_model_dir, tmp_path, monkeypatch):
+    """nproc 2: the step runs the stage under torchrun (gloo on CPU), rank 0 writes the artifact's three files
+    and the metrics come from its stats.json."""
+    from components.reward_scoring.component import reward_scoring
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    data = tmp_path / "data"
+    write_jsonl(data / "prompts.train.jsonl", [{"prompt": r["prompt"], "answer": r["answer"], "task": "arithmetic"}
+                                               for r in get_task("arithmetic").generate(6, seed=0)])
+    scored = dsl.Dataset(name="scored", uri=str(tmp_path / "scored"))
+    metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"))
+    settings = {"num_samples": 2, "sampling": {"max_new_tokens": 4, "temperature": 1.5}}
+    reward_scoring.python_func(model=dsl.Model(name="m", uri=str(tiny_model_dir)),
+                               data=dsl.Dataset(name="d", uri=str(data)), settings=json.dumps(settings),
+                               rewards=json.dumps([{"name": "task"}, {"name": "length", "max_length": 4, "cache": 4}]),
+                               stage="reward_scoring", tracking_uri="", parent_run_id="", s3_endpoint="", nproc=2,
+                               launch='{"max_nodes": 1, "max_nproc": 2}', scored=scored, metrics=metrics)
+    assert sorted(p.name for p in Path(scored.path).iterdir()) == ["pairs.jsonl", "scored.jsonl", "stats.json"]
+    assert len((Path(scored.path) / "scored.jsonl").read_text().splitlines()) == 12
+    assert metrics.metadata["prompts"] == 6 and metrics.metadata["samples"] == 12
+    with pytest.raises(ValueError, match="reward_scoring_gpus_per_node=3 is invalid: between 1 and 2"):
+        reward_scoring.python_func(model=dsl.Model(name="m", uri=str(tiny_model_dir)),
+                                   data=dsl.Dataset(name="d", uri=str(data)), settings=json.dumps(settings),
+                                   rewards="[]", stage="reward_scoring", tracking_uri="", parent_run_id="",
+                                   s3_endpoint="", nproc=3, launch='{"max_nodes": 1, "max_nproc": 2}', scored=scored,
+                                   metrics=metrics)

@@ -28,8 +28,9 @@ def arithmetic_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 # Held-out accuracy on these pairs is measured, not asserted here: from the random-init tiny model it stayed at
-# chance (0.48 after 300 steps, ~410 s on 2 shared cores; the issue's 0.85 floor is not reached). This test checks
-# the stage's contract in a few steps.
+# chance (0.48 after 300 steps, ~410 s on 2 shared cores; the issue's 0.85 floor is not reached; the rlhf-demo's
+# head logprob from the SFT model reaches it, README "RLHF on the tiny model"). This test checks the stage's
+# contract in a few steps.
 def test_reward_model_trains_reports_held_out_metrics_and_loads_as_a_reward(tiny_model_dir, tmp_path):
     write_jsonl(tmp_path / "pairs.jsonl", arithmetic_pairs(2000))
     cfg = from_mapping(RewardModelConfig, {
@@ -74,3 +75,45 @@ def test_reward_model_bad_pairs_and_a_model_without_a_head(tiny_model_dir, tmp_p
         build_rewards([{"name": "reward_model", "uri": str(tiny_model_dir)}], where="rewards").score(
             ["1+1="], ["2"], [None], [None])
     assert "\n" not in str(e.value) and str(tiny_model_dir) in str(e.value)
+
+
+def test_logprob_head_is_scored_by_the_reward_as_trained_and_starts_a_critic(tiny_model_dir, tmp_path):
+    """head logprob: β times the model's summed completion log-probs is the score; the saved directory says so, the
+    `reward_model` reward scores the held-out pairs exactly as the stage's eval did, and ppo's critic starts from
+    its weights with a value head at zero."""
+    import torch
+
+    from components.ppo.main import PPOConfig, load_critic
+    from components.rewards.reward_model import reward_head
+
+    pairs = arithmetic_pairs(300)
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    cfg = from_mapping(RewardModelConfig, {
+        "model": str(tiny_model_dir), "train_data": str(tmp_path / "pairs.jsonl"), "output_dir": str(tmp_path / "rm"),
+        "head": "logprob", "beta": 2.5, "eval_fraction": 0.2,
+        "train": {"max_steps": 3, "batch_size": 16, "lr": 1e-3, "token_budget": 1024, "log_every": 50}})
+    summary = run_rm(cfg)
+    model_dir = tmp_path / "rm" / "model"
+    assert reward_head(model_dir) == "logprob" and summary["eval_pairs"] > 20
+
+    held = [p for p in pairs if held_out(p["prompt"], 0.2)]
+    reward = build_rewards([{"name": "reward_model", "uri": str(model_dir), "batch_size": 7}], where="rewards")
+    prompts, none = [p["prompt"] for p in held], [None] * len(held)
+    chosen, _ = reward.score(prompts, [p["chosen"] for p in held], none, none)
+    rejected, _ = reward.score(prompts, [p["rejected"] for p in held], none, none)
+    assert all(x < 0 for x in chosen + rejected)  # sums of log-probs
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    assert sum(m > 0 for m in margins) / len(held) == pytest.approx(summary["eval/accuracy"])
+    assert sum(margins) / len(held) == pytest.approx(summary["eval/margin"], abs=1e-4)
+    assert sum(chosen + rejected) / (2 * len(held)) == pytest.approx(summary["eval/mean_reward"], abs=1e-4)
+
+    ppo = from_mapping(PPOConfig, {"model": str(tiny_model_dir), "output_dir": str(tmp_path / "ppo"),
+                                   "prompts": {"task": "arithmetic"},
+                                   "rewards": [{"name": "reward_model", "uri": str(model_dir)}]})
+    assert ppo.critic_init == "reward_model"
+    critic = load_critic(ppo, 0)
+    assert torch.count_nonzero(critic.score.weight) == 0 and critic.config.reward_head == "scalar"
+    from safetensors.torch import load_file
+    trained = load_file(str(model_dir / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(critic.base_model.state_dict()[name.removeprefix("model.")], trained[name])

@@ -12,6 +12,7 @@ from components.training.batching import (
     encode_example,
     micro_batches,
     pack_sequences,
+    pair_groups,
     sequence_sums,
 )
 from components.training.loop import forward_logprobs
@@ -65,7 +66,7 @@ def test_collate_masks_only_completion_targets_within_a_sequence():
     exs = [Example([10, 11, 12, 13], 2), Example([20, 21, 22], 1)]
     b = collate_packed(exs, [[0, 1]], pad_id=0, width=8)
     assert b.input_ids.tolist() == [[10, 11, 12, 13, 20, 21, 22, 0]]
-    assert b.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]  # padding continues the last sequence
     # position t predicts t+1: seq 0 trains targets 12, 13; seq 1 trains 21, 22; nothing across the boundary
     assert b.targets[0, :4].tolist() == [11, 12, 13, 0]
     assert b.loss_mask.tolist() == [[0, 1, 1, 0, 1, 1, 0, 0]]
@@ -93,3 +94,20 @@ def test_micro_batches_rows_fit_the_longest_sequence_and_the_budget():
 def test_no_examples_make_no_micro_batches():
     # a rank whose shard of a step is empty (batch_size < world size) packs nothing
     assert micro_batches([], 64, pad_id=0) == []
+
+
+def test_a_pair_shares_a_micro_batch_in_rows_of_single_sequences():
+    # DPO's chosen and rejected: one micro-batch (their loss couples them), but each in a row of its own when the
+    # two do not fit one, so attention costs 2·n² instead of (2n)²; a one-sequence row has no position restart
+    exs = [Example(list(range(3, 3 + n)), 1) for n in (9, 7, 8, 8, 3, 2, 16, 5)]
+    groups = pair_groups(len(exs))
+    mbs = micro_batches(exs, 40, pad_id=0, groups=groups)
+    assert all(mb.input_ids.shape[1] == 16 for mb in mbs)
+    where = {i: b for b, mb in enumerate(mbs) for i in set(mb.seq_index.flatten().tolist()) - {-1}}
+    assert sorted(where) == list(range(len(exs)))
+    assert all(where[c] == where[r] for c, r in groups)
+    assert sum(mb.num_tokens for mb in mbs) == sum(len(e) for e in exs)
+    for mb in mbs:
+        for row_pos, row_seq in zip(mb.position_ids.tolist(), mb.seq_index.tolist()):
+            if len(set(row_seq) - {-1}) == 1:
+                assert row_pos == list(range(len(row_pos)))

@@ -17,6 +17,7 @@ from pipelines.bench.workloads import (
     pair_ids,
     peer_row,
     peer_tokenizer,
+    rm_pair_row,
     row_example,
     save_model,
     stage_pair_row,
@@ -68,9 +69,9 @@ def test_mfu_with_peak_from_environment(capsys, monkeypatch):
 
 
 def test_unknown_objective_names_the_known_ones(capsys):
-    assert main(SMALL + ["--objectives", "sft,ppo"]) == 2
+    assert main(SMALL + ["--objectives", "sft,kto"]) == 2
     err = capsys.readouterr().err
-    assert "ppo" in err and "sft, psft, dpo, grpo" in err
+    assert "kto" in err and "sft, psft, dpo, grpo, rm, ppo" in err
 
 
 def test_table_without_json(capsys):
@@ -198,3 +199,60 @@ def test_small_size_is_25m_parameters_over_the_tiny_vocabulary():
 
     assert SIZES["small"]["vocab_size"] == SIZES["tiny"]["vocab_size"]
     assert 24e6 < sum(p.numel() for p in build_model("small").parameters()) < 26e6
+
+
+def test_json_lines_for_rm_and_ppo(capsys):
+    assert main(RL + ["--objectives", "rm,ppo"]) == 0
+    rm, ppo = _lines(capsys)
+    assert rm["what"] == "posttrain_rm" and "error" not in rm, rm
+    # the DPO workload: 2 measured steps × 8 pairs × (chosen, rejected) of 16 prompt + 16 completion words + EOS
+    assert rm["tokens"] == 2 * 8 * 2 * 33 and (rm["bs"], rm["steps"], rm["prompt_len"]) == (8, 2, 16)
+    assert rm["pairs_per_s"] == pytest.approx(2 * 8 / (2 * rm["sec_per_step"]))
+    assert rm["tokens_per_s"] == pytest.approx(rm["tokens"] / (2 * rm["sec_per_step"]))
+    assert 0 <= rm["accuracy"] <= 1 and "speedup_vs_trl" not in rm
+    assert ppo["what"] == "posttrain_ppo" and "error" not in ppo, ppo
+    # 2 measured rounds of 16 prompts, one completion each, 4 optimizer steps per round
+    assert (ppo["bs"], ppo["rounds"], ppo["steps"], ppo["ppo_epochs"], ppo["new_tokens"]) == (16, 2, 8, 4, 12)
+    assert 2 * 16 <= ppo["completion_tokens"] <= 2 * 16 * 12
+    # each of the 8 steps trains every sequence of its round: 16 prompt tokens + its completion
+    assert ppo["tokens"] == 4 * (2 * 16 * 16 + ppo["completion_tokens"])
+    assert ppo["completion_tokens_per_s"] == pytest.approx(ppo["completion_tokens"] / (8 * ppo["sec_per_step"]))
+    assert 0 < ppo["rollout_s"] < 8 * ppo["sec_per_step"]
+    assert "peer" not in ppo and "speedup_vs_trl" not in ppo
+
+
+def test_ppo_row_runs_the_stage_defaults():
+    from components.ppo.main import PRESETS
+    from pipelines.bench.ours import PPO_EPOCHS
+
+    assert (PPO_EPOCHS, 1) == (PRESETS["ppo"]["ppo_epochs"], PRESETS["ppo"]["num_minibatches"])
+
+
+def test_rm_stage_reads_the_pair_ids(tmp_path):
+    """What the reward_model stage tokenizes from its JSONL (through the saved tokenizer) is the reference pair
+    word by word plus EOS, scored at the EOS: the ids TRL's RewardTrainer is checked against (same_tokens)."""
+    from components.models import load_tokenizer
+    from components.reward_model.main import encode
+
+    save_model("tiny", str(tmp_path / "model"))
+    tok = load_tokenizer(tmp_path / "model")
+    tok.truncation_side = "left"
+    for row in dpo_rows(512, 6, 64):
+        pair = rm_pair_row(row)
+        prompt, chosen, rejected = pair_ids(row)
+        for completion, ids in ((pair["chosen"], chosen), (pair["rejected"], rejected)):
+            example = encode(tok, pair["prompt"], completion, 65)
+            assert example.input_ids == prompt + ids and example.completion_start == len(prompt + ids) - 1
+            assert example.input_ids[-1] == EOS_ID
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed (pip install -e '.[bench]')")
+def test_trl_rm_peer_and_no_ppo_peer(capsys):
+    assert main(RL + ["--objectives", "rm,ppo", "--peers", "trl"]) == 0
+    trl_rm, rm, ppo = _lines(capsys)  # no trl_ppo line: there is no peer to run
+    assert trl_rm["what"] == "trl_rm" and "error" not in trl_rm, trl_rm
+    assert trl_rm["same_tokens"] is True and trl_rm["tokens"] == rm["tokens"] == 2 * 8 * 2 * 33
+    assert trl_rm["activation_checkpointing"] is True  # TRL's default
+    assert trl_rm["pairs_per_s"] == pytest.approx(2 * 8 / (2 * trl_rm["sec_per_step"]))
+    assert rm["vs"] == "trl_rm" and rm["speedup_vs_trl"] == pytest.approx(rm["pairs_per_s"] / trl_rm["pairs_per_s"])
+    assert ppo["what"] == "posttrain_ppo" and "no PPO trainer" in ppo["peer"] and "speedup_vs_trl" not in ppo

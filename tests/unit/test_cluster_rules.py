@@ -267,20 +267,23 @@ def _pod_requests(executor: dict) -> dict[str, float]:
     return {k: max(v, launcher.get(k, 0.0)) for k, v in main.items()}
 
 
-def test_5_every_gpu_step_is_queued_and_fits_the_quota(cluster, rendered):
+@pytest.mark.parametrize("name, expected", [("cluster", {"sft", "grpo", "evaluate"}),  # psft runs the sft component
+                                            ("cluster_70b_lora", {"evaluate"})])  # the training steps: TrainJobs
+def test_5_every_gpu_step_is_queued_and_fits_the_quota(name, expected, request, rendered):
     """Kueue's pod integration admits a pod by its label kueue.x-k8s.io/queue-name (kubernetes-sigs/kueue
     pkg/controller/constants/constants.go, QueueLabel) naming a LocalQueue of its namespace, against its
     ClusterQueue's nominal quota: a step that asks for more than the quota is never admitted."""
+    compiled = request.getfixturevalue(name)
     resources = rendered["overlays/kueue"]
     local = {r["metadata"]["name"]: r for r in resources if r["kind"] == "LocalQueue"}
     queues = {r["metadata"]["name"]: r for r in resources if r["kind"] == "ClusterQueue"}
     flavors = {r["metadata"]["name"]: r for r in resources if r["kind"] == "ResourceFlavor"}
-    namespace = cluster["spec"].storage.namespace
-    gpu_steps = {n: e for n, e in cluster["executors"].items()
+    namespace = compiled["spec"].storage.namespace
+    gpu_steps = {n: e for n, e in compiled["executors"].items()
                  if e.get("container", {}).get("resources", {}).get("accelerator")}
-    assert {n.removeprefix("exec-") for n in gpu_steps} == {"sft", "grpo", "evaluate"}  # psft runs the sft component
+    assert {n.removeprefix("exec-") for n in gpu_steps} == expected
     for name, executor in gpu_steps.items():
-        labels = cluster["k8s"][name]["podMetadata"]["labels"]
+        labels = compiled["k8s"][name]["podMetadata"]["labels"]
         queue = local[labels[QUEUE_LABEL]]
         assert queue["metadata"]["namespace"] == namespace
         cq = queues[queue["spec"]["clusterQueue"]]
@@ -291,11 +294,31 @@ def test_5_every_gpu_step_is_queued_and_fits_the_quota(cluster, rendered):
         for flavor in group["flavors"]:
             quota = {r["name"]: quantity(r["nominalQuota"]) for r in flavor["resources"]}
             node_labels = flavors[flavor["name"]]["spec"].get("nodeLabels", {})
-            selector = cluster["k8s"][name]["nodeSelector"]["labels"]
+            selector = compiled["k8s"][name]["nodeSelector"]["labels"]
             fits |= all(requests[k] <= quota[k] for k in requests) and node_labels.items() <= selector.items()
         assert fits, f"{name} asks {requests}, more than {cq['metadata']['name']} can admit"
-    for name in set(cluster["executors"]) - set(gpu_steps):  # CPU steps do not take GPU quota
-        assert QUEUE_LABEL not in cluster["k8s"].get(name, {}).get("podMetadata", {}).get("labels", {}), name
+    for name in set(compiled["executors"]) - set(gpu_steps):  # CPU steps do not take GPU quota
+        assert QUEUE_LABEL not in compiled["k8s"].get(name, {}).get("podMetadata", {}).get("labels", {}), name
+
+
+def test_the_70b_evaluate_step_splits_the_model_over_its_node(cluster_70b_lora):
+    """A 70B model in bf16 fits on no single H100: evaluate runs one process per GPU of its node (torchrun, the
+    run parameter evaluate_gpus_per_node, at most the spec's 8) and vLLM splits each model over
+    tensor_parallel_size of them, a divisor of the GPUs (components/training/parallel.py)."""
+    import json
+
+    tasks = _tasks(cluster_70b_lora["pipeline"])
+    (key,) = [k for k in tasks if k.endswith("/evaluate")]
+    parameters = tasks[key]["inputs"]["parameters"]
+    gpus = int(cluster_70b_lora["executors"]["exec-evaluate"]["container"]["resources"]["accelerator"]
+               ["resourceCount"])
+    assert parameters["nproc"]["componentInputParameter"] == "pipelinechannel--evaluate_gpus_per_node"
+    defaults = cluster_70b_lora["pipeline"]["root"]["inputDefinitions"]["parameters"]
+    assert defaults["evaluate_gpus_per_node"]["defaultValue"] == gpus == 8
+    assert json.loads(parameters["launch"]["runtimeValue"]["constant"]) == {"max_nodes": 1, "max_nproc": gpus}
+    settings = json.loads(parameters["settings"]["runtimeValue"]["constant"])
+    assert settings["rollout"]["engine"] == "vllm" and gpus % settings["rollout"]["tensor_parallel_size"] == 0
+    assert settings["rollout"]["tensor_parallel_size"] > 1 and settings["teacher_forced"] is False
 
 
 # --- 6. the pipeline runner -------------------------------------------------------------------------------------

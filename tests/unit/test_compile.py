@@ -88,8 +88,15 @@ def test_gpu_stage_placement(tmp_path):
     assert sft["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert sft["resources"]["accelerator"]["resourceCount"] == "2"
     assert sft["image"] == image("trainer", DEFAULT_REGISTRY, DEFAULT_TAG)
-    # evaluate samples in one process: one accelerator of the same pool
-    assert executor(pipeline, "evaluate")["resources"]["accelerator"]["resourceCount"] == "1"
+    # evaluate takes the pool's node like a training stage: one process per accelerator, each a shard of the prompts
+    assert executor(pipeline, "evaluate")["resources"]["accelerator"]["resourceCount"] == "2"
+    nproc = tasks["evaluate"]["inputs"]["parameters"]["nproc"]
+    assert nproc["componentInputParameter"] == "pipelinechannel--evaluate_gpus_per_node"
+    assert pipeline["root"]["inputDefinitions"]["parameters"]["evaluate_gpus_per_node"]["defaultValue"] == 2
+    assert json.loads(tasks["evaluate"]["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"]) == {
+        "max_nodes": 1, "max_nproc": 2}
+    assert "evaluate_nodes" not in pipeline["root"]["inputDefinitions"]["parameters"]  # one node
+    assert "lr" not in tasks["evaluate"]["inputs"]["parameters"]
     assert executor(pipeline, "register")["image"] == image("runtime", DEFAULT_REGISTRY, DEFAULT_TAG)
     assert "accelerator" not in executor(pipeline, "data-prep").get("resources", {})
     plat = k8s["deploymentSpec"]["executors"]["exec-sft"]
@@ -181,7 +188,8 @@ def test_cluster_runtime_parameters_have_defaults_and_descriptions(tmp_path):
     _, pipeline, _ = compiled(spec, tmp_path)
     params = pipeline["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {"base_model", "data_sources", "psft_lr", "psft_max_steps", "grpo_lr", "grpo_max_steps",
-                           "psft_gpus_per_node", "grpo_gpus_per_node", "tracking_uri", "s3_endpoint"}
+                           "psft_gpus_per_node", "grpo_gpus_per_node", "evaluate_gpus_per_node", "tracking_uri",
+                           "s3_endpoint"}
     for name, _kind, default, _ in pipeline_parameters(spec):
         p = params[name]
         assert p["description"] and p["isOptional"] is True, name

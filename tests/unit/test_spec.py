@@ -250,16 +250,41 @@ def test_guard_direction_reaches_the_promotion_rule(tmp_path):
     assert "promotion.guards[0].direction: 'up' is invalid: max or min" in msg
 
 
-def test_a_sampling_stage_takes_at_most_one_gpu(tmp_path):
+def test_a_sampling_stage_takes_one_node_of_the_pool(tmp_path):
     data = copy.deepcopy(BASE)
-    data["resources"] = {"accelerator": "nvidia.com/gpu", "gpus": 8}
+    data["resources"] = {"accelerator": "nvidia.com/gpu", "gpus": 8, "nodes": 2, "max_nodes": 4}
+    data["storage"] = {"workspace_access_modes": ["ReadWriteMany"]}
     spec = parse_spec(data)
     psft, evaluate = spec.stages[0], spec.stages[1]
-    assert spec.stage_resources(psft).gpus == 8  # the training pool
-    assert spec.stage_resources(evaluate).gpus == 1 and spec.stage_resources(evaluate).accelerator == "nvidia.com/gpu"
+    assert spec.stage_resources(psft).gpus == 8 and spec.stage_resources(psft).most_nodes == 4  # the training pool
+    sampling = spec.stage_resources(evaluate)  # one node of it: one process per accelerator, a shard each
+    assert sampling.gpus == 8 and sampling.accelerator == "nvidia.com/gpu" and not sampling.multi_node
 
-    msg = spec_error(tmp_path, lambda d: d["stages"][1].update(resources={"accelerator": "nvidia.com/gpu", "gpus": 2}))
-    assert "stages[1].resources.gpus: 2 is invalid for the evaluate stage: it runs one process" in msg
+    msg = spec_error(tmp_path, lambda d: d["stages"][1].update(resources={"accelerator": "nvidia.com/gpu", "gpus": 2,
+                                                                          "max_nodes": 2}))
+    assert "stages[1].resources.max_nodes: 2 is invalid for the evaluate stage: only a training stage runs on " \
+           "several nodes" in msg
+
+
+def test_tensor_parallelism_must_divide_the_stages_gpus(tmp_path):
+    def tp(size, gpus=None, engine="vllm"):
+        def change(d):
+            d["stages"][1]["settings"] = {"rollout": {"engine": engine, "tensor_parallel_size": size}}
+            if gpus is not None:
+                d["stages"][1]["resources"] = {"accelerator": "nvidia.com/gpu", "gpus": gpus}
+        return change
+
+    ok = copy.deepcopy(BASE)
+    tp(4, gpus=8)(ok)
+    parse_spec(ok)
+    msg = spec_error(tmp_path, tp(3, gpus=8))
+    assert "stages[1].settings.rollout.tensor_parallel_size: 3 is invalid: a divisor of the stage's accelerators " \
+           "(stages[1].resources.gpus: 8)" in msg
+    msg = spec_error(tmp_path, tp(2))  # no accelerators: one process
+    assert "stages[1].settings.rollout.tensor_parallel_size: 2 is invalid: a divisor of the stage's accelerators " \
+           "(resources.gpus: 0)" in msg
+    msg = spec_error(tmp_path, tp(2, gpus=2, engine="hf"))
+    assert "tensor_parallel_size" in msg and "needs engine: vllm" in msg
 
 
 def test_infinite_learning_rate(tmp_path):

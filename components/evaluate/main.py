@@ -502,11 +502,8 @@ def kfp_metrics(doc: dict) -> dict[str, float]:
 # The stage
 
 def run(cfg: EvaluateConfig) -> dict:
-    world = init_sampling(cfg.rollout.tensor_parallel_size)
-    try:
+    with init_sampling(cfg.rollout.tensor_parallel_size) as world:
         return _run(cfg, world)
-    finally:
-        world.close()
 
 
 def _run(cfg: EvaluateConfig, world: SamplingWorld) -> dict:

@@ -62,6 +62,7 @@ from components.training.rl import (
     prompts_and_rewards,
     reference_model,
     rollout_seed,
+    write_samples,
 )
 from components.training.rollout import Sampling
 
@@ -283,7 +284,9 @@ def _train(cfg: GRPOConfig, session: Session, model, ref_model, tokenizer, promp
         rollout = rollout_round(cfg, session, model, ref_model, tokenizer, prompt_rows, rewards, engine,
                                 round_index=step // cfg.steps_per_round)
         if dist.rank == 0:
-            write_samples(out / "samples.jsonl", rollout, cfg.samples_logged)
+            write_samples(out / "samples.jsonl", rollout, cfg.samples_logged,
+                          lambda sample: {"reward": rollout.rewards[sample],
+                                          "advantage": float(rollout.advantages[sample])})
         # μ passes of optimizer steps over minibatches of this round's (kept) samples
         steps = minibatches(rollout.kept, cfg.num_iterations, cfg.steps_per_round)[:cfg.train.max_steps - step]
         for position, minibatch in enumerate(steps):
@@ -384,18 +387,6 @@ def token_advantages(cfg: GRPOConfig, session: Session, rewards: list[float], ol
     sums = dist.all_reduce_sums({"kl": float((kl * mask).sum()), "tokens": float(mask.sum())})
     metrics = {"kl": sums["kl"] / max(sums["tokens"], 1.0)} if ref_logprobs is not None else {}
     return [advantages[sample, :length] for sample, length in enumerate(lengths)], metrics
-
-
-def write_samples(path: Path, rollout: RolloutRound, count: int) -> None:
-    """Append `count` of the round's scored completions, evenly spaced, to samples.jsonl."""
-    size = len(rollout.examples)
-    with path.open("a") as f:
-        for sample in range(0, size, max(1, size // max(count, 1)))[:count]:
-            row = rollout.rows[sample]
-            f.write(json.dumps({"round": rollout.index + 1, "prompt": row["prompt"],
-                                "completion": rollout.completions[sample], "answer": row.get("answer"),
-                                "reward": rollout.rewards[sample], "advantage": float(rollout.advantages[sample])})
-                    + "\n")
 
 
 def grpo_step(cfg: GRPOConfig, session: Session, model, rollout: RolloutRound, minibatch: list[int], pad_id: int,

@@ -66,6 +66,7 @@ from components.training.rl import (
     prompts_and_rewards,
     reference_model,
     rollout_seed,
+    write_samples,
 )
 from components.training.rollout import Sampling
 
@@ -253,7 +254,9 @@ def _run(cfg: PPOConfig, tracked) -> dict:
         # β for the next round, from this one's KL (this round's rewards already hold the β they were made with)
         kl_ctl.update(rollout.metrics["objective/kl"], int(dist.all_reduce_sum(float(len(rollout.examples)))))
         if dist.rank == 0:
-            _write_samples(out / "samples.jsonl", rollout, cfg.samples_logged)
+            write_samples(out / "samples.jsonl", rollout, cfg.samples_logged, lambda sample: {
+                "score": rollout.scores[sample],
+                "value": float(rollout.values[sample][0]) if len(rollout.values[sample]) else None})
         samples = list(range(len(rollout.examples)))
         steps = minibatches(samples, cfg.ppo_epochs, cfg.steps_per_round)[:cfg.train.max_steps - step]
         for position, minibatch in enumerate(steps):
@@ -398,19 +401,6 @@ def ppo_step(cfg: PPOConfig, session: Session, actor, critic, rollout: PPORound,
     result.sums.update(value_result.sums)
     extra = {"val/grad_norm": value_result.grad_norm, "val/lr": value_result.lr}
     return result, tokens, extra
-
-
-def _write_samples(path: Path, rollout: PPORound, count: int) -> None:
-    """Append `count` of the round's scored completions, evenly spaced, to samples.jsonl."""
-    size = len(rollout.examples)
-    with path.open("a") as f:
-        for sample in range(0, size, max(1, size // max(count, 1)))[:count]:
-            row = rollout.rows[sample]
-            f.write(json.dumps({"round": rollout.index + 1, "prompt": row["prompt"],
-                                "completion": rollout.completions[sample], "answer": row.get("answer"),
-                                "score": rollout.scores[sample],
-                                "value": float(rollout.values[sample][0]) if len(rollout.values[sample]) else None})
-                    + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

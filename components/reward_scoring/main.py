@@ -117,11 +117,8 @@ def merge_shards(parts: list[dict | None]) -> dict:
 
 
 def run(cfg: RewardScoringConfig) -> dict:
-    world = init_sampling(cfg.rollout.tensor_parallel_size)
-    try:
+    with init_sampling(cfg.rollout.tensor_parallel_size) as world:
         return _run(cfg, world)
-    finally:
-        world.close()
 
 
 def _run(cfg: RewardScoringConfig, world: SamplingWorld) -> dict:

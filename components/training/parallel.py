@@ -86,6 +86,12 @@ class SamplingWorld:
         if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
+    def __enter__(self) -> SamplingWorld:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def check_tensor_parallel(tensor_parallel: int, world: int, where: str = "rollout.tensor_parallel_size") -> None:
     """tensor_parallel must divide the stage's processes (each group takes k whole accelerators)."""

@@ -4,7 +4,9 @@ values)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -38,6 +40,18 @@ def reference_model(cfg, policy, device, kl_coef: float):
     if cfg.lora.enabled and not cfg.ref_model:
         return policy
     return cfg.loading.load_model(cfg.ref_model or cfg.model).to(device).eval().requires_grad_(False)
+
+
+def write_samples(path: Path, rollout, count: int, fields: Callable[[int], dict]) -> None:
+    """Append `count` of a round's scored completions, evenly spaced, to samples.jsonl: the round, prompt,
+    completion and answer of each, and `fields(sample)` (the stage's own: reward and advantage, score and value)."""
+    size = len(rollout.examples)
+    with path.open("a") as f:
+        for sample in range(0, size, max(1, size // max(count, 1)))[:count]:
+            row = rollout.rows[sample]
+            f.write(json.dumps({"round": rollout.index + 1, "prompt": row["prompt"],
+                                "completion": rollout.completions[sample], "answer": row.get("answer"),
+                                **fields(sample)}) + "\n")
 
 
 def rollout_seed(seed: int, round_index: int, rank: int) -> int:

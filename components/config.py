@@ -28,6 +28,15 @@ class UserError(ValueError):
     """A mistake in what the user gave (a config, a file, a path): the message says what and where, and the
     command line prints it alone, as one line, with exit status 2 (`--debug` shows the traceback)."""
 
+    MAX_CHARS = 1000
+    """A longer message is cut in the middle (where a quoted value is): its start names the file and the key, its
+    end what is allowed, and a pasted megabyte is never printed back."""
+
+    def __init__(self, message="", *args):
+        if isinstance(message, str) and len(message) > self.MAX_CHARS:
+            message = f"{message[:700]}…[{len(message) - 950} characters cut]…{message[-250:]}"
+        super().__init__(message, *args)
+
 
 class ConfigError(UserError):
     """A config file or mapping is invalid; the message names the file, the key's path and what is allowed."""
@@ -194,12 +203,10 @@ def from_mapping(cls, data: dict, where: str = "config"):
 
 def load_config(cls, path: str | Path):
     """Read a YAML file into config class `cls`."""
+    from components.yamlread import read_yaml  # bounded: no alias bomb, repeated key or deep nesting
+
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read YAML: {e}") from e
-    return from_mapping(cls, data, str(path))
+    return from_mapping(cls, read_yaml(path, ConfigError) or {}, str(path))
 
 
 def merge(base: dict, top: dict) -> dict:
@@ -228,7 +235,9 @@ def stage_main(module_name: str, cls, run, argv: list[str] | None = None):
         cfg = load_config(cls, args.config)
         if getattr(cfg, "output_dir", None):
             check_writable(cfg.output_dir, f"{args.config}: output_dir")
-        return run(cfg)
+        from components.locks import writer_lock  # one writer per output_dir: a second stage is refused at once
+        with writer_lock(getattr(cfg, "output_dir", None), f"{args.config}: output_dir"):
+            return run(cfg)
     except UserError as e:  # the user's to fix: the message (file, key or row, what is allowed), not a traceback
         if args.debug:
             raise

@@ -19,10 +19,22 @@ the bounds the spec declared (resources.max_nodes, resources.gpus) before anythi
 
 A training step gives its stage an output_dir in the run's workspace (<workspace>/<stage>), which outlives a
 failed attempt: a retried step resumes from the stage's last checkpoint instead of starting over.
+
+Models stay in the workspace. KFP's launcher downloads every input artifact into the step pod's own scratch volume
+(`/s3/<bucket>/<key>`, an emptyDir: kubeflow/pipelines backend/src/v2/component/launcher_v2.go, downloadArtifacts)
+and uploads every output from there, so a model passed as an artifact would cross each small pod twice. Instead:
+
+- the base model is imported into the workspace once (dsl.importer(download_to_workspace=True)): its artifact's path
+  is already in the workspace and the launcher does not download it;
+- a training stage's model output (`export_model`) is a pointer to <workspace>/<stage>/model, where the stage wrote
+  it; a step resolves an input model with `model_dir`, which follows the pointer;
+- a stage that runs as a TrainJob reads only the workspace (its nodes mount nothing else): the step copies what its
+  config names outside the workspace (the data files the launcher downloaded) into <workspace>/<stage>/inputs first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -131,8 +143,8 @@ class Step:
         return json.loads(summary.read_text()) if summary.exists() else {}
 
     def _run_trainjob(self, stage, values: dict) -> dict:
-        """The stage as a TrainJob of self.nodes nodes × self.nproc processes (components.trainjob); its config
-        goes to the workspace, which every node mounts."""
+        """The stage as a TrainJob of self.nodes nodes × self.nproc processes (components.trainjob); its config,
+        and every input it names outside the workspace (stage_inputs), go to the workspace, which every node mounts."""
         from components import trainjob
         from components.training.distributed import latest_checkpoint, topology_problem
 
@@ -140,10 +152,11 @@ class Step:
         if latest is not None and (problem := topology_problem(latest, self.nodes, self.nproc)) is not None:
             raise ValueError(f"stage {self.stage}: {problem}")
         placement = trainjob.Placement.from_json(self.launch["trainjob"])
+        workspace = str(self.output_dir.parent)
+        values = stage_inputs(values, workspace, self.output_dir / "inputs")
         config = self.output_dir / "step-config.yaml"
         config.write_text(yaml.safe_dump(values, sort_keys=False))
         client = trainjob.kube_client()
-        workspace = str(self.output_dir.parent)
         pvc = placement.workspace_pvc or trainjob.workspace_claim(client, placement.namespace, workspace)
         run_id = self.kfp_run_id or "local"
         manifest = trainjob.trainjob_manifest(
@@ -210,6 +223,76 @@ def train_step(kind: str, /, *, stage: str, settings: str, lr: float, max_steps:
                 parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc, nodes=nodes, launch=launch,
                 kfp_run_id=kfp_run_id)
     summary = step.run(kind, train={"lr": lr, "max_steps": max_steps}, **wiring)
-    step.export("model", trained_model.path)
+    export_model(step.path("model"), trained_model, stage)
     step.log_metrics(metrics, summary)
     return summary
+
+
+MODEL_POINTER = "posttrain-model.json"
+"""The file of a model artifact that points at the model in the run's workspace (export_model)."""
+
+
+def export_model(model_dir: str, artifact, stage: str) -> None:
+    """A stage's model (in the run's workspace) as the step's output artifact: a pointer to it, not a copy, so the
+    weights do not go through the step pod's scratch volume and the object store (they stay where the next steps
+    read them; the register step logs the final model to MLflow)."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"stage {stage}: expected output {model_dir} (a Hugging Face directory) is missing")
+    Path(artifact.path).mkdir(parents=True, exist_ok=True)
+    pointer = {"workspace_path": str(model_dir), "stage": stage}
+    (Path(artifact.path) / MODEL_POINTER).write_text(json.dumps(pointer, indent=2))
+    shutil.copyfile(config, Path(artifact.path) / "config.json")  # what the model is, for whoever opens the artifact
+    artifact.metadata.update(pointer)
+
+
+def model_dir(artifact) -> str:
+    """The directory of an input model: where its pointer says in the run's workspace, else the artifact itself (the
+    base model, imported into the workspace, or a model a stage exported whole)."""
+    path = artifact if isinstance(artifact, str) else artifact.path
+    pointer = Path(path) / MODEL_POINTER
+    if not pointer.is_file():
+        return path
+    target = json.loads(pointer.read_text())["workspace_path"]
+    if not (Path(target) / "config.json").is_file():
+        raise FileNotFoundError(f"the model {path} points at {target} in the run's workspace, which is missing here: "
+                                "a step that reads a model needs the workspace (a `workspace` parameter)")
+    return target
+
+
+def stage_inputs(values: dict, workspace: str, dest: Path) -> dict:
+    """`values` with every local path outside the workspace that exists here (a file or directory the launcher
+    downloaded to this pod's scratch volume) copied under `dest` in the workspace and replaced by the copy: a
+    TrainJob's nodes mount the workspace and nothing else of this pod."""
+    root = Path(workspace).resolve()
+    copies: dict[str, str] = {}
+
+    def visit(value):
+        if isinstance(value, dict):
+            return {k: visit(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [visit(v) for v in value]
+        if not (isinstance(value, str) and value.startswith("/") and os.path.exists(value)):
+            return value
+        source = Path(value).resolve()
+        if source == root or root in source.parents or source in root.parents:  # inside it, or holding it
+            return value
+        if value not in copies:
+            # named by the source path: an earlier attempt's complete copy is reused (a reattached TrainJob may be
+            # reading it), a partial one (never renamed into place) is not
+            target = dest / hashlib.sha256(value.encode()).hexdigest()[:12] / source.name
+            if not target.exists():
+                partial = target.with_name(f".{target.name}.partial")
+                if partial.exists():
+                    shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                if source.is_dir():
+                    shutil.copytree(source, partial)
+                else:
+                    shutil.copyfile(source, partial)
+                partial.rename(target)
+                log.info("copied %s into the workspace (%s): the TrainJob's nodes read it there", value, target)
+            copies[value] = str(target)
+        return copies[value]
+
+    return visit(values)

@@ -26,7 +26,16 @@ retried with backoff until it succeeds. Memory stays bounded however long the ou
 on disk, the thread holds one batch); a resent batch is harmless (MLflow drops duplicate metric
 points, which carry their original timestamps). At the end of the stage the journal is flushed
 (waiting up to POSTTRAIN_TRACKING_FLUSH_TIMEOUT seconds, default 600) before the run is closed; what
-could not be sent stays in the journal file, whose path is logged. System metrics (CPU, memory, and
+could not be sent stays in the journal file, whose path is printed in a warning, with the run's closing status: the
+next stage that starts with the same tracking URI and spool directory sends an orphaned journal (one whose process
+is gone, killed or ended while MLflow was away) before its own writes, so the run reaches MLflow whole and closed.
+
+MLflow unreachable from the start fails a stage in one line (TrackingUnreachableError, a UserError: exit 2) after
+POSTTRAIN_TRACKING_CONNECT_TIMEOUT seconds of retries (default 30), instead of the MLflow client's own minutes of
+retries; `bounded_retry_env` gives other processes (a pipeline's steps) the same bound. SIGTERM during a stage run
+(a scheduler, a timeout, `posttrain run` stopping its steps) ends it like Ctrl-C: the run is closed KILLED.
+
+System metrics (CPU, memory, and
 per-GPU memory and utilization when there are GPUs) are sampled every
 POSTTRAIN_SYSTEM_METRICS_INTERVAL seconds (default 15, 0: off) into the same stream.
 """
@@ -35,20 +44,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from components.config import UserError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +85,18 @@ MAX_PARAM_LENGTH = 6000
 LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
 """MLflow's log_batch limits per request, by kind; all kinds together at most BATCH_LIMIT."""
 BATCH_LIMIT = 1000
+CONNECT_TIMEOUT_ENV = "POSTTRAIN_TRACKING_CONNECT_TIMEOUT"
+"""Seconds a stage keeps trying to reach MLflow when it opens its run before it fails (default 30)."""
+UNDELIVERED = "MLflow writes not delivered"
+"""The start of the warning a stage prints when its journal could not be sent (`posttrain run` collects it)."""
+
+
+class TrackingUnreachableError(UserError):
+    """MLflow did not answer within the connect budget: the message names the URI, the error and the setting."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the stage runs, so it ends like Ctrl-C: its run closed KILLED, `finally` blocks run."""
 
 
 def enabled() -> bool:
@@ -84,6 +111,77 @@ def _client():
     from mlflow import MlflowClient
 
     return MlflowClient()
+
+
+def connect_timeout() -> float:
+    return float(os.environ.get(CONNECT_TIMEOUT_ENV, "30"))
+
+
+def bounded_retry_env(budget: float | None = None) -> dict[str, str]:
+    """The MLflow client's retry settings that keep one call's retries within `budget` seconds (default: the
+    connect timeout), for those the user has not set. The client's defaults retry a refused connection for about
+    four minutes (7 retries, backoff factor 2); with factor 1 urllib3 sleeps 0, 2, 4, 8, ... s before the 1st, 2nd,
+    3rd, 4th ... retry, plus up to 1 s of jitter each."""
+    budget = connect_timeout() if budget is None else budget
+    retries, slept = 0, 0.0
+    while retries < 7 and slept + (2 ** retries if retries else 0) + 1 <= budget:
+        slept += (2 ** retries if retries else 0) + 1
+        retries += 1
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    return {k: v for k, v in wanted.items() if k not in os.environ}
+
+
+@contextlib.contextmanager
+def scoped_env(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in os.environ while the body runs (the MLflow client reads its retry settings per request)."""
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k in values:
+            os.environ.pop(k, None)
+
+
+def _unreachable(uri: str, budget: float, e: BaseException) -> TrackingUnreachableError:
+    return TrackingUnreachableError(
+        f"MLflow at {redact(uri)} is unreachable ({type(e).__name__}: {redact(str(e))[:300]}) after {budget:g} s of "
+        f"retries; start it, fix MLFLOW_TRACKING_URI, or set {CONNECT_TIMEOUT_ENV} to wait longer")
+
+
+def _within_budget(fn: Callable[[], Any], uri: str, budget: float) -> Any:
+    """fn() retried with backoff (connection errors, 5xx) until `budget` s have passed, then one line of error; an
+    answer that will not change (4xx) is raised as it is."""
+    deadline, wait = time.monotonic() + budget, 0.5
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if _permanent(e):
+                raise
+            if time.monotonic() + wait > deadline:
+                raise _unreachable(uri, budget, e) from e
+            log.warning("tracking: MLflow at %s not answering (%s); retrying", redact(uri), str(e)[:200])
+            time.sleep(wait)
+            wait = min(wait * 2, 10.0)
+
+
+def _reach(uri: str, budget: float) -> None:
+    """An HTTP tracking server's /health answers within `budget` s (a quick probe: the MLflow calls that follow
+    then run with the client's retries off)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=max(1.0, min(budget, 10.0))):
+                return
+        except urllib.error.HTTPError as e:  # it answers: whatever /health says, the calls will tell
+            if e.code < 500:
+                return
+            raise ConnectionError(f"/health answered {e.code}") from None
+        except (OSError, ValueError) as e:
+            raise ConnectionError(str(getattr(e, "reason", e))) from None
+    _within_budget(probe, uri, budget)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,19 +290,80 @@ def end_parent(run_id: str | None, status: str = "FINISHED") -> None:
 # ----------------------------------------------------------------------------------------------------
 # The journal: every write after run creation, sent in order by a background thread
 
-class RunWriter:
-    """Sends metrics, params, tags and artifacts to one run from a thread that retries until MLflow answers.
+JOURNAL_PREFIX = "posttrain-"
 
-    Writes are appended to a journal file (one JSON line each) and read back by the thread, so memory
-    holds one batch however long MLflow is away, and nothing is lost while the process lives.
+
+def _uri_key(uri: str) -> str:
+    """Which tracking server a journal is for, without writing its URI (and any credentials in it) to disk."""
+    return hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def _read_batch(f) -> list[dict]:
+    """The next ops of journal `f` that fit one request (an artifact or the run's end goes alone); the read
+    position ends after them."""
+    ops, counts = [], dict.fromkeys(LIMITS, 0)
+    while True:
+        pos = f.tell()
+        line = f.readline()
+        if not line.endswith(b"\n"):  # the end of the journal, or a line still being written
+            f.seek(pos)
+            return ops
+        op = json.loads(line)
+        kind = op["op"]
+        if kind == "header":
+            continue
+        alone = kind in ("artifact", "end")
+        n = 1 if alone else len(op["v"])
+        fits = not alone and counts[kind] + n <= LIMITS[kind] and sum(counts.values()) + n <= BATCH_LIMIT
+        if ops and not fits:  # it opens the next batch
+            f.seek(pos)
+            return ops
+        ops.append(op)
+        if alone:
+            return ops
+        counts[kind] += n
+
+
+def _send(client, run_id: str, ops: list[dict]) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    if ops[0]["op"] == "artifact":
+        client.log_artifact(run_id, ops[0]["v"]["path"], ops[0]["v"]["artifact_path"])
+        return
+    if ops[0]["op"] == "end":
+        client.set_terminated(run_id, ops[0]["v"]["status"])
+        return
+    metrics, params, tags = [], [], []
+    for op in ops:
+        if op["op"] == "metrics":
+            metrics += [Metric(k, v, op["t"], op["s"]) for k, v in op["v"].items()]
+        elif op["op"] == "params":
+            params += [Param(k, v) for k, v in op["v"].items()]
+        else:
+            tags += [RunTag(k, v) for k, v in op["v"].items()]
+    client.log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
+
+
+class RunWriter:
+    """Sends metrics, params, tags, artifacts and the run's end to one run from a thread that retries until MLflow
+    answers.
+
+    Writes are appended to a journal file (one JSON line each) and read back by the thread, so memory holds one
+    batch however long MLflow is away, and nothing is lost while the process lives. The journal is flock'ed while
+    its writer lives and `<journal>.sent` holds the offset sent so far: when the process ends with writes unsent
+    (killed, or MLflow still away at its end), `replay_orphans` in a later process sends the rest.
     """
 
-    def __init__(self, client, run_id: str, spool_dir: str | None = None):
+    def __init__(self, client, run_id: str, spool_dir: str | None = None, uri: str = ""):
         self.client, self.run_id = client, run_id
-        fd, name = tempfile.mkstemp(prefix=f"posttrain-{run_id}-", suffix=".jsonl", dir=spool_dir)
+        fd, name = tempfile.mkstemp(prefix=f"{JOURNAL_PREFIX}{run_id}-", suffix=".jsonl", dir=spool_dir)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else holds it
         self.path = Path(name)
         self._out = os.fdopen(fd, "ab")
+        self._out.write((json.dumps({"op": "header", "run_id": run_id, "uri": _uri_key(uri)}) + "\n").encode())
+        self._out.flush()
         self._in = open(self.path, "rb")
+        self._sent_fd = os.open(self.path.with_suffix(".sent"), os.O_RDWR | os.O_CREAT, 0o600)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
@@ -220,48 +379,11 @@ class RunWriter:
             self.written += 1
         self._wake.set()
 
-    def _read_batch(self) -> list[dict]:
-        """The next ops that fit one request (an artifact goes alone); the read position ends after them."""
-        ops, counts = [], dict.fromkeys(LIMITS, 0)
-        while True:
-            pos = self._in.tell()
-            line = self._in.readline()
-            if not line.endswith(b"\n"):  # the end of the journal, or a line still being written
-                self._in.seek(pos)
-                return ops
-            op = json.loads(line)
-            kind = op["op"]
-            n = len(op["v"])
-            fits = kind != "artifact" and counts[kind] + n <= LIMITS[kind] and sum(counts.values()) + n <= BATCH_LIMIT
-            if ops and not fits:  # it opens the next batch
-                self._in.seek(pos)
-                return ops
-            ops.append(op)
-            if kind == "artifact":
-                return ops
-            counts[kind] += n
-
-    def _send(self, ops: list[dict]) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
-        if ops[0]["op"] == "artifact":
-            self.client.log_artifact(self.run_id, ops[0]["v"]["path"], ops[0]["v"]["artifact_path"])
-            return
-        metrics, params, tags = [], [], []
-        for op in ops:
-            if op["op"] == "metrics":
-                metrics += [Metric(k, v, op["t"], op["s"]) for k, v in op["v"].items()]
-            elif op["op"] == "params":
-                params += [Param(k, v) for k, v in op["v"].items()]
-            else:
-                tags += [RunTag(k, v) for k, v in op["v"].items()]
-        self.client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
-
     def _run(self) -> None:
         wait, failing_since = 0.5, None
         while True:
             start = self._in.tell()
-            ops = self._read_batch()
+            ops = _read_batch(self._in)
             if not ops:
                 if self._closing:
                     return
@@ -269,7 +391,7 @@ class RunWriter:
                 self._wake.clear()
                 continue
             try:
-                self._send(ops)
+                _send(self.client, self.run_id, ops)
             except Exception as e:
                 if not _permanent(e):
                     self._in.seek(start)
@@ -287,21 +409,76 @@ class RunWriter:
                 failing_since = None
             wait = 0.5
             self.sent += len(ops)
+            os.pwrite(self._sent_fd, f"{self._in.tell():020d}".encode(), 0)
 
     def close(self, timeout: float) -> bool:
-        """Wait up to `timeout` s until everything is sent; True when it was (the journal is then removed)."""
+        """Wait up to `timeout` s until everything is sent; True when it was (the journal is then removed). When it
+        was not, a warning on stderr says so and where the rest is kept."""
         self._closing = True
         self._wake.set()
         self._thread.join(timeout)
         done = not self._thread.is_alive()
-        self._out.close()
         if done:
             self._in.close()
             self.path.unlink(missing_ok=True)
+            self.path.with_suffix(".sent").unlink(missing_ok=True)
         else:
-            log.error("tracking: %d of %d writes to run %s not sent after %.0fs; they are kept in %s",
-                      self.written - self.sent, self.written, self.run_id, timeout, self.path)
+            message = (f"{UNDELIVERED}: {self.written - self.sent} of {self.written} writes to run {self.run_id} "
+                       f"(its closing status included) not sent after {timeout:.0f} s; kept in {self.path}, sent by "
+                       "the next stage started with this tracking URI and spool directory")
+            log.error("tracking: %s", message)
+            print(f"WARNING: {message}", file=sys.stderr, flush=True)
+        self._out.close()  # releases the journal's lock: from now on it is an orphan for replay_orphans
+        os.close(self._sent_fd)
         return done
+
+
+def replay_orphans(client, uri: str, spool_dir: str | None = None) -> int:
+    """Send what earlier processes' journals for this tracking server left unsent (their writer is gone: the
+    journal's lock is free), in order, from the offset each had sent; a journal sent whole is removed. Stops at
+    the first batch MLflow does not take (the journal is kept for the next start). Returns the writes sent."""
+    total = 0
+    for path in sorted(Path(spool_dir or tempfile.gettempdir()).glob(f"{JOURNAL_PREFIX}*.jsonl")):
+        try:
+            f = open(path, "rb")
+        except OSError:
+            continue
+        with f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its writer is alive (or another process replays it)
+            try:
+                if os.fstat(f.fileno()).st_ino != os.stat(path).st_ino:
+                    continue  # replayed and removed meanwhile
+                header = json.loads(f.readline() or "{}")
+            except (OSError, ValueError):
+                continue
+            if header.get("op") != "header" or header.get("uri") != _uri_key(uri):
+                continue  # another server's journal
+            total += _replay(client, header["run_id"], path, f)
+    return total
+
+
+def _replay(client, run_id: str, path: Path, f) -> int:
+    sent_path = path.with_suffix(".sent")
+    with contextlib.suppress(OSError, ValueError):
+        f.seek(max(f.tell(), int(sent_path.read_bytes() or b"0")))
+    sent = 0
+    while ops := _read_batch(f):
+        try:
+            _send(client, run_id, ops)
+        except Exception as e:
+            if not _permanent(e):
+                log.warning("tracking: %s still not sent (%s); kept for the next start", path, str(e)[:200])
+                return sent  # the .sent offset is that of the batches before this one
+            log.error("tracking: MLflow rejected %d writes of %s to run %s, dropped: %s", len(ops), path, run_id, e)
+        sent += len(ops)
+        sent_path.write_bytes(f"{f.tell():020d}".encode())
+    log.info("tracking: sent %d writes to run %s that an earlier process left in %s", sent, run_id, path)
+    path.unlink(missing_ok=True)
+    sent_path.unlink(missing_ok=True)
+    return sent
 
 
 def _permanent(e: Exception) -> bool:
@@ -435,50 +612,63 @@ def stage_run(stage: str, cfg: Any = None, parent_run_id: str | None = None) -> 
     step, keyed by the KFP run id, the parent and the task (the step's name, env POSTTRAIN_TASK, else `stage`);
     a retried step reopens its earlier attempt's run and goes on logging into it.
 
-    Ends FINISHED, FAILED when the body raises, KILLED on KeyboardInterrupt; the body's exception propagates.
+    MLflow not answering within POSTTRAIN_TRACKING_CONNECT_TIMEOUT raises TrackingUnreachableError before the body
+    runs. Earlier processes' unsent journals for this server are sent first. Ends FINISHED, FAILED when the body
+    raises, KILLED on KeyboardInterrupt or SIGTERM (Terminated); the body's exception propagates.
     """
     if not (enabled() and is_rank0()):
         yield StageRun()
         return
+    uri, budget = os.environ["MLFLOW_TRACKING_URI"], connect_timeout()
+    spool = os.environ.get("POSTTRAIN_TRACKING_SPOOL")
     client = _client()
     parent = parent_run_id or os.environ.get(PARENT_ENV) or None
-    run, logged = _open_stage_run(client, stage, cfg, parent)
-    writer = RunWriter(client, run.info.run_id, os.environ.get("POSTTRAIN_TRACKING_SPOOL"))
-    srun = StageRun(writer)
-    if cfg is not None:  # a reopened run keeps the params it has (MLflow refuses to change one)
-        srun._put("params", {k: v for k, v in flatten_params(cfg).items() if k not in logged})
-    stop = threading.Event()
-    interval = float(os.environ.get("POSTTRAIN_SYSTEM_METRICS_INTERVAL", "15"))
-    sampler = threading.Thread(target=_sample_loop, args=(srun, writer, stop, interval), daemon=True)
-    if interval > 0:
-        sampler.start()
-    status = "FAILED"
-    try:
-        yield srun
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        stop.set()
-        if sampler.is_alive():
-            sampler.join(timeout=10)
-        timeout = float(os.environ.get("POSTTRAIN_TRACKING_FLUSH_TIMEOUT", "600"))
-        deadline = time.monotonic() + timeout
-        if writer.close(timeout):
-            _retry_until(lambda: client.set_terminated(run.info.run_id, status), deadline,
-                         f"close run {run.info.run_id}")
-
-
-def _retry_until(fn: Callable[[], Any], deadline: float, what: str) -> None:
-    wait = 0.5
-    while True:
+    with _on_sigterm():
+        # the opening with the client's own retries off: the budget bounds it (the journal's thread retries the rest)
+        with scoped_env({k: "0" for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",) if k not in os.environ}):
+            _reach(uri, budget)
+            run, logged = _within_budget(lambda: _open_stage_run(client, stage, cfg, parent), uri, budget)
+            replay_orphans(client, uri, spool)
+        writer = RunWriter(client, run.info.run_id, spool, uri)
+        srun = StageRun(writer)
+        if cfg is not None:  # a reopened run keeps the params it has (MLflow refuses to change one)
+            srun._put("params", {k: v for k, v in flatten_params(cfg).items() if k not in logged})
+        stop = threading.Event()
+        interval = float(os.environ.get("POSTTRAIN_SYSTEM_METRICS_INTERVAL", "15"))
+        sampler = threading.Thread(target=_sample_loop, args=(srun, writer, stop, interval), daemon=True)
+        if interval > 0:
+            sampler.start()
+        status = "FAILED"
         try:
-            fn()
-            return
-        except Exception as e:
-            if _permanent(e) or time.monotonic() + wait > deadline:
-                log.error("tracking: could not %s: %s", what, e)
-                return
-            time.sleep(wait)
-            wait = min(wait * 2, 10.0)
+            yield srun
+            status = "FINISHED"
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
+            status = "KILLED"
+            raise
+        finally:
+            stop.set()
+            if sampler.is_alive():
+                sampler.join(timeout=10)
+            timeout = float(os.environ.get("POSTTRAIN_TRACKING_FLUSH_TIMEOUT", "600"))
+            if status == "KILLED":  # a stopped process has seconds before SIGKILL; the rest waits in the journal
+                timeout = min(timeout, 10.0)
+            writer.put("end", {"status": status})  # sent in order, after every write of the run
+            writer.close(timeout)
+
+
+@contextlib.contextmanager
+def _on_sigterm() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread while the body runs, so the stage ends like Ctrl-C (its run
+    closed KILLED) instead of vanishing with its run left RUNNING. Only where SIGTERM has its default action."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated("stopped by SIGTERM")
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

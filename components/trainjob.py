@@ -17,12 +17,18 @@ The launcher (TrainJobLauncher.run):
 - names the TrainJob after the KFP run and the stage (trainjob_name), with labels posttrain/run-id and
   posttrain/stage: a retried step finds the TrainJob of an earlier attempt that was killed before it could delete
   it, and reattaches to it instead of starting a second one (a finished failed one is deleted and started again:
-  the stage resumes from its last checkpoint);
-- streams the logs of the TrainJob's pods, each line prefixed with the node's index;
+  the stage resumes from its last checkpoint; one being deleted is waited for, then created again);
+- makes the Argo Workflow of the KFP run (the label workflows.argoproj.io/workflow of the step's own pod) the
+  TrainJob's owner, so deleting the run deletes the TrainJob through Kubernetes' garbage collector even when the
+  step could not: Argo stops a step by signalling its whole process group, KFP's launcher exits at once and the
+  container ends with it, racing the `finally` below;
+- streams the logs of the TrainJob's pods, each line prefixed with the node's rank (the pod's Job completion
+  index: JobSet's job-index is the replica of the replicated job, 0 on every node);
 - waits for the TrainJob's Complete or Failed condition, at most `timeout` seconds, and fails with the TrainJob's
   own reason and message;
 - deletes the TrainJob when the step ends, whatever ends it: success, failure, timeout, or SIGTERM (KFP stopping
-  the run, a node drained). Only SIGKILL escapes, and the next attempt reattaches.
+  the run, a node drained; the SIGTERM handler sends the delete first thing). Only SIGKILL escapes: the next
+  attempt reattaches, and deleting the run collects it.
 
 Why the `kubeflow-trainer-api` models and the Kubernetes client rather than the kubeflow SDK's TrainerClient:
 README.md, "Several nodes".
@@ -52,7 +58,13 @@ sets the PET_* variables in the container of this name."""
 RUN_LABEL, STAGE_LABEL, SPEC_LABEL = "posttrain/run-id", "posttrain/stage", "posttrain/spec"
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
 """The label of the pods of a TrainJob's JobSet (the JobSet has the TrainJob's name)."""
-JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
+RANK_LABEL = "batch.kubernetes.io/job-completion-index"
+"""A TrainJob pod's node rank: the Job controller's completion index (kubernetes pkg/controller/job
+indexed_job_utils.go), which Trainer's torch plugin also passes as PET_NODE_RANK. Not jobset.sigs.k8s.io/job-index:
+Trainer makes one replicated job of numNodes pods, so that is 0 on every node."""
+WORKFLOW_LABEL = "workflows.argoproj.io/workflow"
+"""The label Argo puts on every pod of a Workflow (argo-workflows workflow/common/common.go LabelKeyWorkflow)."""
+WORKFLOW_GROUP, WORKFLOW_VERSION, WORKFLOW_PLURAL = "argoproj.io", "v1alpha1", "workflows"
 API_ENV = "POSTTRAIN_KUBE_API"
 """An API server URL used without credentials (a `kubectl proxy`, a test's server); unset: the in-cluster
 service account, else the kubeconfig."""
@@ -203,6 +215,41 @@ def workspace_claim(api_client, namespace: str, workspace: str, pod_name: str | 
                          "nodes needs the run's workspace (a PVC, storage.workspace_access_modes: [ReadWriteMany])")
 
 
+def workflow_owner(api_client, namespace: str, pod_name: str | None = None) -> dict | None:
+    """The ownerReference to the Argo Workflow that runs the step's own pod (HOSTNAME), or None when this process
+    runs in no Workflow's pod (outside a cluster, or a pod of no Workflow). Refused reads fail: without them the
+    TrainJob would outlive its run."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    pod_name = pod_name or os.environ.get("HOSTNAME", "")
+    if not pod_name:
+        log.warning("no HOSTNAME: the TrainJob gets no owner (deleting the run will not delete it)")
+        return None
+    try:
+        pod = client.CoreV1Api(api_client).read_namespaced_pod(pod_name, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            log.warning("no pod %s/%s: the TrainJob gets no owner (deleting the run will not delete it)", namespace,
+                        pod_name)
+            return None
+        raise TrainJobFailed(f"reading the step's pod {namespace}/{pod_name} failed: {e.status} {e.reason}: "
+                             f"{_api_message(e)}") from None
+    workflow = (pod.metadata.labels or {}).get(WORKFLOW_LABEL)
+    if not workflow:
+        log.warning("pod %s/%s has no %s label: the TrainJob gets no owner", namespace, pod_name, WORKFLOW_LABEL)
+        return None
+    try:
+        found = client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+            WORKFLOW_GROUP, WORKFLOW_VERSION, namespace, WORKFLOW_PLURAL, workflow)
+    except ApiException as e:
+        raise TrainJobFailed(f"reading the run's Workflow {namespace}/{workflow} failed: {e.status} {e.reason}: "
+                             f"{_api_message(e)} (the pipeline runner needs get on workflows.argoproj.io)") from None
+    # no blockOwnerDeletion: it would need update on workflows/finalizers (the garbage collector's admission)
+    return {"apiVersion": f"{WORKFLOW_GROUP}/{WORKFLOW_VERSION}", "kind": "Workflow", "name": workflow,
+            "uid": found["metadata"]["uid"]}
+
+
 def _terminal(job: dict) -> tuple[str, str, str] | None:
     """(type, reason, message) of the TrainJob's Complete or Failed condition when it is True, else None."""
     for cond in (job.get("status") or {}).get("conditions") or []:
@@ -270,11 +317,14 @@ class TrainJobLauncher:
     def __init__(self, api_client, namespace: str, *, poll_seconds: float = 10.0, out=None):
         from kubernetes import client
 
+        self.api_client = api_client
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.namespace, self.poll, self.out = namespace, poll_seconds, out or sys.stdout
         self._logs: dict[str, _PodLogs] = {}
         self._done_pods: set[str] = set()
+        self._deleting: set[str] = set()
+        """TrainJobs this launcher has asked the API to delete (once is enough)."""
 
     # --- the API calls
     def get(self, name: str) -> dict | None:
@@ -287,12 +337,21 @@ class TrainJobLauncher:
                 return None
             raise
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, again: bool = False, fresh_client: bool = False) -> None:
+        """Delete the TrainJob (its pods first: foreground); not again when this launcher already did, unless
+        `again`. `fresh_client`: on a connection of its own (from a signal handler, which may interrupt a request
+        holding the client's connection pool)."""
+        from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
+        if name in self._deleting and not again:
+            return
+        custom = client.CustomObjectsApi(client.ApiClient(self.api_client.configuration)) if fresh_client \
+            else self.custom
         try:
-            self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
-                                                        propagation_policy="Foreground")
+            custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
+                                                   propagation_policy="Foreground")
+            self._deleting.add(name)
             log.info("deleted TrainJob %s/%s", self.namespace, name)
         except ApiException as e:
             if e.status != 404:
@@ -306,12 +365,17 @@ class TrainJobLauncher:
                                      f"{seconds:.0f}s")
             time.sleep(min(self.poll, 2.0))
 
-    def create_or_reattach(self, manifest: dict) -> dict:
+    def create_or_reattach(self, manifest: dict, attempt: int = 0) -> dict:
         """The TrainJob of the manifest's name: an earlier attempt's when it runs (reattached), else a new one."""
         from kubernetes.client.exceptions import ApiException
 
         name, labels = manifest["metadata"]["name"], manifest["metadata"]["labels"]
         found = self.get(name)
+        if found is not None and (found.get("metadata") or {}).get("deletionTimestamp"):
+            log.info("TrainJob %s/%s of an earlier attempt is being deleted: waiting for it to go", self.namespace,
+                     name)
+            self._wait_gone(name)
+            found = None
         if found is not None:
             theirs = (found.get("metadata") or {}).get("labels") or {}
             if any(theirs.get(k) != labels[k] for k in (RUN_LABEL, STAGE_LABEL)):
@@ -323,15 +387,16 @@ class TrainJobLauncher:
                 return found
             log.info("TrainJob %s/%s of an earlier attempt failed (%s: %s): deleting it and starting again from the "
                      "last checkpoint", self.namespace, name, state[1], state[2])
-            self.delete(name)
+            self.delete(name, again=True)
             self._wait_gone(name)
         try:
             created = self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, manifest)
         except ApiException as e:
-            if e.status == 409:  # created between the get and the create: the same run's other attempt
-                return self.create_or_reattach(manifest)
+            if e.status == 409 and attempt < 3:  # created between the get and the create, or still being deleted
+                return self.create_or_reattach(manifest, attempt + 1)
             raise TrainJobFailed(f"creating TrainJob {self.namespace}/{name} failed: {e.status} {e.reason}: "
                                  f"{_api_message(e)}") from None
+        self._deleting.discard(name)  # a new TrainJob of that name
         spec = manifest["spec"]["trainer"]
         log.info("created TrainJob %s/%s: %s node(s) × %s process(es), runtime %s", self.namespace, name,
                  spec.get("numNodes"), spec.get("numProcPerNode"), manifest["spec"]["runtimeRef"]["name"])
@@ -351,7 +416,7 @@ class TrainJobLauncher:
             if phase in ("Succeeded", "Failed"):
                 self._done_pods.add(pod_name)
             if pod_name not in self._logs and phase in ("Running", "Succeeded", "Failed"):
-                node = f"node-{(pod.metadata.labels or {}).get(JOB_INDEX_LABEL, '?')}"
+                node = f"node-{(pod.metadata.labels or {}).get(RANK_LABEL, '?')}"
                 self._logs[pod_name] = _PodLogs(self.core, self.namespace, pod_name, node, self.out,
                                                 self._pod_finished)
                 self._logs[pod_name].start()
@@ -365,9 +430,13 @@ class TrainJobLauncher:
 
     # --- the whole life of a TrainJob
     def run(self, manifest: dict, *, timeout: float = 0) -> None:
-        """Create or reattach, stream logs and wait; delete the TrainJob however this ends (SIGTERM included)."""
+        """Create or reattach, stream logs and wait; delete the TrainJob however this ends (SIGTERM included).
+        The TrainJob is owned by the run's Workflow (workflow_owner) when the step runs in one."""
         name = manifest["metadata"]["name"]
-        previous = _on_sigterm_exit()
+        owner = workflow_owner(self.api_client, self.namespace)
+        if owner is not None:
+            manifest = {**manifest, "metadata": {**manifest["metadata"], "ownerReferences": [owner]}}
+        previous = _on_sigterm_exit(lambda: self.delete(name, fresh_client=True))
         try:
             self.create_or_reattach(manifest)
             self.wait(name, timeout)
@@ -408,13 +477,16 @@ def _api_message(e) -> str:
         return str(e.body or "")
 
 
-def _on_sigterm_exit():
-    """Turn SIGTERM into SystemExit, so `finally` blocks run (and delete the TrainJob); returns the previous
-    handler (None off the main thread, where signals cannot be handled)."""
+def _on_sigterm_exit(first=None):
+    """Turn SIGTERM into SystemExit, so `finally` blocks run (and delete the TrainJob), calling `first` before
+    anything else (the process may have little time left); returns the previous handler (None off the main
+    thread, where signals cannot be handled)."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def stop(signum, frame):
+        if first is not None:
+            first()
         raise SystemExit(128 + signum)
 
     return signal.signal(signal.SIGTERM, stop)

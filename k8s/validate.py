@@ -42,6 +42,11 @@ CRD_KINDS = {
     ("kueue.x-k8s.io", "ClusterQueue"),
     ("kueue.x-k8s.io", "LocalQueue"),
 }
+# kinds served only from a Kubernetes release on: validated against the supported releases that serve them
+SINCE = {
+    ("admissionregistration.k8s.io/v1", "MutatingAdmissionPolicy"): "1.36",
+    ("admissionregistration.k8s.io/v1", "MutatingAdmissionPolicyBinding"): "1.36",
+}
 PLACEHOLDER = re.compile(r"^(REPLACE_ME[A-Z0-9_]*|<[^<>]+>)$")
 CREDENTIAL_ENV = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
 POD_TEMPLATE_PATHS = {
@@ -150,7 +155,8 @@ def schema_errors(resources: list[dict], versions: tuple[str, ...] = KUBERNETES_
         if (found := crd_errors(resource, custom)) is not None:
             errors += found
             continue
-        for version in versions:
+        since = tuple(map(int, SINCE.get((resource.get("apiVersion"), resource.get("kind")), "0").split(".")))
+        for version in [v for v in versions if tuple(map(int, v.split("."))) >= since] or versions:
             try:
                 kubernetes_validate.validate(resource, version, strict=True)
             except kubernetes_validate.ValidationError as e:

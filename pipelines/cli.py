@@ -86,12 +86,18 @@ def _user_errors(fn):
 
 
 def _run(args) -> int:
-    from pipelines.local import run_local
+    """Exit status 0 when the run succeeded, 1 when a step failed, 2 for a user error (a bad spec or parameter, the
+    state or output directory in use by another run), 128 + the signal's number when stopped (SIGTERM, Ctrl-C)."""
+    from pipelines.local import RunStopped, run_local
     from pipelines.posttrain import parse_params
     from pipelines.spec import load_spec
 
     spec = load_spec(args.spec)
-    summary = run_local(spec, args.out, arguments=parse_params(spec, args.param), verbose=args.verbose)
+    try:
+        summary = run_local(spec, args.out, arguments=parse_params(spec, args.param), verbose=args.verbose)
+    except RunStopped as e:  # its steps are stopped and its MLflow runs closed KILLED: the message says which
+        print(f"posttrain run: {e}", file=sys.stderr)
+        return 128 + e.signum
     return 0 if summary["status"] == "succeeded" else 1
 
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from components.config import from_mapping, merge
 from components.datasets import write_jsonl
@@ -25,6 +24,7 @@ from components.sft.main import SFTConfig
 from components.sft.main import run as run_sft
 from components.tasks import get_task
 from components.training.loop import TrainConfig
+from components.yamlread import read_yaml
 
 DEMO_SPEC = Path(__file__).parent / "specs" / "sft-psft-demo.yaml"
 
@@ -62,7 +62,7 @@ SPEC_KEYS = ("task", "seed", "base_model", "train_rows", "eval_prompts", "max_ne
 def load_demo_spec(spec_path: str | Path, out: str | Path, overrides: dict | None = None) -> dict:
     """The demo settings with `overrides` applied, checked: the top-level keys (each stage's keys are checked
     by its config when it runs) and `base_model`, which must be a model directory outside `out`."""
-    spec = yaml.safe_load(Path(spec_path).read_text())
+    spec = read_yaml(spec_path)  # bounded, and every error one line naming the file
     if not isinstance(spec, dict):
         raise ValueError(f"{spec_path}: a mapping of demo settings expected, got {type(spec).__name__}")
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -20,6 +20,18 @@ in-domain and OOD accuracy and entropy), each stage's effect on accuracy against
 against the base model (a paired bootstrap interval and a verdict: better, worse or within noise), and writes
 run_summary.json in the output directory: each stage's metrics and eval, the effects, the registered model
 version, and the promotion decision with its reason. The evaluation report is copied there too (report.html).
+
+One run at a time per state directory and per output directory (components.locks): a second `posttrain run` is
+refused at once, naming the first. The summary is of the run this call started (its kfp.local run directory, by
+name), never of whichever is newest.
+
+Each step runs in its own process group. SIGTERM or SIGINT (Ctrl-C) to `posttrain run` is passed to every running
+step's group (a stage closes its MLflow run KILLED), no further step starts, a step still there after
+STOP_GRACE seconds is killed, and the pipeline's MLflow parent run and any step run left RUNNING are closed KILLED;
+the run ends with one line saying so (RunStopped; exit status 128 + the signal's number).
+The steps' MLflow client retries within POSTTRAIN_TRACKING_CONNECT_TIMEOUT (components.tracking.bounded_retry_env),
+and a failed step is not retried here (the spec's `retries` are for a cluster), so an unreachable tracking server
+fails the run in seconds, not minutes per step.
 """
 
 from __future__ import annotations
@@ -31,18 +43,32 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 
 from components.stages import STAGES
 from components.stages import get as get_stage
+from components.tracking import UNDELIVERED
 from pipelines.spec import Spec, load_spec
 
 log = logging.getLogger("pipelines.local")
 
 STATE = Path(".posttrain")
+STOP_GRACE = 30.0
+"""Seconds a stopped step gets to close its MLflow run before its process group is killed."""
+
+
+class RunStopped(KeyboardInterrupt):
+    """`posttrain run` was stopped by a signal; its steps were stopped and its MLflow runs closed KILLED."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 def local_base_model(uri: str, state: Path) -> str:
@@ -84,6 +110,15 @@ def display_names(pipeline_spec) -> dict[str, str]:
     return names
 
 
+def without_retries(pipeline_spec) -> None:
+    """Drop the steps' retry policies (the spec's `retries`, for a cluster's lost pods): kfp.local would run a failed
+    step again after a minute's backoff, and a step that fails here (a bad input, MLflow away) fails the same way."""
+    dags = [pipeline_spec.root.dag] + [c.dag for c in pipeline_spec.components.values() if c.HasField("dag")]
+    for dag in dags:
+        for task in dag.tasks.values():
+            task.ClearField("retry_policy")
+
+
 class Progress(io.TextIOBase):
     """Where kfp.local's output goes during a run: all of it to the run's log file; to the console a line when a
     step starts and when it ends, and the end of a failed step's log (everything with `verbose`)."""
@@ -98,6 +133,7 @@ class Progress(io.TextIOBase):
         self.names = {task: display for display, task in names.items()}
         self.t0, self.started, self.pending, self.lines = time.monotonic(), {}, "", []
         self.failures: dict[str, str] = {}  # step → the reason it failed (its exception's message)
+        self.undelivered: list[str] = []  # the steps' warnings of MLflow writes they could not deliver
 
     def write(self, text: str) -> int:
         self.log.write(text)
@@ -111,6 +147,10 @@ class Progress(io.TextIOBase):
 
     def _line(self, line: str) -> None:
         now = time.monotonic()
+        if line.startswith(f"WARNING: {UNDELIVERED}"):
+            self.undelivered.append(line.removeprefix("WARNING: "))
+            if not self.verbose:
+                self.console.write(f"{line}\n")
         if m := self.STARTED.search(line):
             self.started[m[1]], self.lines = now, []
             self._say(f"{self.names.get(m[1], m[1])} ...")
@@ -152,6 +192,165 @@ class Progress(io.TextIOBase):
         self.log.close()
 
 
+class Steps:
+    """The step subprocesses of one run. kfp.local starts each in this process's group (a SIGTERM to this process
+    reaches none of them; one to the group would reach whoever started us too); `launch`, in place of
+    kfp.local.subprocess_task_handler.run_local_subprocess, starts each in a group of its own, so `stop` can signal a
+    step with everything it started (torchrun's ranks) and nothing else."""
+
+    def __init__(self, root: Path, names: dict[str, str]):
+        self.root, self.names = root, {task: display for display, task in names.items()}
+        self.running: dict[int, str] = {}  # pid (= its process group) → the step's name
+        self.signum: int | None = None
+        self.stopped: list[str] = []
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def launch(self, full_command: list[str], env_vars: dict | None = None) -> int:
+        """Run one step, its output line by line to stdout (as kfp.local does); RunStopped once the run stops, so
+        kfp.local neither retries the step nor starts the next."""
+        with self._lock:
+            if self.signum is not None:
+                raise RunStopped(self.signum)
+            proc = subprocess.Popen(full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, text=True, bufsize=1, process_group=0,
+                                    env={**os.environ, **env_vars} if env_vars else None)
+            task = _task_of(full_command, self.root)
+            self.running[proc.pid] = self.names.get(task, task)
+        try:
+            for line in iter(proc.stdout.readline, ""):
+                print(line, end="")
+            print("\n")
+            code = proc.wait()
+        finally:
+            if self.signum is not None:  # stopping: its last lines (the stage closing its run) still go to the log
+                with contextlib.suppress(Exception):
+                    for line in proc.stdout:
+                        print(line, end="")
+                with contextlib.suppress(Exception):
+                    proc.wait(STOP_GRACE + 5)
+            proc.stdout.close()
+            with self._lock:
+                self.running.pop(proc.pid, None)
+        if self.signum is not None:
+            raise RunStopped(self.signum)
+        return code
+
+    def stop(self, signum: int) -> None:
+        """Pass `signum` to every running step's process group; no step starts after this; SIGKILL to the groups
+        still there after STOP_GRACE seconds."""
+        with self._lock:
+            self.signum = signum
+            running = dict(self.running)
+        for pid, task in running.items():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signum)
+                self.stopped.append(task)
+        self._timer = threading.Timer(STOP_GRACE, self.kill)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def kill(self) -> None:
+        with self._lock:
+            pids = list(self.running)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+    def wait(self, timeout: float) -> bool:
+        """True when no step runs any more (within `timeout` s)."""
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return not self.running
+
+
+def _task_of(command: list[str], root: Path) -> str:
+    """The task a kfp.local step command runs: it writes <pipeline root>/<run>/<task>/executor_output.json."""
+    m = re.search(re.escape(str(root)) + r"/[^/\"]+/([^/\"]+)/executor_output\.json", " ".join(command))
+    return m[1] if m else "a step"
+
+
+@contextlib.contextmanager
+def _kfp_local_hooks(steps: Steps, names: list[str]):
+    """kfp.local with its steps started by `steps`, and the name of each pipeline run it starts recorded in `names`
+    (the run's directory under the pipeline root: the summary reads this run's, not the newest)."""
+    from kfp.local import executor_input_utils, subprocess_task_handler
+
+    name_fn = executor_input_utils.get_local_pipeline_resource_name
+    launch_fn = subprocess_task_handler.run_local_subprocess
+
+    def resource_name(pipeline_name: str) -> str:
+        names.append(name_fn(pipeline_name))
+        return names[-1]
+    executor_input_utils.get_local_pipeline_resource_name = resource_name
+    subprocess_task_handler.run_local_subprocess = steps.launch
+    try:
+        yield
+    finally:
+        executor_input_utils.get_local_pipeline_resource_name = name_fn
+        subprocess_task_handler.run_local_subprocess = launch_fn
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(steps: Steps):
+    """While the body runs, SIGTERM and SIGINT stop the steps and raise RunStopped here (a second one kills the
+    steps at once). Only in the main thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if steps.signum is not None:
+            steps.kill()
+            return
+        steps.stop(signum)
+        raise RunStopped(signum)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def close_stopped_runs(tracking_uri: str, spec: Spec, run_dir: Path | None, tasks: dict[str, str],
+                       since_ms: int) -> list[str]:
+    """Close a stopped run's MLflow runs KILLED: the pipeline's parent run (preflight's output, else the spec's
+    RUNNING parent run started since `since_ms`) and its step runs still RUNNING. Returns what was closed, in words.
+    """
+    from mlflow import MlflowClient
+
+    from components import tracking
+
+    closed = []
+    with tracking.scoped_env(tracking.bounded_retry_env()):
+        client = MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name(spec.tracking.experiment)
+        if exp is None:
+            return closed
+        out = _read_json(run_dir / tasks.get("preflight", "preflight") / "executor_output.json") if run_dir else None
+        parent = ((out or {}).get("parameterValues") or {}).get("parent_run_id")
+        parents = [client.get_run(parent)] if parent else client.search_runs(
+            [exp.experiment_id], f"tags.`posttrain.role` = 'pipeline' and tags.`posttrain.spec` = '{spec.name}' "
+                                 f"and attributes.status = 'RUNNING' and attributes.start_time >= {since_ms}")
+        for p in parents:
+            pid = p.info.run_id
+            children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}'")
+            for child in children:
+                name = child.data.tags.get("posttrain.task", child.info.run_name)
+                if child.info.status == "RUNNING":
+                    client.set_terminated(child.info.run_id, "KILLED")
+                    closed.append(f"{name} run {child.info.run_id} (closed here)")
+                elif child.info.status == "KILLED":
+                    closed.append(f"{name} run {child.info.run_id} (closed by the step)")
+            if p.info.status == "RUNNING":
+                client.set_tag(pid, "posttrain.final_state", "KILLED")
+                client.set_terminated(pid, "KILLED")
+                closed.insert(0, f"the pipeline's parent run {pid}")
+    return closed
+
+
 def run_local(spec_or_path: Spec | str | Path, out: str | Path | None = None, state: str | Path = STATE,
               arguments: dict | None = None, verbose: bool = False) -> dict:
     """Run the spec's pipeline here; returns (and writes to <out>/run_summary.json) the run's summary.
@@ -159,18 +358,30 @@ def run_local(spec_or_path: Spec | str | Path, out: str | Path | None = None, st
     `arguments` override pipeline parameters (e.g. {"psft_max_steps": 20}); `verbose` prints every step's
     output (it always goes to <out>/run.log).
     """
-    from kfp import local
-
-    from pipelines.posttrain import build_pipeline, pipeline_parameters
+    from pipelines.posttrain import pipeline_parameters
 
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
     state = Path(state).resolve()
     out = Path(out or state / spec.name)
-    out.mkdir(parents=True, exist_ok=True)
     known = {name for name, *_ in pipeline_parameters(spec)}
     unknown = sorted(set(arguments or {}) - known)
     if unknown:
         raise ValueError(f"unknown pipeline parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    from components.locks import writer_lock
+    from components.tracking import bounded_retry_env, scoped_env
+
+    # one run per state directory (its MLflow database, models, cache) and per output directory; the steps' MLflow
+    # client retries within the connect budget, not for minutes
+    with writer_lock(state, "the state directory"), writer_lock(out, "the output directory (--out)"), \
+            scoped_env(bounded_retry_env()):
+        return _run_local(spec, out, state, arguments, verbose)
+
+
+def _run_local(spec: Spec, out: Path, state: Path, arguments: dict | None, verbose: bool) -> dict:
+    from kfp import local
+
+    from pipelines.posttrain import build_pipeline
+
     args = {"base_model": local_base_model((arguments or {}).get("base_model", spec.base_model), state),
             "tracking_uri": local_tracking(spec, state),
             "s3_endpoint": os.environ.get("MLFLOW_S3_ENDPOINT_URL", "")}
@@ -181,11 +392,14 @@ def run_local(spec_or_path: Spec | str | Path, out: str | Path | None = None, st
                workspace_root=str(state / "workspace" / f"{spec.name}-{time.time_ns()}"), raise_on_error=True,
                enable_caching=True, cache_root=str(state / "kfp-cache"))
     pipeline = build_pipeline(spec)
+    without_retries(pipeline.pipeline_spec)
+    tasks = display_names(pipeline.pipeline_spec)
     before = set(runs.glob(f"{spec.name}-*")) if runs.exists() else set()
-    t0 = time.perf_counter()
-    error = None
-    progress = Progress(out / "run.log", sys.stdout, display_names(pipeline.pipeline_spec), verbose)
-    with progress, warnings.catch_warnings(), contextlib.redirect_stdout(progress):
+    t0, since_ms = time.perf_counter(), int(time.time() * 1000)
+    error, stopped, steps, names = None, None, Steps(runs, tasks), []
+    progress = Progress(out / "run.log", sys.stdout, tasks, verbose)
+    with progress, warnings.catch_warnings(), contextlib.redirect_stdout(progress), \
+            _kfp_local_hooks(steps, names), _stopped_by_signals(steps):
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # our images run locally as this Python
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")  # resources
         try:
@@ -193,15 +407,39 @@ def run_local(spec_or_path: Spec | str | Path, out: str | Path | None = None, st
         except RuntimeError as e:  # a step failed; the exit handler has run; the summary says which and why
             error = "; ".join(f"{step} failed: {reason}" for step, reason in progress.failures.items()) \
                 or re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    run_dir = max(set(runs.glob(f"{spec.name}-*")) - before, key=lambda p: p.stat().st_mtime)
-    summary = collect(spec, run_dir, display_names(pipeline.pipeline_spec))
-    summary.update(status="failed" if error else "succeeded", error=error, seconds=round(time.perf_counter() - t0, 1),
-                   tracking_uri=args["tracking_uri"], experiment=spec.tracking.experiment, run_dir=str(run_dir))
-    report = run_dir / display_names(pipeline.pipeline_spec).get("evaluate", "-") / "report"
+        except RunStopped as e:  # no exit handler ran: the steps are stopped and their MLflow runs closed here
+            stopped = e
+            if not steps.wait(STOP_GRACE):
+                steps.kill()
+                steps.wait(5)
+    if names:  # this call's run, by the name kfp.local gave it
+        run_dir = runs / names[0]
+    else:  # kfp.local no longer names runs where _kfp_local_hooks looks: the newest new run directory
+        run_dir = max(set(runs.glob(f"{spec.name}-*")) - before, key=lambda p: p.stat().st_mtime, default=None)
+    if stopped is not None:
+        closed = []
+        with contextlib.suppress(Exception):  # MLflow unreachable: nothing more to close from here
+            closed = close_stopped_runs(args["tracking_uri"], spec, run_dir, tasks, since_ms)
+        message = (f"{stopped}: " + (f"stopped step(s) {', '.join(steps.stopped)}" if steps.stopped else
+                                     "no step was running")
+                   + "; MLflow runs closed KILLED: " + ("; ".join(closed) or "none found"))
+        error = message
+    summary = collect(spec, run_dir, tasks) if run_dir and run_dir.is_dir() else \
+        {"spec": spec.name, "stages": {}, "effects": [], "registered": None, "promotion": None}
+    warned = progress.undelivered
+    summary.update(status="stopped" if stopped else "failed" if error else "succeeded", error=error,
+                   seconds=round(time.perf_counter() - t0, 1), tracking_uri=args["tracking_uri"],
+                   experiment=spec.tracking.experiment, run_dir=str(run_dir), warnings=warned)
+    if stopped is not None:
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        raise RunStopped(stopped.signum, message)
+    report = run_dir / tasks.get("evaluate", "-") / "report"
     if report.is_file():
         shutil.copyfile(report, out / "report.html")
     (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))
+    for w in warned:
+        print(f"WARNING: {w}")
     print(f"\nrun_summary.json: {out / 'run_summary.json'}\nlog: {out / 'run.log'}\nartifacts: {run_dir}")
     if report.is_file():
         print(f"report: {out / 'report.html'}")

@@ -26,7 +26,12 @@ creates per run, with the spec's access modes, ReadWriteOnce by default), so a r
 cached (its parameters: the sources, the settings, and preflight's fingerprint of the data's and the
 tokenizer's bytes, so a scheduled run re-runs it when the data under the same URIs change); every other step
 runs each time. preflight and data_prep read the base model by its URI and fetch only its config and tokenizer
-(and preflight the safetensors headers); the training and sampling steps get it whole, as an artifact.
+(and preflight the safetensors headers). Models stay in the run's workspace and never go through a step's pod: the
+importer downloads the base model into the workspace once (download_to_workspace), each training stage writes its
+model to <workspace>/<stage>/model and its output artifact only points there (components/step.py), so no launcher
+pod downloads or uploads weights, and a TrainJob's nodes (which mount the workspace, not the step pod's scratch
+volume) read every input there. (KFP's IR has no ephemeral-storage request, its ResourceSpec being cpu, memory and
+accelerator: what the steps keep in their emptyDir scratch volumes are data files, eval results and pointers.)
 A training stage whose resources allow several nodes (max_nodes > 1) runs as a Kubeflow Trainer TrainJob that its
 step creates, watches and deletes (components/trainjob.py); the step itself is then a small pod of
 runtime_resources with the stage's timeout and retries.
@@ -280,7 +285,10 @@ def _dag(spec: Spec, p: dict) -> None:
     closing.set_caching_options(False)
 
     with dsl.ExitHandler(closing, name="posttrain"):
-        base = dsl.importer(artifact_uri=p["base_model"], artifact_class=dsl.Model, reimport=False)
+        # into the run's workspace once (KFP ≥ 2.15): every step that reads it, and every node of a TrainJob, finds it
+        # there; KFP's launcher does not download a workspace artifact into the step's pod (launcher_v2.go)
+        base = dsl.importer(artifact_uri=p["base_model"], artifact_class=dsl.Model, reimport=False,
+                            download_to_workspace=True)
         base.set_display_name("base-model")
         root = storage.pipeline_root
         check = preflight(

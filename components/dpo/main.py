@@ -139,7 +139,7 @@ def _run(cfg: DPOConfig, tracked) -> dict:
     tokenizer = cfg.loading.load_tokenizer(cfg.model)
     rows = load_rows(cfg.train_data, preference_row, max_bad_fraction=cfg.max_bad_fraction)
     pairs, dropped = encode_pairs(rows, tokenizer, cfg.max_length, cfg.train_data)
-    model = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed)
+    model = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed, cfg.train)
     session = Session(cfg.train, model, out, on_metrics=tracked.log_metrics, run_config=asdict(cfg))
     pad_id, dist = tokenizer.pad_token_id, session.dist
 

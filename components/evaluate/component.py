@@ -42,16 +42,16 @@ def evaluate(model: Input[Model], base_model: Input[Model], settings: str, suite
     import json
     import os
 
-    from components.step import Step
+    from components.step import Step, model_dir
 
     parents = json.loads(lineage)
     names = list(parents)
-    baselines = {"base": base_model.path, **{k: os.path.join(workspace, k, "model") for k in names}}
+    baselines = {"base": model_dir(base_model), **{k: os.path.join(workspace, k, "model") for k in names}}
     baselines.pop(candidate, None)
     histories = {k: os.path.join(workspace, k, "metrics.jsonl") for k in names}
     step = Step(stage, settings, output_dir=os.path.join(workspace, stage), tracking_uri=tracking_uri,
                 parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc, launch=launch)
-    wiring = {"model": model.path, "name": candidate, "baselines": baselines, "base_model": base_model.path,
+    wiring = {"model": model_dir(model), "name": candidate, "baselines": baselines, "base_model": model_dir(base_model),
               "parents": parents,
               "suites": json.loads(suites),
               "training_metrics": {k: p for k, p in histories.items() if os.path.exists(p)}}

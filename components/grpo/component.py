@@ -33,16 +33,17 @@ def grpo(model: Input[Model], data: Input[Dataset], settings: str, rewards: str,
         nodes: Nodes; more than 1 runs the stage as a Kubeflow Trainer TrainJob.
         launch: The bounds of nodes and nproc and the TrainJob's placement (JSON, from the spec).
         kfp_run_id: The KFP run's id: names the stage's TrainJob, so a retry reattaches to it.
-        trained_model: The trained model (Hugging Face directory, safetensors).
+        trained_model: The trained model: a pointer to it in the run's workspace, <workspace>/<stage>/model
+            (a Hugging Face directory), where later steps read it.
         metrics: The final step's metrics: reward, per-function rewards, entropy, clip fractions, ...
     """
     import json
     import os
 
-    from components.step import train_step
+    from components.step import model_dir, train_step
 
     train_step("grpo", stage=stage, settings=settings, lr=lr, max_steps=max_steps, workspace=workspace,
                tracking_uri=tracking_uri, parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc,
                nodes=nodes, launch=launch, kfp_run_id=kfp_run_id,
-               trained_model=trained_model, metrics=metrics, model=model.path,
+               trained_model=trained_model, metrics=metrics, model=model_dir(model),
                prompts={"path": os.path.join(data.path, "prompts.train.jsonl")}, rewards=json.loads(rewards))

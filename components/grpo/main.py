@@ -252,7 +252,7 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
     out = Path(cfg.output_dir)
     prompt_rows, rewards = prompts_and_rewards(cfg)
     tokenizer = cfg.loading.load_tokenizer(cfg.model)
-    model = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed)
+    model = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed, cfg.train)
     session = Session(cfg.train, model, out, on_metrics=tracked.log_metrics, run_config=asdict(cfg))
     ref_model = reference_model(cfg, model, session.device, cfg.beta)
     dist = session.dist

@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import shutil
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 from components.config import UserError, require
 from components.models import ModelLoading, save_model
 from components.training import distributed
-from components.training.loop import is_lora
+from components.training.loop import bf16_autocast, is_lora
 
 log = logging.getLogger(__name__)
 
@@ -116,33 +117,59 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, total
 
 
-def load_policy(path: str | Path, loading: ModelLoading, lora: Adapter, seed: int = 0):
+def policy_dtype(lora: Adapter, train, device: torch.device) -> torch.dtype:
+    """The dtype the policy's weights load in: a LoRA policy's frozen base in bf16 when the stage computes in
+    bf16 (train.precision bf16-mixed, or auto on a GPU: its matmuls run in bf16 anyway, and fp32 would double
+    the memory of weights that never change); the trained weights (a full policy, the adapters) in fp32."""
+    return torch.bfloat16 if lora.enabled and train is not None and bf16_autocast(train, device) else torch.float32
+
+
+def load_policy(path: str | Path, loading: ModelLoading, lora: Adapter, seed: int = 0, train=None):
     """The model a training stage trains: the model at `path` as is, or with lora.enabled that model frozen
     (quantized with lora.quantize) under peft's LoRA adapters, which alone train; their random initialization
     comes from `seed` (the stage's train.seed), so a rerun starts from the same adapters. Logs the parameter
-    counts."""
+    counts.
+
+    `train` (the stage's TrainConfig) decides how the weights load: in bf16 for a LoRA base that computes in bf16
+    (`policy_dtype`), and under ZeRO-3 on several ranks partitioned as they load (distributed.sharded_loading),
+    each rank holding its share. Without it, the model loads whole in fp32."""
+    dist = distributed.init()
+    dtype = policy_dtype(lora, train, dist.device)
+    sharded = distributed.sharded_loading(train, dist, dtype) if train is not None else nullcontext()
     if not lora.enabled:
-        model = loading.load_model(path)
+        with sharded:
+            model = loading.load_model(path)
     else:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         if lora.quantize != "none":
-            device = distributed.init().device
+            device = dist.device
             check_quantization(lora.quantize, device)
             model = loading.load_model(path, dtype=torch.bfloat16, device=device,
                                        quantization_config=_quantization_config(lora.quantize))
             # norms in fp32, inputs that carry gradients; the engine chunks the head itself, so no checkpointing
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         else:
-            model = loading.load_model(path)
+            with sharded:
+                model = loading.load_model(path, dtype=dtype)
         with torch.random.fork_rng():  # the global RNG stays as it was: no other draw changes
             torch.manual_seed(seed)
             model = get_peft_model(model, lora.peft_config())
     trainable, total = parameter_counts(model)
-    log.info("%s: %d of %d parameters train (%.2f%%)%s", path, trainable, total, 100 * trainable / max(total, 1),
-             f", LoRA r={lora.r}" + (f" on the {lora.quantize} base" if lora.quantize != "none" else "")
-             if lora.enabled else "")
+    log.info("%s: %d of %d parameters train (%.2f%%)%s%s", path, trainable, total, 100 * trainable / max(total, 1),
+             f", LoRA r={lora.r}" + (f" on the {lora.quantize} base" if lora.quantize != "none"
+                                     else f" on the {str(dtype).removeprefix('torch.')} base")
+             if lora.enabled else "",
+             ", partitioned over the ranks as it loaded (ZeRO-3)" if distributed.is_partitioned(model) else "")
     return model
+
+
+def merged_dtype(model, lora: Adapter) -> torch.dtype:
+    """The dtype a LoRA policy's merged model is written in: that of its frozen base as it trained (bf16 or fp32),
+    so a bf16 base is not written twice its size; a QLoRA base (4 or 8 bits) merges into fp32."""
+    if lora.quantize != "none":
+        return torch.float32
+    return next((param.dtype for param in model.parameters() if not param.requires_grad), torch.float32)
 
 
 def save_policy(model, tokenizer, path: Path, dist, lora: Adapter, base: str | Path, loading: ModelLoading,
@@ -151,8 +178,8 @@ def save_policy(model, tokenizer, path: Path, dist, lora: Adapter, base: str | P
     adapter), `trainable_params` and `total_params`.
 
     An adapted policy's adapter is gathered (ZeRO-3) and saved by rank 0; `merged` then loads the base again,
-    unquantized, on the CPU, merges the adapter into it and saves that: a plain Hugging Face directory, the
-    same whether the training base was quantized or sharded."""
+    unquantized, on the CPU, in the dtype the base trained in (`merged_dtype`), merges the adapter into it and
+    saves that: a plain Hugging Face directory, the same whether the training base was quantized or sharded."""
     trainable, total = parameter_counts(model)
     counts = {"trainable_params": trainable, "total_params": total}
     if not is_lora(model):
@@ -174,7 +201,8 @@ def save_policy(model, tokenizer, path: Path, dist, lora: Adapter, base: str | P
         if merge:
             from peft import PeftModel
 
-            merged = PeftModel.from_pretrained(loading.load_model(base), adapter_dir).merge_and_unload()
+            base_model = loading.load_model(base, dtype=merged_dtype(model, lora))
+            merged = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
             merged.save_pretrained(path, safe_serialization=True)
             shutil.rmtree(scratch)
         tokenizer.save_pretrained(path)
@@ -182,5 +210,5 @@ def save_policy(model, tokenizer, path: Path, dist, lora: Adapter, base: str | P
     return {"output": lora.output, **counts}
 
 
-__all__ = ["Adapter", "QuantizationUnavailable", "check_quantization", "load_policy", "parameter_counts",
-           "save_policy"]
+__all__ = ["Adapter", "QuantizationUnavailable", "check_quantization", "merged_dtype", "load_policy",
+           "parameter_counts", "policy_dtype", "save_policy"]

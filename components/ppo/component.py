@@ -30,7 +30,8 @@ def ppo(model: Input[Model], data: Input[Dataset], settings: str, rewards: str, 
         parent_run_id: The pipeline's MLflow run.
         s3_endpoint: S3 endpoint for s3:// URIs.
         nproc: Processes, one per accelerator.
-        trained_model: The trained actor (Hugging Face directory, safetensors).
+        trained_model: The trained actor: a pointer to it in the run's workspace, <workspace>/<stage>/model
+            (a Hugging Face directory), where later steps read it.
         metrics: The final step's metrics: objective/scores, objective/kl, policy/clipfrac, val/error, ...
         reward_model: The reward model a stage before trained, if any (named by a reward's stage:reward_model).
     """
@@ -38,12 +39,12 @@ def ppo(model: Input[Model], data: Input[Dataset], settings: str, rewards: str, 
     import os
 
     from components.rewards import resolve_stage_models
-    from components.step import train_step
+    from components.step import model_dir, train_step
 
     own = json.loads(settings).get("rewards") if settings else None
     chosen = resolve_stage_models(own if own is not None else json.loads(rewards),
-                                  {"reward_model": reward_model.path if reward_model is not None else None})
+                                  {"reward_model": model_dir(reward_model) if reward_model is not None else None})
     train_step("ppo", stage=stage, settings=settings, lr=lr, max_steps=max_steps, workspace=workspace,
                tracking_uri=tracking_uri, parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc,
-               trained_model=trained_model, metrics=metrics, model=model.path,
+               trained_model=trained_model, metrics=metrics, model=model_dir(model),
                prompts={"path": os.path.join(data.path, "prompts.train.jsonl")}, rewards=chosen)

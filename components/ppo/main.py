@@ -237,7 +237,7 @@ def _run(cfg: PPOConfig, tracked) -> dict:
     out = Path(cfg.output_dir)
     prompt_rows, rewards = prompts_and_rewards(cfg)
     tokenizer = cfg.loading.load_tokenizer(cfg.model)
-    actor = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed)
+    actor = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed, cfg.train)
     critic = load_critic(cfg, tokenizer.pad_token_id)
     session = Session(cfg.train, actor, out, on_metrics=tracked.log_metrics, run_config=asdict(cfg),
                       companions={"critic": (critic, cfg.critic_train)})

@@ -9,7 +9,7 @@ from components.images import RUNTIME_IMAGE
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
 def register(model: Input[Model], eval_results: Input[Artifact], registered_model: str, promotion: str,
              settings: str, stage: str, tracking_uri: str, parent_run_id: str, s3_endpoint: str,
-             registration: Output[Artifact], card: Output[Markdown]) -> str:
+             registration: Output[Artifact], card: Output[Markdown], workspace: str = "") -> str:
     """Registers the model in MLflow as a new version (alias challenger, eval metrics as tags) and decides,
     by the spec's promotion rule, whether it beats the current champion.
 
@@ -28,6 +28,8 @@ def register(model: Input[Model], eval_results: Input[Artifact], registered_mode
         s3_endpoint: S3 endpoint.
         registration: {name, version, model_id, run_id, decision, reason, champion}.
         card: The version, the decision and why.
+        workspace: The run's workspace, where the final model lives (<workspace>/<its stage>/model): given, KFP
+            mounts it in the step's pod.
 
     Returns:
         promote or keep.
@@ -38,11 +40,11 @@ def register(model: Input[Model], eval_results: Input[Artifact], registered_mode
     from mlflow import MlflowClient
 
     from components.register import promote as gate
-    from components.step import Step
+    from components.step import Step, model_dir
 
     step = Step(stage, settings, output_dir=tempfile.mkdtemp(), tracking_uri=tracking_uri,
                 parent_run_id=parent_run_id, s3_endpoint=s3_endpoint)
-    summary = step.run("register", model=model.path, name=registered_model, eval=eval_results.path)
+    summary = step.run("register", model=model_dir(model), name=registered_model, eval=eval_results.path)
     rule = gate.PromotionRule.from_mapping(json.loads(promotion))
     evaluation = gate.read_eval(eval_results.path)
     client = MlflowClient()

@@ -9,7 +9,7 @@ from components.images import TRAINER_IMAGE
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def reward_scoring(model: Input[Model], data: Input[Dataset], settings: str, rewards: str, stage: str,
                    tracking_uri: str, parent_run_id: str, s3_endpoint: str, nproc: int, launch: str,
-                   scored: Output[Dataset], metrics: Output[Metrics]):
+                   scored: Output[Dataset], metrics: Output[Metrics], workspace: str = ""):
     """Samples k completions per prompt from the current policy, scores them with the reward functions and
     pairs each prompt's best completion with its worst, for DPO.
 
@@ -30,15 +30,17 @@ def reward_scoring(model: Input[Model], data: Input[Dataset], settings: str, rew
         launch: The bounds of nproc (JSON, from the spec).
         scored: scored.jsonl (every sample and its rewards), pairs.jsonl ({prompt, chosen, rejected}), stats.json.
         metrics: Reward mean and spread, pairs made and skipped.
+        workspace: The run's workspace, where the policy lives (<workspace>/<its stage>/model): given, KFP mounts
+            it in the step's pod.
     """
     import json
     import os
 
-    from components.step import Step
+    from components.step import Step, model_dir
 
     step = Step(stage, settings, output_dir=scored.path, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                 s3_endpoint=s3_endpoint, nproc=nproc, launch=launch)
-    step.run("reward_scoring", model=model.path, prompts={"path": os.path.join(data.path, "prompts.train.jsonl")},
+    step.run("reward_scoring", model=model_dir(model), prompts={"path": os.path.join(data.path, "prompts.train.jsonl")},
              rewards=json.loads(rewards))
     with open(step.path("stats.json")) as f:  # rank 0's, under torchrun
         step.log_metrics(metrics, json.load(f))

@@ -76,7 +76,7 @@ def run(cfg: SFTConfig) -> dict:
                                         overlong=cfg.overlong, max_bad_fraction=cfg.max_bad_fraction)
     log.info("data %s: %s", cfg.train_data, stats.as_dict())
 
-    model = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed)
+    model = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed, cfg.train)
     ref_model = None
     if cfg.objective.method == "sft_kl" and cfg.lora.enabled and not cfg.ref_model:
         ref_model = model  # the policy's own base, the adapter disabled (components.training.loop.base_reference)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,10 +120,17 @@ def check_topology(path: Path, dist: Dist) -> None:
 
 
 def _param_groups(model, cfg) -> list[dict]:
-    """Weight decay on matrices only, not on norms and biases."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Weight decay on matrices only, not on norms and biases. An empty group is left out (LoRA trains matrices
+    only): ZeRO-3's optimizer drops empty groups, and the schedule would then step one group more than it has."""
+    decay = [p for p in model.parameters() if p.requires_grad and _ndim(p) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and _ndim(p) < 2]
+    return [group for group in ({"params": decay, "weight_decay": cfg.weight_decay},
+                                {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
+
+
+def _ndim(param) -> int:
+    """A parameter's dimensions; a ZeRO-3 partitioned one is an empty placeholder whose full shape is ds_shape."""
+    return len(param.ds_shape) if hasattr(param, "ds_shape") else param.ndim
 
 
 def _optimizer(model, cfg):
@@ -180,6 +188,64 @@ class PlainEngine:
         return state
 
 
+def deepspeed_config(cfg, dist: Dist, params_dtype: torch.dtype = torch.float32) -> dict:
+    """The DeepSpeed config of a training engine (`cfg`: the stage's TrainConfig).
+
+    `params_dtype` only matters while a model is built under it (`sharded_loading`): deepspeed.zero.Init casts
+    the weights it partitions to the dtype the config's bf16 section names. The engine itself always gets
+    bf16 off: bf16-mixed means bf16 autocast (applied by the loop) over fp32 weights, gradients and optimizer,
+    as on one device, while DeepSpeed's own bf16 mode would cast the trained weights to bf16 (fp32 only in the
+    optimizer's master copy), so forward, gradient reduction and the saved model would differ."""
+    offload = {"device": "cpu", "pin_memory": dist.device.type == "cuda"}
+    zero = {"stage": cfg.zero_stage, "overlap_comm": dist.device.type == "cuda", "contiguous_gradients": True}
+    if cfg.zero_stage == 3:
+        # parameters up to this size stay whole on every rank; 0 partitions them all, as a 7B model's are
+        zero["stage3_param_persistence_threshold"] = cfg.zero3_param_persistence_threshold
+    if cfg.offload:
+        zero["offload_optimizer"] = offload
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = offload
+    return {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip, "zero_optimization": zero,
+        "bf16": {"enabled": params_dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30, "wall_clock_breakdown": False,
+    }
+
+
+def zero3(cfg, dist: Dist) -> bool:
+    """Whether this run partitions the parameters themselves (ZeRO-3 on several ranks)."""
+    return dist.world > 1 and cfg.zero_stage == 3
+
+
+@contextmanager
+def sharded_loading(cfg, dist: Dist, params_dtype: torch.dtype):
+    """Within it, under ZeRO-3 on several ranks, Hugging Face `from_pretrained` builds the model inside
+    deepspeed.zero.Init: each weight is partitioned as it is created and then filled module by module from
+    the checkpoint, so a rank keeps only its share of the model (a 70B base would otherwise be whole, in fp32,
+    on every rank). transformers only looks for a live HfDeepSpeedConfig (a weak reference), so one lives for
+    the duration and is dropped after: models loaded later (a frozen reference, the merge on rank 0) load
+    whole, as they are not trained by an engine. Elsewhere nothing changes."""
+    if not zero3(cfg, dist):
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    live = HfDeepSpeedConfig(deepspeed_config(cfg, dist, params_dtype))
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del live
+
+
+def is_partitioned(model) -> bool:
+    """Whether `model`'s weights are ZeRO-3 partitioned (each rank holds a shard; a forward gathers them, a
+    collective every rank must join)."""
+    return any(hasattr(param, "ds_id") for param in model.parameters())
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO with gradient accumulation over a variable number of micro-batches per step."""
 
@@ -187,20 +253,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.dist = dist
-        offload = {"device": "cpu", "pin_memory": dist.device.type == "cuda"}
-        zero = {"stage": cfg.zero_stage, "overlap_comm": dist.device.type == "cuda", "contiguous_gradients": True}
-        if cfg.offload:
-            zero["offload_optimizer"] = offload
-            if cfg.zero_stage == 3:
-                zero["offload_param"] = offload
-        # bf16-mixed means bf16 autocast (applied by the loop) over fp32 weights, gradients and optimizer, as
-        # on one device. DeepSpeed's own bf16 mode would instead cast the model to bf16 (fp32 only in the
-        # optimizer's master copy), so forward, gradient reduction and the saved model would differ: keep it off.
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            "gradient_clipping": cfg.grad_clip, "zero_optimization": zero, "bf16": {"enabled": False},
-            "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30, "wall_clock_breakdown": False,
-        }
+        ds_config = deepspeed_config(cfg, dist)
         if cfg.offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             optimizer = DeepSpeedCPUAdam(_param_groups(model, cfg), lr=cfg.lr, betas=cfg.adam_betas)

@@ -78,6 +78,9 @@ class TrainConfig:
     """Log a metrics line every N steps (every step is written to metrics.jsonl)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (2 or 3) when WORLD_SIZE > 1."""
+    zero3_param_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters of at most this many elements stay whole on every rank instead of partitioned
+    (DeepSpeed's stage3_param_persistence_threshold); 0 partitions every parameter, as a large model's are."""
     offload: bool = False
     """DeepSpeed: offload optimizer states (and with stage 3, parameters) to CPU."""
     allow_config_change: bool = False
@@ -98,6 +101,9 @@ class TrainConfig:
         require(self.precision in ("auto", "fp32", "bf16-mixed"), "precision", self.precision,
                 "auto, fp32 or bf16-mixed")
         require(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "2 or 3")
+        threshold = self.zero3_param_persistence_threshold
+        require(isinstance(threshold, int) and not isinstance(threshold, bool) and threshold >= 0,
+                "zero3_param_persistence_threshold", threshold, "an integer ≥ 0")
         betas = tuple(self.adam_betas)
         require(len(betas) == 2 and all(isinstance(beta, (int, float)) and 0 <= beta < 1 for beta in betas),
                 "adam_betas", self.adam_betas, "two numbers in [0, 1): (β1, β2)")
@@ -128,6 +134,11 @@ class SFTObjective:
                 self.sft_warmup_steps, "an integer ≥ 0")
         check_clip_range(self.epsilon_low, self.epsilon_high)
         require(math.isfinite(self.beta) and self.beta >= 0, "beta", self.beta, "a number ≥ 0")
+
+
+def bf16_autocast(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the stage computes in bf16 (autocast): precision bf16-mixed, or auto on a GPU."""
+    return cfg.precision == "bf16-mixed" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 def check_clip_range(epsilon_low: float, epsilon_high: float) -> None:
@@ -212,6 +223,22 @@ def forward_logprobs(model, batch: PackedBatch, chunk_size: int, autocast: bool,
     return zeros.masked_scatter(keep, logprobs), zeros.masked_scatter(keep, entropy)
 
 
+def to_device(model, device: torch.device) -> None:
+    """Move `model` to `device`, leaving ZeRO-3 partitioned weights (built under deepspeed.zero.Init, as
+    sharded_loading does) where DeepSpeed placed their shards: only the rest moves (LoRA adapters, buffers)."""
+    if not distributed.is_partitioned(model):
+        model.to(device)
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                if not hasattr(param, "ds_id"):
+                    param.data = param.data.to(device)
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(device)
+
+
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -252,10 +279,10 @@ class Session:
         self.run_config = run_config if run_config is not None else asdict(cfg)
         self.dist = dist = distributed.init()
         self.device = dist.device
-        self.autocast = cfg.precision == "bf16-mixed" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = bf16_autocast(cfg, self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        model.to(self.device)
+        to_device(model, self.device)
         model.config.use_cache = False
         model.train()
         self.engine = distributed.make_engine(model, cfg, lr_lambda(cfg), dist)

@@ -17,6 +17,13 @@ softmax(logits / temperature). So
   process gets.
 
 temperature 0 is greedy decoding (log-probs then under temperature 1).
+
+Under ZeRO-3 on several ranks (weights partitioned: every forward all-gathers them, a collective), the ranks
+decode in lockstep: each runs as many batches as the rank with the most, and every decode step ends with an
+all-reduce of "still decoding" so that a rank whose rows are done keeps running forwards until every rank's are
+(as transformers' `synced_gpus`). Otherwise a rank that stops early leaves the others in an all-gather it never
+joins: gloo aborts with a collective mismatch, NCCL hangs until its timeout. This path always uses the decode
+loop here (no static cache, which Hugging Face compiles), and its samples are the same as one process's.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessor, Logits
 
 from components.config import positive_ints, require
 from components.training.batching import render_prompt
+from components.training.distributed import is_partitioned
 from components.training.loop import is_lora
 
 
@@ -141,16 +149,34 @@ class _Sampler(LogitsProcessor):
         return out.scatter_(-1, choice[:, None], 0.0)
 
 
+def _lockstep(model) -> bool:
+    """Whether this process's forwards of `model` are collectives of several ranks (ZeRO-3 partitioned weights)."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1 and is_partitioned(model))
+
+
+def _all_done(done: bool, device) -> bool:
+    """Whether every rank is done decoding (each rank calls it once per decode step: an all-reduce)."""
+    decoding = torch.tensor([0.0 if done else 1.0], device=device)
+    torch.distributed.all_reduce(decoding)
+    return float(decoding) == 0.0
+
+
 def _decode(model, ids: Tensor, attn: Tensor, *, max_new_tokens: int, temperature: float, top_p: float,
-            uniforms: Tensor, eos: int, pad: int) -> tuple[Tensor, Tensor]:
+            uniforms: Tensor, eos: int, pad: int, lockstep: bool = False, idle: bool = False,
+            ) -> tuple[Tensor, Tensor]:
     """Prefill the left-padded prompts `ids`, then decode one token per step with a dynamic KV cache until every
-    row has its EOS or max_new_tokens: the new tokens [B, T] (pad after a row's EOS) and their log-probs [B, T]."""
+    row has its EOS or max_new_tokens: the new tokens [B, T] (pad after a row's EOS) and their log-probs [B, T].
+
+    lockstep: every rank decodes until every rank's rows are done (`_all_done` after each step); idle: the rows
+    are a stand-in (a rank with fewer batches than another), done from the start, there only to join the
+    forwards."""
     cache = DynamicCache(config=model.config)
     padded = not bool(attn.all())  # without left padding, no mask at all: plain causal attention
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=attn if padded else None, position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    done = torch.full((ids.shape[0],), idle, dtype=torch.bool, device=ids.device)
     position = positions[:, -1:]
     tokens, logps = [], []
     for step in range(max_new_tokens):
@@ -159,7 +185,10 @@ def _decode(model, ids: Tensor, attn: Tensor, *, max_new_tokens: int, temperatur
         tokens.append(choice)
         logps.append(logp.gather(-1, choice[:, None]).squeeze(-1))
         done |= choice == eos
-        if len(tokens) == max_new_tokens or bool(done.all()):
+        finished = bool(done.all())
+        if lockstep:
+            finished = _all_done(finished, ids.device)
+        if len(tokens) == max_new_tokens or finished:
             break
         position = position + 1
         if padded:
@@ -190,7 +219,8 @@ def generate(model, tokenizer, prompts: list, *, n: int = 1, temperature: float 
 
     batch_size: sequences decoded together (prompts × n are split into batches of this size).
     cache: "static" (Hugging Face `generate` with a fixed-size KV cache, which it compiles), "dynamic" (the decode
-    loop here), or "auto" (static on a GPU).
+    loop here), or "auto" (static on a GPU). ZeRO-3 partitioned weights on several ranks always take the decode
+    loop here, in lockstep with the other ranks (module docstring).
     indices: each prompt's index in the whole prompt set (default: its place in `prompts`); sample j of prompt i
     draws from a generator seeded with sample_seed(seed, indices[i], j).
     """
@@ -208,9 +238,19 @@ def generate(model, tokenizer, prompts: list, *, n: int = 1, temperature: float 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     encoded = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     order = [i for i in range(len(prompts)) for _ in range(n)]
-    use_static = cache == "static" or (cache == "auto" and device.type == "cuda")
+    lockstep = _lockstep(model)
+    use_static = not lockstep and (cache == "static" or (cache == "auto" and device.type == "cuda"))
+    starts = list(range(0, len(order), batch_size))
+    if lockstep:  # as many batches as the rank with the most: the others decode a stand-in row
+        batches = torch.tensor([float(len(starts))], device=device)
+        torch.distributed.all_reduce(batches, op=torch.distributed.ReduceOp.MAX)
+        for _ in range(int(batches) - len(starts)):
+            stand_in = torch.full((1, 1), pad, dtype=torch.long, device=device)
+            _decode(model, stand_in, torch.ones_like(stand_in), max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, uniforms=torch.zeros(1, max_new_tokens, device=device),
+                    eos=eos, pad=pad, lockstep=True, idle=True)
     out = Rollout()
-    for s in range(0, len(order), batch_size):
+    for s in starts:
         idx = order[s:s + batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -231,7 +271,8 @@ def generate(model, tokenizer, prompts: list, *, n: int = 1, temperature: float 
             logps = torch.stack(sampler.chosen_logp, dim=1).float().cpu()
         else:
             new, logps = _decode(model, ids.to(device), attn.to(device), max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, uniforms=uniforms, eos=eos, pad=pad)
+                                 temperature=temperature, top_p=top_p, uniforms=uniforms, eos=eos, pad=pad,
+                                 lockstep=lockstep)
             logps = logps.float().cpu()
         new = new.cpu()
         for r, i in enumerate(idx):

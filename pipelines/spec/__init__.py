@@ -16,17 +16,24 @@ through components.config's reader; the keys that wire a stage to its inputs and
 train_data, output_dir, ...) are the pipeline's and may not be set. docs/spec.md is generated from the
 field docstrings of the schema (`python -m pipelines.spec docs > docs/spec.md`).
 
+A spec is read within bounds, as every YAML file here is (components.yamlread), since it may be pasted from
+anywhere: at most 1 MiB, mappings and lists nested at most 64 levels deep, anchors and aliases (`&name`,
+`*name`) only while the document stays under 4 Mi nodes and characters once they are expanded, and each key
+once in a mapping (a repeated key is refused, naming it and both lines, instead of the last one winning). A
+file that breaks one of these, or is not YAML, is refused in one line naming the file, the line and the column.
+An error message is at most 1000 characters: a long value it quotes is cut in the middle.
+
 The package: `schema` (the dataclasses), `checks` (what spans keys: stage order, settings, promotion), `docs`
-(the reference page); the reader is components.config's, shared with the stage configs.
+(the reference page); the readers are components.yamlread's (the YAML) and components.config's (the keys), shared
+with the stage configs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from components.config import Reader
+from components.yamlread import read_yaml
 from pipelines.spec.checks import Checker, validate_settings
 from pipelines.spec.schema import (
     BUNDLED_MODELS,
@@ -74,11 +81,7 @@ def spec_path(name_or_path: str | Path) -> Path:
 def load_spec(name_or_path: str | Path) -> Spec:
     """Read and validate a spec file (or a bundled spec by name)."""
     path = spec_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SpecError(f"{path}: cannot read YAML: {e}") from e
-    return parse_spec(data, str(path))
+    return parse_spec(read_yaml(path, SpecError), str(path))
 
 
 __all__ = ["BUNDLED_MODELS", "BUNDLED_SPECS", "NAME_RE", "QUANTITY_RE", "RUNTIME_KEYS", "SPECS_DIR", "Guard",

@@ -266,7 +266,8 @@ class Storage:
     """Kubernetes namespace the steps run in (preflight checks the Secrets exist there)."""
     workspace_size: str = "100Gi"
     """Size of the run's workspace volume (a PVC KFP creates per run), which holds each training stage's
-    checkpoints so a retried step resumes where it stopped."""
+    checkpoints so a retried step resumes where it stopped, and the models: the base model (imported there once)
+    and each training stage's, which the later steps read there rather than through their pods' scratch volumes."""
     workspace_storage_class: str | None = None
     """StorageClass of the workspace volume (default: the cluster's default class). KFP 2.15 and 2.16 need it
     unless their admin set a default workspace spec; never an empty string, which KFP refuses."""

@@ -30,8 +30,11 @@ def test_sft_component_trains_and_fills_its_outputs(tiny_model_dir, tmp_path, mo
                 trained_model=model, metrics=metrics)
     sft.python_func(**args)
 
-    assert (tmp_path / "out" / "model" / "config.json").exists()
-    assert list((tmp_path / "out" / "model").glob("*.safetensors"))
+    # the model stays in the workspace; the output artifact points there and holds no weights
+    assert list((workspace / "psft" / "model").glob("*.safetensors"))
+    assert not list((tmp_path / "out" / "model").glob("*.safetensors"))
+    from components.step import model_dir
+    assert model_dir(model) == str(workspace / "psft" / "model") == model.metadata["workspace_path"]
     assert metrics.metadata["steps"] == 3 and metrics.metadata["final/step"] == 3
     assert metrics.metadata["data/kept"] == 64
     assert json.loads((tmp_path / "out" / "metrics").read_text()) == metrics.metadata  # a file, for the cache

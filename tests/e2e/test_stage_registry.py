@@ -61,11 +61,11 @@ def echo(model: Input[Model], settings: str, stage: str, workspace: str, trained
     import os
 
     import echo_stage  # noqa: F401  (registers the stage in this process)
-    from components.step import Step
+    from components.step import Step, export_model, model_dir
 
     step = Step(stage, settings, output_dir=os.path.join(workspace, stage))
-    summary = step.run(stage, model=model.path)
-    step.export("model", trained_model.path)
+    summary = step.run(stage, model=model_dir(model))  # a model artifact points into the run's workspace
+    export_model(step.path("model"), trained_model, stage)
     step.log_metrics(metrics, summary)
 '''
 

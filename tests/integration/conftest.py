@@ -1,13 +1,6 @@
-"""Real servers on loopback for the tracking, registry and storage tests, started once per session.
+"""The integration tests' helpers: a pausable proxy in front of S3, a short SFT stage run under a parent run,
+and the fake KFP API. The real servers on loopback (S3, MLflow) are the session fixtures of tests/conftest.py."""
 
-- S3: `moto_server` (pipelines.stack.start_s3), or an S3 that already runs (a MinIO) when
-  POSTTRAIN_TEST_S3_ENDPOINT=http://host:port and POSTTRAIN_TEST_S3_CREDENTIALS=ACCESS_KEY:SECRET_KEY are set.
-- MLflow: `mlflow server` with a sqlite backend and `--artifacts-destination s3://posttrain-mlflow`.
-- A TCP proxy in front of S3 that a test can pause (every connection refused and cut) and slow down.
-
-With moto the credentials are distinctive fake values, so a test can search everything a run produced
-for them; the MLflow client gets fake basic-auth credentials too (the test server ignores them).
-"""
 
 from __future__ import annotations
 
@@ -17,93 +10,18 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from pipelines import stack
-
 REPO = Path(__file__).resolve().parents[2]
-EXPERIMENT = "posttrain-integration"
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def secrets() -> dict[str, str]:
-    """The credentials of this session: what must never show up in a log, param, tag or artifact."""
-    access, secret = "AKIAPOSTTRAINFAKE7Q3XZ", "posttrain-fake-secret-0f9e8d7c6b5a4321"
-    if os.environ.get("POSTTRAIN_TEST_S3_ENDPOINT"):
-        access, _, secret = os.environ["POSTTRAIN_TEST_S3_CREDENTIALS"].partition(":")
-    return {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
-            "MLFLOW_TRACKING_USERNAME": "posttrain-fake-user-k2j4",
-            "MLFLOW_TRACKING_PASSWORD": "posttrain-fake-pw-8h7g6f"}
-
-
-@dataclass
-class Stack:
-    root: Path
-    s3_endpoint: str
-    tracking_uri: str
-    mlflow_port: int
-    server_env: dict[str, str]
-    env: dict[str, str] = field(default_factory=dict)
-    """What a client process needs: tracking URI, S3 endpoint, credentials."""
-
-    def kill_mlflow(self) -> None:
-        stack.stop(self.root, "mlflow", sig=9)
-
-    def start_mlflow(self) -> None:
-        stack.start_mlflow(self.root, self.mlflow_port, self.s3_endpoint, env=self.server_env)
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory, secrets):
-    """(stack dir, endpoint, the servers' credentials): moto on a free port, or the configured MinIO."""
-    root = tmp_path_factory.mktemp("stack")
-    creds = {k: secrets[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    endpoint = os.environ.get("POSTTRAIN_TEST_S3_ENDPOINT") or stack.start_s3(root, free_port(), env=creds)
-    try:
-        stack.create_buckets(endpoint, env=creds)
-        yield root, endpoint, creds
-    finally:
-        stack.down(root)
-
-
-@pytest.fixture(scope="session")
-def servers(s3_server, secrets) -> Stack:
-    root, s3, creds = s3_server
-    port = free_port()
-    uri = stack.start_mlflow(root, port, s3, env=creds)
-    env = {**secrets, "MLFLOW_TRACKING_URI": uri, "MLFLOW_S3_ENDPOINT_URL": s3,
-           "POSTTRAIN_EXPERIMENT": EXPERIMENT, "AWS_DEFAULT_REGION": "us-east-1",
-           "OMP_NUM_THREADS": "1"}  # one torch thread per stage process: 2 shared cores, no oversubscription
-    return Stack(root, s3, uri, port, creds, env)
-
-
-@pytest.fixture
-def s3_env(s3_server, secrets, monkeypatch):
-    """This test's process talks to the session's S3 endpoint; returns the endpoint."""
-    _, endpoint, _ = s3_server
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(k, secrets[k])
-    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    return endpoint
-
-
-@pytest.fixture
-def tracking_env(servers, monkeypatch):
-    """This test's process (and its subprocesses) talk to the session's servers."""
-    for k, v in servers.env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("POSTTRAIN_PARENT_RUN_ID", raising=False)
-    return servers
 
 
 class PausableProxy:

@@ -1,5 +1,5 @@
-"""DeepSpeed: a 2-process CPU run (ZeRO-2, and ZeRO-3; gloo) trains the tiny model, and its per-step losses
-match the single-process run.
+"""DeepSpeed: a 2-process CPU run (ZeRO-2, and ZeRO-3 with every parameter partitioned; gloo) trains the tiny
+model, and its per-step losses match the single-process run.
 
 Both runs are the real SFT stage (`python -m components.sft`, and the same under `torch.distributed.run`
 with 2 processes) on the same data, seed and config. The loop's loss is a token-mean over the whole
@@ -107,7 +107,10 @@ def single_run(tmp_path_factory):
 def test_two_ranks_match_single_process(single_run, zero_stage):
     root, model_dir, data, out1 = single_run
     out2 = root / f"zero{zero_stage}"
-    cfg2 = _stage_config(root / f"zero{zero_stage}.yaml", model_dir, data, out2, zero_stage=zero_stage)
+    # ZeRO-3 with every parameter partitioned (a large model's matrices are; the tiny model's would all stay whole
+    # under DeepSpeed's default persistence threshold), the model partitioned as it loads
+    zero = {"zero_stage": 3, "zero3_param_persistence_threshold": 0} if zero_stage == 3 else {"zero_stage": 2}
+    cfg2 = _stage_config(root / f"zero{zero_stage}.yaml", model_dir, data, out2, **zero)
     # the first DeepSpeed start on a machine JIT-builds a comm op (~80 s): a generous limit
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
           "--master-port", str(_free_port()), "-m", "components.sft", "--config", str(cfg2)], timeout=900)

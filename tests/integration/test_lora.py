@@ -101,6 +101,28 @@ def test_merged_output_is_a_plain_model_equal_to_base_plus_adapter(lora_sft, tin
         components.models.check_model_dir(adapter_dir)
 
 
+def test_a_bf16_stage_loads_the_frozen_base_in_bf16_and_writes_a_bf16_merged_model(tiny_model_dir, sft_data,
+                                                                                    tmp_path):
+    """bf16 compute (precision bf16-mixed; auto on a GPU): the frozen base in bf16, the adapters in fp32, and the
+    merged model written in bf16; fp32 compute keeps everything fp32."""
+    from components.models import ModelLoading
+    from components.models.lora import load_policy
+    from components.training.loop import TrainConfig
+
+    for precision, base_dtype in (("bf16-mixed", torch.bfloat16), ("fp32", torch.float32)):
+        policy = load_policy(tiny_model_dir, ModelLoading(), Adapter(**LORA), 0, TrainConfig(precision=precision))
+        assert {p.dtype for p in policy.parameters() if not p.requires_grad} == {base_dtype}
+        assert {p.dtype for p in policy.parameters() if p.requires_grad} == {torch.float32}
+    settings = sft_settings(tiny_model_dir, sft_data, tmp_path / "bf16")
+    settings["train"] = {**settings["train"], "max_steps": 2, "precision": "bf16-mixed"}
+    run_sft(from_mapping(SFTConfig, settings))
+    merged = tmp_path / "bf16" / "model" / "model.safetensors"
+    with open(merged, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    assert load_model(merged.parent).model.embed_tokens.weight.dtype == torch.float32  # loads as any model
+
+
 def test_evaluate_reads_the_merged_output(lora_sft, tiny_model_dir, tmp_path):
     merged_dir = Path(lora_sft["merged"][0].output_dir) / "model"
     cfg = from_mapping(EvaluateConfig, {

@@ -124,6 +124,19 @@ def test_gpu_stage_placement(tmp_path):
     assert launch == {"max_nodes": 1, "max_nproc": 2}  # no TrainJob: the stage runs in the step's pod
 
 
+def test_models_stay_in_the_runs_workspace(tmp_path):
+    """The base model is imported into the workspace (KFP ≥ 2.15: the launcher then downloads it into no step's pod,
+    backend/src/v2/component/launcher_v2.go); every step that reads a model takes the workspace, so KFP mounts it
+    (backend/src/v2/driver/driver.go needsWorkspaceMount)."""
+    _, pipeline, _ = compiled(parse_spec(copy.deepcopy(MINI)), tmp_path)
+    importer = pipeline["deploymentSpec"]["executors"]["exec-importer"]["importer"]
+    assert importer["downloadToWorkspace"] is True
+    tasks = dag_tasks(pipeline)
+    for task in ("sft", "evaluate", "register"):
+        workspace = tasks[task]["inputs"]["parameters"]["workspace"]
+        assert workspace["runtimeValue"]["constant"] == "{{$.workspace_path}}", task
+
+
 def test_credentials_come_only_from_secrets(tmp_path):
     text, pipeline, k8s = compiled(parse_spec(copy.deepcopy(MINI)), tmp_path)
     executors = k8s["deploymentSpec"]["executors"]

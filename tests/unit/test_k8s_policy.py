@@ -45,15 +45,18 @@ def _container(deployment: dict) -> dict:
 def test_targets_are_base_and_every_overlay():
     assert [t.relative_to(ROOT / "k8s").as_posix() for t in validate.targets()] == [
         "base", "overlays/external-s3", "overlays/gpu", "overlays/kubeflow-profile", "overlays/kueue",
-        "overlays/trainer"]
+        "overlays/standalone-kfp", "overlays/standalone-kfp-kueue", "overlays/trainer",
+        "overlays/workspace-fsgroup"]
 
 
-@pytest.mark.parametrize("target", ["base", "overlays/external-s3", "overlays/gpu", "overlays/kubeflow-profile",
-                                    "overlays/kueue"])
-def test_target_renders_validates_and_meets_policies(target):
+@pytest.mark.parametrize("target, least", [
+    ("base", 14), ("overlays/external-s3", 14), ("overlays/gpu", 14), ("overlays/kubeflow-profile", 14),
+    ("overlays/kueue", 14),  # external-s3: the base (no Namespace) without MinIO, its Service, Job, ConfigMap, policy
+    ("overlays/standalone-kfp", 9), ("overlays/standalone-kfp-kueue", 12)])  # the runner's part, in kubeflow
+def test_target_renders_validates_and_meets_policies(target, least):
     count, problems = validate.check(ROOT / "k8s" / target)
     assert problems == []
-    assert count >= 14  # external-s3: the base (no Namespace) without MinIO, its Service, Job, ConfigMap, policy
+    assert count >= least
 
 
 def test_external_s3_overlay_drops_minio_and_points_everything_elsewhere():
@@ -64,11 +67,57 @@ def test_external_s3_overlay_drops_minio_and_points_everything_elsewhere():
     assert "s3.us-east-1.amazonaws.com" in text
 
 
-def test_every_namespaced_resource_is_in_namespace_posttrain(base):
-    cluster_scoped = {"Namespace", "ClusterQueue", "ResourceFlavor"}
-    for resource in validate.render(ROOT / "k8s" / "overlays" / "kueue"):
-        if resource["kind"] not in cluster_scoped:
+CLUSTER_SCOPED = {"Namespace", "ClusterQueue", "ResourceFlavor", "ClusterRole", "ClusterRoleBinding"}
+
+
+@pytest.mark.parametrize("target", ["overlays/kueue", "overlays/trainer"])
+def test_every_namespaced_resource_is_in_namespace_posttrain(target):
+    """`kubectl apply -k` puts a resource that names no namespace in kubectl's current one, wherever that is."""
+    for resource in validate.render(ROOT / "k8s" / target):
+        if resource["kind"] not in CLUSTER_SCOPED:
             assert resource["metadata"].get("namespace") == "posttrain", validate.name_of(resource)
+
+
+@pytest.mark.parametrize("target", ["overlays/standalone-kfp", "overlays/standalone-kfp-kueue"])
+def test_standalone_overlays_put_the_runners_part_in_kubeflow_and_no_service(target):
+    """Standalone KFP runs the pods and their TrainJobs in kubeflow: the runner's account and Roles, the launcher
+    config, the TrainingRuntime (and the LocalQueue) go there; MinIO, Postgres and MLflow stay in posttrain."""
+    resources = validate.render(ROOT / "k8s" / target)
+    for resource in resources:
+        if resource["kind"] not in CLUSTER_SCOPED:
+            assert resource["metadata"].get("namespace") == "kubeflow", validate.name_of(resource)
+    names = {validate.name_of(r) for r in resources}
+    assert {"ServiceAccount/posttrain-pipeline-runner", "ConfigMap/kfp-launcher", "TrainingRuntime/posttrain-trainer",
+            "Role/posttrain-trainjobs", "Role/posttrain-pipeline-secrets"} <= names
+    assert not [r for r in resources if r["kind"] in ("Service", "StatefulSet", "Deployment", "Job",
+                                                      "NetworkPolicy")]
+    binding = next(r for r in resources if validate.name_of(r) == "RoleBinding/posttrain-trainjobs")
+    assert {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"} in binding["subjects"]
+    if target.endswith("kueue"):
+        (queue,) = [r for r in resources if r["kind"] == "LocalQueue"]
+        assert queue["metadata"]["namespace"] == "kubeflow"
+        (cluster_queue,) = [r for r in resources if r["kind"] == "ClusterQueue"]
+        assert not cluster_queue["metadata"].get("namespace")
+
+
+def test_the_cluster_queue_admits_posttrain_and_kubeflow():
+    resources = validate.render(ROOT / "k8s" / "overlays" / "kueue")
+    (cluster_queue,) = [r for r in resources if r["kind"] == "ClusterQueue"]
+    assert cluster_queue["spec"]["namespaceSelector"] == {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["posttrain", "kubeflow"]}]}
+
+
+def test_versioned_buckets_expire_noncurrent_versions(base):
+    """Versioning keeps every overwritten object: each bucket gets a lifecycle rule expiring noncurrent versions
+    (mc ilm rule add --noncurrent-expire-days), added once (a re-run of the Job finds it)."""
+    config = _find(base, "ConfigMap", "minio-buckets")["data"]
+    script = config["create.sh"]
+    start = script.index("for bucket in")
+    loop = script[start:script.index("\ndone", start)]
+    assert 'mc version enable "store/$bucket"' in loop
+    assert 'mc ilm rule add --noncurrent-expire-days "$(cat /config/noncurrent-expire-days)" "store/$bucket"' in loop
+    assert 'mc ilm rule export "store/$bucket"' in loop and "grep -q NoncurrentDays" in loop
+    assert int(config["noncurrent-expire-days"]) >= 1
 
 
 def test_secret_templates_define_the_shared_secrets_with_placeholders_only():
@@ -105,6 +154,21 @@ def test_postgres_and_minio_admit_only_mlflow_and_pipeline_pods(base):
     assert {"namespaceSelector": {"matchLabels": {"posttrain.io/pipeline-runs": "true"}},
             "podSelector": {"matchLabels": {"pipelines.kubeflow.org/v2_component": "true"}}} in minio_peers
     assert all(p.get("podSelector") for p in minio_peers)  # no peer admits a whole namespace
+
+
+@pytest.mark.parametrize("target", ["base", "overlays/kubeflow-profile"])
+def test_minio_and_mlflow_admit_trainjob_nodes_in_their_own_namespace(target):
+    """A TrainJob's pods carry the runtime template's labels (kubeflow/trainer
+    pkg/runtime/framework/plugins/jobset/builder.go), not KFP's v2_component: the runtime labels them, and MinIO and
+    MLflow admit that label from their own namespace (tests/cluster/test_installs.py checks every install)."""
+    runtime = next(r for r in validate.render(ROOT / "k8s" / "overlays" / "trainer") if r["kind"] == "TrainingRuntime")
+    template = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert template["metadata"]["labels"]["posttrain.io/trainjob-node"] == "true"
+    rendered = validate.render(ROOT / "k8s" / target)
+    policies = {r["metadata"]["name"]: r for r in rendered if r["kind"] == "NetworkPolicy"}
+    for name in ("minio", "mlflow"):
+        peers = policies[name]["spec"]["ingress"][0]["from"]
+        assert {"podSelector": {"matchLabels": {"posttrain.io/trainjob-node": "true"}}} in peers, name
 
 
 # --- each policy fires ---------------------------------------------------------------------------
@@ -259,4 +323,4 @@ def test_a_bad_overlay_fails_the_command(tmp_path, capsys, mlflow):
 
 def test_the_committed_targets_pass_the_command(capsys):
     assert validate.main([]) == 0
-    assert "0 problem(s) in 6 kustomize target(s)" in capsys.readouterr().out
+    assert f"0 problem(s) in {len(validate.targets())} kustomize target(s)" in capsys.readouterr().out

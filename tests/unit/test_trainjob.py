@@ -1,6 +1,6 @@
 """The TrainJob a multi-node step creates (components/trainjob.py) against Kubeflow Trainer's CRD, pinned in k8s/crds/
-at the release whose API models (kubeflow-trainer-api) build it. The launcher end to end: tests/integration/
-test_trainjob_launcher.py."""
+at the release whose API models (kubeflow-trainer-api) build it. The launcher end to end, against the emulated
+cluster's API: tests/cluster/test_trainjob.py."""
 
 import re
 import tomllib

@@ -247,13 +247,27 @@ def stage_main(module_name: str, cls, run, argv: list[str] | None = None):
 
 def check_writable(directory: str | Path, what: str) -> None:
     """Create `directory` and write a file in it, before any work: a read-only or full target fails now, not
-    after the data and the model have loaded."""
+    after the data and the model have loaded. The file gets CHECK_BYTES of data, flushed to the device: an empty
+    file takes no data blocks, so creating one succeeds on a full disk."""
+    import errno
+    import os
+    import shutil
     import tempfile
 
     path = Path(directory)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-") as f:
+            f.write(b"\0" * CHECK_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path).free if path.is_dir() else None
+            raise UserError(f"{what} {path}: no space left on the device ({free} bytes free; a check write of "
+                            f"{CHECK_BYTES} bytes failed)") from None
         raise UserError(f"{what} {path}: not writable ({e.strerror or e})") from None
+
+
+CHECK_BYTES = 1 << 20
+"""What check_writable writes: a disk with less free is full for any stage."""

@@ -161,11 +161,37 @@ def _hh_turns(text: str, name: str, where: tuple[str, int]) -> list[dict] | RowE
     return [{"role": roles[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts), 2)]
 
 
+def _sibling(path: str, name: str) -> str:
+    """The column `name` beside the column at dotted `path` (`meta.instruction` → `meta.input`)."""
+    return path.rsplit(".", 1)[0] + "." + name if "." in path else name
+
+
+def _alpaca_input(row: Columns):
+    """The alpaca `input` of a row read with an alpaca mapping (`fields: {prompt: instruction, ...}`, how alpaca
+    data was read before the alpaca schema): the value of the input column beside the prompt's instruction
+    column, unless `fields` maps that column too; None otherwise."""
+    source = row.name("prompt")
+    if source.rsplit(".", 1)[-1] != "instruction":
+        return None
+    column = _sibling(source, "input")
+    if column in row.fields.values():
+        return None
+    value = lookup(row.raw, column)
+    return None if value is _MISSING else value
+
+
 def _plain(schema: str, shape: str, row: Columns, where: tuple[str, int], alpaca_template: str,
            ) -> tuple[dict | RowError, Renames]:
     """Sft, preference or prompts columns as they are (a prompt may be a message list)."""
     n = row.name
     out = {c: row.get(c) for c in COLUMNS[schema] if row.get(c) is not None}
+    extra = _alpaca_input(row)
+    if extra is not None:
+        if not isinstance(extra, str):
+            return RowError(*where, _sibling(n("prompt"), "input"), f"must be a string (got "
+                                                                     f"{type(extra).__name__})"), Renames({})
+        if extra.strip() and isinstance(out.get("prompt"), str):  # as the alpaca schema joins it: never dropped
+            out["prompt"] = alpaca_template.replace("{instruction}", out["prompt"]).replace("{input}", extra)
     if isinstance(out.get("prompt"), list):
         out["prompt"] = chat(out["prompt"], n("prompt"), where)
         if isinstance(out["prompt"], RowError):

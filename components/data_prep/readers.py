@@ -174,13 +174,52 @@ def read_json(path: Path, name: str) -> Iterator[tuple[int, dict | RowError]]:
         yield i, _checked(name, i, row)
 
 
+def _strict_error(lines: list[str]) -> str | None:
+    """What a strict reading of a record's lines objects to (a quote that does not close where its field
+    ends), None if nothing."""
+    try:
+        for _ in csv.reader(lines, strict=True):
+            pass
+    except csv.Error as e:
+        return str(e)
+    return None
+
+
 def read_csv(path: Path, name: str) -> Iterator[tuple[int, dict | RowError]]:
-    """A header, then a row per record; a row's line is the line its record ends on."""
+    """A header, then a row per record; a row's line is the line its record ends on.
+
+    The reading is lenient (a stray quote inside a field is kept as text), but a quote left open would make it
+    read on, to the next quote or to the end of the file, swallowing the records after it into one row that
+    then lacks its other columns. So a record that spans lines or lacks columns is read again strictly, and
+    one that fails breaks the file, naming the line the record starts on and its column."""
     with open_bytes(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
                                                    newline="") as f:
-        reader = csv.DictReader(f)
+        record: list[str] = []  # the lines read since the last record
+
+        def lines():
+            for text in f:
+                record.append(text)
+                yield text
+
+        reader = csv.DictReader(lines())
         try:
+            header = reader.fieldnames  # (reads the header)
+            record.clear()
             for row in reader:
+                start = 0  # (blank lines before a record are skipped by the reader)
+                while start < len(record) - 1 and not record[start].strip("\r\n"):
+                    start += 1
+                taken, first = record[start:], reader.line_num - len(record) + start + 1
+                record.clear()
+                if len(taken) > 1 or None in row.values():
+                    problem = _strict_error(taken)
+                    if problem is not None:
+                        opened = [c for c in header if isinstance(row.get(c), str) and "\n" in row[c]]
+                        column = (opened or [c for c in header if row.get(c) is not None] or [""])[-1]
+                        raise BrokenFile(f"line {first}, column {column!r}: a quote that does not close where its "
+                                         f"field ends ({problem}); read on, it swallows the records after it, so "
+                                         f"they cannot be counted (close the quote, or double a quote inside a "
+                                         f"quoted field)")
                 if None in row:  # DictReader files surplus values under the key None
                     yield reader.line_num, RowError(name, reader.line_num, "", f"more values than the header's "
                                                     f"{len(reader.fieldnames)} columns")

@@ -7,6 +7,7 @@ nothing from a user path goes through pickle, and `trust_remote_code` stays off.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,61 @@ def check_model_dir(path: str | Path) -> Path:
         pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
         extra = f" (found {', '.join(pickled)}; convert them to safetensors)" if pickled else ""
         raise ModelDirError(f"{p}: no *.safetensors weights{extra}; only safetensors are loaded")
+    check_model_files(p)
     return p
+
+
+class ModelFileError(UserError):
+    """A file of a model directory is broken (config.json not JSON, a truncated weights file, a missing shard) or
+    the files do not fit together (a tokenizer with more tokens than the model has embeddings)."""
+
+
+def check_model_files(p: Path) -> None:
+    """config.json is a JSON object and every *.safetensors file is whole (its size is what its header says),
+    before transformers reads them: their errors name neither the file nor the fault."""
+    check_config_json(p / "config.json")
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_bytes())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelFileError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        if missing := sorted(shard for shard in shards if not (p / shard).is_file()):
+            raise ModelFileError(f"{p / missing[0]}: missing ({index.name} lists {len(missing)} shard(s) not in "
+                                 f"the directory)")
+    for weights in sorted(p.glob("*.safetensors")):
+        check_safetensors(weights)
+
+
+def check_config_json(config: Path) -> None:
+    """config.json is a JSON object (transformers' own error names neither the line nor the fault)."""
+    try:
+        if not isinstance(json.loads(config.read_bytes()), dict):
+            raise ModelFileError(f"{config}: not a model config (a JSON object was expected)")
+    except UnicodeDecodeError as e:
+        raise ModelFileError(f"{config}: not valid UTF-8 (byte {e.start + 1})") from None
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{config}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file holds an 8-byte header length, a JSON header giving each tensor's byte range, then the
+    tensors: it is whole when its size is the end of the last range."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            raise ModelFileError(f"{path}: truncated or not a safetensors file ({size} bytes, less than its "
+                                 f"header): copy it again")
+        try:
+            header = json.loads(f.read(length))
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                      default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            raise ModelFileError(f"{path}: not a safetensors file (its header is not one)") from None
+    if 8 + length + end > size:
+        raise ModelFileError(f"{path}: truncated ({size} bytes; its header says {8 + length + end}): copy it again")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -114,6 +169,8 @@ def check_tokenizer_dir(path: str | Path) -> Path:
         raise ModelDirError(f"{p}: no such directory (a model or tokenizer directory was expected)")
     if not any((p / name).is_file() for name in TOKENIZER_FILES):
         raise ModelDirError(f"{p}: no tokenizer in it (none of {', '.join(TOKENIZER_FILES)})")
+    if (p / "config.json").is_file():  # a tokenizer may read it too (AutoTokenizer does)
+        check_config_json(p / "config.json")
     return p
 
 
@@ -160,11 +217,37 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     attn_implementation = resolve_attention(attn_implementation)
     quantized = {"quantization_config": quantization_config, "device_map": {"": str(device)}} \
         if quantization_config is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        p, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation, **quantized,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            p, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation, **quantized,
+        )
+    except RuntimeError as e:  # shapes that differ: transformers logs the load report (which tensors) first
+        if "mismatch" not in str(e):
+            raise
+        raise ModelFileError(f"{p}: the shapes of its *.safetensors weights differ from those its config.json "
+                             f"gives (see the load report above; vocab_size?)") from e
+    except (ValueError, KeyError) as e:  # a config.json transformers cannot build a model from (no model_type, ...)
+        if isinstance(e, UserError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise ModelFileError(f"{p}: cannot load the model ({type(e).__name__}: {first})") from e
+    check_vocabulary(model, p, trust_remote_code)
     return model if quantized else model.to(device)
+
+
+def check_vocabulary(model, path: Path, trust_remote_code: bool = False) -> None:
+    """The tokenizer saved beside the model has no token id past the model's embeddings (fewer tokens than
+    embedding rows is common: vocabularies are padded); a bigger one would fail mid-training, on the first
+    such token, with `index out of range in self`."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return
+    tokens = len(load_tokenizer(path, trust_remote_code))
+    rows = model.get_input_embeddings().num_embeddings
+    if tokens > rows:
+        raise ModelFileError(f"{path}: its tokenizer has {tokens} tokens and the model embeds {rows} (ids "
+                             f"{rows} to {tokens - 1} have no embedding): the tokenizer and the weights are of "
+                             f"different models")
 
 
 # tokenizer_class values that mean "exactly the tokenizer.json beside it"
@@ -179,8 +262,6 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     of the model's type instead (Qwen2Tokenizer for a qwen2 config) and rebuild the tokenizer with that
     family's pre-tokenizer, which silently drops characters its vocabulary lacks (the spaces of "12 + 3").
     """
-    import json
-
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = check_tokenizer_dir(path)
@@ -222,21 +303,26 @@ class ModelLoading:
 
 
 def save_model(model, tokenizer, path: Path, dist) -> None:
-    """Save a Hugging Face directory (safetensors) from rank 0; ZeRO-3 shards are gathered first."""
-    if dist.world > 1:
-        import deepspeed
+    """Save a Hugging Face directory (safetensors) from rank 0; ZeRO-3 shards are gathered first. A full disk is
+    one line naming the directory and the bytes the weights need."""
+    from components.diskspace import disk_space, tensor_bytes
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            if dist.rank == 0:
-                model.save_pretrained(path, safe_serialization=True)
-    else:
-        model.save_pretrained(path, safe_serialization=True)
-    if dist.rank == 0:
-        tokenizer.save_pretrained(path)
+    with disk_space(path, lambda: sum(tensor_bytes(param) for param in model.parameters()), "the model"):
+        if dist.world > 1:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+                if dist.rank == 0:
+                    model.save_pretrained(path, safe_serialization=True)
+        else:
+            model.save_pretrained(path, safe_serialization=True)
+        if dist.rank == 0:
+            tokenizer.save_pretrained(path)
     dist.barrier()
 
 
 __all__ = [
-    "ModelDirError", "ModelLoading", "check_tokenizer_dir", "save_model", "build_char_tokenizer", "build_tiny_model",
+    "ModelDirError", "ModelFileError", "ModelLoading", "check_model_files", "check_config_json", "check_safetensors",
+    "check_vocabulary", "check_tokenizer_dir", "save_model", "build_char_tokenizer", "build_tiny_model",
     "check_model_dir", "load_model", "load_tokenizer", "model_files", "resolve_attention", "tiny_config", "TINY_CONFIG"
 ]

@@ -11,6 +11,9 @@ then runs (components/register/promote.py): the new version becomes `champion` o
 current one, by compare-and-set. A conflict (another promotion moved the champion in between) is
 reported in register.json, not raised: the version stays registered as challenger.
 
+A model is registered only when every weight is finite and its evaluation is there (`eval`, with metrics),
+whatever the evaluate settings: a diverged model must not become a version anyone could promote.
+
 Outputs in `output_dir`: register.json {name, version, model_id, run_id, promoted, reason}.
 """
 
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components import storage, tracking
-from components.config import stage_main
+from components.config import UserError, stage_main
 from components.register import promote
 
 log = logging.getLogger("components.register")
@@ -42,7 +45,8 @@ class RegisterConfig:
     output_dir: str
     """Where register.json goes."""
     eval: str | None = None
-    """Eval JSON of the evaluate stage (local or s3://): its `metrics` become version tags eval.<metric>."""
+    """Eval JSON of the evaluate stage (local or s3://): its `metrics` become version tags eval.<metric>; a model
+    without one (or with no metrics in it) is not registered."""
     promotion: dict | None = None
     """Promotion rule {metric, direction, min_improvement, guards}; when set (needs `eval`) the gate runs."""
     parent_run_id: str | None = None
@@ -67,6 +71,30 @@ def check_model_dir(path: Path) -> None:
     pickled = sorted(p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES)
     if pickled:
         raise ValueError(f"{path}: pickled files {', '.join(pickled)} are not registered; keep safetensors only")
+
+
+def check_finite_weights(path: Path) -> None:
+    """Every floating-point tensor of the safetensors weights is finite: a diverged model (NaN or infinite
+    weights) is refused, naming the file and how many of its tensors are not finite. Read tensor by tensor."""
+    import torch
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            names = list(weights.keys())
+            bad = [name for name in names if (tensor := weights.get_tensor(name)).is_floating_point()
+                   and not bool(torch.isfinite(tensor).all())]
+        if bad:
+            raise UserError(f"{file}: {len(bad)} of {len(names)} tensors are not finite (first: {bad[0]}); a diverged "
+                            "model is not registered")
+
+
+def check_evaluation(evaluation: dict | None, model: str) -> None:
+    """The model's evaluation is there and has metrics."""
+    if evaluation is None or not evaluation.get("metrics"):
+        raise UserError(f"register: no evaluation of {tracking.redact(model)} (eval "
+                        f"{'is not set' if evaluation is None else 'has no metrics'}); a model is registered only with "
+                        "the evaluate stage's eval.json")
 
 
 def log_and_register(client, model_dir: Path, name: str, run_id: str, tags: dict[str, str]) -> tuple[str, str]:
@@ -101,7 +129,9 @@ def run(cfg: RegisterConfig) -> dict:
 
     model_dir = storage.localize(cfg.model)
     check_model_dir(model_dir)
-    evaluation = promote.read_eval(storage.localize(cfg.eval)) if cfg.eval else {"metrics": {}}
+    evaluation = promote.read_eval(storage.localize(cfg.eval)) if cfg.eval else None
+    check_evaluation(evaluation, cfg.model)
+    check_finite_weights(model_dir)
     rule = promote.PromotionRule.from_mapping(cfg.promotion) if cfg.promotion else None
     client = MlflowClient()
 

@@ -10,11 +10,13 @@ interrupted while being written is never resumed from. They live where every nod
 workspace): DeepSpeed writes each rank's optimizer shard from that rank and the model states from global rank 0
 only; rank 0 writes topology.json (nodes × processes per node) and the marker after a barrier. A checkpoint
 resumes only on the topology that wrote it (check_topology): the ranks' data shares, π_old caches and shards
-belong to that split.
+belong to that split. Before the marker, checksums.json records the sha256 of every file of the checkpoint;
+`checkpoint_problem` verifies them, so a resume never loads a corrupted or truncated file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +28,7 @@ import torch
 
 COMPLETE = "COMPLETE"
 TOPOLOGY = "topology.json"
+CHECKSUMS = "checksums.json"
 
 
 @dataclass
@@ -145,8 +148,52 @@ def make_engine(model, cfg, lr_lambda, dist: Dist):
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    done = sorted(p for p in Path(root).glob("step-*") if (p / COMPLETE).exists())
-    return done[-1] if done else None
+    done = complete_checkpoints(root)
+    return done[0] if done else None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The checkpoints under `root` whose COMPLETE marker was written, newest first."""
+    return sorted((p for p in Path(root).glob("step-*") if (p / COMPLETE).exists()), reverse=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name not in (COMPLETE, CHECKSUMS))
+
+
+def write_checksums(path: Path) -> None:
+    """Record the sha256 of every file of the checkpoint at `path` (before its COMPLETE marker)."""
+    sums = {str(file.relative_to(path)): file_sha256(file) for file in _checkpoint_files(path)}
+    (path / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` must not be resumed (a file missing, changed or added since its checksums
+    were written), None if it is intact. A checkpoint written before checksums were recorded is taken as is."""
+    path = Path(path)
+    if not (path / CHECKSUMS).exists():
+        return None
+    try:
+        recorded = json.loads((path / CHECKSUMS).read_text())
+    except (OSError, ValueError) as e:
+        return f"{CHECKSUMS} unreadable ({e})"
+    present = {str(file.relative_to(path)) for file in _checkpoint_files(path)}
+    if missing := sorted(set(recorded) - present):
+        return f"{missing[0]} missing"
+    if extra := sorted(present - set(recorded)):
+        return f"{extra[0]} not in its {CHECKSUMS}"
+    for name, digest in sorted(recorded.items()):
+        if file_sha256(path / name) != digest:
+            return f"{name} does not match its sha256"
+    return None
 
 
 class PlainEngine:
@@ -161,7 +208,8 @@ class PlainEngine:
     def step(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
-        self.optimizer.step()
+        if torch.isfinite(norm):  # a non-finite gradient is not applied (Session counts and limits such steps)
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -176,6 +224,7 @@ class PlainEngine:
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), **client_state}, tmp / "state.pt")
         write_topology(tmp, Dist())
+        write_checksums(tmp)
         (tmp / COMPLETE).touch()
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
@@ -294,6 +343,7 @@ class DeepSpeedEngine:
         self.dist.barrier()
         if self.dist.rank == 0:
             write_topology(path, self.dist)
+            write_checksums(path)
             (path / COMPLETE).touch()
         self.dist.barrier()
 

@@ -9,7 +9,11 @@ whole step, so the result does not depend on how the sequences were packed or sh
 - SFT-KL computes the reference model's log-probs for each micro-batch without gradients.
 - Checkpoints (every `checkpoint_every` steps) hold model, optimizer, scheduler, RNG states and the cached
   π_old log-probs; the data order is a function of (seed, step), so a resumed run repeats the
-  uninterrupted one step by step.
+  uninterrupted one step by step. Each records the sha256 of its files and of the data files its config
+  names: a corrupt latest checkpoint gives way to the previous intact one, and changed data under the same
+  path is refused like a changed config (cached log-probs and the data order belong to the old bytes).
+- Finite or stop: a step whose loss or gradient norm is not finite is not applied (one device) and counted;
+  more than `max_nonfinite_steps` of them stop the stage, and weights that are not finite are never saved.
 - With WORLD_SIZE > 1 (torchrun) the model runs under DeepSpeed ZeRO (stage 2 or 3, optional CPU
   offload); on a single device it is plain torch.
 """
@@ -84,13 +88,17 @@ class TrainConfig:
     offload: bool = False
     """DeepSpeed: offload optimizer states (and with stage 3, parameters) to CPU."""
     allow_config_change: bool = False
-    """Resume from a checkpoint written under another config (the differing keys are logged); by default such
-    a resume is refused, naming the keys that differ."""
+    """Resume from a checkpoint written under another config or data (the differing keys are logged); by default
+    such a resume is refused, naming the keys (and data files) that differ."""
+    max_nonfinite_steps: int = 0
+    """Steps with a non-finite loss or gradient norm tolerated (skipped and logged) before the stage stops."""
+    collapse_steps: int = 20
+    """Warn when the loss has not moved or the gradient norm was 0 for this many steps in a row (0: never)."""
 
     def __post_init__(self):
         positive_ints(self, "max_steps", "batch_size", "token_budget", "loss_chunk_size", "log_every",
                       "keep_checkpoints")
-        for name in ("warmup_steps", "checkpoint_every"):
+        for name in ("warmup_steps", "checkpoint_every", "max_nonfinite_steps", "collapse_steps"):
             require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, getattr(self, name),
                     "an integer ≥ 0")
         require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
@@ -295,11 +303,16 @@ class Session:
         self.varlen = model.config._attn_implementation in ("flash_attention_2", "flash_attention_3")
         self.ckpt_root = self.out / "checkpoints"
         self.start_step, self.resumed = 0, {}
-        latest = distributed.latest_checkpoint(self.ckpt_root)
+        self.data = dist.all_gather(data_fingerprint(self.run_config) if dist.rank == 0 else None)[0]
+        latest = self._intact_checkpoint()
         if latest is not None:
             distributed.check_topology(latest, dist)
             state = self.engine.load(latest)
-            check_resumable(state.get("config"), self.run_config, latest, cfg.allow_config_change)
+            saved = state.get("config")
+            current = self.run_config
+            if saved is not None and "data_files" in state:  # (one from before data fingerprints: config only)
+                saved, current = {**saved, "data_files": state["data_files"]}, {**current, "data_files": self.data}
+            check_resumable(saved, current, latest, cfg.allow_config_change)
             for name, engine in self.engines.items():
                 engine.load(latest.with_name(f"{name}-{latest.name}"))
             self.start_step, self.resumed = state["step"], state
@@ -316,6 +329,31 @@ class Session:
                         if record["step"] <= self.start_step]
                 self.metrics_path.write_text("".join(line + "\n" for line, _ in kept))
                 self.history = [record for _, record in kept]
+        # the tolerance of non-finite steps counts those before a resume too
+        self.nonfinite = int(dist.all_reduce_max(sum(not _finite_step(record) for record in self.history)))
+        self.collapse_warned = False
+
+    def _intact_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint whose files (its companions' too) match their checksums, chosen by
+        rank 0 for every rank; a corrupt newer one is named in one warning line."""
+        choice, corrupt = None, []
+        if self.dist.rank == 0:
+            for path in distributed.complete_checkpoints(self.ckpt_root):
+                problem = next((f"{part.name}: {problem}" for part in
+                                [path, *(path.with_name(f"{name}-{path.name}") for name in self.engines)]
+                                if (problem := distributed.checkpoint_problem(part)) is not None), None)
+                if problem is None:
+                    choice = path
+                    break
+                corrupt.append(problem)
+            if corrupt and choice is not None:
+                log.warning("%s: checkpoint %s is corrupt; resuming from the previous one, %s",
+                            self.ckpt_root, corrupt[0], choice.name)
+        choice, corrupt = self.dist.all_gather((choice, corrupt))[0]
+        if corrupt and choice is None:
+            raise UserError(f"{self.ckpt_root}: no intact checkpoint ({'; '.join(corrupt)}); delete {self.ckpt_root} "
+                            "to start the stage over")
+        return choice
 
     def forward(self, model, micro_batch: PackedBatch, temperature: float = 1.0,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,30 +408,77 @@ class Session:
                 f.write(json.dumps(record) + "\n")
             if self.on_metrics:
                 self.on_metrics(record)
-            if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.max_steps:
-                shown = " ".join(f"{key} {record[key]:.4g}" for key in (
-                    "loss", "nll", "entropy", "reward", "rewards/accuracies", "grad_norm", "lr", "tokens_per_s")
-                    if record.get(key) is not None)
-                log.info("step %d/%d %s", step + 1, self.cfg.max_steps, shown)
+        self._guard(step, record)
+        if dist.rank == 0 and ((step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.max_steps):
+            shown = " ".join(f"{key} {record[key]:.4g}" for key in (
+                "loss", "nll", "entropy", "reward", "rewards/accuracies", "grad_norm", "lr", "tokens_per_s")
+                if record.get(key) is not None)
+            log.info("step %d/%d %s", step + 1, self.cfg.max_steps, shown)
         return record
+
+    def _guard(self, step: int, record: dict) -> None:
+        """Finite or stop: count a step whose loss or gradient norm is not finite, and stop the stage (one line
+        naming the step) past train.max_nonfinite_steps. Warn once when training looks collapsed: the loss has
+        not moved, or the gradient norm was 0, for train.collapse_steps steps in a row."""
+        cfg = self.cfg
+        if not _finite_step(record):
+            self.nonfinite += 1
+            if self.nonfinite > cfg.max_nonfinite_steps:
+                raise TrainingDivergedError(
+                    f"{self.out}: step {step + 1}/{cfg.max_steps}: loss {record['loss']} and gradient norm "
+                    f"{record['grad_norm']}: training diverged ({self.nonfinite} non-finite step(s), "
+                    f"train.max_nonfinite_steps {cfg.max_nonfinite_steps}); nothing more is saved: lower train.lr "
+                    f"(now {cfg.lr:g}) or check the data")
+            log.warning("step %d: loss %s, gradient norm %s: the update is skipped (%d of train.max_nonfinite_steps "
+                        "%d)", step + 1, record["loss"], record["grad_norm"], self.nonfinite, cfg.max_nonfinite_steps)
+            return
+        window = self.history[-cfg.collapse_steps:] if cfg.collapse_steps else []
+        if self.collapse_warned or self.dist.rank != 0 or len(window) < cfg.collapse_steps:
+            return
+        losses = [entry["loss"] for entry in window]
+        if all(entry["grad_norm"] == 0 for entry in window) or max(losses) - min(losses) <= 1e-6 * max(
+                1.0, abs(losses[-1])):
+            self.collapse_warned = True
+            log.warning("step %d: training looks collapsed: for the last %d steps (train.collapse_steps) the loss "
+                        "did not move (now %.6g) or the gradient norm was 0 (now %.3g); check train.lr (now %g) and "
+                        "the data",
+                        step + 1, cfg.collapse_steps, losses[-1], window[-1]["grad_norm"], cfg.lr)
+
+    def check_finite_weights(self, what: str) -> None:
+        """Refuse to save weights that are not finite (the model's and its companions' trained ones)."""
+        bad = [f"{prefix}{name}" for prefix, model in [("", self.model), *((f"{n}.", m) for n, m in
+                                                                          self.companions.items())]
+               for name in nonfinite_parameters(model)]
+        if self.dist.all_reduce_sum(float(len(bad))):
+            raise TrainingDivergedError(f"{self.out}: {what}: trained weights are not finite ({len(bad)} tensor(s) on "
+                                    f"rank {self.dist.rank}{', first ' + bad[0] if bad else ''}); nothing is saved: "
+                                    f"lower train.lr (now {self.cfg.lr:g}) or check the data")
 
     def maybe_checkpoint(self, step: int, state: dict | None = None) -> None:
         """After optimizer step `step` (0-based): save a resumable checkpoint when one is due."""
         cfg = self.cfg
         if not (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps):
             return
+        self.check_finite_weights(f"checkpoint at step {step + 1}")
         path = self.ckpt_root / f"step-{step + 1:08d}"
-        for name, engine in self.engines.items():  # before step-N, whose COMPLETE marker is written last
-            engine.save(path.with_name(f"{name}-{path.name}"), {})
-        self.engine.save(path, {
-            "step": step + 1, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-            "config": self.run_config, **(state or {})})
+        from components.diskspace import disk_space, training_state_bytes  # a full disk: one line, not a traceback
+
+        trained = [(self.model, self.engine), *((self.companions[name], e) for name, e in self.engines.items())]
+        with disk_space(path, lambda: sum(training_state_bytes(model, e.optimizer) for model, e in trained),
+                        checkpoints=[path, *(path.with_name(f"{name}-{path.name}") for name in self.engines)]):
+            for name, engine in self.engines.items():  # before step-N, whose COMPLETE marker is written last
+                engine.save(path.with_name(f"{name}-{path.name}"), {})
+            self.engine.save(path, {
+                "step": step + 1, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                "config": self.run_config, "data_files": self.data, **(state or {})})
         if self.dist.rank == 0:
             for prefix in ["", *(f"{name}-" for name in self.engines)]:
                 for old in sorted(self.ckpt_root.glob(f"{prefix}step-*"))[:-cfg.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
 
     def finish(self) -> list[dict]:
+        """The end of training: the weights are checked finite (every stage saves its model after this)."""
+        self.check_finite_weights("final model")
         self.model.eval()
         for companion in self.companions.values():
             companion.eval()
@@ -474,7 +559,7 @@ def _sft_loss_fn(session: Session, model, objective: SFTObjective, normalizer: f
 
 # keys that change neither the data nor the math of a run: they may differ on resume
 RESUME_NEUTRAL = {"train.log_every", "train.keep_checkpoints", "train.checkpoint_every", "train.allow_config_change",
-                  "output_dir"}
+                  "train.max_nonfinite_steps", "train.collapse_steps", "output_dir"}
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -501,12 +586,49 @@ def check_resumable(saved: dict | None, current: dict, checkpoint: Path, allow_c
     if allow_change:
         log.warning("resuming %s under a changed config (train.allow_config_change): %s", checkpoint, diff)
         return
-    raise ConfigChanged(f"{checkpoint.parent.parent}: holds a checkpoint of another config ({diff}); use another "
-                        "output_dir, delete its checkpoints/, or set train.allow_config_change: true to resume anyway")
+    raise ConfigChanged(f"{checkpoint.parent.parent}: holds a checkpoint of another config or data ({diff}); use "
+                        "another output_dir, delete its checkpoints/, or set train.allow_config_change: true to resume "
+                        "anyway")
 
 
 class ConfigChanged(UserError):
     """A stage was rerun into an output_dir whose checkpoint was written under another config."""
+
+
+class TrainingDivergedError(UserError):
+    """Training diverged: a loss, gradient norm or weight is NaN or infinite."""
+
+
+def _finite_step(record: dict) -> bool:
+    return all(isinstance(record.get(key), (int, float)) and math.isfinite(record[key])
+               for key in ("loss", "grad_norm"))
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the trained parameters holding a NaN or an infinity (a ZeRO-3 partitioned one: this rank's
+    shard)."""
+    bad = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            tensor = getattr(param, "ds_tensor", param)
+            if param.requires_grad and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad.append(name)
+    return bad
+
+
+def data_fingerprint(config: dict) -> dict[str, str]:
+    """sha256 of every local data file the stage's config names (a key whose value is a file path), by key:
+    a path's size and mtime say nothing about its bytes. Directories (models) are left to the config check."""
+    out = {}
+    for key, value in sorted(_flat(json.loads(json.dumps(config, default=str))).items()):
+        if key in RESUME_NEUTRAL or not isinstance(value, str) or "://" in value or len(value) > 4096:
+            continue
+        try:
+            if Path(value).is_file():
+                out[key] = "sha256:" + distributed.file_sha256(Path(value))
+        except OSError:  # (a value that is no path: too long a name, no permission)
+            continue
+    return out
 
 
 def read_metrics_lines(path: Path) -> list[tuple[str, dict]]:

@@ -44,14 +44,53 @@ def reference_model(cfg, policy, device, kl_coef: float):
 
 def write_samples(path: Path, rollout, count: int, fields: Callable[[int], dict]) -> None:
     """Append `count` of a round's scored completions, evenly spaced, to samples.jsonl: the round, prompt,
-    completion and answer of each, and `fields(sample)` (the stage's own: reward and advantage, score and value)."""
+    completion and answer of each, and `fields(sample)` (the stage's own: reward and advantage, score and value).
+
+    The file keeps only the rounds before this one: a run resumed from a checkpoint redoes the rounds after it,
+    and a fresh run in the same output_dir starts at round 1, so their old lines are dropped (as metrics.jsonl
+    drops the steps after the checkpoint), never repeated."""
     size = len(rollout.examples)
+    _keep_rounds_before(path, rollout.index + 1)
     with path.open("a") as f:
         for sample in range(0, size, max(1, size // max(count, 1)))[:count]:
             row = rollout.rows[sample]
             f.write(json.dumps({"round": rollout.index + 1, "prompt": row["prompt"],
                                 "completion": rollout.completions[sample], "answer": row.get("answer"),
                                 **fields(sample)}) + "\n")
+
+
+def _last_line(path: Path, chunk: int = 1 << 16) -> tuple[bytes, bool]:
+    """The file's last line (without its newline), read from the end, and whether a newline ends it."""
+    with path.open("rb") as f:
+        end = f.seek(0, 2)
+        tail = b""
+        while end > 0:
+            start = max(0, end - chunk)
+            f.seek(start)
+            tail = f.read(end - start) + tail
+            end = start
+            if b"\n" in tail[:-1]:
+                break
+    return tail.rstrip(b"\n").rsplit(b"\n", 1)[-1], tail.endswith(b"\n")
+
+
+def _round_of(line: bytes | str) -> int | None:
+    try:
+        return int(json.loads(line)["round"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut by a kill or a full disk
+
+
+def _keep_rounds_before(path: Path, round_number: int) -> None:
+    """Drop the lines of rounds `round_number` and later (and a torn line) from samples.jsonl. The rounds are
+    written in order, so the file is rewritten only when its last line is not of an earlier round: a resume."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    last, whole = _last_line(path)
+    if whole and (_round_of(last) or round_number) < round_number:
+        return
+    lines = path.read_bytes().split(b"\n")[:-1]  # (what follows the last newline is a torn line)
+    path.write_bytes(b"".join(line + b"\n" for line in lines if (_round_of(line) or round_number) < round_number))
 
 
 def rollout_seed(seed: int, round_index: int, rank: int) -> int:

@@ -147,3 +147,25 @@ def test_a_branching_spec_runs_each_arm_from_its_start_and_measures_each_effect(
         == "sft"
     assert effects[("psft", "base", "arithmetic-id")] == "base" and len(effects) == 3 * 2 * 2
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_a_diverging_stage_fails_the_run_in_one_line_and_nothing_is_registered(tmp_path):
+    """`--param dpo_lr=1e30` with teacher-forced evaluation off: the demo DAG fails at dpo with the stage's one-line
+    reason (training diverged, naming the step), no later stage runs, and no model version is registered."""
+    data = copy.deepcopy(yaml.safe_load((SPECS_DIR / "demo.yaml").read_text()))
+    data["data"]["sources"][0]["rows"] = 2000
+    data["data"]["sources"][1]["rows"] = 64
+    for stage in data["stages"]:
+        if stage["stage"] == "evaluate":
+            stage["settings"] = {**(stage.get("settings") or {}), "teacher_forced": False}
+    spec = parse_spec(data, "demo.yaml (diverging dpo)")
+    summary = run_local(spec, tmp_path / "out", state=tmp_path / "state",
+                        arguments={"psft_max_steps": 40, "dpo_max_steps": 4, "dpo_lr": 1e30})
+
+    assert summary["status"] == "failed", summary
+    assert summary["error"].startswith("dpo failed: ") and "training diverged" in summary["error"], summary["error"]
+    assert "\n" not in summary["error"] and "Traceback" not in summary["error"]
+    assert "grpo" not in summary["stages"] and not summary["stages"]["dpo"]["metrics"], summary["stages"]["dpo"]
+    client = MlflowClient(summary["tracking_uri"])
+    assert client.search_registered_models() == [] or not client.search_model_versions(
+        f"name = '{spec.tracking.registered_model}'")

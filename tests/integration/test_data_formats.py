@@ -326,3 +326,31 @@ def test_a_source_error_is_printed_once(tmp_path, tiny_model_dir, helpers):
     assert proc.returncode != 0
     assert proc.stderr.count("cannot tell the format from the extension '.txt.gz'") == 1, proc.stderr[-3000:]
     assert proc.stderr.count(str(tmp_path / "d.txt.gz")) == 1, proc.stderr[-3000:]
+
+
+def test_an_alpaca_fields_mapping_keeps_the_input(tmp_path, tiny_model_dir):
+    """`fields: {prompt: instruction, completion: output}` (how alpaca data was read before the alpaca schema) used
+    to drop the input column silently; it joins the instruction as the alpaca schema joins it."""
+    data = _jsonl(tmp_path / "a.jsonl", [{"instruction": "Translate", "input": "Good morning", "output": "Bonjour"},
+                                         {"instruction": "Say hi", "input": "", "output": "hi"}])
+    _, out = _prep(tmp_path, tiny_model_dir, [{"uri": str(data), "shape": "sft", "name": "a",
+                                               "fields": {"prompt": "instruction", "completion": "output"}}])
+    assert _read(out / "sft.train.jsonl") == [{"prompt": "Translate\n\nGood morning", "completion": "Bonjour"},
+                                             {"prompt": "Say hi", "completion": "hi"}]
+
+
+def test_an_unterminated_csv_quote_names_the_file_line_and_column(tmp_path, tiny_model_dir):
+    """A quote left open used to swallow the records after it into one row (counted as "completion missing");
+    the file breaks instead, naming the line the record starts on and its column."""
+    (tmp_path / "q.csv").write_text('prompt,completion\n1+1=,2\n"What is 2+2,4\n3+3=,6\n5+5=,10\n')
+    with pytest.raises(DataError) as e:
+        _prep(tmp_path, tiny_model_dir, [{"uri": str(tmp_path / "q.csv"), "shape": "sft", "name": "q"}],
+              max_bad_fraction=0.5)
+    assert f"{tmp_path / 'q.csv'}: line 3, column 'prompt': a quote that does not close" in str(e.value)
+    # a quoted field that spans lines, closed, is still read
+    (tmp_path / "ok.csv").write_text('prompt,completion\n"two\nlines",2\n"say ""hi""",hi\n')
+    (tmp_path / "again").mkdir()
+    _, out = _prep(tmp_path / "again", tiny_model_dir, [{"uri": str(tmp_path / "ok.csv"), "shape": "sft",
+                                                         "name": "ok"}])
+    assert _read(out / "sft.train.jsonl") == [{"prompt": "two\nlines", "completion": "2"},
+                                             {"prompt": 'say "hi"', "completion": "hi"}]

@@ -104,6 +104,9 @@ def test_grpo_runs_and_resumes(tiny_model_dir, tmp_path):
     assert [h["step"] for h in again] == list(range(1, 9))
     for a, b in zip(hist, again):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["reward"] == b["reward"]
+    # samples.jsonl as well: round 2, redone by the resume, is written once
+    samples = [lines(d / "samples.jsonl") for d in (tmp_path / "full", resumed_dir)]
+    assert [(s["round"], s["completion"]) for s in samples[1]] == [(s["round"], s["completion"]) for s in samples[0]]
 
 
 @pytest.mark.parametrize("advantage,beta", [("rloo", 0.0), ("reinforce_pp", 0.1)])

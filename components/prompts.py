@@ -46,3 +46,13 @@ class PromptSource:
         rewards.check(len(rows), [r.get("answer") for r in rows], [r.get("task") for r in rows],
                       source=self.path or f"task {self.task}")
 
+
+
+def prompts_and_rewards(cfg) -> tuple[list[dict], object]:
+    """An RL stage's prompt rows and rewards (cfg.prompts, cfg.rewards), checked against each other."""
+    from components.rewards import build_rewards
+
+    rewards = build_rewards(cfg.rewards, where="rewards")
+    prompt_rows = cfg.prompts.load_prompts(cfg.train.seed)
+    cfg.prompts.check_rows(prompt_rows, rewards)
+    return prompt_rows, rewards

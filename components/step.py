@@ -136,7 +136,7 @@ class Step:
             config = Path(tmp) / "step-config.yaml"
             config.write_text(yaml.safe_dump(values, sort_keys=False))
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
-                   "-m", f"components.{stage.module}", "--config", str(config)]
+                   "-m", stage.python_package, "--config", str(config)]
             log.info("running %s", " ".join(cmd))
             subprocess.run(cmd, check=True)
         summary = self.output_dir / "summary.json"
@@ -161,7 +161,7 @@ class Step:
         run_id = self.kfp_run_id or "local"
         manifest = trainjob.trainjob_manifest(
             placement, name=trainjob.trainjob_name(run_id, self.stage), run_id=run_id, stage=self.stage,
-            nodes=self.nodes, nproc=self.nproc, command=torchrun_command(stage.module, config),
+            nodes=self.nodes, nproc=self.nproc, command=torchrun_command(stage.python_package, config),
             env=trainjob.forwarded_env(), workspace=workspace, workspace_pvc=pvc)
         trainjob.TrainJobLauncher(client, placement.namespace, poll_seconds=placement.poll_seconds).run(
             manifest, timeout=placement.timeout)
@@ -194,10 +194,11 @@ class Step:
         Path(metrics.path).write_text(json.dumps(values, indent=2))
 
 
-def torchrun_command(module: str, config: Path) -> list[str]:
-    """The command of every node of a TrainJob: torchrun takes the node count, the node's rank and the
-    rendezvous from the PET_* variables Kubeflow Trainer's torch policy sets in each pod."""
-    return ["python", "-m", "torch.distributed.run", "-m", f"components.{module}", "--config", str(config)]
+def torchrun_command(package: str, config: Path) -> list[str]:
+    """The command of every node of a TrainJob (`package`: the stage's, e.g. components.sft): torchrun takes the node
+    count, the node's rank and the rendezvous from the PET_* variables Kubeflow Trainer's torch policy sets in each
+    pod."""
+    return ["python", "-m", "torch.distributed.run", "-m", package, "--config", str(config)]
 
 
 def check_scale(stage: str, nodes: int, nproc: int, launch: dict) -> None:

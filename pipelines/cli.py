@@ -1,9 +1,9 @@
 """The `posttrain` command.
 
-    posttrain demo [--out DIR]                     SFT vs PSFT on the tiny model and the arithmetic task
-    posttrain stage sft --config cfg.yaml          run one stage (same as python -m components.sft)
+    posttrain demo [--out DIR] [--param N=V]       SFT vs PSFT from one start on the tiny model: posttrain run sft-psft
+    posttrain stage NAME --config cfg.yaml         run one stage (same as python -m components.NAME)
     posttrain tiny-model OUT                       build the tiny model + tokenizer (safetensors) in OUT
-    posttrain bench --size tiny --objectives sft,psft [--peers trl] --json
+    posttrain bench --size tiny --objectives LIST [--peers trl] --json
     posttrain models list|promote|rollback --name NAME   registry aliases (champion, challenger), with an audit trail
     posttrain stack up|down                        a local MLflow server whose artifacts go to S3 on loopback
     posttrain run SPEC [--out DIR]                 the whole DAG of a spec (a bundled name or a path) locally
@@ -22,21 +22,6 @@ import logging
 import sys
 
 from components.stages import modules
-
-
-def _demo(args) -> int:
-    import yaml
-
-    from pipelines.demo import DEMO_SPEC, load_demo_spec, run_demo
-
-    spec = args.spec or DEMO_SPEC
-    try:  # the settings are the user's to fix: their message, not a traceback
-        load_demo_spec(spec, args.out)
-    except (ValueError, OSError, yaml.YAMLError) as e:
-        print(f"posttrain demo: {e}", file=sys.stderr)
-        return 2
-    run_demo(args.out, spec, stages=tuple(s for s in args.stages.split(",") if s))
-    return 0
 
 
 def _stage(args) -> int:
@@ -60,7 +45,7 @@ def _bench(args) -> int:
 
 
 def _models(args) -> int:
-    from components.register.models import main as models_main
+    from pipelines.models import main as models_main
 
     return models_main(args.rest)
 
@@ -149,17 +134,22 @@ def _runs(args) -> int:
     return 0
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """The options of `posttrain run`, which `posttrain demo` shares (it is `posttrain run sft-psft`)."""
+    p.add_argument("--out", default=None, help="where run_summary.json goes (default: .posttrain/<spec name>)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a pipeline parameter, e.g. psft_max_steps=100 (repeatable)")
+    p.add_argument("--verbose", action="store_true", help="print every step's output (always in <out>/run.log)")
+
+
 def _local_commands(sub) -> None:
     """The commands that work on this machine alone."""
-    d = sub.add_parser("demo", help="train the tiny model with SFT and PSFT and compare them on held-out data")
-    d.add_argument("--out", default=".posttrain/demo", help="output directory (default: .posttrain/demo)")
-    d.add_argument("--spec", default=None, help="demo settings YAML (default: the bundled sft-psft-demo.yaml)")
-    d.add_argument("--stages", default="sft,psft",
-                   help="comma-separated: sft, psft, dpo, grpo "
-                        "(dpo and grpo start from the SFT model; default: sft,psft)")
-    d.set_defaults(fn=_demo)
+    d = sub.add_parser("demo", help="SFT and PSFT from one start on the tiny model, compared on held-out data "
+                                    "(posttrain run sft-psft)")
+    _run_options(d)
+    d.set_defaults(fn=_user_errors(_run), spec="sft-psft")
 
-    s = sub.add_parser("stage", help="run one stage by name, e.g. posttrain stage sft --config cfg.yaml")
+    s = sub.add_parser("stage", help="run one stage by its package name: posttrain stage NAME --config cfg.yaml")
     s.add_argument("name", choices=sorted(modules()))
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=_stage)
@@ -186,11 +176,8 @@ def _local_commands(sub) -> None:
 def _workflow_commands(sub) -> None:
     """A spec's DAG: run it here or compile it."""
     r = sub.add_parser("run", help="run a spec's whole DAG here (kfp.local, MLflow in .posttrain/mlflow.db)")
-    r.add_argument("spec", help="a bundled spec (demo, cluster) or a path")
-    r.add_argument("--out", default=None, help="where run_summary.json goes (default: .posttrain/<spec name>)")
-    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="a pipeline parameter, e.g. psft_max_steps=100 (repeatable)")
-    r.add_argument("--verbose", action="store_true", help="print every step's output (always in <out>/run.log)")
+    r.add_argument("spec", help="a bundled spec (demo, sft-psft, compare, cluster) or a path")
+    _run_options(r)
     r.set_defaults(fn=_user_errors(_run))
 
     c = sub.add_parser("compile", help="compile a spec to KFP IR YAML")

@@ -11,7 +11,7 @@ of this Python (kfp.local's SubprocessRunner, no containers), in the order and w
   (components.storage, credentials from the environment);
 - tracking: MLflow with a sqlite store, .posttrain/mlflow.db (artifacts in .posttrain/mlartifacts), so the
   registry and the promotion gate work as on a server: `mlflow ui --backend-store-uri sqlite:///.posttrain/mlflow.db`;
-- artifacts: .posttrain/runs/<pipeline>-<time>/<step>/...; data_prep is cached in .posttrain/kfp-cache;
+- artifacts: .posttrain/runs/<pipeline>-<time>/<step>/...; the data step is cached in .posttrain/kfp-cache;
 - S3: only when MLFLOW_S3_ENDPOINT_URL is set (preflight says it skipped the S3 and Secret checks otherwise).
 
 While it runs it prints a line when a step starts and ends (`--verbose`: every step's output, which always
@@ -52,6 +52,7 @@ import warnings
 from pathlib import Path
 
 from components.stages import STAGES
+from components.stages import Stage as StageKind
 from components.stages import get as get_stage
 from components.tracking import UNDELIVERED
 from pipelines.spec import Spec, load_spec
@@ -101,7 +102,8 @@ def local_tracking(spec: Spec, state: Path) -> str:
 
 
 def display_names(pipeline_spec) -> dict[str, str]:
-    """Display name (the stage, e.g. psft) → task name (its directory in the run, e.g. sft), over nested DAGs."""
+    """Display name (the spec's name of the stage) → task name (its directory in the run, named after its
+    component), over nested DAGs."""
     names = {}
     dags = [pipeline_spec.root.dag] + [c.dag for c in pipeline_spec.components.values() if c.HasField("dag")]
     for dag in dags:
@@ -433,7 +435,7 @@ def _run_local(spec: Spec, out: Path, state: Path, arguments: dict | None, verbo
     if stopped is not None:
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
         raise RunStopped(stopped.signum, message)
-    report = run_dir / tasks.get("evaluate", "-") / "report"
+    report = report_path(spec, run_dir, tasks)
     if report.is_file():
         shutil.copyfile(report, out / "report.html")
     (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
@@ -460,12 +462,42 @@ def _metrics(task_dir: Path) -> dict:
     return (doc.get("artifacts", {}).get("metrics", {}).get("artifacts") or [{}])[0].get("metadata", {})
 
 
-def collect(spec: Spec, run_dir: Path, tasks: dict[str, str]) -> dict:
-    """Per stage: its metrics, and its held-out eval from the evaluate step; the registration and the promotion."""
-    from components.evaluate.main import normalize_suite
+def provider(spec: Spec, feed: str) -> tuple[str, str, StageKind] | None:
+    """(the step's name, its output's name, its registry entry) of the last of the spec's stages whose output provides
+    `feed` (components.stages.FEEDS: eval, registration, ...), or None."""
+    found = None
+    for stage in spec.stages:
+        kind = get_stage(stage.stage)
+        for name, out in kind.outputs.items():
+            if feed in out.provides:
+                found = (stage.name, name, kind)
+    return found
 
-    suites = [normalize_suite(s, f"eval_suites[{i}]", 0) for i, s in enumerate(spec.eval_suites)]
-    evaluation = _read_json(run_dir / tasks.get("evaluate", "-") / "results") or {}
+
+def _output(run_dir: Path, tasks: dict[str, str], spec: Spec, feed: str) -> Path:
+    """Where the output that provides `feed` is in the run's directory (a path that does not exist if none)."""
+    found = provider(spec, feed)
+    return run_dir / tasks.get(found[0], "-") / found[1] if found else run_dir / "-"
+
+
+def report_path(spec: Spec, run_dir: Path, tasks: dict[str, str]) -> Path:
+    """The HTML report of the step that provides the evaluation (its component's HTML output)."""
+    found = provider(spec, "eval")
+    if found is None:
+        return run_dir / "-"
+    outputs = found[2].component_fn().component_spec.outputs or {}
+    html = next((name for name, out in outputs.items() if out.type.startswith("system.HTML")), "-")
+    return run_dir / tasks.get(found[0], "-") / html
+
+
+def collect(spec: Spec, run_dir: Path, tasks: dict[str, str]) -> dict:
+    """Per stage: its metrics, and its held-out eval from the step that provides the evaluation; the registration
+    and what its gate did."""
+    from pipelines.spec.checks import Checker
+
+    evaluation_cfg = Checker(spec, spec.name).suites()  # the eval suites, in full form, by the evaluating config
+    suites = evaluation_cfg.suites if evaluation_cfg is not None else []
+    evaluation = _read_json(_output(run_dir, tasks, spec, "eval")) or {}
 
     def held_out(metrics: dict | None) -> dict:
         return {s["name"]: {"split": s.get("split"), **{m: metrics.get(f"{s['name']}/{m}") for m in
@@ -477,18 +509,20 @@ def collect(spec: Spec, run_dir: Path, tasks: dict[str, str]) -> dict:
     for stage in spec.stages:
         kind = get_stage(stage.stage)
         if not (kind.makes_model or kind.headline) or not (run_dir / tasks.get(stage.name, "-")).is_dir():
-            continue  # evaluate and register are summarized below; a stage that did not run has nothing
+            continue  # the evaluation and the registration are summarized below; a stage that did not run: nothing
         entry = {"kind": stage.stage, "metrics": _metrics(run_dir / tasks[stage.name])}
         if kind.makes_model:
             entry["eval"] = held_out(evals.get(stage.name))
         stages[stage.name] = entry
-    registration = _read_json(run_dir / tasks.get("register", "-") / "registration")
-    outcome = _read_json(run_dir / tasks.get("promote", "-") / "outcome")
+    registration = _read_json(_output(run_dir, tasks, spec, "registration"))
+    registering = provider(spec, "registration")
+    gate = registering[2].gate if registering else None
+    outcome = _read_json(run_dir / tasks.get(gate, "-") / "outcome") if gate else None
     promotion = None
     if registration:
         promotion = {"decision": registration["decision"], "reason": registration["reason"],
                      "promoted": bool(outcome and outcome["promoted"]),
-                     "outcome": outcome["reason"] if outcome else "the gate did not promote"}
+                     "outcome": outcome["reason"] if outcome else "the gate did not run"}
     registered = {"name": registration["name"], "version": registration["version"]} if registration else None
     return {"spec": spec.name, "stages": stages, "effects": evaluation.get("effects", []), "registered": registered,
             "promotion": promotion}

@@ -6,8 +6,8 @@
 The DAG, in order:
 
     close-run (exit handler: closes the MLflow parent run as finished or failed, whatever happens inside)
-      base-model (importer) → preflight → data-prep → the spec's stages, each after the one before →
-      register → If(decision == promote) → promote
+      base-model (importer) → preflight → the data step → the spec's stages, each after the one before →
+      If(the decision of the stage with a gate == PROMOTE) → its gate (components.stages: Stage.gate)
 
 Runtime parameters, with the spec's values as defaults and a description each (the KFP UI shows them when a
 run is started): base_model, data_sources, <stage>_lr and <stage>_max_steps of every training stage,
@@ -22,17 +22,18 @@ memory-backed /dev/shm; a timeout (activeDeadlineSeconds) and retries; pod label
 posttrain/stage and sidecar.istio.io/inject=false (and kueue.x-k8s.io/queue-name for resources with a `queue`);
 the images' non-root user; MinIO and MLflow credentials as environment variables from the named Secrets only
 (no credential is ever a parameter). Training stages keep their checkpoints in the run's workspace (a PVC KFP
-creates per run, with the spec's access modes, ReadWriteOnce by default), so a retried step resumes. data_prep is
-cached (its parameters: the sources, the settings, and preflight's fingerprint of the data's and the
+creates per run, with the spec's access modes, ReadWriteOnce by default), so a retried step resumes. The data step
+is cached (its parameters: the sources, the settings, and preflight's fingerprint of the data's and the
 tokenizer's bytes, so a scheduled run re-runs it when the data under the same URIs change); every other step
-runs each time. preflight and data_prep read the base model by its URI and fetch only its config and tokenizer
+runs each time. preflight and the data step read the base model by its URI and fetch only its config and tokenizer
 (and preflight the safetensors headers). Models stay in the run's workspace and never go through a step's pod: the
 importer downloads the base model into the workspace once (download_to_workspace), each training stage writes its
 model to <workspace>/<stage>/model and its output artifact only points there (components/step.py), so no launcher
 pod downloads or uploads weights, and a TrainJob's nodes (which mount the workspace, not the step pod's scratch
 volume) read every input there. (KFP's IR has no ephemeral-storage request, its ResourceSpec being cpu, memory and
 accelerator: what the steps keep in their emptyDir scratch volumes are data files, eval results and pointers.)
-A training stage whose resources allow several nodes (max_nodes > 1) runs as a Kubeflow Trainer TrainJob that its
+A stage that can run on several nodes (its registry entry says multi_node; the spec check refuses max_nodes > 1 for
+any other) and whose resources allow them (max_nodes > 1) runs as a Kubeflow Trainer TrainJob that its
 step creates, watches and deletes (components/trainjob.py); the step itself is then a small pod of
 runtime_resources with the stage's timeout and retries.
 Uploading, running and scheduling: pipelines/kfp_client.py.
@@ -51,7 +52,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from components.preflight.component import close_run, preflight
-from components.register.component import promote
+from components.stages import PROMOTE, check_contract, data_stage
 from components.stages import get as get_stage
 from pipelines.spec import Resources, Spec, load_spec
 from pipelines.spec import Stage as StageSpec
@@ -75,7 +76,7 @@ def pipeline_parameters(spec: Spec) -> list[tuple[str, type, object, str]]:
          "The model the first training stage starts from: a Hugging Face directory with safetensors weights "
          "(s3://bucket/key)."),
         ("data_sources", str, json.dumps(spec.data.get("sources", [])),
-         "data_prep's sources, a JSON list of {uri, shape, fields, ...} or {task, rows, shape, ...} "
+         "The data step's sources, a JSON list of {uri, shape, fields, ...} or {task, rows, shape, ...} "
          "(docs/spec.md, key data)."),
     ]
     for stage in spec.stages:
@@ -202,11 +203,11 @@ def place(task, spec: Spec, stage: str, resources: Resources, image: str, *, sec
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The DAG: preflight, then data_prep and the spec's stages, each wired by the registry (components.stages)
+# The DAG: preflight, then the data step and the spec's stages, each wired by the registry (components.stages)
 
 def lineage(stages: list[StageSpec]) -> dict[str, str]:
-    """Each stage that made a model → the model it started from: `start_from`, else the latest model before it
-    (`base` for the first)."""
+    """Each stage that made a model → the model it started from: `start_from` (an earlier stage's name, or `base`:
+    the base model), else the latest model before it (`base` for the first)."""
     out, latest = {}, "base"
     for st in stages:
         if get_stage(st.stage).makes_model:
@@ -228,16 +229,17 @@ def _step_parameters(spec: Spec, p: dict, opened, kind: StageSpec, done: list[St
               "workspace": dsl.WORKSPACE_PATH_PLACEHOLDER, "data_sources": p["data_sources"],
               "rewards": json.dumps(spec.rewards), "suites": json.dumps(spec.eval_suites),
               "registered_model": spec.tracking.registered_model, "candidate": trained[-1] if trained else "base",
-              "lineage": json.dumps(parents)}
+              "lineage": json.dumps(parents), "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "spec_name": spec.name}
     if spec.promotion is not None:
         values["promotion"] = json.dumps(asdict(spec.promotion))
     stage = get_stage(kind.stage)
     if stage.kind == "train":
         values.update(lr=p[f"{kind.name}_lr"], max_steps=p[f"{kind.name}_max_steps"])
     if stage.scaled:
-        values.update(nproc=p.get(f"{kind.name}_gpus_per_node", 1), nodes=p.get(f"{kind.name}_nodes", 1),
-                      launch=json.dumps(launch_settings(spec, kind), sort_keys=True),
-                      kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        values.update(nproc=p.get(f"{kind.name}_gpus_per_node", 1),
+                      launch=json.dumps(launch_settings(spec, kind), sort_keys=True))
+    if stage.multi_node:
+        values["nodes"] = p.get(f"{kind.name}_nodes", 1)
     return values
 
 
@@ -245,6 +247,7 @@ def _add_step(spec: Spec, kind: StageSpec, provided: dict, parameters: dict, pol
     """One step of the stage: its inputs from what earlier steps provide (the model it starts from: `policy`,
     when it is not the latest), its parameters by name; what it provides is added to `provided`."""
     stage = get_stage(kind.stage)
+    check_contract(stage)  # the component takes what the stage is given: no parameter is silently dropped
     component = stage.component_fn()
     inputs = provided if policy is None else {**provided, "policy": policy, "trained_policy": policy}
     arguments = {}
@@ -303,26 +306,47 @@ def _dag(spec: Spec, p: dict) -> None:
 
         provided = {"policy": (base, None, None), "base": (base, None, None)}
         prep_settings = {k: v for k, v in spec.data.items() if k != "sources"}  # the sources: a parameter
-        prep_kind = StageSpec(stage="data_prep", settings=prep_settings)
+        prep_kind = StageSpec(stage=data_stage().name, settings=prep_settings)
         prep = _add_step(spec, prep_kind, provided, _step_parameters(spec, p, check, prep_kind, [])).after(check)
         models = {}  # the provider of each model made so far, by stage name (start_from)
+        gated = []  # (stage, its task, the feeds and parameters it was given): the steps with a gate
         for i, kind in enumerate(spec.stages):
-            task = _add_step(spec, kind, provided, _step_parameters(spec, p, check, kind, spec.stages[:i]),
-                             policy=models.get(kind.start_from)).after(prep)
+            values = _step_parameters(spec, p, check, kind, spec.stages[:i])
+            start = provided["base"] if kind.start_from == "base" else models.get(kind.start_from)
+            inputs = dict(provided)
+            task = _add_step(spec, kind, provided, values, policy=start).after(prep)
             if "lineage" in (task.component_spec.inputs or {}):  # it reads every earlier model from the workspace
                 for source, _, _ in models.values():
                     task.after(source)
-            if get_stage(kind.stage).makes_model:
+            stage = get_stage(kind.stage)
+            if stage.makes_model:
                 models[kind.name] = provided["policy"]
-        if "registration" in provided:  # the promotion gate: register's decision
-            register, output, _ = provided["registration"]
-            with dsl.If(register.outputs["Output"] == "promote", name="promotion-gate"):
-                eval_task, eval_output, _ = provided["eval"]
-                move = promote(registration=register.outputs[output], eval_results=eval_task.outputs[eval_output],
-                               promotion=json.dumps(asdict(spec.promotion)), tracking_uri=p["tracking_uri"],
-                               kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-                place(move, spec, "promote", spec.runtime_resources, runtime, secrets=(storage.mlflow_secret,))
-                move.set_caching_options(False)
+            if stage.gate:
+                gated.append((stage, task, inputs, values))
+        for stage, task, inputs, values in gated:
+            _add_gate(spec, stage, task, inputs, values)
+
+
+def _add_gate(spec: Spec, stage, task, inputs: dict, values: dict) -> None:
+    """The stage's gate (Stage.gate), run when its step returns PROMOTE: its artifact inputs are the step's outputs
+    and the step's inputs of the same names, its parameters are given by name like the step's."""
+    gate = stage.component_fn(stage.gate)
+    declared = gate.component_spec.inputs or {}
+    arguments = {}
+    for name in declared:
+        if name in stage.outputs:
+            arguments[name] = task.outputs[name]
+        elif name in stage.inputs and stage.inputs[name].feed in inputs:
+            source, output, _ = inputs[stage.inputs[name].feed]
+            arguments[name] = source.outputs[output] if output else source.output
+        elif name in values:
+            arguments[name] = values[name]
+    with dsl.If(task.outputs["Output"] == PROMOTE, name="promotion-gate"):
+        move = gate(**arguments)
+        tracked = "tracking_uri" in declared
+        place(move, spec, stage.gate, spec.runtime_resources, spec.images.runtime,
+              secrets=(spec.storage.mlflow_secret,) if tracked else (spec.storage.minio_secret,))
+        move.set_caching_options(False)
 
 
 def workspace_pvc_patch(spec: Spec) -> dict:
@@ -381,23 +405,21 @@ def parse_params(spec: Spec, items: list[str]) -> dict:
             kind = "a positive integer" if types[name] is int else "a positive number"
             raise ValueError(f"--param {name}={value!r} is invalid: {kind}")
         if name == "data_sources":
-            check_data_sources(value)
+            check_data_sources(value, spec)
     return out
 
 
-def check_data_sources(value: str) -> None:
-    """The data_sources parameter, checked before anything runs: a JSON list of data_prep sources."""
-    from components.data_prep.main import parse_source
+def check_data_sources(value: str, spec: Spec) -> None:
+    """The data_sources parameter, checked before anything runs: a JSON list of sources, each valid for the config of
+    the data step (components.stages.data_stage), with the spec's other `data` settings."""
+    from pipelines.spec import validate_settings
 
     try:
         sources = json.loads(value)
     except json.JSONDecodeError as e:
         raise ValueError(f"--param data_sources={value!r} is invalid: not JSON ({e.msg} at column {e.colno}); a "
-                         'JSON list of sources, e.g. [{"uri": "s3://bucket/sft/", "shape": "sft"}]') from None
+                         'JSON list of sources, e.g. [{"uri": "s3://bucket/rows/", "shape": "prompts"}]') from None
     if not isinstance(sources, list) or not sources:
         raise ValueError(f"--param data_sources={value!r} is invalid: a non-empty JSON list of sources")
-    for i, source in enumerate(sources):
-        try:
-            parse_source(source, i)
-        except ValueError as e:
-            raise ValueError(f"--param data_sources: {e}") from None
+    settings = {**spec.data, "sources": sources}
+    validate_settings(data_stage(), settings, "--param data_sources", "")

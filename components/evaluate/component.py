@@ -9,8 +9,8 @@ from components.images import TRAINER_IMAGE
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def evaluate(model: Input[Model], base_model: Input[Model], settings: str, suites: str, rewards: str,
              candidate: str, lineage: str, stage: str, workspace: str, tracking_uri: str, parent_run_id: str,
-             s3_endpoint: str, nproc: int, launch: str, results: Output[Artifact], report: Output[HTML],
-             metrics: Output[Metrics]):
+             s3_endpoint: str, nproc: int, launch: str, spec_name: str, kfp_run_id: str, results: Output[Artifact],
+             report: Output[HTML], metrics: Output[Metrics]):
     """Evaluates the candidate and its baselines (the base model and every earlier training stage) on the
     same prompts and seeds: accuracy with bootstrap intervals, pass@k, rewards, entropy, KL to the base model.
 
@@ -35,6 +35,8 @@ def evaluate(model: Input[Model], base_model: Input[Model], settings: str, suite
         s3_endpoint: S3 endpoint for s3:// suites.
         nproc: Processes, one per accelerator.
         launch: The bounds of nproc (JSON, from the spec).
+        spec_name: The spec's name: with kfp_run_id, the run's name the report is titled with.
+        kfp_run_id: The KFP run's id.
         results: eval.json: {metrics, baselines, suites, ...}.
         report: The HTML report.
         metrics: The candidate's metrics, each baseline's (baselines/<name>/...) and the differences.
@@ -52,7 +54,7 @@ def evaluate(model: Input[Model], base_model: Input[Model], settings: str, suite
     step = Step(stage, settings, output_dir=os.path.join(workspace, stage), tracking_uri=tracking_uri,
                 parent_run_id=parent_run_id, s3_endpoint=s3_endpoint, nproc=nproc, launch=launch)
     wiring = {"model": model_dir(model), "name": candidate, "baselines": baselines, "base_model": model_dir(base_model),
-              "parents": parents,
+              "parents": parents, "run_name": f"{spec_name} {kfp_run_id}",
               "suites": json.loads(suites),
               "training_metrics": {k: p for k, p in histories.items() if os.path.exists(p)}}
     if json.loads(rewards):

@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,214 +40,14 @@ import torch
 from components import tracking
 from components.config import stage_main
 from components.datasets import DataError, RowError, check_bad_fraction, prompt_row, read_jsonl, sft_row, write_jsonl
-from components.evaluate.stats import (
-    BOOTSTRAP_SAMPLES,
-    avg_at_n,
-    bootstrap_ci,
-    paired_bootstrap_ci,
-    pass_at_k_per_prompt,
-)
-from components.models import ModelLoading
-from components.tasks import SPLITS, TASKS, get_task
+from components.evaluate.config import HELDOUT, TEACHER_FORCED, EvaluateConfig
+from components.evaluate.stats import avg_at_n, bootstrap_ci, paired_bootstrap_ci, pass_at_k_per_prompt
+from components.models import check_model_dir
+from components.tasks import TASKS, get_task
 from components.training.batching import Example, encode_example, micro_batches
-from components.training.engines import RolloutEngine
 from components.training.parallel import SamplingWorld, init_sampling
 
 log = logging.getLogger("components.evaluate")
-
-HELDOUT = "heldout"
-RESERVED_NAMES = (HELDOUT, "baselines", "differences")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-SUITE_KEYS = {"task": ("name", "task", "split", "n_prompts", "seed"), "data": ("name", "data", "task", "split")}
-TEACHER_FORCED = ("entropy", "kl_to_base")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Config
-
-def normalize_suite(suite: dict, where: str, default_seed: int) -> dict:
-    """A suite in full form: {"name", "task", "split", "n_prompts", "seed"} or {"name", "data", "task"?, "split"?}."""
-    if not isinstance(suite, dict):
-        raise ValueError(f"{where}={suite!r} is invalid: a mapping with 'task' or 'data'")
-    kind = "data" if "data" in suite else "task"
-    unknown = sorted(set(suite) - set(SUITE_KEYS[kind]))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for a {kind} suite; "
-                         f"allowed: {', '.join(SUITE_KEYS[kind])}")
-    task, split = suite.get("task"), suite.get("split", "id" if kind == "task" else None)
-    if kind == "task" and task is None:
-        raise ValueError(f"{where}: a suite needs 'task' (one of {', '.join(sorted(TASKS))}) or 'data' (a JSONL path)")
-    if task is not None and task not in TASKS:
-        raise ValueError(f"{where}.task={task!r} is invalid: one of {', '.join(sorted(TASKS))}")
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"{where}.split={split!r} is invalid: one of {', '.join(SPLITS)}")
-    name = suite.get("name", f"{task}-{split}" if kind == "task" else None)
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in RESERVED_NAMES:
-        raise ValueError(f"{where}.name={name!r} is invalid: letters, digits, '_', '.', '-' (a data suite must "
-                         f"name itself), not one of {', '.join(RESERVED_NAMES)}")
-    if kind == "data":
-        if not isinstance(suite["data"], str) or not suite["data"]:
-            raise ValueError(f"{where}.data={suite['data']!r} is invalid: a JSONL path or s3:// URI")
-        return {"name": name, "data": suite["data"], "task": task, "split": split}
-    n_prompts, seed = suite.get("n_prompts", 200), suite.get("seed", default_seed)
-    if not isinstance(n_prompts, int) or isinstance(n_prompts, bool) or n_prompts < 1:
-        raise ValueError(f"{where}.n_prompts={n_prompts!r} is invalid: a positive integer")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"{where}.seed={seed!r} is invalid: an integer")
-    return {"name": name, "task": task, "split": split, "n_prompts": n_prompts, "seed": seed}
-
-
-def default_reward_specs(suites: list[dict]) -> list[dict]:
-    """The verifier of every task the suites name: the rewards reported when the config lists none."""
-    return [{"name": t} for t in sorted({s["task"] for s in suites if s.get("task")})]
-
-
-@dataclass(kw_only=True)
-class EvaluateConfig:
-    """An evaluation: which models, on which prompts, sampled how, and where the results go."""
-
-    model: str
-    """Candidate model: a Hugging Face directory (safetensors) or s3:// URI."""
-    output_dir: str
-    """Where eval.json, metrics.json, samples.jsonl and report.html go."""
-    suites: list[dict]
-    """Eval suites: {task, split (id|ood), n_prompts, seed, name?} (name defaults to <task>-<split>) or
-    {name, data: JSONL of {prompt, answer, task?, split?} rows, task?: verifier for rows without one, split?}."""
-    loading: ModelLoading = field(default_factory=ModelLoading)
-    """How the models are loaded (components/README.md)."""
-    rollout: RolloutEngine = field(default_factory=RolloutEngine)
-    """The rollout engine that samples every model: hf or vllm (components/README.md)."""
-    name: str = "candidate"
-    """The candidate's name in the report (e.g. the stage that produced it)."""
-    baselines: dict[str, str] = field(default_factory=dict)
-    """Models to compare with, by name (e.g. base, the previous stage, champion): the same prompts and seeds."""
-    parents: dict[str, str] = field(default_factory=dict)
-    """Each trained model → the model it started from (names of the candidate or baselines, e.g. {psft: base,
-    dpo: psft, grpo: dpo}): each one's effect on accuracy is measured against its parent and against the first
-    ancestor (the base model)."""
-    base_model: str | None = None
-    """The base model that kl_to_base is measured against (it may also be a baseline); unset: no KL."""
-    samples: int = 1
-    """Completions per prompt (n of avg@n and pass@k); more than one needs a temperature > 0."""
-    temperature: float = 0.0
-    """Sampling temperature; 0 is greedy decoding."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
-    max_new_tokens: int = 32
-    """Longest completion in tokens."""
-    k: list[int] = field(default_factory=lambda: [1])
-    """The k of each pass@k reported (each ≤ samples)."""
-    rewards: list[dict] | None = None
-    """Reward specs (components.rewards); default: the verifier of each task the suites name."""
-    heldout_text: str | None = None
-    """SFT JSONL ({prompt, completion} or {messages}): entropy and kl_to_base teacher-forced on its completions."""
-    max_length: int = 1024
-    """Longest teacher-forced sequence in tokens; longer held-out rows are truncated."""
-    seed: int = 0
-    """Seed of the sampling (the same for every model) and of the bootstrap; the default seed of task suites."""
-    bootstrap_samples: int = BOOTSTRAP_SAMPLES
-    """Bootstrap resamples per interval."""
-    batch_size: int = 64
-    """Sequences decoded together."""
-    token_budget: int = 4096
-    """Most tokens in one teacher-forced micro-batch."""
-    training_metrics: dict[str, str] = field(default_factory=dict)
-    """metrics.jsonl of earlier stages by stage name, for the report's entropy and reward curves."""
-    teacher_forced: bool = True
-    """Measure entropy and kl_to_base teacher-forced on reference completions, with a Hugging Face copy of each
-    model (and of base_model) on rank 0's accelerator. false: neither is measured, and with rollout.engine vllm no
-    process loads a Hugging Face copy (a model larger than one accelerator, sampled tensor-parallel)."""
-
-    def __post_init__(self):
-        def bad(key, allowed):
-            raise ValueError(f"{key}={getattr(self, key)!r} is invalid: {allowed}")
-        for key in ("samples", "max_new_tokens", "max_length", "bootstrap_samples", "batch_size", "token_budget"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                bad(key, "a positive integer")
-        if self.temperature < 0:
-            bad("temperature", "a number ≥ 0 (0 is greedy)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "a number in (0, 1]")
-        if self.temperature == 0 and self.samples > 1:
-            bad("samples", "1 with temperature 0 (greedy samples are all the same); set a temperature > 0")
-        if not self.k or any(not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.samples
-                             for k in self.k):
-            bad("k", f"a non-empty list of integers in [1, samples={self.samples}]")
-        self.k = sorted(set(self.k))
-        names = [self.name, *self.baselines]
-        for n in names:
-            if not isinstance(n, str) or not _NAME.fullmatch(n) or n in RESERVED_NAMES:
-                raise ValueError(f"model name {n!r} is invalid: letters, digits, '_', '.', '-', "
-                                 f"not one of {', '.join(RESERVED_NAMES)}")
-        if self.name in self.baselines:
-            bad("name", f"a name that is not also a baseline ({', '.join(self.baselines)})")
-        if not isinstance(self.parents, dict) or any(n not in names for kv in self.parents.items() for n in kv):
-            bad("parents", f"a mapping between model names among {', '.join(names)}")
-        for n in self.parents:
-            if self.lineage(n)[-1] in self.parents:  # the walk stopped at a repeat, not at a root
-                bad("parents", f"a mapping without a cycle (through {n})")
-        if not isinstance(self.suites, list) or not self.suites:
-            bad("suites", "a non-empty list of suites")
-        self.suites = [normalize_suite(s, f"suites[{i}]", self.seed) for i, s in enumerate(self.suites)]
-        seen = [s["name"] for s in self.suites]
-        if len(set(seen)) != len(seen):
-            bad("suites", f"suites with distinct names (got {', '.join(seen)})")
-        if self.rewards is not None and not all(isinstance(r, dict) for r in self.rewards):
-            bad("rewards", "a list of reward specs (mappings with a 'name')")
-        if not isinstance(self.teacher_forced, bool):
-            bad("teacher_forced", "true or false")
-        if self.heldout_text is not None and not self.teacher_forced:
-            bad("heldout_text", "unset with teacher_forced false (held-out text is only measured teacher-forced)")
-
-    def lineage(self, name: str) -> list[str]:
-        """`name`, its parent, its parent's parent, ... up to a model without one (a cycle stops at a repeat)."""
-        out = [name]
-        while out[-1] in self.parents and self.parents[out[-1]] not in out:
-            out.append(self.parents[out[-1]])
-        return out
-
-    def reward_specs(self) -> list[dict]:
-        return self.rewards if self.rewards is not None else default_reward_specs(self.suites)
-
-    def metric_names(self, reward_names: list[str]) -> set[str]:
-        """Every `<suite>/<metric>` this evaluation writes for a model (reward_names: RewardSet.names)."""
-        return metric_names(self.suites, self.k, reward_names, kl_to_base=self.base_model is not None,
-                            heldout=self.heldout_text is not None, teacher_forced=self.teacher_forced)
-
-    @property
-    def needs_teacher(self) -> bool:
-        """Some suite (a task's, with reference completions) or the held-out text is measured teacher-forced."""
-        return self.teacher_forced and (self.heldout_text is not None or any("data" not in s for s in self.suites))
-
-
-
-def per_prompt_metric_names(k_list: list[int], reward_names: list[str]) -> list[str]:
-    """The metrics with one value per prompt: they get bootstrap intervals and paired differences."""
-    return ["accuracy", *(f"pass@{k}" for k in sorted(set(k_list))), *(f"reward/{r}" for r in reward_names),
-            "length"]
-
-
-def metric_names(suites: list[dict], k_list: list[int], reward_names: list[str], *, kl_to_base: bool = False,
-                 heldout: bool = False, teacher_forced: bool = True) -> set[str]:
-    """Every metric name eval.json carries for a model, so a promotion rule can be checked before a run.
-
-    suites: as in the evaluate config (short or full form); k_list: the pass@k k's; reward_names: the names of
-    the reward functions (RewardSet.names); kl_to_base: a base model is set; heldout: heldout_text is set;
-    teacher_forced: the evaluation's `teacher_forced`. Task suites add teacher-forced `entropy` (and
-    `kl_to_base`); data suites carry no reference completions.
-    """
-    teacher = ["entropy", *(["kl_to_base"] if kl_to_base else [])] if teacher_forced else []
-    names = set()
-    for i, raw in enumerate(suites):
-        s = normalize_suite(raw, f"suites[{i}]", 0)
-        for m in per_prompt_metric_names(k_list, reward_names):
-            names |= {f"{s['name']}/{m}", f"{s['name']}/{m}_ci_low", f"{s['name']}/{m}_ci_high"}
-        if "data" not in s:
-            names |= {f"{s['name']}/{m}" for m in teacher}
-    if heldout:
-        names |= {f"{HELDOUT}/{m}" for m in teacher}
-    return names
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -507,7 +306,7 @@ def run(cfg: EvaluateConfig) -> dict:
 
 
 def _run(cfg: EvaluateConfig, world: SamplingWorld) -> dict:
-    from components.evaluate.report import StageResult, write_report
+    from components.evaluate.report import write_evaluation_report
     from components.rewards import build_rewards
     from components.storage import localize
 
@@ -544,6 +343,7 @@ def _run(cfg: EvaluateConfig, world: SamplingWorld) -> dict:
                 if not vllm or teacher:
                     model = base if path.resolve() == base_path else cfg.loading.load_model(path, device=device).eval()
                 if vllm:  # the engine loads each model directory itself (its share, with tensor parallelism)
+                    check_model_dir(path)
                     if engine is None:
                         engine = cfg.rollout.build_from(path, tokenizer, seed=cfg.seed, max_num_seqs=cfg.batch_size,
                                                         world_size=world.world)
@@ -569,10 +369,7 @@ def _run(cfg: EvaluateConfig, world: SamplingWorld) -> dict:
         (out / "metrics.json").write_text(json.dumps(flat, indent=2))
         write_jsonl(out / "samples.jsonl", ({"model": m, "suite": s, **sample} for m, r in runs.items()
                                             for s, run_ in r.items() for sample in run_.samples))
-        stages = [StageResult(name=cfg.name, eval=doc, metrics=training_metrics.get(cfg.name))]
-        stages += [StageResult(name=stage, metrics=path) for stage, path in training_metrics.items()
-                   if stage != cfg.name]
-        report = write_report(stages, out / "report.html", title=f"Evaluation of {cfg.name}")
+        report = write_evaluation_report(cfg.name, doc, training_metrics, out / "report.html", run_name=cfg.run_name)
         tracked.log_metrics({mlflow_metric_name(k): v for k, v in flat.items()}, step=0)
         for name in ("eval.json", "report.html"):
             tracked.log_artifact(out / name)

@@ -14,8 +14,11 @@ own names unless a stage already has that name) and the metrics.jsonl of its tra
   parent, default the first model, without intervals);
 - mean token entropy per suite and model (teacher-forced on reference completions);
 - entropy over training steps of every stage that logged `entropy` (SFT vs PSFT, and the RL stages), the stages
-  one after another on one step axis, in the order they trained;
-- the reward curve of every stage that logged `reward` or `rewards/<fn>/mean` (GRPO).
+  one after another on one step axis, in the order they trained (the order of the stage results; the caption
+  names it too);
+- the reward curve of every stage that logged `reward` or `rewards/<fn>/mean` (GRPO), on the same axis.
+
+The evaluate stage writes it with `write_evaluation_report`, titled by the pipeline run.
 
 An input that is missing or unreadable leaves its figure out with a note saying why; it never fails the report.
 """
@@ -28,7 +31,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +65,16 @@ class Collected:
     notes: list[str]
     effects: list[dict]
     """Each stage's change in accuracy per suite, against the previous stage and the base (eval.json `effects`)."""
+
+    def step_axis(self) -> list[tuple[int, str]]:
+        """(first step, stage) of every stage that logged steps, one after another in the order they trained."""
+        out, offset = [], 0
+        for stage, rows in self.training.items():
+            steps = [r["step"] for r in rows if isinstance(r.get("step"), (int, float))]
+            if steps:
+                out.append((offset, stage))
+                offset += max(steps)
+        return out
 
     def color(self, name: str) -> str:
         """One color per model or stage, the same in every figure."""
@@ -280,18 +293,15 @@ def _smooth(ys: list[float]) -> list[float]:
 
 def _curves(c: Collected, keys: Callable[[dict], list[str]], ylabel: str, title: str, missing: str) -> Figure | str:
     """Each stage's curves after the previous stage's, on one step axis (stages in the order they trained)."""
-    series, starts, offset = [], [], 0
-    for stage, rows in c.training.items():
-        steps = [r["step"] for r in rows if isinstance(r.get("step"), (int, float))]
-        for j, key in enumerate(keys(rows[0] if rows else {})):
+    series, starts = [], c.step_axis()
+    for offset, stage in starts:
+        rows = c.training[stage]
+        for j, key in enumerate(keys(rows[0])):
             pts = [(offset + r["step"], r[key]) for r in rows
                    if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if pts:
                 series.append((f"{stage}" if key in ("entropy", "reward") else f"{stage} {key}", pts,
                                c.color(stage), ("-", "--", ":", "-.")[j % 4]))
-        if steps:
-            starts.append((offset, stage))
-            offset += max(steps)
     if not series:
         return missing
     fig = Figure(figsize=(8.0, 4.2), layout="constrained")
@@ -302,12 +312,17 @@ def _curves(c: Collected, keys: Callable[[dict], list[str]], ylabel: str, title:
         ax.plot(xs, _smooth(list(ys)), color=color, ls=style, lw=1.8, label=label)
     for x, _ in starts[1:]:
         ax.axvline(x, color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("optimizer step, the stages one after another (" + " → ".join(s for _, s in starts) + ")")
+    ax.set_xlim(left=0)  # a stage that logged none of these keys still takes its place on the axis
+    ax.set_xlabel(f"optimizer step, the stages one after another ({_order(c)})")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     return fig
+
+
+def _order(c: Collected) -> str:
+    return " → ".join(stage for _, stage in c.step_axis())
 
 
 def figure_training_entropy(c: Collected) -> Figure | str:
@@ -332,6 +347,8 @@ FIGURES: list[tuple[str, str, Callable[[Collected], Figure | str]]] = [
     ("training-entropy", "Entropy over training steps", figure_training_entropy),
     ("reward-curve", "Reward curve", figure_reward_curve),
 ]
+STEP_AXIS = ("training-entropy", "reward-curve")
+"""The figures whose x-axis is the stages one after another: their caption names the stages in that order."""
 
 
 def png_data_uri(fig: Figure) -> str:
@@ -425,6 +442,8 @@ def render_html(c: Collected, title: str) -> str:
         if isinstance(result, str):
             notes.append(f"{caption}: omitted, {result}.")
             continue
+        if fid in STEP_AXIS:
+            caption += f" ({_order(c)})"
         figures.append(f'<figure id="fig-{fid}"><img alt="{html.escape(caption)}" src="{png_data_uri(result)}">'
                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
@@ -445,3 +464,16 @@ def write_report(stages: Sequence[StageResult], path: str | Path, *, title: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(collect(stages), title), encoding="utf-8")
     return path
+
+
+def write_evaluation_report(name: str, doc: dict, training_metrics: Mapping[str, str | Path], path: str | Path, *,
+                            run_name: str = "") -> Path:
+    """The evaluate stage's report: the candidate `name` with its eval.json `doc` (baselines included), and the
+    metrics.jsonl of every stage in `training_metrics`, whose order is the order the stages trained (the
+    pipeline's lineage). The candidate keeps its place there, or comes after them: it is the last model trained.
+    Titled by the pipeline run (`run_name`: "<spec name> <run id>"), or by the candidate for a stage run alone."""
+    order = [*training_metrics, *([] if name in training_metrics else [name])]
+    stages = [StageResult(s, eval=doc if s == name else None, metrics=training_metrics.get(s)) for s in order]
+    spec, _, run_id = run_name.strip().partition(" ")
+    title = f"{spec} · run {run_id.strip()}" if run_id.strip() else spec or f"Evaluation of {name}"
+    return write_report(stages, path, title=title)

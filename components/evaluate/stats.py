@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from components.evaluate.config import BOOTSTRAP_SAMPLES
+
 CONFIDENCE = 0.95
-BOOTSTRAP_SAMPLES = 2000
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -16,155 +16,33 @@ In code, `_run` reads top to bottom: per round, `rollout_round` samples, scores 
 `RolloutRound`: examples, advantages, π_old and reference log-probs, lengths, metrics), then `minibatches`
 cuts it into the round's optimizer steps and `grpo_step` takes each.
 
-Outputs in `output_dir`: model/ (Hugging Face, safetensors), metrics.jsonl (one line per optimizer step,
-TRL's metric names), samples.jsonl (a few scored completions per round), summary.json, checkpoints/.
+Outputs in `output_dir`: model/ (Hugging Face, safetensors), metrics.jsonl (one line per optimizer step; TRL's
+names where components/trl_names.py lists them), samples.jsonl (a few scored completions per round), summary.json,
+checkpoints/.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from components import tracking
-from components.config import UserError, positive_ints, require, stage_main
-from components.models import ModelLoading
-from components.models.lora import Adapter, load_policy, save_policy
-from components.prompts import PromptSource
+from components.config import UserError, stage_main
+from components.grpo.config import GRPOConfig
+from components.prompts import prompts_and_rewards
 from components.training.batching import Example, completion_values
-from components.training.engines import RolloutEngine
-from components.training.loop import (
-    Session,
-    StepResult,
-    TrainConfig,
-    base_reference,
-    check_clip_range,
-    step_indices,
-)
-from components.training.objectives import (
-    ADVANTAGE_ESTIMATORS,
-    LOSS_AGGREGATIONS,
-    SCALE_REWARDS,
-    aggregation_weights,
-    grpo_loss,
-    kl_k1,
-)
-from components.training.rl import (
-    check_round_checkpoints,
-    completion_logprobs,
-    minibatches,
-    prompts_and_rewards,
-    reference_model,
-    rollout_seed,
-    write_samples,
-)
-from components.training.rollout import Sampling
+from components.training.loop import Session, StepResult, step_indices
+from components.training.lora import base_reference, load_policy, save_policy
+from components.training.objectives import ADVANTAGE_ESTIMATORS, aggregation_weights, grpo_loss, kl_k1
+from components.training.rl import completion_logprobs, minibatches, reference_model, rollout_seed, write_samples
 
 log = logging.getLogger("components.grpo")
-
-
-@dataclass(kw_only=True)
-class GRPOConfig:
-    """A GRPO stage: the rewards and the objective's settings, and the parts `train`, `prompts`, `sampling` and
-    `loading`."""
-
-    model: str
-    """Policy to start from: a Hugging Face directory with safetensors weights."""
-    output_dir: str
-    """Where model/, metrics.jsonl, samples.jsonl, summary.json and checkpoints/ go."""
-    prompts: PromptSource
-    """The prompts sampled from: a JSONL (`path`) or a bundled task (components/prompts.py)."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=128))
-    """Steps, batch (sequences per optimizer step; prompts_per_round × num_generations must be a multiple of
-    it), learning rate, checkpoints, ... (components/README.md)."""
-    sampling: Sampling = field(default_factory=Sampling)
-    """Temperature, top_p, max_new_tokens of the rollout (components/README.md)."""
-    loading: ModelLoading = field(default_factory=ModelLoading)
-    """How the models are loaded (components/README.md)."""
-    lora: Adapter = field(default_factory=Adapter)
-    """LoRA/QLoRA adapters instead of full fine-tuning (off by default; components/README.md)."""
-    rollout: RolloutEngine = field(default_factory=RolloutEngine)
-    """The rollout engine that samples: hf or vllm, its weights synced after the optimizer steps
-    (components/README.md)."""
-    rewards: list[dict] = field(default_factory=lambda: [{"name": "task"}])
-    """Reward functions and weights, e.g. [{name: task}, {name: format, weight: 0.1}] (components/rewards)."""
-    num_generations: int = 8
-    """G: completions sampled per prompt (a group)."""
-    prompts_per_round: int = 16
-    """Prompts sampled per round; a round yields prompts_per_round × G sequences."""
-    num_iterations: int = 1
-    """μ: passes over a round's samples (μ > 1 makes the clip matter)."""
-    advantage: str = "grpo"
-    """Advantage estimator: grpo (group-normalized), rloo (leave-one-out baseline R_i − mean_{j≠i} R_j) or
-    reinforce_pp (REINFORCE++: a k1 KL to the reference, weighted by beta, folded into the reward, and the
-    returns whitened over every token of the round)."""
-    scale_rewards: str = "group"
-    """Advantage scaling of advantage grpo: group (std of each group), batch (std of the round), none (Dr.
-    GRPO)."""
-    loss_aggregation: str = "token"
-    """token (token-mean over a step, DAPO), sequence (mean per sequence, then over sequences: original
-    GRPO) or constant (divide by sequences × max_new_tokens: Dr. GRPO)."""
-    filter_zero_std: bool = False
-    """Drop groups whose rewards are all equal (they carry no gradient) before training."""
-    epsilon_low: float = 0.2
-    """Lower clip range ε_low."""
-    epsilon_high: float = 0.28
-    """Upper clip range ε_high."""
-    beta: float = 0.0
-    """Weight of the KL to the reference model (0: no reference model is loaded): a KL_k3 term of the loss, or
-    with advantage reinforce_pp a k1 penalty in the reward."""
-    ref_model: str | None = None
-    """β > 0: the reference model of the KL term (default: the starting policy; with LoRA, the base with the
-    adapter disabled)."""
-    tis_cap: float | None = None
-    """Truncated importance sampling (as verl's and TRL's): the trainer recomputes π_old's log-probs of every
-    sample before the round's steps (one more forward pass), the clipped ratio uses them, and each token's loss
-    is weighted by min(π_old / π_rollout, tis_cap), correcting for the rollout engine's numerics. null: off (the
-    rollout's log-probs are π_old)."""
-    samples_logged: int = 4
-    """Scored completions written to samples.jsonl per round."""
-
-    def __post_init__(self):
-        positive_ints(self, "num_generations", "prompts_per_round", "num_iterations")
-        require(self.num_generations >= 2, "num_generations", self.num_generations,
-                "≥ 2 (advantages compare a group)")
-        round_size = self.prompts_per_round * self.num_generations
-        require(round_size % self.train.batch_size == 0, "train.batch_size", self.train.batch_size,
-                f"a divisor of prompts_per_round × num_generations = {round_size}")
-        require(self.advantage in ADVANTAGE_ESTIMATORS, "advantage", self.advantage,
-                f"one of {', '.join(ADVANTAGE_ESTIMATORS)}")
-        require(self.scale_rewards in SCALE_REWARDS, "scale_rewards", self.scale_rewards,
-                f"one of {', '.join(SCALE_REWARDS)}")
-        require(self.loss_aggregation in LOSS_AGGREGATIONS, "loss_aggregation", self.loss_aggregation,
-                f"one of {', '.join(LOSS_AGGREGATIONS)}")
-        check_clip_range(self.epsilon_low, self.epsilon_high)
-        require(math.isfinite(self.beta) and self.beta >= 0, "beta", self.beta, "a number ≥ 0")
-        require(self.tis_cap is None or (math.isfinite(self.tis_cap) and self.tis_cap >= 1), "tis_cap", self.tis_cap,
-                "null (off) or a number ≥ 1 (verl and TRL use 2)")
-        require(not (self.rollout.engine == "vllm" and self.lora.enabled), "rollout.engine", self.rollout.engine,
-                "hf with lora (the vllm engine takes full weights only)")
-        tp = self.rollout.tensor_parallel_size
-        require(tp == 1, "rollout.tensor_parallel_size", tp,
-                "1 in grpo (its rollout engine is colocated with the trainer on one rank; tensor parallelism is for "
-                "evaluate and reward_scoring)")
-        require(self.ref_model is None or self.beta > 0, "ref_model", self.ref_model,
-                "unset with beta 0: only the KL term (beta > 0) reads it")
-        check_round_checkpoints(self.train, self.steps_per_round)
-
-    @property
-    def loss_beta(self) -> float:
-        """β of the loss's KL_k3 term: 0 when the estimator folds the KL into the reward instead."""
-        return 0.0 if ADVANTAGE_ESTIMATORS[self.advantage].kl_in_reward else self.beta
-
-    @property
-    def steps_per_round(self) -> int:
-        return self.num_iterations * self.prompts_per_round * self.num_generations // self.train.batch_size
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -365,8 +243,8 @@ def logprob_diff(session: Session, trainer: list[torch.Tensor], rollout: list[to
 def _diff_metrics(session: Session, total: float, count: float, largest: float) -> dict:
     dist = session.dist
     sums = dist.all_reduce_sums({"total": total, "count": count})
-    return {"rollout/logprob_diff_mean": sums["total"] / max(sums["count"], 1.0),
-            "rollout/logprob_diff_max": dist.all_reduce_max_float(largest)}
+    return {"sampling/sampling_logp_difference/mean": sums["total"] / max(sums["count"], 1.0),
+            "sampling/sampling_logp_difference/max": dist.all_reduce_max_float(largest)}
 
 
 def token_advantages(cfg: GRPOConfig, session: Session, rewards: list[float], old_logprobs: list[torch.Tensor],
@@ -392,8 +270,8 @@ def token_advantages(cfg: GRPOConfig, session: Session, rewards: list[float], ol
 def grpo_step(cfg: GRPOConfig, session: Session, model, rollout: RolloutRound, minibatch: list[int], pad_id: int,
               measure: bool = False) -> tuple[StepResult, float]:
     """One optimizer step of the clipped objective on the round's samples `minibatch` (this rank's); returns
-    its result (`extra`: rollout/logprob_diff_* when `measure`, the policy being the one that sampled) and its
-    trained-token count over all ranks."""
+    its result (`extra`: sampling/sampling_logp_difference/* when `measure`, the policy being the one that
+    sampled) and its trained-token count over all ranks."""
     dist = session.dist
     examples = [rollout.examples[sample] for sample in minibatch]
     batches = session.micro_batches(examples, pad_id)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
 
-from components.config import UserError, require
+from components.config import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ def tiny_config(vocab_size: int, config_path: Path = TINY_CONFIG):
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, config_path: Path = TINY_CONFIG) -> Path:
     """Build the random-init tiny model and its tokenizer and save both (safetensors) to `out_dir`."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
@@ -174,9 +177,6 @@ def check_tokenizer_dir(path: str | Path) -> Path:
     return p
 
 
-ATTENTION_KERNELS = ("auto", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "eager")
-
-
 def model_files(uri: str | Path, dest: str | Path | None = None) -> Path:
     """A local directory with the config and tokenizer files of the model at `uri`, without its weights: what a
     step that only reads those needs. A local directory as is; from an s3:// directory, every file but the
@@ -197,6 +197,8 @@ def resolve_attention(name: str = "auto") -> str:
     Both mask packed sequences from their position ids (flash-attention through cu_seqlens, sdpa through a
     block-diagonal causal mask that transformers derives from them).
     """
+    import torch
+
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -207,11 +209,14 @@ def resolve_attention(name: str = "auto") -> str:
     return "sdpa"
 
 
-def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                attn_implementation: str = "auto", trust_remote_code: bool = False, quantization_config=None):
-    """Load a causal LM from a Hugging Face directory, safetensors only. With a `quantization_config`
-    (bitsandbytes, QLoRA) the weights are quantized as they load, straight onto `device`."""
+    """Load a causal LM from a Hugging Face directory, safetensors only, in `dtype` (default float32). With a
+    `quantization_config` (bitsandbytes, QLoRA) the weights are quantized as they load, straight onto `device`."""
+    import torch
     from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
 
     p = check_model_dir(path)
     attn_implementation = resolve_attention(attn_implementation)
@@ -250,6 +255,20 @@ def check_vocabulary(model, path: Path, trust_remote_code: bool = False) -> None
                              f"different models")
 
 
+def load_scalar_model(path: str | Path, pad_token_id: int, *, attn_implementation: str = "auto",
+                      trust_remote_code: bool = False):
+    """A sequence-classification model with one label from `path`, safetensors only, in float32: a reward model, or
+    a causal LM under a new score head (the reward_model stage's head scalar, ppo's critic)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        check_model_dir(path), num_labels=1, pad_token_id=pad_token_id, dtype=torch.float32, use_safetensors=True,
+        trust_remote_code=trust_remote_code, attn_implementation=resolve_attention(attn_implementation))
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
 # tokenizer_class values that mean "exactly the tokenizer.json beside it"
 GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
@@ -279,50 +298,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
-@dataclass(kw_only=True)
-class ModelLoading:
-    """How a stage loads models: the `loading` part of the config of every stage that loads one."""
-
-    trust_remote_code: bool = False
-    """Allow model code from the model directory (only for models you trust)."""
-    attn_implementation: str = "auto"
-    """Attention kernel: auto (flash_attention_2 on a GPU with flash-attn installed, else sdpa), sdpa,
-    flash_attention_2, flash_attention_3, flex_attention or eager."""
-
-    def __post_init__(self):
-        # no Hub kernels: nothing is fetched at run time
-        require(self.attn_implementation in ATTENTION_KERNELS, "attn_implementation", self.attn_implementation,
-                f"one of {', '.join(ATTENTION_KERNELS)}")
-
-    def load_model(self, path: str | Path, **kw):
-        return load_model(path, trust_remote_code=self.trust_remote_code,
-                          attn_implementation=self.attn_implementation, **kw)
-
-    def load_tokenizer(self, path: str | Path):
-        return load_tokenizer(path, self.trust_remote_code)
-
-
-def save_model(model, tokenizer, path: Path, dist) -> None:
-    """Save a Hugging Face directory (safetensors) from rank 0; ZeRO-3 shards are gathered first. A full disk is
-    one line naming the directory and the bytes the weights need."""
-    from components.diskspace import disk_space, tensor_bytes
-
-    with disk_space(path, lambda: sum(tensor_bytes(param) for param in model.parameters()), "the model"):
-        if dist.world > 1:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-                if dist.rank == 0:
-                    model.save_pretrained(path, safe_serialization=True)
-        else:
-            model.save_pretrained(path, safe_serialization=True)
-        if dist.rank == 0:
-            tokenizer.save_pretrained(path)
-    dist.barrier()
-
-
 __all__ = [
-    "ModelDirError", "ModelFileError", "ModelLoading", "check_model_files", "check_config_json", "check_safetensors",
-    "check_vocabulary", "check_tokenizer_dir", "save_model", "build_char_tokenizer", "build_tiny_model",
-    "check_model_dir", "load_model", "load_tokenizer", "model_files", "resolve_attention", "tiny_config", "TINY_CONFIG"
+    "ModelDirError", "ModelFileError", "check_model_files", "check_config_json", "check_safetensors",
+    "check_vocabulary", "check_tokenizer_dir", "build_char_tokenizer", "build_tiny_model", "check_model_dir",
+    "load_model", "load_scalar_model", "load_tokenizer", "model_files", "resolve_attention", "tiny_config",
+    "TINY_CONFIG"
 ]

@@ -23,8 +23,8 @@ none, so a new head at zero) or from the policy (a new head at zero). Its value 
 completion token t is V(s_t).
 
 Outputs in `output_dir`: model/ (the actor, Hugging Face, safetensors), critic/ (the value model), metrics.jsonl
-(one line per optimizer step, TRL's metric names), samples.jsonl, summary.json, checkpoints/ (actor and critic,
-both optimizers, the KL coefficient, the RNG).
+(one line per optimizer step; TRL's names where components/trl_names.py lists them), samples.jsonl, summary.json,
+checkpoints/ (actor and critic, both optimizers, the KL coefficient, the RNG).
 """
 
 from __future__ import annotations
@@ -34,22 +34,21 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from components import tracking
-from components.config import positive_ints, require, stage_main
-from components.models import ModelLoading, save_model
-from components.models.lora import Adapter, load_policy, save_policy
-from components.prompts import PromptSource
-from components.reward_model.main import load_scalar_model
+from components.config import stage_main
+from components.ppo.config import PPOConfig
+from components.prompts import prompts_and_rewards
 from components.training.batching import Example, PackedBatch, completion_values
+from components.training.distributed import save_model
 from components.training.engines import HFEngine
-from components.training.loop import Session, StepResult, TrainConfig, base_reference, step_indices
+from components.training.loop import Session, StepResult, step_indices
+from components.training.lora import base_reference, load_policy, save_policy
 from components.training.objectives import (
-    KL_CONTROLLERS,
     KLController,
     clipped_policy_loss,
     clipped_value_loss,
@@ -59,138 +58,15 @@ from components.training.objectives import (
     whiten,
 )
 from components.training.rl import (
-    check_round_checkpoints,
     completion_logprobs,
     minibatches,
     per_completion_token,
-    prompts_and_rewards,
     reference_model,
     rollout_seed,
     write_samples,
 )
-from components.training.rollout import Sampling
 
 log = logging.getLogger("components.ppo")
-
-PRESETS = {"ppo": {"ppo_epochs": 4, "num_minibatches": 1, "cliprange": 0.2, "cliprange_value": 0.2},
-           "a2c": {"ppo_epochs": 1, "num_minibatches": 1, "cliprange": None, "cliprange_value": None}}
-"""What each preset sets among the keys left unset (null); a2c refuses them set: it is one on-policy step."""
-CRITIC_INITS = ("auto", "reward_model", "policy")
-
-
-@dataclass(kw_only=True)
-class PPOConfig:
-    """A PPO stage: the rewards, the critic, the KL penalty, GAE and the clipped losses, and the parts `train`,
-    `prompts`, `sampling`, `loading` and `lora`."""
-
-    model: str
-    """Policy (actor) to start from: a Hugging Face directory with safetensors weights."""
-    output_dir: str
-    """Where model/, critic/, metrics.jsonl, samples.jsonl, summary.json and checkpoints/ go."""
-    prompts: PromptSource
-    """The prompts sampled from: a JSONL (`path`) or a bundled task (components/prompts.py)."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64, lr=1e-5))
-    """Steps (optimizer steps of the actor; the critic takes as many), batch (prompts per rollout, one
-    completion each: TRL's batch_size), learning rate, checkpoints, ... (components/README.md)."""
-    sampling: Sampling = field(default_factory=Sampling)
-    """Temperature, top_p, max_new_tokens of the rollout (components/README.md)."""
-    loading: ModelLoading = field(default_factory=ModelLoading)
-    """How the models are loaded (components/README.md)."""
-    lora: Adapter = field(default_factory=Adapter)
-    """LoRA/QLoRA adapters on the actor (the critic trains every weight); the reference is then the actor's base
-    with the adapter disabled (components/README.md)."""
-    rewards: list[dict] = field(default_factory=list)
-    """Reward functions and weights (components/rewards): the spec's `rewards`, or set here to give PPO its own,
-    e.g. [{name: reward_model, uri: stage:reward_model}] (the model the reward_model stage of the run trained)."""
-    preset: str = "ppo"
-    """ppo, or a2c: one pass over each rollout in one minibatch, no clipping (advantage actor-critic)."""
-    ppo_epochs: int | None = None
-    """Passes over each rollout (preset ppo: 4)."""
-    num_minibatches: int | None = None
-    """Optimizer steps per pass; each takes train.batch_size / num_minibatches sequences (preset ppo: 1)."""
-    cliprange: float | None = None
-    """ε of the actor's clipped surrogate (preset ppo: 0.2)."""
-    cliprange_value: float | None = None
-    """ε_v of the critic's clipped value loss (preset ppo: 0.2)."""
-    vf_coef: float = 0.1
-    """Weight of the value loss (it scales the critic's gradient: the critic has its own optimizer)."""
-    critic_lr: float | None = None
-    """Peak learning rate of the critic (default: train.lr); same schedule shape as the actor's."""
-    critic_init: str = "auto"
-    """reward_model (the critic starts as the first reward_model reward's model, head included; at zero for a
-    reward model with head logprob), policy (the actor's weights and a new value head at zero), or auto
-    (reward_model when a reward is one, else policy)."""
-    gamma: float = 1.0
-    """γ: discount of GAE."""
-    lam: float = 0.95
-    """λ: GAE's bias-variance trade-off."""
-    whiten_advantages: bool = True
-    """Whiten Â over the round's tokens (all ranks): zero mean, unit variance."""
-    kl_coef: float = 0.05
-    """β: the initial coefficient of the per-token k1 KL penalty to the reference in the reward (0: no reference)."""
-    kl_controller: str = "fixed"
-    """fixed (β stays kl_coef) or adaptive (Ziegler et al.: β moves to keep the KL near kl_target)."""
-    kl_target: float = 6.0
-    """adaptive: the KL per sequence (nats, summed over tokens) β steers toward."""
-    kl_horizon: float = 10000.0
-    """adaptive: how many samples β takes to correct a KL error (larger: slower)."""
-    ref_model: str | None = None
-    """The reference of the KL penalty (default: the starting policy; with LoRA, the base with the adapter
-    disabled)."""
-    samples_logged: int = 4
-    """Scored completions written to samples.jsonl per round."""
-
-    def __post_init__(self):
-        require(self.preset in PRESETS, "preset", self.preset, f"one of {', '.join(PRESETS)}")
-        for key, value in PRESETS[self.preset].items():
-            if self.preset == "a2c":
-                require(getattr(self, key) is None, key, getattr(self, key), "unset with preset a2c (it fixes it)")
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        positive_ints(self, "ppo_epochs", "num_minibatches")
-        require(self.train.batch_size % self.num_minibatches == 0, "train.batch_size", self.train.batch_size,
-                f"a multiple of num_minibatches = {self.num_minibatches}")
-        for key in ("cliprange", "cliprange_value"):
-            value = getattr(self, key)
-            require(value is None or (math.isfinite(value) and value > 0), key, value, "a positive number")
-        require(self.cliprange is None or self.cliprange < 1, "cliprange", self.cliprange, "a number in (0, 1)")
-        require(self.rewards != [], "rewards", self.rewards,
-                "a non-empty list: ppo needs a reward to maximize; give the spec's `rewards` or the stage's own, "
-                "e.g. rewards: [{name: reward_model, uri: stage:reward_model}] or [{name: arithmetic}]")
-        require(self.critic_init in CRITIC_INITS, "critic_init", self.critic_init, f"one of {', '.join(CRITIC_INITS)}")
-        has_model = any(isinstance(r, dict) and r.get("name") == "reward_model" for r in self.rewards)
-        if self.critic_init == "auto":
-            self.critic_init = "reward_model" if has_model else "policy"
-        require(self.critic_init != "reward_model" or has_model, "critic_init", self.critic_init,
-                "policy or auto when no reward is a reward_model (or add one)")
-        for key in ("vf_coef", "kl_coef"):
-            require(math.isfinite(getattr(self, key)) and getattr(self, key) >= 0, key, getattr(self, key),
-                    "a number ≥ 0")
-        require(self.critic_lr is None or (math.isfinite(self.critic_lr) and self.critic_lr > 0), "critic_lr",
-                self.critic_lr, "a positive number")
-        require(0 <= self.gamma <= 1, "gamma", self.gamma, "a number in [0, 1]")
-        require(0 <= self.lam <= 1, "lam", self.lam, "a number in [0, 1]")
-        require(self.kl_controller in KL_CONTROLLERS, "kl_controller", self.kl_controller,
-                f"one of {', '.join(KL_CONTROLLERS)}")
-        require(self.kl_controller == "fixed" or self.kl_coef > 0, "kl_coef", self.kl_coef,
-                "> 0 with kl_controller adaptive (it scales β)")
-        require(self.kl_target > 0 and self.kl_horizon > 0, "kl_target", (self.kl_target, self.kl_horizon),
-                "kl_target and kl_horizon: positive numbers")
-        require(self.ref_model is None or self.kl_coef > 0, "ref_model", self.ref_model,
-                "unset with kl_coef 0: only the KL penalty reads it")
-        check_round_checkpoints(self.train, self.steps_per_round)
-
-    @property
-    def steps_per_round(self) -> int:
-        return self.ppo_epochs * self.num_minibatches
-
-    @property
-    def critic_train(self) -> TrainConfig:
-        return replace(self.train, lr=self.critic_lr or self.train.lr)
-
-    def reward_model_path(self) -> str | None:
-        """The model of the first reward_model reward (the critic's start with critic_init reward_model)."""
-        return next((r["uri"] for r in self.rewards if r.get("name") == "reward_model"), None)
 
 
 @dataclass
@@ -223,12 +99,12 @@ def load_critic(cfg: PPOConfig, pad_token_id: int):
         from components.rewards.reward_model import check_weights, local_dir, reward_head
 
         path = check_weights(local_dir(cfg.reward_model_path()))
-        critic = load_scalar_model(cfg, str(path), pad_token_id)
+        critic = cfg.loading.load_scalar_model(path, pad_token_id)
         if reward_head(path) == "logprob":  # a log-prob reward model has no scalar head: its weights, a head at zero
             torch.nn.init.zeros_(critic.score.weight)
             critic.config.reward_head = "scalar"  # what the saved critic is
         return critic
-    critic = load_scalar_model(cfg, cfg.model, pad_token_id)
+    critic = cfg.loading.load_scalar_model(cfg.model, pad_token_id)
     torch.nn.init.zeros_(critic.score.weight)
     return critic
 
@@ -377,9 +253,9 @@ def ppo_step(cfg: PPOConfig, session: Session, actor, critic, rollout: PPORound,
         loss, metrics = clipped_policy_loss(logprobs, old, completion_values(micro_batch, examples, advantages), mask,
                                             normalizer, cliprange, cliprange)
         with torch.no_grad():
-            metrics = {"policy/clipfrac": metrics["clip_ratio/low"] + metrics["clip_ratio/high"],
-                       "policy/approxkl": (0.5 * (logprobs - old) ** 2 * mask).sum(),
-                       "policy/entropy": (entropy * mask).sum(), "loss/policy": loss.detach()}
+            metrics = {"policy/clipfrac_avg": metrics["clip_ratio/low_mean"] + metrics["clip_ratio/high_mean"],
+                       "policy/approxkl_avg": (0.5 * (logprobs - old) ** 2 * mask).sum(),
+                       "policy/entropy_avg": (entropy * mask).sum(), "loss/policy_avg": loss.detach()}
         return loss, metrics
 
     def value_loss(index, micro_batch):
@@ -390,13 +266,13 @@ def ppo_step(cfg: PPOConfig, session: Session, actor, critic, rollout: PPORound,
                                            completion_values(micro_batch, examples, returns), micro_batch.loss_mask,
                                            normalizer, cliprange_value=cfg.cliprange_value)
         loss = cfg.vf_coef * loss
-        metrics["loss/value"] = loss.detach()
+        metrics["loss/value_avg"] = loss.detach()
         return loss, metrics
 
     result = session.optimize(batches, actor_loss)
     value_result = session.optimize(batches, value_loss, engine="critic")
     # loss/* are already means over the step: record divides every sum by the token count, so scale them back up
-    for key, value_sums in (("loss/policy", result.sums), ("loss/value", value_result.sums)):
+    for key, value_sums in (("loss/policy_avg", result.sums), ("loss/value_avg", value_result.sums)):
         value_sums[key] = value_sums.get(key, 0.0) * normalizer
     result.sums.update(value_result.sums)
     extra = {"val/grad_norm": value_result.grad_norm, "val/lr": value_result.lr}

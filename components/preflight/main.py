@@ -158,9 +158,9 @@ def sources_digest(sources: list[dict], base_model_uri: str, s3_endpoint: str = 
 
 def check_source(src: dict, sample_rows: int, s3_endpoint: str = "") -> str:
     """A data_prep source exists and (local files) its first rows parse into its shape."""
-    from components.data_prep.formats import ALPACA_TEMPLATE, RowReader
-    from components.data_prep.readers import READERS, BrokenFile, source_files
     from components.datasets import RowError
+    from components.sources.formats import ALPACA_TEMPLATE, RowReader
+    from components.sources.readers import READERS, BrokenFile, source_files
 
     if "task" in src:
         from components.tasks import get_task

@@ -39,7 +39,7 @@ def register(model: Input[Model], eval_results: Input[Artifact], registered_mode
 
     from mlflow import MlflowClient
 
-    from components.register import promote as gate
+    from components import promotion as gate
     from components.step import Step, model_dir
 
     step = Step(stage, settings, output_dir=tempfile.mkdtemp(), tracking_uri=tracking_uri,
@@ -81,7 +81,7 @@ def promote(registration: Input[Artifact], eval_results: Input[Artifact], promot
     import logging
     import os
 
-    from components.register import promote as gate
+    from components import promotion as gate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri

@@ -7,7 +7,7 @@ not bare artifacts). The model directory (local or s3://, a Hugging Face directo
 safetensors) becomes the artifacts of an MLflow logged model of the stage's run, with an MLmodel file
 that says so; that logged model is registered as a new version of `name`, tagged with the eval
 metrics (`eval.<suite>/<metric>`), and given the alias `challenger`. With a `promotion` rule the gate
-then runs (components/register/promote.py): the new version becomes `champion` only if it beats the
+then runs (components/promotion.py): the new version becomes `champion` only if it beats the
 current one, by compare-and-set. A conflict (another promotion moved the champion in between) is
 reported in register.json, not raised: the version stays registered as challenger.
 
@@ -22,44 +22,16 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
+from components import promotion as promote
 from components import storage, tracking
 from components.config import UserError, stage_main
-from components.register import promote
+from components.register.config import RegisterConfig
 
 log = logging.getLogger("components.register")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-@dataclass(kw_only=True)
-class RegisterConfig:
-    """What to register under which name, with which eval, and whether to run the promotion gate."""
-
-    model: str
-    """The final model: a Hugging Face directory with safetensors weights, a local path or s3:// URI."""
-    name: str
-    """Registered model name (the spec's); created on first use."""
-    output_dir: str
-    """Where register.json goes."""
-    eval: str | None = None
-    """Eval JSON of the evaluate stage (local or s3://): its `metrics` become version tags eval.<metric>; a model
-    without one (or with no metrics in it) is not registered."""
-    promotion: dict | None = None
-    """Promotion rule {metric, direction, min_improvement, guards}; when set (needs `eval`) the gate runs."""
-    parent_run_id: str | None = None
-    """The pipeline's parent run (default: env POSTTRAIN_PARENT_RUN_ID)."""
-
-    def __post_init__(self):
-        if not self.name or any(c in self.name for c in "/:%'\""):
-            raise ValueError(f"name={self.name!r} is invalid: a non-empty name without / : % or quotes")
-        if self.promotion is not None:
-            promote.PromotionRule.from_mapping(self.promotion)
-            if self.eval is None:
-                raise ValueError("promotion is set but eval is not: the gate compares eval metrics; set eval")
-
 
 
 def check_model_dir(path: Path) -> None:

@@ -32,9 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -42,61 +41,17 @@ import torch
 from components import tracking
 from components.config import require, stage_main
 from components.datasets import load_rows, preference_row, prompt_key, read_jsonl
-from components.models import ModelLoading, check_model_dir, resolve_attention, save_model
-from components.rewards.reward_model import HEADS, render
+from components.reward_model.config import RewardModelConfig
 from components.rewards.reward_model import encode as encode_scored
+from components.rewards.reward_model import render
 from components.training.batching import Example, PackedBatch, pair_groups, sequence_sums, trained_sequences
-from components.training.loop import Session, StepResult, TrainConfig, step_indices
+from components.training.distributed import save_model
+from components.training.loop import Session, StepResult, step_indices
 from components.training.objectives import bradley_terry_loss
 
 log = logging.getLogger("components.reward_model")
 
 PAIR_KEYS = ("accuracy", "margin", "mean_reward")
-
-
-@dataclass(kw_only=True)
-class RewardModelConfig:
-    """A reward-model stage: the pairs, the held-out share and the loss, and the parts `train` and `loading`."""
-
-    model: str
-    """Model to start from: a causal LM (the SFT policy) or a reward model, a Hugging Face directory (safetensors)."""
-    head: str = "scalar"
-    """How a sequence is scored: scalar (a new linear head on the last token's hidden state) or logprob (β times the
-    sum of the causal LM's log-probs of the completion's tokens; no new weights)."""
-    beta: float = 1.0
-    """β of head logprob, r = β·Σ log π (larger: the loss dwells on the pairs still ranked wrong); scalar: 1 (the
-    head learns its own scale)."""
-    train_data: str
-    """Preference JSONL: {"prompt", "chosen", "rejected"} rows (reward_scoring's pairs.jsonl, data_prep's rows)."""
-    output_dir: str
-    """Where model/, metrics.jsonl, summary.json and checkpoints/ go."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, max_steps=200))
-    """Steps, batch (pairs per optimizer step), learning rate, checkpoints, ... (components/README.md)."""
-    loading: ModelLoading = field(default_factory=ModelLoading)
-    """How the model is loaded (components/README.md)."""
-    margin: float = 0.0
-    """m in −log σ(r_c − r_r − m): how far the chosen score must clear the rejected one."""
-    center_rewards_coefficient: float = 0.0
-    """c (TRL's name): adds c·(r_c + r_r)² per pair, pulling the scores toward mean 0 (e.g. 0.01)."""
-    eval_fraction: float = 0.1
-    """Share of the pairs held out (by a hash of the prompt) and scored for the eval/* metrics."""
-    eval_every: int = 0
-    """Also report the eval/* metrics every N steps (0: only at the end)."""
-    max_length: int = 512
-    """Most tokens of a sequence; longer ones are cut from the left, as the reward reads them."""
-    max_bad_fraction: float = 0.0
-    """Share of unusable rows tolerated (chosen == rejected, empty prompt, ...); each is reported by line."""
-
-    def __post_init__(self):
-        require(self.head in HEADS, "head", self.head, f"one of {', '.join(HEADS)}")
-        require(math.isfinite(self.beta) and self.beta > 0 and (self.head == "logprob" or self.beta == 1), "beta",
-                self.beta, "a positive number with head logprob; 1 with head scalar")
-        require(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "a number in [0, 1)")
-        require(math.isfinite(self.margin) and self.margin >= 0, "margin", self.margin, "a number ≥ 0")
-        require(math.isfinite(self.center_rewards_coefficient) and self.center_rewards_coefficient >= 0,
-                "center_rewards_coefficient", self.center_rewards_coefficient, "a number ≥ 0")
-        require(self.eval_every >= 0, "eval_every", self.eval_every, "an integer ≥ 0")
-        require(self.max_length >= 2, "max_length", self.max_length, "an integer ≥ 2")
 
 
 def held_out(prompt, fraction: float) -> bool:
@@ -121,19 +76,7 @@ def load_reward_model(cfg: RewardModelConfig, pad_token_id: int):
     """The model to train: the scalar-head model (`load_scalar_model`) or, for head logprob, the causal LM."""
     if cfg.head == "logprob":
         return cfg.loading.load_model(cfg.model)
-    return load_scalar_model(cfg, cfg.model, pad_token_id)
-
-
-def load_scalar_model(cfg: RewardModelConfig, path: str, pad_token_id: int):
-    """AutoModelForSequenceClassification with one label from `path` (a new score head on a causal LM)."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(
-        check_model_dir(path), num_labels=1, pad_token_id=pad_token_id, dtype=torch.float32, use_safetensors=True,
-        trust_remote_code=cfg.loading.trust_remote_code,
-        attn_implementation=resolve_attention(cfg.loading.attn_implementation))
-    model.config.pad_token_id = pad_token_id
-    return model
+    return cfg.loading.load_scalar_model(cfg.model, pad_token_id)
 
 
 def scores(session: Session, model, batch: PackedBatch, examples: list[Example], head: str = "scalar",
@@ -155,7 +98,6 @@ def scores(session: Session, model, batch: PackedBatch, examples: list[Example],
     present = torch.zeros(len(examples), dtype=torch.bool, device=seq.device)
     present[seq[hit]] = True
     return out, present
-
 
 
 def run(cfg: RewardModelConfig) -> dict:

@@ -24,55 +24,19 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from components import tracking
-from components.config import require, stage_main
+from components.config import stage_main
 from components.datasets import DataError, write_jsonl
-from components.models import ModelLoading
-from components.prompts import PromptSource
+from components.models import check_model_dir
+from components.reward_scoring.config import RewardScoringConfig
 from components.rewards import build_rewards
-from components.training.engines import RolloutEngine
 from components.training.parallel import SamplingWorld, init_sampling
-from components.training.rollout import Sampling
 
 log = logging.getLogger("components.reward_scoring")
-
-
-@dataclass(kw_only=True)
-class RewardScoringConfig:
-    """A reward_scoring stage: the model, the rewards, and the parts `prompts`, `sampling` and `loading`."""
-
-    model: str
-    """The policy to sample from: a Hugging Face directory with safetensors weights."""
-    output_dir: str
-    """Where scored.jsonl, pairs.jsonl and stats.json go."""
-    prompts: PromptSource
-    """The prompts sampled from: a JSONL (`path`) or a bundled task (components/prompts.py)."""
-    sampling: Sampling = field(default_factory=Sampling)
-    """Temperature, top_p, max_new_tokens of the samples (components/README.md)."""
-    loading: ModelLoading = field(default_factory=ModelLoading)
-    """How the model is loaded (components/README.md)."""
-    rollout: RolloutEngine = field(default_factory=RolloutEngine)
-    """The rollout engine that samples: hf or vllm (components/README.md)."""
-    rewards: list[dict] = field(default_factory=lambda: [{"name": "task"}])
-    """Reward functions and weights (components/rewards)."""
-    num_samples: int = 4
-    """k: completions sampled per prompt."""
-    seed: int = 0
-    """Sampling seed (and the seed of a generated task's prompts)."""
-    min_pairs: int = 1
-    """Fewest preference pairs the stage must make; fewer (every prompt's samples tied, say) fail it, before a
-    DPO stage is run on too few pairs."""
-
-    def __post_init__(self):
-        require(isinstance(self.num_samples, int) and self.num_samples >= 2, "num_samples", self.num_samples,
-                "an integer ≥ 2 (a pair needs two)")
-        require(isinstance(self.min_pairs, int) and not isinstance(self.min_pairs, bool) and self.min_pairs >= 1,
-                "min_pairs", self.min_pairs, "a positive integer")
 
 
 def make_pairs(rows: list[dict], texts: list[str], totals: list[float], k: int) -> tuple[list[dict], Counter]:
@@ -130,7 +94,8 @@ def _run(cfg: RewardScoringConfig, world: SamplingWorld) -> dict:
     tokenizer = cfg.loading.load_tokenizer(cfg.model)
     batch = cfg.sampling.generation_batch_size
     if cfg.rollout.engine == "vllm":  # the engine loads the model itself (its share, with tensor parallelism)
-        engine = cfg.rollout.build_from(cfg.model, tokenizer, seed=cfg.seed, max_num_seqs=batch, world_size=world.world)
+        engine = cfg.rollout.build_from(check_model_dir(cfg.model), tokenizer, seed=cfg.seed, max_num_seqs=batch,
+                                        world_size=world.world)
     else:
         model = cfg.loading.load_model(cfg.model)
         if torch.cuda.is_available():

@@ -8,7 +8,7 @@ packed (no padding, no attention across sequences); PSFT trains against a π_old
 `updates_per_batch` steps with a clipped ratio, which keeps entropy from collapsing; SFT-KL adds β·KL to
 a reference model. Every row problem is reported by file and line before any training starts.
 
-With `lora.enabled` only LoRA adapters on the frozen (QLoRA: quantized) base train (components/models/lora.py).
+With `lora.enabled` only LoRA adapters on the frozen (QLoRA: quantized) base train (components/training/lora.py).
 
 Outputs in `output_dir`: model/ (Hugging Face, safetensors; with LoRA the merged model or the adapter, by
 `lora.output`), metrics.jsonl (one line per step), summary.json (data statistics, the final step's metrics, the
@@ -19,54 +19,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from components import tracking
-from components.config import require, stage_main
-from components.datasets import check_max_bad_fraction, load_sft_examples
-from components.models import ModelLoading
-from components.models.lora import Adapter, load_policy, save_policy
+from components.config import stage_main
+from components.datasets import load_sft_examples
+from components.sft.config import SFTConfig
+from components.sft.loop import train
 from components.training import distributed
-from components.training.loop import SFTObjective, TrainConfig, train
+from components.training.lora import load_policy, save_policy
 
 log = logging.getLogger("components.sft")
-
-
-@dataclass(kw_only=True)
-class SFTConfig:
-    """An SFT stage: where the model and data are, the objective, and its parts `train` and `loading`."""
-
-    model: str
-    """Base model: a Hugging Face directory with safetensors weights."""
-    train_data: str
-    """SFT JSONL: {"prompt", "completion"} or {"messages"} rows."""
-    output_dir: str
-    """Where model/, metrics.jsonl, summary.json and checkpoints/ go."""
-    objective: SFTObjective = field(default_factory=SFTObjective)
-    """The method (sft, psft, sft_kl) and its settings (components/README.md)."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Steps, batch, learning rate, checkpoints, precision, ZeRO (components/README.md)."""
-    loading: ModelLoading = field(default_factory=ModelLoading)
-    """How the model is loaded (components/README.md)."""
-    lora: Adapter = field(default_factory=Adapter)
-    """LoRA/QLoRA adapters instead of full fine-tuning (off by default; components/README.md)."""
-    ref_model: str | None = None
-    """SFT-KL: the reference model (default: the base model; with LoRA, the base with the adapter disabled)."""
-    max_length: int = 1024
-    """Longest sequence in tokens (prompt + completion)."""
-    overlong: str = "drop"
-    """What to do with a longer row: drop or truncate (both counted)."""
-    max_bad_fraction: float = 0.0
-    """Share of unusable rows (bad JSON, missing fields, empty completions) tolerated; each is logged and counted."""
-
-    def __post_init__(self):
-        require(self.max_length >= 2, "max_length", self.max_length, "an integer ≥ 2")
-        require(self.overlong in ("drop", "truncate"), "overlong", self.overlong, "drop or truncate")
-        require(self.ref_model is None or self.objective.method == "sft_kl", "ref_model", self.ref_model,
-                f"unset with method {self.objective.method}: only sft_kl reads it")
-        check_max_bad_fraction(self.max_bad_fraction)
-
 
 
 def run(cfg: SFTConfig) -> dict:
@@ -79,7 +43,7 @@ def run(cfg: SFTConfig) -> dict:
     model = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed, cfg.train)
     ref_model = None
     if cfg.objective.method == "sft_kl" and cfg.lora.enabled and not cfg.ref_model:
-        ref_model = model  # the policy's own base, the adapter disabled (components.training.loop.base_reference)
+        ref_model = model  # the policy's own base, the adapter disabled (components.training.lora.base_reference)
     elif cfg.objective.method == "sft_kl":
         ref_model = cfg.loading.load_model(cfg.ref_model or cfg.model)
 

@@ -358,3 +358,22 @@ class DeepSpeedEngine:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed loaded nothing from {path}")
         return state
+
+
+def save_model(model, tokenizer, path: Path, dist) -> None:
+    """Save a Hugging Face directory (safetensors) from rank 0; ZeRO-3 shards are gathered first. A full disk is
+    one line naming the directory and the bytes the weights need."""
+    from components.diskspace import disk_space, tensor_bytes
+
+    with disk_space(path, lambda: sum(tensor_bytes(param) for param in model.parameters()), "the model"):
+        if dist.world > 1:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+                if dist.rank == 0:
+                    model.save_pretrained(path, safe_serialization=True)
+        else:
+            model.save_pretrained(path, safe_serialization=True)
+        if dist.rank == 0:
+            tokenizer.save_pretrained(path)
+    dist.barrier()

@@ -35,7 +35,6 @@ accelerators; the hf engine is one whole model per process (k = 1).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import sys
@@ -43,82 +42,20 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from components.config import UserError, require
+from components.config import UserError
 from components.training.batching import render_prompt
+from components.training.config import RolloutEngine
 from components.training.rollout import Rollout, generate, sample_seed
 
 log = logging.getLogger("components.training.engines")
 
-ENGINES = ("hf", "vllm")
-
 
 class EngineSyncError(RuntimeError):
     """Pushing new weights into the rollout engine failed or did not finish within the timeout."""
-
-
-@dataclass(kw_only=True)
-class RolloutEngine:
-    """What samples the completions: the `rollout` part of the stages that sample (reward_scoring, grpo,
-    evaluate)."""
-
-    engine: str = "hf"
-    """hf (Hugging Face generate on the training model, a seeded sampler of the project) or vllm (a colocated
-    in-process vLLM engine, weights synced after each optimizer step; needs the `rollout` extra or the trainer
-    image)."""
-    gpu_memory_utilization: float = 0.3
-    """vllm on a GPU: the share of GPU memory the engine takes for its weights and KV cache (the trainer keeps
-    the rest)."""
-    kv_cache_gib: float = 1.0
-    """vllm on CPU: the KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE, unless the environment sets it)."""
-    dtype: str = "auto"
-    """vllm: the engine's weights and compute, float32 or bfloat16; auto: float32 on CPU (its log-probs match the
-    trainer's), bfloat16 on a GPU."""
-    max_model_len: int | None = None
-    """vllm: the longest prompt + completion in tokens the engine accepts (default: the model's)."""
-    sync_timeout_s: float = 300.0
-    """vllm: most seconds one weight sync may take; a slower or failed sync stops the stage with an error."""
-    tensor_parallel_size: int = 1
-    """vllm in evaluate and reward_scoring: accelerators each engine's weights are split over (tensor parallelism,
-    for a model larger than one accelerator). The stage's processes (one per accelerator) form groups of this
-    many, each one engine, and the groups split the prompts; it must divide them. 1 with the hf engine."""
-
-    def __post_init__(self):
-        require(self.engine in ENGINES, "engine", self.engine, f"one of {', '.join(ENGINES)}")
-        require(isinstance(self.gpu_memory_utilization, float) and 0 < self.gpu_memory_utilization < 1,
-                "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1)")
-        require(math.isfinite(self.kv_cache_gib) and self.kv_cache_gib > 0, "kv_cache_gib", self.kv_cache_gib,
-                "a positive number of GiB")
-        require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", self.dtype, "auto, float32 or bfloat16")
-        require(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 8),
-                "max_model_len", self.max_model_len, "null or an integer ≥ 8")
-        require(math.isfinite(self.sync_timeout_s) and self.sync_timeout_s > 0, "sync_timeout_s",
-                self.sync_timeout_s, "a positive number of seconds")
-        require(isinstance(self.tensor_parallel_size, int) and not isinstance(self.tensor_parallel_size, bool)
-                and self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size,
-                "a positive integer")
-        require(self.tensor_parallel_size == 1 or self.engine == "vllm", "tensor_parallel_size",
-                self.tensor_parallel_size, "1 with engine hf (it samples with a whole model per process); "
-                "tensor parallelism needs engine: vllm")
-
-    def build(self, model, tokenizer, *, seed: int = 0, max_num_seqs: int = 256, world_size: int = 1) -> Engine:
-        """The engine over `model` (the trainer's; vllm: a copy of its weights at this moment). world_size: the
-        stage's processes (torchrun's WORLD_SIZE), which the vllm engine then spans with vLLM's external launcher."""
-        if self.engine == "hf":
-            return HFEngine(model, tokenizer)
-        return VLLMEngine(model, tokenizer, self, seed=seed, max_num_seqs=max_num_seqs, world_size=world_size)
-
-    def build_from(self, path, tokenizer, *, seed: int = 0, max_num_seqs: int = 256, world_size: int = 1) -> Engine:
-        """vllm: the engine over the model directory `path`, which it loads itself (split over
-        tensor_parallel_size accelerators), with no Hugging Face copy in this process; `load(path)` moves it to
-        another model. The hf engine samples with a loaded model: use `build`."""
-        if self.engine == "hf":
-            raise ValueError("the hf rollout engine samples with a loaded model: use build(model, tokenizer)")
-        return VLLMEngine(Path(path), tokenizer, self, seed=seed, max_num_seqs=max_num_seqs, world_size=world_size)
 
 
 class Engine:
@@ -170,7 +107,7 @@ def _config(path: Path):
 
 def policy_weights(model):
     """(name, tensor) of `model`'s weights as a Hugging Face checkpoint names them (tied ones once)."""
-    from components.training.loop import is_lora
+    from components.training.lora import is_lora
 
     if is_lora(model):
         raise EngineSyncError("the vllm rollout engine does not take LoRA adapters yet; use rollout.engine hf")
@@ -291,9 +228,7 @@ class VLLMEngine(Engine):
         if device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_gib:g}")
         if from_dir:
-            from components.models import check_model_dir
-
-            model_dir = check_model_dir(source)
+            model_dir = Path(source)
             self.shape = _shape(_config(model_dir))
         else:
             policy_weights(source)  # refuses what the engine cannot take, before it starts
@@ -383,11 +318,10 @@ class VLLMEngine(Engine):
 
     def load(self, path, tokenizer=None) -> None:
         """Sample from the model directory `path` next (its weights reloaded in place, each rank its share):
-        a model of the same architecture and vocabulary, under sync_timeout_s."""
-        from components.models import check_model_dir
-
+        a model of the same architecture and vocabulary, under sync_timeout_s. The stage checks that `path` is a
+        model directory first."""
         self._check()
-        path = check_model_dir(path)
+        path = Path(path)
         shape = _shape(_config(path))
         if shape != self.shape or (tokenizer is not None and tokenizer.get_vocab() != self.tokenizer.get_vocab()):
             raise EngineSyncError(f"the vllm rollout engine holds a {self.shape} model; it cannot take the weights "

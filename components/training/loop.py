@@ -1,16 +1,14 @@
-"""The training loop: `Session` (shared by every objective) and `train` for dataset tokens (SFT, PSFT, SFT-KL).
+"""The training engine's loop: `Session`, what every training stage shares (the objectives' loops are the stages':
+SFT, PSFT and SFT-KL in components/sft/loop.py, DPO, GRPO, PPO and the reward model in their stages).
 
 One optimizer step takes `batch_size` sequences (split across ranks), packs them into micro-batches of at
 most `token_budget` tokens, and accumulates gradients over them; the loss is the token-mean over the
 whole step, so the result does not depend on how the sequences were packed or sharded.
 
-- PSFT freezes π_old for `updates_per_batch` optimizer steps: at the first step of each block its
-  log-probs for the block's sequences are computed once, then every step of the block trains against them.
-- SFT-KL computes the reference model's log-probs for each micro-batch without gradients.
-- Checkpoints (every `checkpoint_every` steps) hold model, optimizer, scheduler, RNG states and the cached
-  π_old log-probs; the data order is a function of (seed, step), so a resumed run repeats the
-  uninterrupted one step by step. Each records the sha256 of its files and of the data files its config
-  names: a corrupt latest checkpoint gives way to the previous intact one, and changed data under the same
+- Checkpoints (every `checkpoint_every` steps) hold model, optimizer, scheduler, RNG states and what the stage's
+  loop adds (PSFT: its cached π_old log-probs); the data order is a function of (seed, step), so a resumed run
+  repeats the uninterrupted one step by step. Each records the sha256 of its files and of the data files its
+  config names: a corrupt latest checkpoint gives way to the previous intact one, and changed data under the same
   path is refused like a changed config (cached log-probs and the data order belong to the old bytes).
 - Finite or stop: a step whose loss or gradient norm is not finite is not applied (one device) and counted;
   more than `max_nonfinite_steps` of them stop the stage, and weights that are not finite are never saved.
@@ -25,134 +23,21 @@ import logging
 import math
 import random
 import shutil
-import sys
-import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from components.config import UserError, positive_ints, require
+from components.config import UserError
 from components.training import distributed
 from components.training.batching import Example, PackedBatch, micro_batches
+from components.training.config import TrainConfig, bf16_autocast
 from components.training.flops import peak_flops, training_flops
 from components.training.logprobs import token_logprobs
-from components.training.objectives import psft_loss, sft_kl_loss, sft_loss
+from components.training.lora import is_lora
 
 log = logging.getLogger(__name__)
-
-METHODS = ("sft", "psft", "sft_kl")
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """How to train, whatever the objective: the `train` part of every training stage's config."""
-
-    max_steps: int = 100
-    """Optimizer steps."""
-    batch_size: int = 32
-    """Sequences (DPO: pairs) per optimizer step, over all ranks."""
-    token_budget: int = 4096
-    """Most tokens in one packed micro-batch; gradients accumulate over the micro-batches of a step."""
-    lr: float = 1e-4
-    """Peak learning rate (AdamW)."""
-    min_lr_ratio: float = 0.1
-    """The cosine schedule decays to lr × min_lr_ratio at max_steps."""
-    warmup_steps: int = 0
-    """Linear learning-rate warm-up steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay, applied to matrices only (not to norms and biases)."""
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW's (β1, β2)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 disables)."""
-    seed: int = 0
-    """Seed of the data order (and of every other random choice of the stage)."""
-    checkpoint_every: int = 0
-    """Save a resumable checkpoint every N steps (0: none; the stage saves the final model either way)."""
-    keep_checkpoints: int = 2
-    """How many of the latest checkpoints to keep."""
-    precision: str = "auto"
-    """fp32 | bf16-mixed (bf16 autocast, fp32 weights and optimizer) | auto (bf16-mixed on GPU, fp32 on CPU)."""
-    loss_chunk_size: int = 2048
-    """Tokens per chunk of the language-model head, log-softmax and entropy."""
-    log_every: int = 10
-    """Log a metrics line every N steps (every step is written to metrics.jsonl)."""
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage (2 or 3) when WORLD_SIZE > 1."""
-    zero3_param_persistence_threshold: int = 100_000
-    """ZeRO-3: parameters of at most this many elements stay whole on every rank instead of partitioned
-    (DeepSpeed's stage3_param_persistence_threshold); 0 partitions every parameter, as a large model's are."""
-    offload: bool = False
-    """DeepSpeed: offload optimizer states (and with stage 3, parameters) to CPU."""
-    allow_config_change: bool = False
-    """Resume from a checkpoint written under another config or data (the differing keys are logged); by default
-    such a resume is refused, naming the keys (and data files) that differ."""
-    max_nonfinite_steps: int = 0
-    """Steps with a non-finite loss or gradient norm tolerated (skipped and logged) before the stage stops."""
-    collapse_steps: int = 20
-    """Warn when the loss has not moved or the gradient norm was 0 for this many steps in a row (0: never)."""
-
-    def __post_init__(self):
-        positive_ints(self, "max_steps", "batch_size", "token_budget", "loss_chunk_size", "log_every",
-                      "keep_checkpoints")
-        for name in ("warmup_steps", "checkpoint_every", "max_nonfinite_steps", "collapse_steps"):
-            require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, getattr(self, name),
-                    "an integer ≥ 0")
-        require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
-        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
-        for name in ("weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            require(math.isfinite(value) and value >= 0, name, value, "a number ≥ 0")
-        require(self.precision in ("auto", "fp32", "bf16-mixed"), "precision", self.precision,
-                "auto, fp32 or bf16-mixed")
-        require(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "2 or 3")
-        threshold = self.zero3_param_persistence_threshold
-        require(isinstance(threshold, int) and not isinstance(threshold, bool) and threshold >= 0,
-                "zero3_param_persistence_threshold", threshold, "an integer ≥ 0")
-        betas = tuple(self.adam_betas)
-        require(len(betas) == 2 and all(isinstance(beta, (int, float)) and 0 <= beta < 1 for beta in betas),
-                "adam_betas", self.adam_betas, "two numbers in [0, 1): (β1, β2)")
-        self.adam_betas = betas
-
-
-@dataclass(kw_only=True)
-class SFTObjective:
-    """What `train` optimizes on dataset tokens: the `objective` part of the sft stage's config."""
-
-    method: str = "sft"
-    """sft (negative log-likelihood), psft (clipped ratio against a frozen π_old), sft_kl (SFT + β·KL)."""
-    updates_per_batch: int = 1
-    """PSFT: optimizer steps per π_old snapshot (reference setting: batch 64, minibatch 8 → 8)."""
-    epsilon_low: float = 0.2
-    """PSFT: lower clip range ε_low."""
-    epsilon_high: float = 0.28
-    """PSFT: upper clip range ε_high."""
-    sft_warmup_steps: int = 0
-    """PSFT: plain SFT for this many steps before the clipped objective starts."""
-    beta: float = 0.1
-    """SFT-KL: weight of the KL penalty to the reference model."""
-
-    def __post_init__(self):
-        require(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
-        positive_ints(self, "updates_per_batch")
-        require(isinstance(self.sft_warmup_steps, int) and self.sft_warmup_steps >= 0, "sft_warmup_steps",
-                self.sft_warmup_steps, "an integer ≥ 0")
-        check_clip_range(self.epsilon_low, self.epsilon_high)
-        require(math.isfinite(self.beta) and self.beta >= 0, "beta", self.beta, "a number ≥ 0")
-
-
-def bf16_autocast(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether the stage computes in bf16 (autocast): precision bf16-mixed, or auto on a GPU."""
-    return cfg.precision == "bf16-mixed" or (cfg.precision == "auto" and device.type == "cuda")
-
-
-def check_clip_range(epsilon_low: float, epsilon_high: float) -> None:
-    """The clip range (1 − ε_low, 1 + ε_high) of PSFT, GRPO and PPO."""
-    require(0 < epsilon_low < 1, "epsilon_low", epsilon_low, "a number in (0, 1)")
-    require(math.isfinite(epsilon_high) and epsilon_high > 0, "epsilon_high", epsilon_high, "a positive number")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,25 +79,6 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 # ----------------------------------------------------------------------------------------------------
 # Forward: hidden states of a packed row, then chunked log-probs through the head.
-
-def is_lora(model) -> bool:
-    """Whether `model` is a peft model (LoRA adapters on a frozen base). peft is only looked at once loaded."""
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
-
-
-@contextmanager
-def base_reference(model):
-    """Within it, `model` (a LoRA policy) computes as its base model: the adapter disabled (peft's
-    `disable_adapter()`), in eval mode, without gradients; the policy's mode is restored after. This is the
-    reference of DPO, SFT-KL and GRPO's KL term with LoRA, so no second model is loaded."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), model.disable_adapter():
-            yield model
-    finally:
-        model.train(was_training)
 
 
 def forward_logprobs(model, batch: PackedBatch, chunk_size: int, autocast: bool, temperature: float = 1.0,
@@ -262,7 +128,8 @@ class StepResult:
     lr: float
     """The learning rate the step was taken with."""
     extra: dict[str, float] = field(default_factory=dict)
-    """Metrics already reduced over ranks that the loop reports as they are (GRPO's rollout/logprob_diff_*)."""
+    """Metrics already reduced over ranks that the loop reports as they are (GRPO's
+    sampling/sampling_logp_difference/*)."""
 
 
 class Session:
@@ -483,78 +350,6 @@ class Session:
         for companion in self.companions.values():
             companion.eval()
         return self.history
-
-
-def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Path, *, pad_id: int,
-          objective: SFTObjective | None = None, ref_model=None, on_metrics: Callable[[dict], None] | None = None,
-          run_config: dict | None = None) -> list[dict]:
-    """Train `model` in place on `examples` with SFT, PSFT or SFT-KL; returns the per-step metrics (also in
-    output_dir/metrics.jsonl). Resumes from the latest checkpoint in output_dir/checkpoints when there is one
-    (and `run_config`, the stage's whole config, is the one it was written under). A `ref_model` that is `model`
-    itself (a LoRA policy) means its base, the adapter disabled.
-    """
-    objective = objective or SFTObjective()
-    if objective.method == "sft_kl" and ref_model is None:
-        raise ValueError("method sft_kl needs a reference model")
-    session = Session(cfg, model, output_dir, on_metrics, run_config)
-    if ref_model is not None and ref_model is not model:  # (the policy itself: a LoRA policy's base is the reference)
-        ref_model.to(session.device).eval().requires_grad_(False)
-    old_cache = session.resumed.get("old_logp", {})  # step -> π_old log-probs of its micro-batches
-
-    def step_batches(step: int) -> tuple[list[PackedBatch], list[int]]:
-        indices = step_indices(len(examples), cfg.batch_size, step, cfg.seed)[session.dist.rank::session.dist.world]
-        local = [examples[index] for index in indices]
-        return session.micro_batches(local, pad_id), [len(example) for example in local]
-
-    for step in range(session.start_step, cfg.max_steps):
-        started = time.perf_counter()
-        batches, lengths = step_batches(step)
-        use_clip = objective.method == "psft" and step >= objective.sft_warmup_steps
-        if use_clip and step not in old_cache:
-            old_cache = _old_logprobs_block(session, model, step_batches, step, batches,
-                                            min(step + objective.updates_per_batch, cfg.max_steps))
-        normalizer = session.dist.all_reduce_sum(sum(float(batch.loss_mask.sum()) for batch in batches))
-        loss_fn = _sft_loss_fn(session, model, objective, normalizer,
-                               old_cache[step] if use_clip else None, ref_model)
-        result = session.optimize(batches, loss_fn)
-        session.record(step, result, normalizer, lengths, time.perf_counter() - started)
-        session.maybe_checkpoint(step, {"old_logp": {later: logprobs for later, logprobs in old_cache.items()
-                                                     if later > step}})
-    return session.finish()
-
-
-def _old_logprobs_block(session: Session, model, step_batches, first: int, first_batches: list[PackedBatch],
-                        end: int) -> dict[int, list[torch.Tensor]]:
-    """A new π_old snapshot (PSFT): the log-probs of the sequences of steps first..end-1, computed now."""
-    cache = {}
-    model.eval()
-    with torch.no_grad():
-        for step in range(first, end):
-            batches = first_batches if step == first else step_batches(step)[0]
-            cache[step] = [session.forward(model, batch)[0].cpu() for batch in batches]
-    model.train()
-    return cache
-
-
-def _sft_loss_fn(session: Session, model, objective: SFTObjective, normalizer: float,
-                 old_logprobs: list[torch.Tensor] | None, ref_model):
-    """The loss of one micro-batch of a step: PSFT's clipped ratio when `old_logprobs` (π_old of the step's
-    micro-batches) is given, else SFT-KL or SFT."""
-    def loss_fn(index: int, micro_batch: PackedBatch):
-        logprobs, entropy = session.forward(model, micro_batch)
-        mask = micro_batch.loss_mask
-        if old_logprobs is not None:
-            loss, metrics = psft_loss(logprobs, old_logprobs[index].to(session.device), mask, normalizer,
-                                      epsilon_low=objective.epsilon_low, epsilon_high=objective.epsilon_high)
-        elif objective.method == "sft_kl":
-            with torch.no_grad(), base_reference(model) if ref_model is model else nullcontext():
-                ref_logprobs = session.forward(ref_model, micro_batch)[0]
-            loss, metrics = sft_kl_loss(logprobs, ref_logprobs, mask, normalizer, beta=objective.beta)
-        else:
-            loss, metrics = sft_loss(logprobs, mask, normalizer)
-        metrics["entropy"] = (entropy * mask).sum()
-        return loss, metrics
-    return loss_fn
 
 
 # keys that change neither the data nor the math of a run: they may differ on resume

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from components.training.config import DPO_LOSSES, KL_IN_REWARD, LOSS_AGGREGATIONS, SCALE_REWARDS
+
 
 def sft_loss(logp: Tensor, mask: Tensor, normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Negative log-likelihood, token-mean over the step: −Σ_t m_t log π_θ(a_t) / N."""
@@ -36,7 +38,8 @@ def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor | flo
     """PPO's clipped surrogate: −Σ_t m_t min(r_t Â_t, clip(r_t, 1−ε_low, 1+ε_high) Â_t) / N, r_t = π_θ/π_old.
 
     A token whose ratio is already past the clip in the direction its advantage pushes gets no gradient.
-    Metrics follow TRL: a token is clipped low when r < 1−ε_low and Â < 0, high when r > 1+ε_high and Â > 0.
+    Metrics as TRL's GRPOTrainer counts and names them (clip_ratio/low_mean, clip_ratio/high_mean): a token is
+    clipped low when r < 1−ε_low and Â < 0, high when r > 1+ε_high and Â > 0.
     They are sums over `count_mask` (default: `mask`; pass the 0/1 token mask when `mask` holds weights).
     """
     count = mask if count_mask is None else count_mask
@@ -51,7 +54,7 @@ def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor | flo
         high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(count.dtype) * count
         kl_old = (kl_k3(logp.detach(), old_logp) * count).sum()
     return (per_token * mask).sum() / normalizer, {
-        "clip_ratio/low": low.sum(), "clip_ratio/high": high.sum(), "kl_old": kl_old,
+        "clip_ratio/low_mean": low.sum(), "clip_ratio/high_mean": high.sum(), "kl_old": kl_old,
         "nll": -(logp.detach() * count).sum(),
     }
 
@@ -85,10 +88,6 @@ def sft_kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, normalizer: float,
 
 # ----------------------------------------------------------------------------------------------------
 # GRPO: group-normalized advantages, aggregation weights, and the clipped loss with an optional k3 KL.
-
-SCALE_REWARDS = ("group", "batch", "none")
-LOSS_AGGREGATIONS = ("token", "sequence", "constant")
-
 
 def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
     """Â_i = (R_i − mean_G R) / (std R + eps), rewards in prompt-major order ([P·G]).
@@ -168,10 +167,11 @@ class AdvantageEstimator:
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
 
 
-def register_adv_est(name: str, *, per_token: bool = False, kl_in_reward: bool = False):
-    """Register an advantage estimator under `name` (the grpo stage's `advantage` setting)."""
+def register_adv_est(name: str, *, per_token: bool = False):
+    """Register an advantage estimator under `name` (the grpo stage's `advantage` setting), a name of
+    components.training.config.KL_IN_REWARD: a config checks `advantage` there, without torch."""
     def add(fn):
-        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(fn, per_token, kl_in_reward)
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(fn, per_token, KL_IN_REWARD[name])
         return fn
     return add
 
@@ -204,7 +204,7 @@ def whiten(values: Tensor, mask: Tensor, reduce: Callable[[dict], dict] | None =
     return (values - mean) / math.sqrt(var + eps) * mask
 
 
-@register_adv_est("reinforce_pp", per_token=True, kl_in_reward=True)
+@register_adv_est("reinforce_pp", per_token=True)
 def reinforce_pp_advantages(rewards: Tensor, kl: Tensor, mask: Tensor, *, beta: float,
                             reduce: Callable[[dict], dict] | None = None) -> Tensor:
     """REINFORCE++: per-token rewards r_t = −β·kl_t, plus R on the last completion token; returns
@@ -229,9 +229,6 @@ def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------
 # DPO: a function of per-sequence log-prob sums of the policy and the reference.
-
-DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
-
 
 def dpo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
@@ -321,8 +318,8 @@ def clipped_value_loss(vpred: Tensor, old_values: Tensor, returns: Tensor, mask:
                        cliprange_value: float | None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's value loss: ½·Σ_t m_t max((V_t − G_t)², (clip(V_t, V_old ± ε_v) − G_t)²) / N (ε_v None: no clip).
 
-    Metrics are sums over counted tokens: val/clipfrac (the clipped term is the larger), val/vpred, val/error
-    ((V_t − G_t)²).
+    Metrics are sums over counted tokens: val/clipfrac_avg (TRL's name: the clipped term is the larger), val/vpred,
+    val/error ((V_t − G_t)²).
     """
     unclipped = (vpred - returns) ** 2
     if cliprange_value is None:
@@ -332,12 +329,9 @@ def clipped_value_loss(vpred: Tensor, old_values: Tensor, returns: Tensor, mask:
         per_token, clipped_more = torch.maximum(unclipped, clipped), (clipped > unclipped).float()
     loss = 0.5 * (per_token * mask).sum() / normalizer
     with torch.no_grad():
-        metrics = {"val/clipfrac": (clipped_more * mask).sum(), "val/vpred": (vpred.detach() * mask).sum(),
+        metrics = {"val/clipfrac_avg": (clipped_more * mask).sum(), "val/vpred": (vpred.detach() * mask).sum(),
                    "val/error": (unclipped.detach() * mask).sum()}
     return loss, metrics
-
-
-KL_CONTROLLERS = ("fixed", "adaptive")
 
 
 @dataclass

@@ -10,25 +10,8 @@ from pathlib import Path
 
 import torch
 
-from components.config import require
 from components.training.batching import Example, PackedBatch
 from components.training.loop import Session
-
-
-def check_round_checkpoints(train, steps_per_round: int) -> None:
-    """A checkpoint sits between rollout rounds: train.checkpoint_every must be a multiple of a round's steps."""
-    require(train.checkpoint_every % steps_per_round == 0, "train.checkpoint_every", train.checkpoint_every,
-            f"a multiple of the {steps_per_round} optimizer steps of a round (a checkpoint sits between rounds)")
-
-
-def prompts_and_rewards(cfg) -> tuple[list[dict], object]:
-    """An RL stage's prompt rows and rewards (cfg.prompts, cfg.rewards), checked against each other."""
-    from components.rewards import build_rewards
-
-    rewards = build_rewards(cfg.rewards, where="rewards")
-    prompt_rows = cfg.prompts.load_prompts(cfg.train.seed)
-    cfg.prompts.check_rows(prompt_rows, rewards)
-    return prompt_rows, rewards
 
 
 def reference_model(cfg, policy, device, kl_coef: float):

@@ -29,7 +29,6 @@ loop here (no static cache, which Hugging Face compiles), and its samples are th
 from __future__ import annotations
 
 import hashlib
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -37,38 +36,9 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from components.config import positive_ints, require
 from components.training.batching import render_prompt
 from components.training.distributed import is_partitioned
-from components.training.loop import is_lora
-
-
-@dataclass(kw_only=True)
-class Sampling:
-    """How completions are sampled: the `sampling` part of the stages that sample to train on or to score
-    (reward_scoring, grpo, ppo)."""
-
-    temperature: float = 1.0
-    """Sampling temperature (the log-probs are those of softmax(logits / temperature))."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    max_new_tokens: int = 64
-    """Most tokens per completion."""
-    generation_batch_size: int = 256
-    """Sequences decoded together by the rollout."""
-
-    def __post_init__(self):
-        require(math.isfinite(self.temperature) and self.temperature > 0, "temperature", self.temperature,
-                "a positive number (the stage samples)")
-        require(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        positive_ints(self, "max_new_tokens", "generation_batch_size")
-
-    def sample(self, engine, prompts: list, *, n: int, seed: int, indices: list[int] | None = None) -> Rollout:
-        """`n` completions per prompt with these settings from a rollout engine (components/training/engines.py);
-        `indices`: each prompt's index in the whole prompt set (default: its place in `prompts`), for its seeds."""
-        return engine.generate(prompts, n=n, temperature=self.temperature, top_p=self.top_p,
-                               max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.generation_batch_size,
-                               indices=indices)
+from components.training.lora import is_lora
 
 
 def sample_seed(seed: int, index: int, sample: int) -> int:

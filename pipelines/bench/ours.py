@@ -23,7 +23,8 @@ def stage_config(a, objective: str, token_budget: int, model: str = "", data: st
     from components.config import from_mapping
 
     if objective in ("sft", "psft"):
-        from components.training.loop import SFTObjective, TrainConfig
+        from components.sft.config import SFTObjective
+        from components.training.config import TrainConfig
 
         total = a.warmup + a.steps
         train = from_mapping(TrainConfig, {"max_steps": total, "batch_size": a.batch_size, "token_budget": token_budget,
@@ -31,7 +32,7 @@ def stage_config(a, objective: str, token_budget: int, model: str = "", data: st
         return train, SFTObjective(method=objective, updates_per_batch=a.updates_per_batch if objective == "psft"
                                    else 1)
     if objective == "dpo":
-        from components.dpo.main import DPOConfig
+        from components.dpo.config import DPOConfig
 
         total = a.warmup + a.steps
         return from_mapping(DPOConfig, {
@@ -39,7 +40,7 @@ def stage_config(a, objective: str, token_budget: int, model: str = "", data: st
             "train": {"max_steps": total, "batch_size": a.batch_size, "token_budget": token_budget, "lr": 1e-6,
                       "seed": 0, "log_every": total}})
     if objective == "grpo":
-        from components.grpo.main import GRPOConfig
+        from components.grpo.config import GRPOConfig
 
         total = a.grpo_warmup + a.grpo_steps
         round_size = a.grpo_batch_size * a.steps_per_rollout
@@ -55,7 +56,7 @@ def stage_config(a, objective: str, token_budget: int, model: str = "", data: st
 
 def run_ours(a, objective: str, examples: list, dev: torch.device, token_budget: int) -> dict:
     """SFT or PSFT: the training loop on our Examples of the rows."""
-    from components.training.loop import train
+    from components.sft.loop import train
 
     cfg, method = stage_config(a, objective, token_budget)
     rss_reset = reset_peaks(dev)
@@ -139,7 +140,7 @@ def run_ours_grpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
             "weights": "fp32", "autocast": "bf16" if dev.type == "cuda" else None,
             "rollout": a.rollout, "rollout_cache": ("static" if dev.type == "cuda" else "dynamic") if a.rollout == "hf"
             else "vllm", "sync_s": sum(r.get("rollout/sync_s", 0.0) for r in measured),
-            "logprob_diff_max": max(r.get("rollout/logprob_diff_max", 0.0) for r in measured),
+            "logprob_diff_max": max(r.get("sampling/sampling_logp_difference/max", 0.0) for r in measured),
             "reward": measured[-1]["reward"]}
 
 
@@ -158,7 +159,7 @@ def rl_stage_config(a, objective: str, token_budget: int, model: str, data: str,
     from components.config import from_mapping
 
     if objective == "rm":
-        from components.reward_model.main import RewardModelConfig
+        from components.reward_model.config import RewardModelConfig
 
         total = a.warmup + a.steps
         return from_mapping(RewardModelConfig, {
@@ -166,7 +167,7 @@ def rl_stage_config(a, objective: str, token_budget: int, model: str, data: str,
             "train": {"max_steps": total, "batch_size": a.batch_size, "token_budget": token_budget, "lr": 1e-6,
                       "seed": 0, "log_every": total}})
     if objective == "ppo":
-        from components.ppo.main import PPOConfig
+        from components.ppo.config import PPOConfig
 
         total = (a.grpo_warmup + a.grpo_steps) * PPO_EPOCHS
         return from_mapping(PPOConfig, {

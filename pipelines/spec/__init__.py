@@ -7,9 +7,9 @@ A spec names the base model, the data, the ordered stages with their settings, t
 eval suites, the promotion rule, where each step runs (resources, images) and where things are kept
 (storage, tracking). Everything a run would trip over is caught here, before a step starts: an unknown key,
 a value of the wrong type, a negative learning rate, a stage order that cannot work (DPO with no preference
-data, GRPO with no reward function, register with no evaluate before it), a GPU count with no accelerator
-type, a promotion rule naming a metric the eval will not produce. Each error names the file, the key's path
-(`stages[2].settings.train.lr`), the bad value and what is allowed.
+data, GRPO with no reward function, a registration with no evaluation before it), several nodes for a stage that
+runs on one, a GPU count with no accelerator type, a promotion rule naming a metric the eval will not produce.
+Each error names the file, the key's path (`stages[2].settings.train.lr`), the bad value and what is allowed.
 
 A stage's settings are its own config's keys (components/<stage>/README.md), checked by that config class
 through components.config's reader; the keys that wire a stage to its inputs and outputs (model,
@@ -56,7 +56,7 @@ from pipelines.spec.schema import (
 )
 
 SPECS_DIR = Path(__file__).parents[1] / "specs"
-BUNDLED_SPECS = ("demo", "compare", "rlhf-demo", "cluster", "cluster-7b", "cluster-70b-lora")
+BUNDLED_SPECS = ("demo", "sft-psft", "compare", "rlhf-demo", "cluster", "cluster-7b", "cluster-70b-lora")
 """Workflow specs shipped in pipelines/specs/, loadable by name."""
 
 

@@ -1,5 +1,7 @@
 """Checks across the spec's keys: the stage order and what each stage needs (from the stage registry), each
-stage's settings (by the stage's own config class), the rewards, the eval suites and the promotion rule."""
+stage's settings (by the stage's own config class), where each stage may run (several nodes only for a stage whose
+entry declares multi_node), the rewards, the eval suites and the promotion rule (by the config of the stage that
+provides `eval`). Nothing here names a stage: what a stage is comes from components.stages."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import types
 import typing
 
 from components.config import Reader, join, merge
-from components.stages import FEEDS, STAGES
+from components.stages import FEEDS, SHAPES, STAGES, data_stage, providers
 from components.stages import Stage as StageKind
 from components.stages import get as get_stage
 from pipelines.spec.schema import RUNTIME_KEYS, Spec, SpecError, Stage
@@ -17,8 +19,11 @@ from pipelines.spec.schema import RUNTIME_KEYS, Spec, SpecError, Stage
 REQUIRED_TEXT = {
     "rewards": "it scores completions, and `rewards` is empty (add e.g. rewards: [{name: arithmetic}])",
     "eval_suites": "`eval_suites` is empty",
-    "promotion": "a register stage needs a `promotion` rule",
+    "promotion": "the {stage} stage needs a `promotion` rule",
 }
+
+BASE = "base"
+"""`start_from: base`: the stage starts from the spec's base_model; no stage may take the name."""
 
 
 def _get(data: dict, dotted: str):
@@ -82,12 +87,14 @@ class Checker:
     def run(self) -> None:
         reward_names = self.rewards()
         shapes = self.data()
-        suites = self.suites()
+        evaluation = self.suites()
         self.order(shapes)
+        self.configs = {}  # the validated config of each stage, by index
         for i, stage in enumerate(self.spec.stages):
-            self.settings(i, stage)
+            self.configs[i] = self.settings(i, stage)
             self.stage_models(i, stage)
-        self.promotion(suites, reward_names)
+        at = self.eval_stage()
+        self.promotion(self.configs[at] if at is not None else evaluation, reward_names)
 
     def rewards(self) -> list[str]:
         """The reward names, checked without loading anything (a reward model is loaded by the stage that uses it)."""
@@ -98,35 +105,38 @@ class Checker:
         return [name for name, *_ in check_rewards(self.spec.rewards, where=f"{self.where}: rewards")]
 
     def data(self) -> set[str]:
-        """Validate `data` with data_prep's config; return the row shapes its sources provide for training
-        (sources whose role is train or both)."""
+        """Validate `data` with the config of the data step (the registry's data_stage); return the row shapes its
+        sources provide for training (sources whose role is train or both)."""
         sources = self.spec.data.get("sources", [])
         if not isinstance(sources, list):
             raise self.error("data.sources", f"{sources!r} is invalid: a list of sources")
         for i, src in enumerate(sources):
             if not isinstance(src, dict) or "shape" not in src:
                 raise self.error(f"data.sources[{i}]", f"{src!r} is invalid: a mapping with a shape "
-                                                      "(sft, preference or prompts) and a uri or a task")
+                                                      f"({', '.join(SHAPES)}) and a uri or a task")
         if not sources:
             return set()
-        cfg = validate_settings(get_stage("data_prep"), self.spec.data, self.where, "data")
+        cfg = validate_settings(data_stage(), self.spec.data, self.where, "data")
         return {src.shape for src in cfg.sources if src.role in ("train", "both")}
 
-    def suites(self) -> list[dict]:
-        """The eval suites in full form (names defaulted), each checked by the evaluate stage's rules."""
-        from components.evaluate.main import normalize_suite
+    def eval_stage(self) -> int | None:
+        """The index of the spec's stage that provides `eval` (the evaluation the promotion rule reads), if any."""
+        return next((i for i, st in enumerate(self.spec.stages)
+                     if any("eval" in out.provides for out in get_stage(st.stage).outputs.values())), None)
 
-        out = []
-        for i, suite in enumerate(self.spec.eval_suites):
-            try:
-                out.append(normalize_suite(suite, f"eval_suites[{i}]", 0))
-            except ValueError as e:
-                raise SpecError(f"{self.where}: {e}") from None
-        names = [s["name"] for s in out]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise self.error(f"eval_suites[{i}].name", f"{name!r} is invalid: each suite needs its own name")
-        return out
+    def suites(self):
+        """`eval_suites`, checked by the config of the stage that provides `eval` (the spec's, else the registry's)
+        before any stage's settings, so an error names eval_suites; returns that config (or None: no suites)."""
+        at = self.eval_stage()
+        kind = get_stage(self.spec.stages[at].stage) if at is not None else next(iter(providers("eval")), None)
+        if kind is None or not self.spec.eval_suites:
+            return None
+        try:
+            return validate_settings(kind, {}, "", "", {"suites": self.spec.eval_suites})
+        except SpecError as e:
+            message = str(e).removeprefix(": ")
+            raise SpecError(f"{self.where}: " + (f"eval_{message}" if message.startswith("suites")
+                                                 else f"eval_suites: {message}")) from None
 
     def order(self, shapes: set[str]) -> None:
         """Names unique, a kind that makes no model once, the last one last, `start_from` naming an earlier model,
@@ -145,28 +155,35 @@ class Checker:
             if st.name in names:
                 raise self.error(f"stages[{i}].name", f"{st.name!r} is invalid: each stage needs its own name "
                                                       f"(already stages[{names.index(st.name)}]; set `name`)")
+            if st.name == BASE:
+                raise self.error(f"stages[{i}].name", f"{BASE!r} is invalid: it names the base model (set `name`)")
             if st.stage in seen and not kind.makes_model:
                 raise self.error(path, f"{st.stage!r} is invalid: a kind of stage that makes no model appears once "
                                        f"(already stages[{seen.index(st.stage)}])")
             if seen and get_stage(seen[-1]).last:
                 raise self.error(path, f"{st.stage!r} is invalid: {seen[-1]} is the last stage")
-            if st.start_from is not None and (st.start_from not in names
-                                              or not get_stage(stages[names.index(st.start_from)].stage).makes_model):
+            if st.start_from is not None and st.start_from != BASE and (
+                    st.start_from not in names
+                    or not get_stage(stages[names.index(st.start_from)].stage).makes_model):
                 made = [n for n, s in zip(names, stages) if get_stage(s.stage).makes_model]
-                raise self.error(f"stages[{i}].start_from", f"{st.start_from!r} is invalid: the name of an earlier "
-                                                            f"stage that made a model ({', '.join(made) or 'none'})")
+                raise self.error(f"stages[{i}].start_from", f"{st.start_from!r} is invalid: {BASE} (the base model) "
+                                                            "or the name of an earlier stage that made a model "
+                                                            f"({', '.join(made) or 'none'})")
+            if st.start_from == BASE and any(inp.feed == "trained_policy" for inp in kind.inputs.values()):
+                raise self.error(f"stages[{i}].start_from", f"{BASE!r} is invalid for the {st.stage} stage: it needs "
+                                                            f"{FEEDS['trained_policy']}")
             self.data_needed(path, kind, shapes, provided)
             for key in kind.requires:
                 if not getattr(self.spec, key):
+                    text = REQUIRED_TEXT[key].replace("{stage}", st.stage)
                     if key == "promotion":
-                        raise self.error("promotion", f"missing; {REQUIRED_TEXT[key]}")
-                    raise self.error(path, f"{st.stage!r} is invalid: {REQUIRED_TEXT[key]}")
+                        raise self.error("promotion", f"missing; {text}")
+                    raise self.error(path, f"{st.stage!r} is invalid: {text}")
             self.scale(i, st, kind)
             self.tensor_parallel(i, st)
             for inp in kind.inputs.values():
                 if inp.feed not in provided and not inp.optional:
-                    makers = [s.name for s in STAGES.values() if any(inp.feed in o.provides
-                                                                     for o in s.outputs.values())]
+                    makers = [s.name for s in providers(inp.feed)]
                     raise self.error(path, f"{st.stage!r} is invalid here: it needs {FEEDS[inp.feed]} from a stage "
                                            f"before it ({' or '.join(makers)})")
             provided |= {feed for out in kind.outputs.values() for feed in out.provides}
@@ -174,14 +191,18 @@ class Checker:
             names.append(st.name)
 
     def scale(self, i: int, st: Stage, kind: StageKind) -> None:
-        """Several nodes: a training stage only, on a workspace every node can mount at once."""
+        """Several nodes: only a stage whose registry entry declares multi_node, on a workspace every node can mount
+        at once."""
         resources = self.spec.stage_resources(st)
         if not resources.multi_node:
             return
-        where = f"stages[{i}].resources" if st.resources is not None else "resources"
+        where = (f"stages[{i}].resources" if st.resources is not None else
+                 "runtime_resources" if resources is self.spec.runtime_resources else "resources")
         if not kind.multi_node:
-            raise self.error(f"{where}.max_nodes", f"{resources.most_nodes} is invalid for the {st.stage} stage: "
-                                                    "only a training stage runs on several nodes (1)")
+            key = "max_nodes" if resources.max_nodes is not None else "nodes"
+            able = ", ".join(s.name for s in STAGES.values() if s.multi_node) or "none"
+            raise self.error(f"{where}.{key}", f"{resources.most_nodes} is invalid for the {st.stage} stage: only a "
+                                               f"stage that declares multi_node runs on several nodes ({able}); 1")
         modes = self.spec.storage.workspace_access_modes
         if "ReadWriteMany" not in modes:
             raise self.error("storage.workspace_access_modes",
@@ -215,7 +236,8 @@ class Checker:
                                f"{', '.join(sorted(shapes)) or 'none'}; a source trains when its role is train or "
                                "both, and a task source's default role is train only for split id, part train)")
 
-    def settings(self, i: int, stage: Stage) -> None:
+    def settings(self, i: int, stage: Stage):
+        """The stage's settings, validated by its config class (returned), and a rollout engine it declares."""
         path = f"stages[{i}].settings"
         kind = get_stage(stage.stage)
         if kind.kind == "train":
@@ -225,10 +247,16 @@ class Checker:
                 ok = isinstance(v, (int, float) if cast is float else int) and not isinstance(v, bool)
                 if v is not None and (not ok or not math.isfinite(v) or v <= 0):
                     raise self.error(f"{path}.train.{key}", f"{v!r} is invalid: {allowed}")
-        validate_settings(kind, stage.settings, self.where, path, self.injected(kind))
+        cfg = validate_settings(kind, stage.settings, self.where, path, self.injected(kind))
+        rollout = getattr(cfg, "rollout", None)
+        engine = getattr(rollout, "engine", None)
+        if engine is not None and engine not in kind.engines:
+            raise self.error(f"{path}.rollout.engine", f"{engine!r} is invalid for the {stage.stage} stage: "
+                                                       f"{', '.join(kind.engines) or 'none'} (its registry entry)")
+        return cfg
 
     def stage_models(self, i: int, stage: Stage) -> None:
-        """A reward whose `uri` is `stage:<name>` (the model a stage before made, e.g. stage:reward_model) is read
+        """A reward whose `uri` is `stage:<name>` (the model the named stage before it made) is read
         through an input of the stage that scores with it: that stage must have an input fed by what the named
         stage provides, and the named stage must come before it."""
         from components.rewards import STAGE_PREFIX
@@ -262,22 +290,21 @@ class Checker:
             values["rewards"] = spec.rewards
         return {k: v for k, v in values.items() if k in kind.injected}
 
-    def promotion(self, suites: list[dict], reward_names: list[str]) -> None:
+    def promotion(self, evaluation, reward_names: list[str]) -> None:
+        """Each metric the rule names is one the evaluation will write: `evaluation` is the validated config of the
+        stage that provides `eval` (its metric_names(reward_names)), None when no stage evaluates."""
         rule = self.spec.promotion
         if rule is None:
             return
-        from components.evaluate.main import default_reward_specs, metric_names
-
-        evaluate = next((s for s in self.spec.stages if s.stage == "evaluate"), None)
-        settings = evaluate.settings if evaluate else {}
-        names = reward_names or [r["name"] for r in default_reward_specs(suites)]
-        known = sorted(metric_names(suites, settings.get("k", [1]), names, kl_to_base=True,
-                                    heldout=settings.get("heldout_text") is not None,
-                                    teacher_forced=settings.get("teacher_forced", True) is not False))
+        known = set()
+        if evaluation is not None:
+            names = reward_names or [r["name"] for r in evaluation.reward_specs()]
+            known = evaluation.metric_names(names)
         for path, metric in [("promotion.metric", rule.metric)] + [
                 (f"promotion.guards[{i}].metric", g.metric) for i, g in enumerate(rule.guards)]:
             if metric not in known:
-                listed = ", ".join(s["name"] for s in suites) or "none: eval_suites is empty"
+                listed = ", ".join(s["name"] for s in evaluation.suites) if evaluation is not None else \
+                    "none: eval_suites is empty"
                 raise self.error(path, f"{metric!r} is invalid: the eval will not produce it; metrics are "
                                        f"<suite>/<metric> with the suites of eval_suites ({listed}): "
-                                       f"{', '.join(known) or 'none'}")
+                                       f"{', '.join(sorted(known)) or 'none'}")

@@ -11,6 +11,7 @@ import typing
 
 import pipelines.spec as spec_module
 from components.config_docs import field_docs
+from components.stages import FEEDS, STAGES, data_stage, providers
 from pipelines.spec.schema import (
     Guard,
     Images,
@@ -66,11 +67,35 @@ def reference_markdown() -> str:
         for f in dataclasses.fields(cls):
             lines.append(f"| `{f.name}` | {_hint_text(hints[f.name])} | {_default_text(f)} | {docs[f.name]} |")
         lines.append("")
+    lines += stages_section()
+    evaluating = ", ".join(s.name for s in providers("eval"))
     lines += ["## Metrics the promotion rule can name", "",
               "`<suite>/<metric>` for each suite of `eval_suites` (a task suite is named `<task>-<split>` unless it "
-              "names itself), with metric one of: `accuracy`, `pass@k` for each k of the evaluate stage's `k` "
+              f"names itself), with metric one of: `accuracy`, `pass@k` for each k of the {evaluating} stage's `k` "
               "(default [1]), `reward/<fn>` for each reward function (default: each suite task's verifier) and "
               "`length`, each also with `_ci_low` and `_ci_high` (the 95% bootstrap interval); task suites add "
-              "`entropy` and `kl_to_base`. `heldout/entropy` and `heldout/kl_to_base` exist when the evaluate "
-              "stage sets `heldout_text`. (components.evaluate.main.metric_names.)", ""]
+              "`entropy` and `kl_to_base`. `heldout/entropy` and `heldout/kl_to_base` exist when that stage sets "
+              "`heldout_text`. (Its config's `metric_names`.)", ""]
     return "\n".join(lines)
+
+
+def stages_section() -> list[str]:
+    """The stages a spec may list, from the stage registry (components/stages.py): kind, data, inputs, outputs and
+    capabilities of each."""
+    data = data_stage()
+    lines = ["## Stages", "",
+             f"The stage registry's kinds (components/stages.py). Every pipeline first runs {data.name} (its settings "
+             "are the spec's `data`); then the spec's `stages`. A stage's inputs are fed by what a stage before it "
+             "provides; `settings` are its config's keys (components/<module>/README.md).", "",
+             "| stage | kind | trains on | needs | provides | several nodes | rollout engines | LoRA |",
+             "|---|---|---|---|---|---|---|---|"]
+    for stage in STAGES.values():
+        if not stage.in_spec:
+            continue
+        needs = ", ".join(f"{inp.feed}{' (optional)' if inp.optional else ''}" for inp in stage.inputs.values())
+        provides = ", ".join(dict.fromkeys(f for out in stage.outputs.values() for f in out.provides))
+        lines.append(f"| `{stage.name}` | {stage.kind} | {stage.trains_on or '—'} | {needs or '—'} | "
+                     f"{provides or '—'} | {'yes' if stage.multi_node else 'no'} | {', '.join(stage.engines) or '—'} "
+                     f"| {'yes' if stage.lora else 'no'} |")
+    return lines + ["", "What each input and output carries: " + "; ".join(f"`{k}`: {v}" for k, v in FEEDS.items())
+                    + ".", ""]

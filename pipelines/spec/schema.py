@@ -68,9 +68,9 @@ class Resources:
     accelerator with node_selector (e.g. nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3)."""
     gpus: int = 0
     """Accelerators per pod (per node of a multi-node stage); needs `accelerator`. With more than one, a stage runs
-    under torchrun with one rank per accelerator: a training stage (sft, psft, sft_kl, dpo, grpo, ...) under
-    DeepSpeed ZeRO, reward_scoring and evaluate each rank sampling a shard of the prompts (with the vllm engine,
-    groups of rollout.tensor_parallel_size ranks share one engine: it must divide this). The run parameter
+    under torchrun with one rank per accelerator: a training stage under DeepSpeed ZeRO, a sampling stage each
+    rank sampling a shard of the prompts (with the vllm engine, groups of rollout.tensor_parallel_size ranks share
+    one engine: it must divide this). The run parameter
     <stage>_gpus_per_node (default this) may lower it to as few as 1."""
     cpu: str | None = None
     """CPU request and limit, a Kubernetes quantity: "8" or "500m"."""
@@ -146,25 +146,23 @@ class Stage:
     the training stage before it (or base_model), unless `start_from` names another."""
 
     stage: str
-    """sft, psft or sft_kl (the sft stage with that method), reward_scoring, dpo, grpo, evaluate or register
-    (the bundled kinds of components/stages.py, the stage registry). A kind that trains a model may appear
-    more than once, each time with its own `name`; any other kind appears at most once. Data:
-    sft/psft/sft_kl train on the `sft` rows of `data`, dpo on the `preference` rows (or on the pairs of a
-    reward_scoring stage before it), reward_scoring and grpo on the `prompts` rows; evaluate runs `eval_suites`;
-    register follows evaluate and ends the list."""
+    """A stage of the stage registry (components/stages.py; the bundled ones are listed under Stages below, with
+    the data each trains on, what it needs from a stage before it and what it can do). A kind that trains a model
+    may appear more than once, each time with its own `name`; any other kind appears at most once."""
     settings: dict = field(default_factory=dict)
     """The stage's config keys (components/<module>/README.md), except those the pipeline wires: model and
     data paths, output_dir, rewards and suites (from the spec's `rewards` and `eval_suites`). Keys of a part
     go under the part's name, e.g. {rpo_alpha: 1.0, train: {lr: 1.0e-5, max_steps: 120}}
     (components/README.md)."""
     resources: Resources | None = None
-    """Where this stage runs; default: the spec's `resources` (register: `runtime_resources`)."""
+    """Where this stage runs; default: the spec's `resources` (a stage of kind cpu: `runtime_resources`)."""
     name: str = ""
     """The step's name, unique in the spec (default: `stage`): its workspace directory, MLflow run, pipeline
     parameters (`<name>_lr`, `<name>_max_steps`) and row in the tables. Lowercase letters, digits and '_'."""
     start_from: str | None = None
-    """The name of an earlier stage that made a model: this stage starts from (or, sampling, samples) that model
-    instead of the latest one. Branches from one start, e.g. sft → grpo and sft → dpo, compare stages fairly."""
+    """The name of an earlier stage that made a model, or `base` (the base model): this stage starts from (or,
+    sampling, samples) that model instead of the latest one. Branches from one start compare stages fairly, e.g.
+    two stages that each start from `base`."""
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -208,7 +206,7 @@ class Promotion:
     """max (higher is better) or min."""
     min_improvement: float = 0.0
     """How much better than the champion the challenger must be. With no champion yet, the challenger must be
-    that much better than the base model (the evaluate stage's baseline `base`), with the guards applied."""
+    that much better than the base model (the evaluation's baseline `base`), with the guards applied."""
     guards: list[Guard] = field(default_factory=list)
     """Metrics that may not drop by more than their max_drop, e.g. out-of-domain accuracy."""
     min_value: float | None = None
@@ -229,12 +227,11 @@ class Images:
     """The container images of the steps (defaults: components/images.py, POSTTRAIN_REGISTRY / POSTTRAIN_TAG)."""
 
     trainer: str | None = None
-    """Image of the GPU stages: sft, psft, sft_kl, reward_scoring, dpo, grpo, evaluate (default:
-    components/images.py TRAINER_IMAGE, ghcr.io/posttrain/posttrain-trainer:0.1.0 unless POSTTRAIN_REGISTRY or
-    POSTTRAIN_TAG say otherwise)."""
+    """Image of the stages of kind train and sample (default: components/images.py TRAINER_IMAGE,
+    ghcr.io/posttrain/posttrain-trainer:0.1.0 unless POSTTRAIN_REGISTRY or POSTTRAIN_TAG say otherwise)."""
     runtime: str | None = None
-    """Image of the CPU steps: preflight, data_prep, register, the promotion and the run's closing step
-    (default: components/images.py RUNTIME_IMAGE)."""
+    """Image of the CPU steps: preflight, the data step, the stages of kind cpu, their gates and the run's closing
+    step (default: components/images.py RUNTIME_IMAGE)."""
     pull_policy: str = "IfNotPresent"
     """Always, IfNotPresent or Never."""
     pull_secrets: list[str] = field(default_factory=list)
@@ -301,7 +298,7 @@ class Tracking:
     experiment: str | None = None
     """The MLflow experiment (default: the spec's name)."""
     registered_model: str | None = None
-    """The registered model that register adds versions to (default: the spec's name)."""
+    """The registered model that the registering stage adds versions to (default: the spec's name)."""
 
 
 @dataclass(kw_only=True)
@@ -338,26 +335,26 @@ class Spec:
     tokenizer) at s3://bucket/key or a local path, or bundled:tiny (the demo's tiny model, built on the machine
     that runs the pipeline locally). A pipeline parameter."""
     data: dict = field(default_factory=dict)
-    """The data_prep stage's settings (components/data_prep/README.md): `sources`, each a file or directory
-    {uri, shape, fields, ...} or a bundled task {task, rows, shape, ...} with shape sft, preference or prompts,
+    """The settings of the data step every pipeline runs first (its README under components/): `sources`, each a
+    file or directory {uri, shape, fields, ...} or a bundled task {task, rows, shape, ...} with a row shape,
     and max_length, eval_fraction, contamination, max_bad_fraction. The sources are a pipeline parameter."""
     stages: list[Stage]
     """The stages, in order (see Stage)."""
     rewards: list[dict] = field(default_factory=list)
-    """Reward functions for reward_scoring, grpo and evaluate, e.g. [{name: arithmetic, weight: 1.0}]
+    """Reward functions for the stages that score completions, e.g. [{name: arithmetic, weight: 1.0}]
     (components/rewards)."""
     eval_suites: list[dict] = field(default_factory=list)
-    """The evaluate stage's suites (components/evaluate/README.md): a bundled task's test prompts {task, split
+    """The evaluation's suites (its stage's README): a bundled task's test prompts {task, split
     (id or ood), n_prompts, seed} named <task>-<split> unless `name` says otherwise, or {name, data: a JSONL of
     prompts with reference answers (s3:// or a path)}."""
     promotion: Promotion | None = None
-    """The rule register applies to promote its new version (needed when a register stage exists)."""
+    """The rule by which the registering stage's new version is promoted (needed when a spec registers)."""
     resources: Resources = field(default_factory=Resources)
-    """Where the GPU-image stages run unless a stage sets its own; reward_scoring and evaluate take one node of it
+    """Where the GPU-image stages run unless a stage sets its own; a sampling stage takes one node of it
     (its accelerators, cpu and memory, one process per accelerator): give them their own resources to size
     those."""
     runtime_resources: Resources = field(default_factory=lambda: Resources(cpu="1", memory="4Gi"))
-    """Where the CPU steps run: preflight, data_prep, register, the promotion, the closing step."""
+    """Where the CPU steps run: preflight, the data step, the stages of kind cpu, their gates, the closing step."""
     images: Images = field(default_factory=Images)
     """Container images."""
     storage: Storage = field(default_factory=Storage)

@@ -151,9 +151,11 @@ def lora_worker(model_dir: str, data: str, out_dir: str) -> None:
     left them; then the trained policy samples (each rank a different number of prompts) and saves its adapter."""
     import components.sft.main as sft
     from components.config import from_mapping
-    from components.models import ModelLoading, load_tokenizer
-    from components.models.lora import Adapter, save_policy
+    from components.models import load_tokenizer
+    from components.models.config import ModelLoading
     from components.training import distributed
+    from components.training.config import Adapter
+    from components.training.lora import save_policy
     from components.training.rollout import generate
 
     out = Path(out_dir)
@@ -272,9 +274,9 @@ def test_rl_ranks_whose_completions_end_at_different_steps_decode_in_lockstep(st
     import yaml
 
     from components.config import from_mapping
-    from components.grpo.main import GRPOConfig
+    from components.grpo.config import GRPOConfig
     from components.models import load_model, load_tokenizer
-    from components.ppo.main import PPOConfig
+    from components.ppo.config import PPOConfig
 
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     settings = {**RL[stage], "model": str(tiny_model_dir), "output_dir": str(tmp_path / stage)}

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.config import from_mapping
-from components.data_prep.main import DataPrepConfig, run
+from components.data_prep.config import DataPrepConfig
+from components.data_prep.main import run
 from components.datasets import DataError
 from components.models import load_tokenizer
 from components.training.batching import encode_example, render_prompt_completion

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from components.config import ConfigError, from_mapping
-from components.data_prep.main import DataPrepConfig, main, on_eval_side, run
+from components.data_prep.config import DataPrepConfig
+from components.data_prep.main import main, on_eval_side, run
 from components.datasets import DataError, prompt_key
 from components.models import load_tokenizer
 from components.tasks import get_task
@@ -239,7 +240,7 @@ def test_role_both_split_is_by_prompt_and_seed(tmp_path, tiny_model_dir):
 
 
 def test_datasets_save_to_disk_and_arrow_file_format(tmp_path, tiny_model_dir):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the bench extra's; imported here, not when the module is collected
     rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(5)]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     table = pa.Table.from_pylist(rows[:2])

@@ -15,9 +15,11 @@ import torch
 from components.config import UserError, from_mapping
 from components.datasets import write_jsonl
 from components.models import load_model, load_tokenizer
+from components.sft.loop import train
 from components.tasks import get_task
 from components.training.batching import encode_example
-from components.training.loop import ConfigChanged, TrainConfig, train
+from components.training.config import TrainConfig
+from components.training.loop import ConfigChanged
 
 
 def _pairs(path):
@@ -63,7 +65,8 @@ def _nonfinite_model(tiny_model_dir, path):
 
 def test_register_refuses_a_nonfinite_model_and_a_missing_evaluation(tiny_model_dir, tmp_path, monkeypatch):
     """Refused before anything reaches MLflow (the URI here leads nowhere), whatever the evaluate settings."""
-    from components.register.main import RegisterConfig, run
+    from components.register.config import RegisterConfig
+    from components.register.main import run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -137,7 +140,8 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_model_d
 def test_changed_data_under_the_same_path_is_refused_like_a_changed_config(tiny_model_dir, tmp_path):
     """The same path, size and mtime, other bytes (the rows reordered): refused naming train_data; the override
     key resumes anyway."""
-    from components.sft.main import SFTConfig, run
+    from components.sft.config import SFTConfig
+    from components.sft.main import run
 
     data = tmp_path / "train.jsonl"
     write_jsonl(data, get_task("arithmetic").generate(64, seed=0))

@@ -12,18 +12,19 @@ import components.models
 from components.config import ConfigError, from_mapping
 from components.datasets import write_jsonl
 from components.dpo import main as dpo
-from components.dpo.main import DPOConfig
-from components.evaluate.main import EvaluateConfig
+from components.dpo.config import DPOConfig
+from components.evaluate.config import EvaluateConfig
 from components.evaluate.main import run as run_evaluate
-from components.grpo.main import GRPOConfig
+from components.grpo.config import GRPOConfig
 from components.grpo.main import run as run_grpo
 from components.models import load_model
-from components.models.lora import Adapter, QuantizationUnavailable
-from components.sft.main import SFTConfig
+from components.sft.config import SFTConfig
 from components.sft.main import main as sft_main
 from components.sft.main import run as run_sft
 from components.tasks import get_task
 from components.training.batching import encode_example
+from components.training.config import Adapter
+from components.training.lora import QuantizationUnavailable
 
 LORA = {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0}
 
@@ -105,9 +106,9 @@ def test_a_bf16_stage_loads_the_frozen_base_in_bf16_and_writes_a_bf16_merged_mod
                                                                                     tmp_path):
     """bf16 compute (precision bf16-mixed; auto on a GPU): the frozen base in bf16, the adapters in fp32, and the
     merged model written in bf16; fp32 compute keeps everything fp32."""
-    from components.models import ModelLoading
-    from components.models.lora import load_policy
-    from components.training.loop import TrainConfig
+    from components.models.config import ModelLoading
+    from components.training.config import TrainConfig
+    from components.training.lora import load_policy
 
     for precision, base_dtype in (("bf16-mixed", torch.bfloat16), ("fp32", torch.float32)):
         policy = load_policy(tiny_model_dir, ModelLoading(), Adapter(**LORA), 0, TrainConfig(precision=precision))
@@ -212,7 +213,8 @@ def base_sequence_logprobs(model_dir, tokenizer, rows):
 
 def base_pass(model_dir, tokenizer, rows, out):
     """The stage's reference pass code (dpo._pair_logprobs) over the base model, loaded on its own."""
-    from components.training.loop import Session, TrainConfig
+    from components.training.config import TrainConfig
+    from components.training.loop import Session
 
     pairs, _ = dpo.encode_pairs(rows, tokenizer, 1024, "pairs")
     model = load_model(model_dir)
@@ -269,8 +271,8 @@ def test_dpo_with_lora_references_the_base_with_the_adapter_disabled(tiny_model_
 def test_dpo_reference_equals_the_base_model_pass(tiny_model_dir, tmp_path):
     """The same reference pass (packing, chunked head) over the base model loaded on its own and over a LoRA
     policy whose adapter is far from zero: equal to 1e-6."""
-    from components.models.lora import load_policy
     from components.training.loop import Session
+    from components.training.lora import load_policy
 
     write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
     cfg = from_mapping(DPOConfig, {"model": str(tiny_model_dir), "train_data": str(tmp_path / "pairs.jsonl"),

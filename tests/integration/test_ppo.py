@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from components.config import ConfigError, from_mapping
-from components.ppo.main import PPOConfig
+from components.ppo.config import PPOConfig
 from components.ppo.main import run as run_ppo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,16 +45,12 @@ def reward_model_dir(tiny_model_dir, tmp_path_factory):
     """A reward model (the tiny model with a seeded random scalar head), as the reward_model stage saves one."""
     import torch
 
-    from components.models import ModelLoading, load_tokenizer, save_model
-    from components.reward_model.main import load_scalar_model
-    from components.training.distributed import Dist
-
-    class Loading:
-        loading = ModelLoading()
+    from components.models import load_scalar_model, load_tokenizer
+    from components.training.distributed import Dist, save_model
 
     tokenizer = load_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
-    model = load_scalar_model(Loading, str(tiny_model_dir), tokenizer.pad_token_id)
+    model = load_scalar_model(str(tiny_model_dir), tokenizer.pad_token_id)
     out = tmp_path_factory.mktemp("rm") / "model"
     save_model(model, tokenizer, out, Dist())
     return out
@@ -75,15 +71,15 @@ def test_ppo_killed_mid_run_resumes_to_the_uninterrupted_metrics(tiny_model_dir,
     hist = lines(tmp_path / "full" / "metrics.jsonl")
     assert full["steps"] == 12 and full["rounds"] == 3
     for key in ("objective/kl", "objective/entropy", "objective/rlhf_reward", "objective/scores",
-                "objective/non_score_reward", "objective/kl_coef", "policy/clipfrac", "policy/approxkl",
-                "val/clipfrac", "val/vpred", "val/error", "loss/policy", "loss/value", "rewards/reward_model/mean",
-                "rewards/arithmetic/mean", "val/grad_norm"):
+                "objective/non_score_reward", "objective/kl_coef", "policy/clipfrac_avg", "policy/approxkl_avg",
+                "val/clipfrac_avg", "val/vpred", "val/error", "loss/policy_avg", "loss/value_avg",
+                "rewards/reward_model/mean", "rewards/arithmetic/mean", "val/grad_norm"):
         assert all(math.isfinite(h[key]) for h in hist), key
     # round 1 is sampled from the reference itself: KL 0; the adaptive β then moves (KL below target: it falls)
     assert hist[0]["objective/kl"] == pytest.approx(0, abs=1e-5)
     assert hist[0]["objective/kl_coef"] == 0.1 and hist[4]["objective/kl_coef"] < 0.1
     # the first step of a round is on-policy: ratio 1, nothing clipped
-    assert hist[0]["policy/approxkl"] < 1e-8 and hist[0]["policy/clipfrac"] == 0.0
+    assert hist[0]["policy/approxkl_avg"] < 1e-8 and hist[0]["policy/clipfrac_avg"] == 0.0
     assert (tmp_path / "full" / "critic" / "config.json").exists()
 
     out = tmp_path / "killed"
@@ -121,7 +117,7 @@ def test_a2c_preset_is_one_unclipped_step_per_rollout(tiny_model_dir, reward_mod
     hist = lines(tmp_path / "metrics.jsonl")
     assert summary["rounds"] == 2 and [h["round"] for h in hist] == [1, 2]
     # a critic from the policy starts with its head at zero: V = 0 before its first step
-    assert hist[0]["policy/clipfrac"] == 0.0 and hist[0]["val/clipfrac"] == 0.0
+    assert hist[0]["policy/clipfrac_avg"] == 0.0 and hist[0]["val/clipfrac_avg"] == 0.0
     with pytest.raises(ConfigError, match="ppo_epochs: 4 is invalid: unset with preset a2c"):
         from_mapping(PPOConfig, {**base, "ppo_epochs": 4})
     with pytest.raises(ConfigError, match="critic_init.*policy or auto when no reward is a reward_model"):

@@ -24,7 +24,8 @@ def _register(tmp_path, tag: str, model, name: str, eval_path, rule: dict) -> di
     from mlflow import MlflowClient
 
     from components.config import from_mapping
-    from components.register.main import RegisterConfig, run
+    from components.register.config import RegisterConfig
+    from components.register.main import run
 
     parent = MlflowClient().create_run(MlflowClient().create_experiment(f"floor-{name}-{tag}")).info.run_id
     cfg = {"model": str(model), "name": name, "output_dir": str(tmp_path / f"reg-{tag}"), "eval": str(eval_path),
@@ -33,7 +34,7 @@ def _register(tmp_path, tag: str, model, name: str, eval_path, rule: dict) -> di
 
 
 def _decision_tag(client, name: str, version: str) -> dict:
-    from components.register import promote
+    from components import promotion as promote
 
     return json.loads(client.get_model_version(name, version).tags[promote.DECISION_TAG])
 
@@ -41,7 +42,7 @@ def _decision_tag(client, name: str, version: str) -> dict:
 def test_a_first_model_worse_than_base_is_registered_not_promoted(tiny_model_dir, tracking_env, tmp_path):
     from mlflow import MlflowClient
 
-    from components.register import promote
+    from components import promotion as promote
 
     client, name = MlflowClient(), "floor-first"
     # worse than the base model it was trained from: registered as challenger, no champion
@@ -74,7 +75,7 @@ def test_a_first_model_worse_than_base_is_registered_not_promoted(tiny_model_dir
 def test_the_floor_holds_back_a_challenger_that_beats_the_champion(tiny_model_dir, tracking_env, tmp_path):
     from mlflow import MlflowClient
 
-    from components.register import promote
+    from components import promotion as promote
 
     client, name = MlflowClient(), "floor-min-value"
     rule = {**RULE, "min_improvement": 0.0, "min_value": 0.5}
@@ -114,7 +115,7 @@ def test_the_pipeline_register_component_compares_a_first_model_with_base(tiny_m
 
 
 def test_rule_validation_of_the_floor():
-    from components.register import promote
+    from components import promotion as promote
     from pipelines.spec import SpecError, parse_spec
 
     assert promote.PromotionRule.from_mapping({"metric": "a/acc", "min_value": 0.3}).min_value == 0.3

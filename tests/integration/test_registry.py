@@ -32,7 +32,8 @@ def _register_cfg(tmp_path, tag: str, model, name: str, eval_path, parent: str) 
 
 def _register(cfg: dict) -> dict:
     from components.config import from_mapping
-    from components.register.main import RegisterConfig, run
+    from components.register.config import RegisterConfig
+    from components.register.main import run
 
     return run(from_mapping(RegisterConfig, cfg, "register"))
 
@@ -41,8 +42,8 @@ def test_register_gate_rollback_and_list(sft_run, tracking_env, tmp_path, helper
     import mlflow
     from mlflow import MlflowClient
 
+    from components import promotion as promote
     from components.models import load_model
-    from components.register import promote
     from components.storage import sha256_file
     from pipelines.cli import main as cli
 
@@ -114,8 +115,8 @@ def race_model(sft_run, tracking_env):
     """A registered model with v1 as champion; more versions come from the same logged model."""
     from mlflow import MlflowClient
 
+    from components import promotion as promote
     from components import tracking
-    from components.register import promote
     from components.register.main import log_and_register
 
     client, name = MlflowClient(), f"race-{uuid.uuid4().hex[:6]}"
@@ -129,7 +130,7 @@ def test_racing_promotions_exactly_one_wins(race_model):
     """Each round, 3 threads read the same champion, then all try to move it at once."""
     from mlflow import MlflowClient
 
-    from components.register import promote
+    from components import promotion as promote
 
     client, name, model_id = race_model
     rounds, racers = 3, 3
@@ -168,7 +169,7 @@ def test_racing_promotions_exactly_one_wins(race_model):
 def test_lock_held_refuses_and_expired_lock_is_taken_over(race_model):
     import time
 
-    from components.register import promote
+    from components import promotion as promote
 
     client, name, model_id = race_model
     (v2,) = _versions(client, name, model_id, 1)
@@ -186,7 +187,7 @@ def test_lock_held_refuses_and_expired_lock_is_taken_over(race_model):
 
 
 def test_rule_and_eval_errors_name_the_key(tmp_path):
-    from components.register import promote
+    from components import promotion as promote
 
     with pytest.raises(ValueError, match=r"promotion.guards\[0\].max_drop=-1 is invalid: a number ≥ 0"):
         promote.PromotionRule.from_mapping({"metric": "a/acc", "guards": [{"metric": "b", "max_drop": -1}]})

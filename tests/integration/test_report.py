@@ -1,4 +1,5 @@
-"""The evaluation report opened in headless Chromium: every figure decodes; a screenshot is kept.
+"""The evaluation report opened in headless Chromium: every figure decodes, the curves are in the order the stages
+trained, the title names the run; a screenshot is kept.
 
 The screenshot lands in tests/artifacts/ (gitignored); its path is printed.
 """
@@ -15,10 +16,10 @@ from PIL import Image
 
 from components.config import from_mapping
 from components.datasets import write_jsonl
-from components.evaluate.main import EvaluateConfig
+from components.evaluate.config import EvaluateConfig
 from components.evaluate.main import run as run_evaluate
 from components.evaluate.report import StageResult, write_report
-from components.sft.main import SFTConfig
+from components.sft.config import SFTConfig
 from components.sft.main import run as run_sft
 from components.tasks import get_task
 
@@ -48,16 +49,36 @@ def run_chromium(tmp_path: Path, *args: str) -> str:
 
 
 class Images(HTMLParser):
+    """The images of a page, its title and heading, and each figure's image alt text and caption by figure id."""
+
     def __init__(self):
         super().__init__()
         self.images, self.checked = [], None
+        self.text: dict[str, str] = {}  # "title", "h1", "<figure id> alt", "<figure id> caption"
+        self._figure, self._in = None, None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "img":
             self.images.append(a)
+            if self._figure:
+                self.text[f"{self._figure} alt"] = a.get("alt", "")
         if tag == "body":
             self.checked = a.get("data-checked")
+        if tag == "figure":
+            self._figure = a.get("id")
+        if tag in ("title", "h1", "figcaption"):
+            self._in = tag if tag != "figcaption" else f"{self._figure} caption"
+
+    def handle_endtag(self, tag):
+        if tag == "figure":
+            self._figure = None
+        if tag in ("title", "h1", "figcaption"):
+            self._in = None
+
+    def handle_data(self, data):
+        if self._in:
+            self.text[self._in] = self.text.get(self._in, "") + data
 
 
 def rendered(page: Path, tmp_path: Path) -> Images:
@@ -106,6 +127,9 @@ def test_report_renders_every_figure_in_chromium(stages, tmp_path):
     assert "Reward curve: omitted" in html  # no stage logged rewards: a note, not a failure
     for name in ("base", "sft", "psft", "arithmetic-id", "arithmetic-ood"):
         assert name in html
+    # trained sft, then psft (the candidate): on the step axis in that order; no pipeline run: named by the candidate
+    assert dom.text["fig-training-entropy caption"] == "Entropy over training steps (sft → psft)"
+    assert dom.text["title"] == dom.text["h1"] == "Evaluation of psft"
     # psft's effect against base on both suites, each with its paired interval and verdict
     effects = json.loads((stages / "eval" / "eval.json").read_text())["effects"]
     assert {(e["stage"], e["against"], e["suite"]) for e in effects} == {
@@ -155,3 +179,27 @@ def test_report_of_any_stages_leaves_out_what_is_missing(stages, tmp_path):
     text = empty.read_text()
     assert "<img" not in text and "only eval: cannot read" in text and "no evaluation results" in text
     assert text.count("omitted") == 5
+
+
+def test_report_draws_the_stages_in_the_order_they_trained_and_names_the_run(stages, tmp_path, tiny_model_dir):
+    """The evaluate stage at the end of psft → dpo → grpo (an order neither alphabetical nor candidate-first):
+    both curves put the stages on the step axis in that order, and the title is the pipeline run's."""
+    psft = [json.loads(ln) for ln in (stages / "psft" / "metrics.jsonl").read_text().splitlines()]
+    logs = {"psft": stages / "psft" / "metrics.jsonl", "dpo": tmp_path / "dpo.jsonl", "grpo": tmp_path / "grpo.jsonl"}
+    write_jsonl(logs["dpo"], [{"step": s, "loss": 0.7 / s, "entropy": psft[-1]["entropy"] - 0.01 * s}
+                              for s in range(1, 7)])
+    write_jsonl(logs["grpo"], [{"step": s, "entropy": psft[-1]["entropy"] - 0.02 * s, "reward": 0.1 * s,
+                                "rewards/arithmetic/mean": 0.1 * s} for s in range(1, 6)])
+    cfg = from_mapping(EvaluateConfig, {
+        "model": str(stages / "psft" / "model"), "name": "grpo", "run_name": "posttrain-demo 5f0c2a9e",
+        "output_dir": str(tmp_path / "eval"),
+        "baselines": {"base": str(tiny_model_dir), "psft": str(stages / "psft" / "model"),
+                      "dpo": str(stages / "sft" / "model")},
+        "parents": {"psft": "base", "dpo": "psft", "grpo": "dpo"},
+        "suites": [{"task": "arithmetic", "split": "id", "n_prompts": 4}], "max_new_tokens": 4,
+        "bootstrap_samples": 50, "teacher_forced": False, "training_metrics": {k: str(v) for k, v in logs.items()}})
+    dom = rendered(Path(run_evaluate(cfg)["report"]), tmp_path)
+    assert all(img.get("data-ok") == "1" for img in dom.images), dom.images
+    for fid, caption in (("training-entropy", "Entropy over training steps"), ("reward-curve", "Reward curve")):
+        assert dom.text[f"fig-{fid} caption"] == dom.text[f"fig-{fid} alt"] == f"{caption} (psft → dpo → grpo)"
+    assert dom.text["title"] == dom.text["h1"] == "posttrain-demo · run 5f0c2a9e"

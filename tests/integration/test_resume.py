@@ -7,9 +7,11 @@ import pytest
 
 from components.datasets import write_jsonl
 from components.models import load_model, load_tokenizer
+from components.sft.config import SFTObjective
+from components.sft.loop import train
 from components.tasks import get_task
 from components.training.batching import encode_example
-from components.training.loop import SFTObjective, TrainConfig, train
+from components.training.config import TrainConfig
 
 
 class Stop(Exception):
@@ -68,7 +70,8 @@ def test_a_changed_config_is_not_resumed_silently(tiny_model_dir, tmp_path):
     """A rerun into the same output_dir with another lr or method is refused, naming the keys; the override
     resumes anyway."""
     from components.config import from_mapping
-    from components.sft.main import SFTConfig, run
+    from components.sft.config import SFTConfig
+    from components.sft.main import run
     from components.training.loop import ConfigChanged
 
     data = tmp_path / "train.jsonl"

@@ -9,7 +9,8 @@ import pytest
 
 from components.config import from_mapping
 from components.datasets import DataError, write_jsonl
-from components.reward_model.main import RewardModelConfig, held_out
+from components.reward_model.config import RewardModelConfig
+from components.reward_model.main import held_out
 from components.reward_model.main import run as run_rm
 from components.rewards import build_rewards
 from components.tasks import get_task
@@ -83,7 +84,8 @@ def test_logprob_head_is_scored_by_the_reward_as_trained_and_starts_a_critic(tin
     its weights with a value head at zero."""
     import torch
 
-    from components.ppo.main import PPOConfig, load_critic
+    from components.ppo.config import PPOConfig
+    from components.ppo.main import load_critic
     from components.rewards.reward_model import reward_head
 
     pairs = arithmetic_pairs(300)

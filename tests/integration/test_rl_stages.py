@@ -6,11 +6,12 @@ import pytest
 
 from components.config import from_mapping
 from components.datasets import DataError, write_jsonl
-from components.dpo.main import DPOConfig
+from components.dpo.config import DPOConfig
 from components.dpo.main import run as run_dpo
-from components.grpo.main import GRPOConfig
+from components.grpo.config import GRPOConfig
 from components.grpo.main import run as run_grpo
-from components.reward_scoring.main import RewardScoringConfig, make_pairs
+from components.reward_scoring.config import RewardScoringConfig
+from components.reward_scoring.main import make_pairs
 from components.reward_scoring.main import run as run_scoring
 
 
@@ -90,7 +91,7 @@ def test_grpo_runs_and_resumes(tiny_model_dir, tmp_path):
     assert full["steps"] == 8 and full["rounds"] == 2
     hist = lines(tmp_path / "full" / "metrics.jsonl")
     for key in ("reward", "reward_std", "rewards/task/mean", "rewards/format/std", "frac_reward_zero_std",
-                "completions/mean_length", "clip_ratio/high", "kl_old", "entropy", "grad_norm"):
+                "completions/mean_length", "clip_ratio/high_mean", "kl_old", "entropy", "grad_norm"):
         assert key in hist[0], key
     # the first step of a round trains on-policy: the ratio is 1 up to the rollout/forward agreement
     assert hist[0]["kl_old"] < 1e-6 and hist[4]["kl_old"] < 1e-6
@@ -191,7 +192,7 @@ def test_scoring_fails_below_min_pairs(tiny_model_dir, tmp_path):
 
 
 def test_grpo_logs_the_rollout_gap_and_truncated_importance_sampling(tiny_model_dir, tmp_path):
-    """Every step logs rollout/logprob_diff_* (the hf sampler's log-probs vs the trainer's: equal in fp32).
+    """Every step logs sampling/sampling_logp_difference/* (the hf sampler's log-probs vs the trainer's: equal in fp32).
     tis_cap: the trainer recomputes π_old and weighs each token by min(π_old / π_rollout, C); here the two
     agree, so the weights are 1 and the losses equal the run without the correction."""
     base = {"model": str(tiny_model_dir), "prompts": {"task": "arithmetic", "task_rows": 16},
@@ -204,5 +205,5 @@ def test_grpo_logs_the_rollout_gap_and_truncated_importance_sampling(tiny_model_
     assert len(plain) == len(corrected) == 3
     for a, b in zip(plain, corrected):
         for h in (a, b):
-            assert 0 <= h["rollout/logprob_diff_mean"] <= h["rollout/logprob_diff_max"] < 1e-4
+            assert 0 <= h["sampling/sampling_logp_difference/mean"] <= h["sampling/sampling_logp_difference/max"] < 1e-4
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)

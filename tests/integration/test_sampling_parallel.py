@@ -120,7 +120,6 @@ def test_reward_scoring_on_two_processes_writes_what_one_writes(tmp_path, models
 def test_vllm_reward_scoring_on_two_engines(tmp_path, models):
     """Data parallel with the vllm engine: two engines (vLLM's external launcher, one per process), each half of
     the prompts, each sample its own request with its own seed."""
-    pytest.importorskip("vllm")
     settings = scoring_settings(models, rollout={"engine": "vllm"})
     one = scoring_outputs(run_stage("reward_scoring", settings, tmp_path / "one", nproc=1))
     assert scoring_outputs(run_stage("reward_scoring", settings, tmp_path / "two", nproc=2)) == one
@@ -130,7 +129,6 @@ def test_vllm_evaluate_on_one_engine_split_over_two_processes(tmp_path, models, 
     """Tensor parallel: one engine with its weights split over both processes, moved from the candidate to the
     base by reloading them from the base's directory; teacher_forced off, so no process loads a Hugging Face
     copy of a model."""
-    pytest.importorskip("vllm")
     settings = eval_settings(models, data_suite, rollout={"engine": "vllm"}, teacher_forced=False)
     one = eval_outputs(run_stage("evaluate", settings, tmp_path / "one", nproc=1))
     tp = eval_outputs(run_stage("evaluate", {**settings, "rollout": {"engine": "vllm", "tensor_parallel_size": 2}},

@@ -5,10 +5,8 @@ the second submission, the run on the uploaded version, the recurring run with i
 catch-up settings.
 """
 
-import importlib.util
 import json
 
-import pytest
 import yaml
 
 from pipelines.cli import main as cli
@@ -132,8 +130,6 @@ def test_submit_and_list_runs_from_the_command_line(api, tmp_path, capsys):
     assert listing.query["experiment_id"] == result["experiment_id"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("components.rewards") is None,
-                    reason="the cluster spec names reward functions (components.rewards)")
 def test_cluster_spec_submits(api):
     result = submit(load_spec("cluster"), api.url)
     (upload,) = api.requests_to("POST", "/pipelines/upload")

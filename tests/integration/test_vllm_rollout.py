@@ -1,21 +1,20 @@
 """The vllm rollout engine, real vLLM on CPU (fp32) over the tiny model: weight sync after GRPO steps, a sync that
-fails or hangs, and the engine's samples and log-probs. Skipped where vLLM is not installed (the `rollout` extra)."""
+fails or hangs, and the engine's samples and log-probs. vLLM comes with the `rollout` extra (`make install`)."""
 import json
 import time
 
 import pytest
 import torch
 
-pytest.importorskip("vllm")
-
-from components.config import from_mapping  # noqa: E402
-from components.grpo.main import GRPOConfig  # noqa: E402
-from components.grpo.main import run as run_grpo  # noqa: E402
-from components.models import load_model, load_tokenizer  # noqa: E402
-from components.training import engines  # noqa: E402
-from components.training.batching import Example, micro_batches  # noqa: E402
-from components.training.engines import EngineSyncError, RolloutEngine, VLLMEngine  # noqa: E402
-from components.training.loop import forward_logprobs  # noqa: E402
+from components.config import from_mapping
+from components.grpo.config import GRPOConfig
+from components.grpo.main import run as run_grpo
+from components.models import load_model, load_tokenizer
+from components.training import engines
+from components.training.batching import Example, micro_batches
+from components.training.config import RolloutEngine
+from components.training.engines import EngineSyncError, VLLMEngine
+from components.training.loop import forward_logprobs
 
 
 @pytest.fixture(autouse=True)
@@ -90,12 +89,13 @@ def grpo_config(model_dir, out, engine="vllm"):
 
 def test_grpo_weight_sync_keeps_the_engine_on_policy(tiny_model_dir, tmp_path, monkeypatch):
     """Each round samples with the engine, then trains one step: the round's first step compares the trainer's
-    log-probs of the sampled tokens with the engine's (rollout/logprob_diff_*). With every sync they agree to
-    1e-4 (fp32); with the second sync skipped the engine samples from stale weights and the check fails."""
+    log-probs of the sampled tokens with the engine's (sampling/sampling_logp_difference/*). With every sync they
+    agree to 1e-4 (fp32); with the second sync skipped the engine samples from stale weights and the check fails."""
     run_grpo(grpo_config(tiny_model_dir, tmp_path / "synced"))
     hist = lines(tmp_path / "synced" / "metrics.jsonl")
     assert [h["step"] for h in hist] == [1, 2, 3]
-    assert all(h["rollout/logprob_diff_max"] < 1e-4 for h in hist), [h["rollout/logprob_diff_max"] for h in hist]
+    gaps = [h["sampling/sampling_logp_difference/max"] for h in hist]
+    assert all(gap < 1e-4 for gap in gaps), gaps
     assert hist[1]["rollout/sync_s"] > 0 and hist[2]["rollout/sync_s"] == 0  # no sync after the last step
     assert all(h["grad_norm"] > 0 for h in hist[:2])  # the steps changed the policy
 
@@ -110,8 +110,8 @@ def test_grpo_weight_sync_keeps_the_engine_on_policy(tiny_model_dir, tmp_path, m
     run_grpo(grpo_config(tiny_model_dir, tmp_path / "skipped"))
     stale = lines(tmp_path / "skipped" / "metrics.jsonl")
     assert len(calls) == 2
-    assert stale[1]["rollout/logprob_diff_max"] < 1e-4  # the first sync happened
-    assert stale[2]["rollout/logprob_diff_max"] > 1e-2  # round 3 sampled from the weights before step 2
+    assert stale[1]["sampling/sampling_logp_difference/max"] < 1e-4  # the first sync happened
+    assert stale[2]["sampling/sampling_logp_difference/max"] > 1e-2  # round 3 sampled from the weights before step 2
 
 
 
@@ -129,7 +129,7 @@ def test_bench_grpo_with_the_vllm_engine(capsys):
 
 
 def test_reward_scoring_with_the_vllm_engine(tiny_model_dir, tmp_path):
-    from components.reward_scoring.main import RewardScoringConfig
+    from components.reward_scoring.config import RewardScoringConfig
     from components.reward_scoring.main import run as run_scoring
 
     cfg = from_mapping(RewardScoringConfig, {

@@ -7,7 +7,6 @@ removed), so any change to the compiled pipeline is seen in review. After an int
 """
 
 import copy
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -169,11 +168,6 @@ def test_cli_compile_writes_the_ir(tmp_path):
 
 # --- the bundled specs
 
-needs_rewards = pytest.mark.skipif(importlib.util.find_spec("components.rewards") is None,
-                                   reason="the bundled specs name reward functions (components.rewards)")
-
-
-@needs_rewards
 def test_cluster_training_stages_request_the_gpu_pool(tmp_path):
     spec = load_spec("cluster")
     _, pipeline, k8s = compiled(spec, tmp_path)
@@ -195,7 +189,6 @@ def test_cluster_training_stages_request_the_gpu_pool(tmp_path):
     assert pipeline["defaultPipelineRoot"] == "s3://posttrain-pipelines"
 
 
-@needs_rewards
 def test_cluster_runtime_parameters_have_defaults_and_descriptions(tmp_path):
     spec = load_spec("cluster")
     _, pipeline, _ = compiled(spec, tmp_path)
@@ -213,7 +206,6 @@ def test_cluster_runtime_parameters_have_defaults_and_descriptions(tmp_path):
     assert params["base_model"]["defaultValue"] == "s3://posttrain-data/models/qwen2.5-1.5b-instruct"
 
 
-@needs_rewards
 @pytest.mark.parametrize("name", ["cluster", "demo", "rlhf-demo"])
 def test_golden_ir(name, tmp_path):
     text, _, _ = compiled(load_spec(name), tmp_path)
@@ -250,7 +242,6 @@ def test_reward_model_after_a_stage_that_makes_pairs_compiles(tmp_path):
 # --- several nodes: a TrainJob per training stage -----------------------------------------------------------------
 
 
-@needs_rewards
 @pytest.mark.parametrize("name", ["cluster-7b", "cluster-70b-lora"])
 def test_multi_node_specs_compile_to_launcher_steps(name, tmp_path):
     """A stage whose resources allow several nodes: its step is a small pod (runtime_resources, the stage's timeout
@@ -318,7 +309,8 @@ def test_multi_node_needs_a_shared_workspace_and_a_training_stage():
         parse_spec(copy.deepcopy(data))
     data["storage"]["workspace_access_modes"] = ["ReadWriteMany"]
     data["stages"][2]["resources"]["max_nodes"] = 2  # evaluate
-    with pytest.raises(SpecError, match=r"max_nodes: 2 is invalid for the evaluate stage: only a training stage"):
+    with pytest.raises(SpecError, match=r"stages\[2\].resources.max_nodes: 2 is invalid for the evaluate stage: "
+                                        r"only a stage that declares multi_node"):
         parse_spec(copy.deepcopy(data))
     data["stages"][2]["resources"].pop("max_nodes")
     data["resources"]["max_nodes"] = 1
@@ -326,7 +318,6 @@ def test_multi_node_needs_a_shared_workspace_and_a_training_stage():
         parse_spec(copy.deepcopy(data))
 
 
-@needs_rewards
 def test_ppo_reads_the_runs_reward_model_through_its_optional_input(tmp_path):
     spec = copy.deepcopy(MINI)
     spec["data"]["sources"].append({"task": "arithmetic", "rows": 50, "shape": "prompts", "name": "prompts"})
@@ -351,7 +342,6 @@ def test_ppo_reads_the_runs_reward_model_through_its_optional_input(tmp_path):
         == names["ppo"]
 
 
-@needs_rewards
 def test_branches_start_from_their_named_model_and_evaluate_waits_for_every_model(tmp_path):
     """compare: each arm's model input comes from the stage it starts from; evaluate reads every model from the
     workspace, so it runs after all of them, not only after the candidate's chain."""
@@ -366,3 +356,26 @@ def test_branches_start_from_their_named_model_and_evaluate_waits_for_every_mode
     assert source("sft_grpo_dpo") == names["sft_grpo_half"] and source("evaluate") == names["sft_grpo_dpo"]
     trained = {"sft", "sft_longer", "psft", "sft_grpo", "sft_dpo", "sft_grpo_half", "sft_grpo_dpo"}
     assert {names[s] for s in trained} <= set(tasks[names["evaluate"]]["dependentTasks"])
+
+
+def test_a_stage_that_starts_from_base_reads_the_imported_base_model(tmp_path):
+    spec = copy.deepcopy(MINI)
+    spec["stages"][1:1] = [{"stage": "sft", "start_from": "base"}]
+    _, pipeline, _ = compiled(parse_spec(spec), tmp_path)
+    tasks = dag_tasks(pipeline)
+    names = {t["taskInfo"]["name"]: n for n, t in tasks.items()}
+    model = tasks[names["sft"]]["inputs"]["artifacts"]["model"]
+    assert model["taskOutputArtifact"]["producerTask"] == names["base-model"]  # not psft's model
+    evaluate = tasks[names["evaluate"]]["inputs"]
+    assert json.loads(evaluate["parameters"]["lineage"]["runtimeValue"]["constant"]) == {"psft": "base", "sft": "base"}
+
+
+def test_the_evaluation_is_given_the_runs_name(tmp_path):
+    """The report's title: `<spec name> <KFP run id>`, joined in the step (KFP substitutes its run id only in a
+    parameter that is the placeholder alone)."""
+    _, pipeline, _ = compiled(parse_spec(copy.deepcopy(MINI)), tmp_path)
+    params = dag_tasks(pipeline)["evaluate"]["inputs"]["parameters"]
+    assert params["spec_name"]["runtimeValue"]["constant"] == "mini"
+    assert params["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    source = executor(pipeline, "evaluate")["command"][-1]
+    assert '"run_name": f"{spec_name} {kfp_run_id}"' in source

@@ -3,7 +3,7 @@
 import pytest
 
 from components.config import ConfigError, load_config
-from components.sft.main import SFTConfig
+from components.sft.config import SFTConfig
 
 BASE = "model: m\ntrain_data: d.jsonl\noutput_dir: out\n"
 
@@ -50,7 +50,7 @@ def test_valid_config_loads(tmp_path):
 
 
 def test_a_part_keeps_the_stages_own_defaults(tmp_path):
-    from components.grpo.main import GRPOConfig
+    from components.grpo.config import GRPOConfig
 
     f = tmp_path / "grpo.yaml"
     f.write_text("model: m\noutput_dir: out\nprompts: {task: arithmetic}\ntrain: {lr: 0.001}\n")
@@ -78,7 +78,7 @@ def test_keys_a_stage_does_not_read_are_refused(tmp_path, module, cls, extra, me
 
 
 def test_grpo_reads_the_clip_range(tmp_path):
-    from components.grpo.main import GRPOConfig
+    from components.grpo.config import GRPOConfig
 
     f = tmp_path / "grpo.yaml"
     f.write_text("model: m\noutput_dir: out\nprompts: {task: arithmetic, max_bad_fraction: 0.1}\nepsilon_high: 0.3\n")

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from components.data_prep.main import LENGTH_BINS, READERS, length_stats, on_eval_side, source_files
-from components.data_prep.readers import BrokenFile
 from components.datasets import (
     DataError,
     RowError,
@@ -16,6 +15,7 @@ from components.datasets import (
     row_key,
     sft_row,
 )
+from components.sources.readers import BrokenFile
 
 U, A, S = "user", "assistant", "system"
 
@@ -140,7 +140,8 @@ def test_csv_and_json_readers_name_lines(tmp_path):
 
 def test_template_failure_is_a_named_row_error(tmp_path, tiny_model_dir):
     from components.config import from_mapping
-    from components.data_prep.main import DataPrepConfig, run
+    from components.data_prep.config import DataPrepConfig
+    from components.data_prep.main import run
     from components.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
@@ -166,7 +167,7 @@ def test_readme_documents_every_key_and_its_example_loads():
     import yaml
 
     from components.config import from_mapping
-    from components.data_prep.main import DataPrepConfig, FileSource, TaskSource
+    from components.data_prep.config import DataPrepConfig, FileSource, TaskSource
 
     readme = (Path(__file__).parents[2] / "components" / "data_prep" / "README.md").read_text()
     for cls in (DataPrepConfig, FileSource, TaskSource):

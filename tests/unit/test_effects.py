@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from components.config import ConfigError, from_mapping
-from components.evaluate.main import EvaluateConfig, SuiteRun, effects, verdict
+from components.evaluate.config import EvaluateConfig
+from components.evaluate.main import SuiteRun, effects, verdict
 from components.evaluate.report import Collected, figure_training_entropy
 from pipelines.local import format_effects
 

@@ -5,7 +5,8 @@ import time
 import pytest
 
 from components.config import ConfigError, from_mapping
-from components.training.engines import EngineSyncError, HFEngine, RolloutEngine, run_with_deadline
+from components.training.config import RolloutEngine
+from components.training.engines import EngineSyncError, HFEngine, run_with_deadline
 
 
 def test_a_hung_call_raises_after_the_timeout():

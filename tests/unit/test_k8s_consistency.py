@@ -4,7 +4,7 @@ endpoints that are Services of k8s/ (MLflow's among its allowed hosts), and the 
 
 The checks run on the compiled KFP YAML. They are proven here on a small pipeline compiled with kfp to the
 same conventions (and broken on purpose), and applied to the real one: pipelines.posttrain.compile_spec on
-the bundled spec `cluster` (skipped while pipelines.posttrain does not exist)."""
+the bundled spec `cluster`."""
 
 # no `from __future__ import annotations`: kfp reads the probe components' annotations as types at compile time
 import re
@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from k8s_tools import ROOT, load_validate
+
+from pipelines.posttrain import compile_spec
 
 validate = load_validate()
 
@@ -206,10 +208,8 @@ def test_a_pvc_the_runner_may_not_create_is_a_mismatch(tmp_path, deployment):
 
 
 def test_compiled_cluster_pipeline_matches_the_manifests(tmp_path, deployment):
-    posttrain = pytest.importorskip("pipelines.posttrain",
-                                    reason="the pipeline compiler (pipelines/posttrain.py) is not there yet")
     out = tmp_path / "pipeline.yaml"
-    posttrain.compile_spec(ROOT / "pipelines" / "specs" / "cluster.yaml", out)
+    compile_spec(ROOT / "pipelines" / "specs" / "cluster.yaml", out)
     assert consistency_problems(out, deployment) == []
     text = out.read_text()
     # it does refer to the deployment: both shared Secrets, the pipeline bucket, the trainer image

@@ -52,7 +52,7 @@ def test_grpo_loss_each_aggregation(mode, seq_w):
     assert float(loss.detach()) == pytest.approx(expect, rel=1e-6)
     loss.backward()  # d/dlogp of −r·Â·w at r = 1 is −Â·w
     torch.testing.assert_close(logp.grad, -(adv * w))
-    assert float(m["clip_ratio/high"]) == 0 and float(m["kl_old"]) == pytest.approx(0, abs=1e-7)
+    assert float(m["clip_ratio/high_mean"]) == 0 and float(m["kl_old"]) == pytest.approx(0, abs=1e-7)
 
 
 def test_grpo_clip_and_kl():
@@ -65,7 +65,7 @@ def test_grpo_clip_and_kl():
     # both surrogates clipped: −min(1.6, 1.28), −min(−0.4, −0.8)
     expect = 0.5 * (-1.28) + 0.5 * (0.8) + 0.1 * 0.5 * sum(kl)
     assert float(loss.detach()) == pytest.approx(expect, rel=1e-6)
-    assert float(m["clip_ratio/high"]) == 1 and float(m["clip_ratio/low"]) == 1
+    assert float(m["clip_ratio/high_mean"]) == 1 and float(m["clip_ratio/low_mean"]) == 1
     assert float(m["kl"]) == pytest.approx(sum(kl), rel=1e-6)
     loss.backward()  # clipped tokens get gradient only from the KL term
     dkl = torch.tensor([1 - 0.6 / 0.8, 1 - 0.3 / 0.2])  # d/dlogp of exp(ref−logp) − (ref−logp) − 1
@@ -197,7 +197,7 @@ def test_reinforce_pp_folds_the_k1_kl_into_the_reward():
 
 def test_grpo_config_advantage_setting():
     from components.config import ConfigError, from_mapping
-    from components.grpo.main import GRPOConfig
+    from components.grpo.config import GRPOConfig
 
     base = {"model": "m", "output_dir": "o", "prompts": {"task": "arithmetic"}, "train": {"batch_size": 8}}
     assert from_mapping(GRPOConfig, base).advantage == "grpo"
@@ -269,14 +269,14 @@ def test_clipped_value_loss():
     old, returns, mask = torch.full((3,), 0.5), torch.tensor([2.0, 0.0, 0.0]), torch.ones(3)
     loss, m = clipped_value_loss(vpred, old, returns, mask, 3.0, cliprange_value=0.2)
     torch.testing.assert_close(loss, torch.tensor(0.3383333))
-    assert (float(m["val/clipfrac"]), float(m["val/vpred"]), float(m["val/error"])) == (2.0, 1.5, 1.25)
+    assert (float(m["val/clipfrac_avg"]), float(m["val/vpred"]), float(m["val/error"])) == (2.0, 1.5, 1.25)
     # the clipped tokens give no gradient (the clipped term is constant in V there); the third: (V − G)/3 = 1/6
     loss.backward()
     torch.testing.assert_close(vpred.grad, torch.tensor([0.0, 0.0, 0.5 / 3]))
     # no clip (A2C): ½·(1 + 0 + 0.25) / 3 = 0.2083333
     loss, m = clipped_value_loss(vpred.detach(), old, returns, mask, 3.0, cliprange_value=None)
     torch.testing.assert_close(loss, torch.tensor(0.2083333))
-    assert float(m["val/clipfrac"]) == 0.0
+    assert float(m["val/clipfrac_avg"]) == 0.0
 
 
 def test_adaptive_kl_controller_one_update():

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from components.config import ConfigError, UserError, from_mapping
-from components.training.engines import RolloutEngine, llm_arguments
+from components.training.config import RolloutEngine
+from components.training.engines import llm_arguments
 from components.training.parallel import SamplingWorld, init_sampling, shard_range
 
 
@@ -100,7 +101,7 @@ def test_the_tensor_parallel_setting_is_checked():
 
 
 def test_grpo_refuses_tensor_parallelism():
-    from components.grpo.main import GRPOConfig
+    from components.grpo.config import GRPOConfig
 
     with pytest.raises(ConfigError, match="rollout.tensor_parallel_size: 2 is invalid: 1 in grpo"):
         from_mapping(GRPOConfig, {"model": "m", "output_dir": "o", "prompts": {"task": "arithmetic"},

@@ -44,15 +44,13 @@ def test_base_spec_is_valid():
     assert spec.runtime_defaults(spec.stages[0]) == {"lr": 0.001, "max_steps": 10}
 
 
-@pytest.mark.parametrize("name", ["demo", "compare", "rlhf-demo", "cluster"])
+@pytest.mark.parametrize("name", ["demo", "sft-psft", "compare", "rlhf-demo", "cluster"])
 def test_bundled_specs_load_by_name(name):
-    pytest.importorskip("components.rewards", reason="the bundled specs name reward functions")
     spec = load_spec(name)
     assert spec.stages and (spec.promotion is not None) == any(s.stage == "register" for s in spec.stages)
 
 
 def test_cluster_spec_places_training_on_tainted_gpu_nodes():
-    pytest.importorskip("components.rewards", reason="the cluster spec names reward functions")
     spec = load_spec("cluster")
     psft = spec.stages[0]
     res = spec.stage_resources(psft)
@@ -122,7 +120,6 @@ def test_ppo_without_any_reward(tmp_path):
 
 
 def test_ppo_rewards_of_its_own_or_the_specs():
-    pytest.importorskip("components.rewards", reason="the ppo stage names reward functions")
     data = copy.deepcopy(BASE)
     _with_prompts_and({"stage": "ppo", "settings": {"rewards": [{"name": "arithmetic"}]}})(data)
     assert [s.stage for s in parse_spec(data).stages][:2] == ["psft", "ppo"]
@@ -217,7 +214,7 @@ def test_missing_required_key(tmp_path):
 
 
 def test_unknown_spec_name_lists_the_bundled_ones():
-    with pytest.raises(SpecError, match=r"nosuch: no such file, .*\(bundled: demo, compare, rlhf-demo, "
+    with pytest.raises(SpecError, match=r"nosuch: no such file, .*\(bundled: demo, sft-psft, compare, rlhf-demo, "
                                         r"cluster, cluster-7b, cluster-70b-lora\)"):
         load_spec("nosuch")
 
@@ -236,7 +233,7 @@ def test_pipeline_parameters_out_of_range(item, message):
 
 
 def test_guard_direction_reaches_the_promotion_rule(tmp_path):
-    from components.register.promote import PromotionRule, decide
+    from components.promotion import PromotionRule, decide
 
     data = copy.deepcopy(BASE)
     data["promotion"]["guards"].append({"metric": "arithmetic-ood/kl_to_base", "max_drop": 0.01, "direction": "min"})
@@ -262,8 +259,8 @@ def test_a_sampling_stage_takes_one_node_of_the_pool(tmp_path):
 
     msg = spec_error(tmp_path, lambda d: d["stages"][1].update(resources={"accelerator": "nvidia.com/gpu", "gpus": 2,
                                                                           "max_nodes": 2}))
-    assert "stages[1].resources.max_nodes: 2 is invalid for the evaluate stage: only a training stage runs on " \
-           "several nodes" in msg
+    assert "stages[1].resources.max_nodes: 2 is invalid for the evaluate stage: only a stage that declares " \
+           "multi_node runs on several nodes (sft, psft, sft_kl, dpo, reward_model, grpo, ppo); 1" in msg
 
 
 def test_tensor_parallelism_must_divide_the_stages_gpus(tmp_path):
@@ -324,13 +321,13 @@ def test_a_training_kind_may_repeat_under_its_own_name_and_start_from_an_earlier
     msg = spec_error(tmp_path, lambda d: d["stages"].insert(2, {"stage": "evaluate", "name": "again"}))
     assert "stages[2].stage: 'evaluate' is invalid: a kind of stage that makes no model appears once" in msg
     msg = spec_error(tmp_path, lambda d: d["stages"].insert(1, {"stage": "sft", "name": "b", "start_from": "nope"}))
-    assert "stages[1].start_from: 'nope' is invalid: the name of an earlier stage that made a model (psft)" in msg
+    assert "stages[1].start_from: 'nope' is invalid: base (the base model) or the name of an earlier stage that " \
+           "made a model (psft)" in msg
     msg = spec_error(tmp_path, lambda d: d["stages"][0].update(name="Bad-Name"))
     assert "stages[0].name" in msg and "lowercase letters, digits and '_'" in msg
 
 
 def test_the_compare_spec_branches_from_one_sft_start():
-    pytest.importorskip("components.rewards", reason="the bundled specs name reward functions")
     from pipelines.posttrain import lineage
     spec = load_spec("compare")
     assert lineage(spec.stages) == {"sft": "base", "sft_longer": "sft", "psft": "sft", "sft_grpo": "sft",
@@ -342,3 +339,44 @@ def test_the_compare_spec_branches_from_one_sft_start():
         return st.settings["train"]["max_steps"] * per_step
     arms = [["sft_longer"], ["psft"], ["sft_grpo"], ["sft_dpo"], ["sft_grpo_half", "sft_grpo_dpo"]]
     assert {sum(sequences(n) for n in arm) for arm in arms} == {25_600}
+
+
+def test_a_stage_may_start_from_the_base_model(tmp_path):
+    from pipelines.posttrain import lineage
+
+    data = copy.deepcopy(BASE)
+    data["stages"][1:1] = [{"stage": "sft", "start_from": "base"}]
+    spec = parse_spec(data)
+    assert lineage(spec.stages) == {"psft": "base", "sft": "base"}  # not psft's model, the latest one
+    msg = spec_error(tmp_path, lambda d: d["stages"].insert(1, {"stage": "sft", "name": "base"}))
+    assert "stages[1].name: 'base' is invalid: it names the base model (set `name`)" in msg
+    msg = spec_error(tmp_path, lambda d: d["stages"][2].update(start_from="base"))  # register
+    assert "stages[2].start_from: 'base' is invalid for the register stage: it needs the model of the training " \
+           "stage before (there must be one)" in msg
+
+
+def test_eval_suites_are_checked_by_the_evaluating_stages_config_and_named_as_eval_suites(tmp_path):
+    msg = spec_error(tmp_path, lambda d: d["eval_suites"].append({"task": "algebra"}))
+    assert "spec.yaml: eval_suites[2].task='algebra' is invalid: one of " in msg and "\n" not in msg, msg
+    msg = spec_error(tmp_path, lambda d: d["eval_suites"].append({"task": "arithmetic", "split": "id"}))
+    assert "eval_suites=" in msg and "suites with distinct names" in msg
+    # the promotion rule is checked against the metrics that config will write (its k, from the stage's settings)
+    msg = spec_error(tmp_path, lambda d: d["promotion"].update(metric="arithmetic-id/pass@4"))
+    assert "promotion.metric: 'arithmetic-id/pass@4' is invalid: the eval will not produce it" in msg
+    data = copy.deepcopy(BASE)
+    data["stages"][1]["settings"] = {"samples": 4, "k": [1, 4], "temperature": 0.7}
+    data["promotion"]["metric"] = "arithmetic-id/pass@4"
+    assert parse_spec(data).promotion.metric == "arithmetic-id/pass@4"
+
+
+def test_the_data_sources_parameter_is_checked_by_the_data_steps_config():
+    from pipelines.posttrain import parse_params
+
+    spec = parse_spec(copy.deepcopy(BASE))
+    good = '[{"task": "arithmetic", "rows": 10, "shape": "sft"}]'
+    assert parse_params(spec, [f"data_sources={good}"]) == {"data_sources": good}
+    with pytest.raises(ValueError) as e:
+        parse_params(spec, ['data_sources=[{"task": "arithmetic", "rows": 10, "shape": "dpo"}]'])
+    assert str(e.value).startswith("--param data_sources: sources[0]") and "shape" in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match=r"--param data_sources: sources: the name .* is used 2 times"):
+        parse_params(spec, [f"data_sources=[{good[1:-1]}, {good[1:-1]}]"])

@@ -118,13 +118,6 @@ def test_a_repeated_key_is_refused_naming_the_key_and_both_lines(tmp_path):
     with pytest.raises(ConfigError, match=r"stage\.yaml: line 4, column 3: duplicate key 'lr' \(first at line 2\)"):
         load_config(Config, cfg)
 
-    from pipelines.demo import DEMO_SPEC, load_demo_spec
-
-    demo = tmp_path / "demo.yaml"
-    demo.write_text(DEMO_SPEC.read_text() + "seed: 7\n")
-    with pytest.raises(ValueError, match=r"demo\.yaml: line \d+, column 1: duplicate key 'seed' \(first at line"):
-        load_demo_spec(demo, tmp_path / "out")
-
 
 DEEP = {"flow-list": "name: " + "[" * 5000 + "]" * 5000 + "\n",
         "flow-mapping": "name: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n",

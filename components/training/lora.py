@@ -1,12 +1,13 @@
-"""LoRA and QLoRA through peft: the `lora` part of the training stages' configs (sft, dpo, grpo).
+"""LoRA and QLoRA through peft, in one place: applying the `lora` part of a training stage's config
+(components.training.config.Adapter: sft, dpo, grpo and ppo's actor) and what the engine asks of an adapted model.
 
 With `lora.enabled` the policy is the base model, frozen, with low-rank adapters on `target_modules`, and only the
 adapters train; with `lora.quantize` (QLoRA) the frozen base is loaded in 4 or 8 bits (bitsandbytes, CUDA only).
-Each stage loads its policy with `load_policy` and saves it with `save_policy`: the one place LoRA is applied.
+Each stage loads its policy with `load_policy` (given its `loading`, what loads a model directory) and saves it
+with `save_policy`: the one place LoRA is applied.
 
-- The reference of DPO, of SFT-KL and of GRPO's KL term is then the base model with the adapter disabled (peft's
-  `disable_adapter()`, components.training.loop.base_reference) unless `ref_model` names another model: no
-  second model is loaded.
+- The reference of DPO, of SFT-KL and of GRPO's and PPO's KL term is then the base model with the adapter disabled
+  (`base_reference`, peft's `disable_adapter()`) unless `ref_model` names another model: no second model is loaded.
 - The stage's model/ is, by `output`, the merged model (the base with the adapter merged in: a plain Hugging Face
   directory, safetensors) or the adapter (peft's adapter directory, adapter_config.json and
   adapter_model.safetensors, with the tokenizer). summary.json records which (`output`: full, merged or
@@ -18,65 +19,38 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import sys
 import tempfile
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-from components.config import UserError, require
-from components.models import ModelLoading, save_model
+from components.config import UserError
 from components.training import distributed
-from components.training.loop import bf16_autocast, is_lora
+from components.training.config import Adapter, bf16_autocast
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("merged", "adapter")
-QUANTIZE = ("none", "4bit", "8bit")
+
+def is_lora(model) -> bool:
+    """Whether `model` is a peft model (LoRA adapters on a frozen base). peft is only looked at once loaded."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
-@dataclass(kw_only=True)
-class Adapter:
-    """LoRA/QLoRA through peft (off by default): the `lora` part of the sft, dpo, grpo and ppo (actor) stages'
-    configs."""
-
-    enabled: bool = False
-    """Train low-rank adapters on the frozen base model instead of every weight."""
-    r: int = 16
-    """Rank of each adapter."""
-    alpha: float = 32.0
-    """Scale of the adapters: their update is multiplied by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the adapters' input while training."""
-    target_modules: str | list[str] = "all-linear"
-    """The modules that get an adapter: all-linear (every linear layer but the output head) or a list of module
-    names (e.g. [q_proj, v_proj])."""
-    output: str = "merged"
-    """What model/ holds: merged (the base with the adapter merged in, a plain Hugging Face directory) or adapter
-    (peft's adapter directory and the tokenizer, to load on the base model)."""
-    quantize: str = "none"
-    """QLoRA: load the frozen base in 4bit (NF4, bf16 compute) or 8bit; needs a CUDA device with bitsandbytes.
-    none: the base in full precision."""
-
-    def __post_init__(self):
-        require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "r", self.r,
-                "a positive integer")
-        require(self.alpha > 0, "alpha", self.alpha, "a positive number")
-        require(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
-        names = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
-        require(bool(names) and all(isinstance(name, str) and name for name in names), "target_modules",
-                self.target_modules, "all-linear or a non-empty list of module names")
-        require(self.output in OUTPUTS, "output", self.output, f"one of {', '.join(OUTPUTS)}")
-        require(self.quantize in QUANTIZE, "quantize", self.quantize, f"one of {', '.join(QUANTIZE)}")
-        require(self.quantize == "none" or self.enabled, "quantize", self.quantize,
-                "none unless enabled is true (QLoRA trains adapters on the quantized base)")
-
-    def peft_config(self):
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias="none",
-                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+@contextmanager
+def base_reference(model):
+    """Within it, `model` (a LoRA policy) computes as its base model: the adapter disabled (peft's
+    `disable_adapter()`), in eval mode, without gradients; the policy's mode is restored after. This is the
+    reference of DPO, SFT-KL and GRPO's KL term with LoRA, so no second model is loaded."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), model.disable_adapter():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 class QuantizationUnavailable(UserError):
@@ -124,7 +98,7 @@ def policy_dtype(lora: Adapter, train, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if lora.enabled and train is not None and bf16_autocast(train, device) else torch.float32
 
 
-def load_policy(path: str | Path, loading: ModelLoading, lora: Adapter, seed: int = 0, train=None):
+def load_policy(path: str | Path, loading, lora: Adapter, seed: int = 0, train=None):
     """The model a training stage trains: the model at `path` as is, or with lora.enabled that model frozen
     (quantized with lora.quantize) under peft's LoRA adapters, which alone train; their random initialization
     comes from `seed` (the stage's train.seed), so a rerun starts from the same adapters. Logs the parameter
@@ -132,7 +106,8 @@ def load_policy(path: str | Path, loading: ModelLoading, lora: Adapter, seed: in
 
     `train` (the stage's TrainConfig) decides how the weights load: in bf16 for a LoRA base that computes in bf16
     (`policy_dtype`), and under ZeRO-3 on several ranks partitioned as they load (distributed.sharded_loading),
-    each rank holding its share. Without it, the model loads whole in fp32."""
+    each rank holding its share. Without it, the model loads whole in fp32. `loading` loads a model directory (the
+    stage's `loading` part: load_model(path, dtype=, device=, quantization_config=))."""
     dist = distributed.init()
     dtype = policy_dtype(lora, train, dist.device)
     sharded = distributed.sharded_loading(train, dist, dtype) if train is not None else nullcontext()
@@ -172,8 +147,7 @@ def merged_dtype(model, lora: Adapter) -> torch.dtype:
     return next((param.dtype for param in model.parameters() if not param.requires_grad), torch.float32)
 
 
-def save_policy(model, tokenizer, path: Path, dist, lora: Adapter, base: str | Path, loading: ModelLoading,
-                ) -> dict:
+def save_policy(model, tokenizer, path: Path, dist, lora: Adapter, base: str | Path, loading) -> dict:
     """Save the trained policy to `path` and return what summary.json records of it: `output` (full, merged or
     adapter), `trainable_params` and `total_params`.
 
@@ -183,7 +157,7 @@ def save_policy(model, tokenizer, path: Path, dist, lora: Adapter, base: str | P
     trainable, total = parameter_counts(model)
     counts = {"trainable_params": trainable, "total_params": total}
     if not is_lora(model):
-        save_model(model, tokenizer, path, dist)
+        distributed.save_model(model, tokenizer, path, dist)
         return {"output": "full", **counts}
     merge = lora.output == "merged"
     scratch = Path(tempfile.mkdtemp(prefix=".adapter-", dir=Path(path).parent)) if merge and dist.rank == 0 else None
@@ -208,7 +182,3 @@ def save_policy(model, tokenizer, path: Path, dist, lora: Adapter, base: str | P
         tokenizer.save_pretrained(path)
     dist.barrier()
     return {"output": lora.output, **counts}
-
-
-__all__ = ["Adapter", "QuantizationUnavailable", "check_quantization", "merged_dtype", "load_policy",
-           "parameter_counts", "policy_dtype", "save_policy"]

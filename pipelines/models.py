@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from components.register import promote
+from components import promotion
 
 
 def main(argv: list[str]) -> int:
@@ -44,16 +44,16 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         if args.action == "list":
-            info = promote.listing(args.name)
-            print(json.dumps(info, indent=2) if args.json else promote.format_listing(info))
+            info = promotion.listing(args.name)
+            print(json.dumps(info, indent=2) if args.json else promotion.format_listing(info))
             return 0
         if args.action == "promote":
-            record = promote.promote(args.name, args.version, reason=args.reason)
+            record = promotion.promote(args.name, args.version, reason=args.reason)
         else:
-            record = promote.rollback(args.name, to=args.to, reason=args.reason)
-    except (promote.PromotionConflict, ValueError, MlflowException) as e:
+            record = promotion.rollback(args.name, to=args.to, reason=args.reason)
+    except (promotion.PromotionConflict, ValueError, MlflowException) as e:
         print(f"posttrain models {args.action}: {e}", file=sys.stderr)
         return 1
-    print(f"{args.name}: {promote.CHAMPION} {promote.version_label(record['previous'])} -> v{record['version']} "
+    print(f"{args.name}: {promotion.CHAMPION} {promotion.version_label(record['previous'])} -> v{record['version']} "
           f"({record['action']})")
     return 0

@@ -385,12 +385,34 @@ def check_contract(stage: Stage) -> None:
             raise ValueError(f"{where}: parameter {name!r} is filled by nothing ({why}) and has no default")
     if stage.gate:
         _check_gate(stage, where, made, given)
+    _check_config(stage)
     if stage.scaled:
         import importlib.util
 
         if importlib.util.find_spec(f"{stage.python_package}.__main__") is None:
             raise ValueError(f"stage {stage.name}: {stage.python_package} has no __main__.py: a {stage.kind} stage "
                              "runs as `python -m <package> --config FILE` under torchrun")
+
+
+def _check_config(stage: Stage) -> None:
+    """The config class exists in the stage's config.py, `run` in its main.py, and the capabilities the entry
+    declares are what the config offers: `lora` a `lora` part, `engines` a `rollout` part whose engine takes each."""
+    import dataclasses
+    import importlib.util
+
+    try:
+        fields = {f.name: f for f in dataclasses.fields(stage.config_class())}
+    except (ImportError, AttributeError, TypeError) as e:
+        raise ValueError(f"stage {stage.name}: config {stage.python_package}.config.{stage.config} cannot be "
+                         f"loaded as a dataclass: {e}") from None
+    if importlib.util.find_spec(stage.main) is None:
+        raise ValueError(f"stage {stage.name}: {stage.main} does not exist: it runs the stage (`run`, `main`)")
+    if stage.lora != ("lora" in fields):
+        raise ValueError(f"stage {stage.name}: lora={stage.lora} is invalid: its config "
+                         f"{'has' if 'lora' in fields else 'has no'} `lora` part")
+    if bool(stage.engines) != ("rollout" in fields):
+        raise ValueError(f"stage {stage.name}: engines={stage.engines} is invalid: its config "
+                         f"{'has' if 'rollout' in fields else 'has no'} `rollout` part")
 
 
 def _check_gate(stage: Stage, where: str, made: dict, given: set[str]) -> None:

@@ -31,7 +31,7 @@ The launcher (TrainJobLauncher.run):
   attempt reattaches, and deleting the run collects it.
 
 Why the `kubeflow-trainer-api` models and the Kubernetes client rather than the kubeflow SDK's TrainerClient:
-README.md, "Several nodes".
+docs/design.md, "Several nodes".
 """
 
 from __future__ import annotations
@@ -68,8 +68,10 @@ WORKFLOW_GROUP, WORKFLOW_VERSION, WORKFLOW_PLURAL = "argoproj.io", "v1alpha1", "
 API_ENV = "POSTTRAIN_KUBE_API"
 """An API server URL used without credentials (a `kubectl proxy`, a test's server); unset: the in-cluster
 service account, else the kubeconfig."""
-FORWARDED_ENV = re.compile(r"^(POSTTRAIN_[A-Z0-9_]+|MLFLOW_TRACKING_URI|MLFLOW_S3_ENDPOINT_URL)$")
-"""What the step's environment passes on to the TrainJob's pods as values: URIs and lineage, never credentials."""
+FORWARDED_ENV = re.compile(r"^(POSTTRAIN_[A-Z0-9_]+|MLFLOW_TRACKING_URI|MLFLOW_S3_ENDPOINT_URL|KFP_MLFLOW_CONFIG|"
+                           r"MLFLOW_RUN_ID|MLFLOW_WORKSPACE|MLFLOW_TRACKING_AUTH)$")
+"""What the step's environment passes on to the TrainJob's pods as values: URIs and lineage, never credentials
+(KFP's MLflow plugin's settings included: its config names Secret keys, never values)."""
 
 
 class TrainJobFailed(RuntimeError):

@@ -369,7 +369,8 @@ def _run(cfg: EvaluateConfig, world: SamplingWorld) -> dict:
         (out / "metrics.json").write_text(json.dumps(flat, indent=2))
         write_jsonl(out / "samples.jsonl", ({"model": m, "suite": s, **sample} for m, r in runs.items()
                                             for s, run_ in r.items() for sample in run_.samples))
-        report = write_evaluation_report(cfg.name, doc, training_metrics, out / "report.html", run_name=cfg.run_name)
+        report = write_evaluation_report(cfg.name, doc, training_metrics, out / "report.html", run_name=cfg.run_name,
+                                         parents=cfg.parents)
         tracked.log_metrics({mlflow_metric_name(k): v for k, v in flat.items()}, step=0)
         for name in ("eval.json", "report.html"):
             tracked.log_artifact(out / name)

@@ -32,7 +32,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -66,15 +66,37 @@ class Collected:
     effects: list[dict]
     """Each stage's change in accuracy per suite, against the previous stage and the base (eval.json `effects`)."""
 
+    lineage: dict[str, str | None] = field(default_factory=dict)
+    """Each stage → the model it was trained from, as given (StageResult.parent): where its curves start."""
+
     def step_axis(self) -> list[tuple[int, str]]:
-        """(first step, stage) of every stage that logged steps, one after another in the order they trained."""
-        out, offset = [], 0
+        """(first step, stage) of every stage that logged steps, in the order they trained: a stage starts where the
+        model it was trained from ended (0 for a model with no training here, e.g. the base model), or, when it
+        does not say, after the stage before it."""
+        out, ends, previous = [], {}, 0
         for stage, rows in self.training.items():
             steps = [r["step"] for r in rows if isinstance(r.get("step"), (int, float))]
             if steps:
-                out.append((offset, stage))
-                offset += max(steps)
+                parent = self.lineage.get(stage)
+                start = previous if parent is None else ends.get(parent, 0)
+                out.append((start, stage))
+                ends[stage] = previous = start + max(steps)
         return out
+
+    def order(self) -> str:
+        """The stages on the step axis: `a → b` where b continued from a, `| b (from x)` where b started from
+        another model (a branch, e.g. two recipes from one start)."""
+        text, before = "", None
+        for _, stage in self.step_axis():
+            parent = self.lineage.get(stage)
+            if before is None:
+                text = stage if parent in (None, "base") or parent not in self.training else f"{stage} (from {parent})"
+            elif parent is None or parent == before:
+                text += f" → {stage}"
+            else:
+                text += f" | {stage} (from {parent})"
+            before = stage
+        return text
 
     def color(self, name: str) -> str:
         """One color per model or stage, the same in every figure."""
@@ -150,7 +172,7 @@ def collect(stages: Sequence[StageResult]) -> Collected:
             if isinstance(d, dict) and d:
                 diffs.append((stage.name, b, d))
         effects += [e for e in doc.get("effects") or [] if isinstance(e, dict)]
-    return Collected(models, parents, suites, diffs, training, notes, effects)
+    return Collected(models, parents, suites, diffs, training, notes, effects, lineage=declared)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -322,7 +344,7 @@ def _curves(c: Collected, keys: Callable[[dict], list[str]], ylabel: str, title:
 
 
 def _order(c: Collected) -> str:
-    return " → ".join(stage for _, stage in c.step_axis())
+    return c.order()
 
 
 def figure_training_entropy(c: Collected) -> Figure | str:
@@ -467,13 +489,16 @@ def write_report(stages: Sequence[StageResult], path: str | Path, *, title: str 
 
 
 def write_evaluation_report(name: str, doc: dict, training_metrics: Mapping[str, str | Path], path: str | Path, *,
-                            run_name: str = "") -> Path:
+                            run_name: str = "", parents: Mapping[str, str] | None = None) -> Path:
     """The evaluate stage's report: the candidate `name` with its eval.json `doc` (baselines included), and the
     metrics.jsonl of every stage in `training_metrics`, whose order is the order the stages trained (the
     pipeline's lineage). The candidate keeps its place there, or comes after them: it is the last model trained.
-    Titled by the pipeline run (`run_name`: "<spec name> <run id>"), or by the candidate for a stage run alone."""
+    Titled by the pipeline run (`run_name`: "<spec name> <run id>"), or by the candidate for a stage run alone.
+    `parents` (each stage → the model it started from) places a stage's curves after its own parent's, so two
+    recipes from one start are not drawn as if one continued the other."""
     order = [*training_metrics, *([] if name in training_metrics else [name])]
-    stages = [StageResult(s, eval=doc if s == name else None, metrics=training_metrics.get(s)) for s in order]
+    stages = [StageResult(s, eval=doc if s == name else None, metrics=training_metrics.get(s),
+                          parent=(parents or {}).get(s)) for s in order]
     spec, _, run_id = run_name.strip().partition(" ")
     title = f"{spec} · run {run_id.strip()}" if run_id.strip() else spec or f"Evaluation of {name}"
     return write_report(stages, path, title=title)

@@ -164,6 +164,17 @@ class ScaleConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 '''
 
+SCALE_MAIN = '''\
+import shutil
+from pathlib import Path
+
+
+def run(cfg) -> dict:
+    """Copies its model: the tests compile this stage, they do not train with it."""
+    shutil.copytree(cfg.model, Path(cfg.output_dir) / "model", dirs_exist_ok=True)
+    return {}
+'''
+
 SCALE_COMPONENT = '''\
 from kfp import dsl
 from kfp.dsl import Input, Metrics, Model, Output
@@ -196,8 +207,8 @@ def scale_one_node(model: Input[Model], settings: str, lr: float, max_steps: int
 def scale_stage(tmp_path, monkeypatch):
     package = tmp_path / "plugins" / "scale_stage"
     package.mkdir(parents=True)
-    for name, text in (("__init__.py", SCALE_INIT), ("config.py", SCALE_CONFIG), ("component.py", SCALE_COMPONENT),
-                       ("__main__.py", "")):
+    for name, text in (("__init__.py", SCALE_INIT), ("config.py", SCALE_CONFIG), ("main.py", SCALE_MAIN),
+                       ("component.py", SCALE_COMPONENT), ("__main__.py", "")):
         (package / name).write_text(text)
     monkeypatch.syspath_prepend(str(package.parent))
     import scale_stage

@@ -7,6 +7,7 @@ refused in one line naming the file and key, before anything runs.
 """
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,9 @@ def test_short_sft_psft_run(tmp_path, capsys):
     report = tmp_path / "out" / "report.html"
     dom = rendered(report, tmp_path)
     assert len(dom.images) >= 3 and all(img.get("data-ok") == "1" for img in dom.images)
-    assert dom.text["fig-training-entropy caption"] == "Entropy over training steps (sft → psft)"
-    assert spec.name in dom.text["title"], dom.text["title"]  # the report names the pipeline run
+    # psft started from base, not from sft: a branch on the step axis, said in the caption
+    assert dom.text["fig-training-entropy caption"] == "Entropy over training steps (sft | psft (from base))"
+    assert re.fullmatch(rf"{re.escape(spec.name)} · run [\w-]+", dom.text["title"]), dom.text["title"]
 
 
 def test_demo_is_a_run_of_the_bundled_spec(tmp_path, monkeypatch):

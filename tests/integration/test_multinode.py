@@ -58,7 +58,7 @@ def _config(root: Path, name: str, model: Path, data: Path) -> Path:
     return path
 
 
-def _start_nodes(config: Path, log_dir: Path, attempt: str) -> list[subprocess.Popen]:
+def _start_nodes(config: Path, log_dir: Path, attempt: str, module: str = "components.sft") -> list[subprocess.Popen]:
     """Two torchrun agents, one per "node", meeting at a c10d rendezvous; each in its own process group, so a
     node (agent and worker) can be killed as a whole."""
     endpoint = f"127.0.0.1:{_free_port()}"
@@ -66,7 +66,7 @@ def _start_nodes(config: Path, log_dir: Path, attempt: str) -> list[subprocess.P
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", f"posttrain-{attempt}",
-               "--max-restarts", "0", "-m", "components.sft", "--config", str(config)]
+               "--max-restarts", "0", "-m", module, "--config", str(config)]
         log = open(log_dir / f"{attempt}-node{node}.log", "w")
         nodes.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
@@ -158,3 +158,24 @@ def test_two_nodes_resume_after_one_is_killed_and_end_as_the_uninterrupted_run(s
     assert done.returncode != 0
     assert "was written by 2 node(s) × 1 process(es), and this run has 1 × 1: resume on the topology that wrote it" \
         in done.stdout + done.stderr, done.stderr[-3000:]
+
+
+def test_ppo_runs_on_two_nodes_with_its_checkpoints_in_the_shared_directory(setup):
+    """ppo declares multi_node in the registry (a TrainJob runs it under torchrun on every node): on two "nodes" it
+    trains to the end, both nodes exit 0, and its checkpoint records the two-node topology."""
+    root, model, _, logs = setup
+    out = root / "ppo"
+    config = root / "ppo.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(model), "output_dir": str(out), "prompts": {"task": "arithmetic", "task_rows": 16},
+        "sampling": {"max_new_tokens": 8, "temperature": 1.0}, "rewards": [{"name": "arithmetic"}],
+        "critic_init": "policy", "ppo_epochs": 1, "num_minibatches": 1,
+        "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3, "precision": "fp32", "seed": 0, "log_every": 1,
+                  "zero_stage": 2, "checkpoint_every": 2}}))
+    nodes = _start_nodes(config, logs, "ppo", module="components.ppo")
+    assert _wait(nodes, logs, "ppo") == [0, 0], _logs(logs, "ppo")
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+    checkpoint = out / "checkpoints" / "step-00000002"
+    for part in (checkpoint, out / "checkpoints" / "critic-step-00000002"):  # the actor's and the critic's
+        assert json.loads((part / "topology.json").read_text()) == {"nodes": 2, "nproc_per_node": 1, "world": 2}
+    assert (out / "model" / "config.json").exists()

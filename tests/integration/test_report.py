@@ -18,7 +18,7 @@ from components.config import from_mapping
 from components.datasets import write_jsonl
 from components.evaluate.config import EvaluateConfig
 from components.evaluate.main import run as run_evaluate
-from components.evaluate.report import StageResult, write_report
+from components.evaluate.report import StageResult, collect, write_report
 from components.sft.config import SFTConfig
 from components.sft.main import run as run_sft
 from components.tasks import get_task
@@ -127,8 +127,9 @@ def test_report_renders_every_figure_in_chromium(stages, tmp_path):
     assert "Reward curve: omitted" in html  # no stage logged rewards: a note, not a failure
     for name in ("base", "sft", "psft", "arithmetic-id", "arithmetic-ood"):
         assert name in html
-    # trained sft, then psft (the candidate): on the step axis in that order; no pipeline run: named by the candidate
-    assert dom.text["fig-training-entropy caption"] == "Entropy over training steps (sft → psft)"
+    # sft, then psft (the candidate) trained from base, not from sft: a branch on the step axis; no pipeline run:
+    # named by the candidate
+    assert dom.text["fig-training-entropy caption"] == "Entropy over training steps (sft | psft (from base))"
     assert dom.text["title"] == dom.text["h1"] == "Evaluation of psft"
     # psft's effect against base on both suites, each with its paired interval and verdict
     effects = json.loads((stages / "eval" / "eval.json").read_text())["effects"]
@@ -203,3 +204,20 @@ def test_report_draws_the_stages_in_the_order_they_trained_and_names_the_run(sta
     for fid, caption in (("training-entropy", "Entropy over training steps"), ("reward-curve", "Reward curve")):
         assert dom.text[f"fig-{fid} caption"] == dom.text[f"fig-{fid} alt"] == f"{caption} (psft → dpo → grpo)"
     assert dom.text["title"] == dom.text["h1"] == "posttrain-demo · run 5f0c2a9e"
+
+
+def test_a_stage_starts_on_the_step_axis_where_the_model_it_trained_from_ended(tmp_path):
+    """A chain (psft → dpo) continues the axis; a branch (a second recipe from psft, or a stage from base) starts
+    where its own parent ended, and the caption says which."""
+    logs = {}
+    for name, steps in (("psft", 10), ("dpo", 4), ("grpo", 6), ("sft", 3)):
+        logs[name] = tmp_path / f"{name}.jsonl"
+        write_jsonl(logs[name], [{"step": s, "entropy": 1.0} for s in range(1, steps + 1)])
+    c = collect([StageResult("psft", metrics=logs["psft"], parent="base"),
+                 StageResult("dpo", metrics=logs["dpo"], parent="psft"),
+                 StageResult("grpo", metrics=logs["grpo"], parent="psft"),
+                 StageResult("sft", metrics=logs["sft"], parent="base")])
+    assert c.step_axis() == [(0, "psft"), (10, "dpo"), (10, "grpo"), (0, "sft")]
+    assert c.order() == "psft → dpo | grpo (from psft) | sft (from base)"
+    unsaid = collect([StageResult(n, metrics=logs[n]) for n in ("psft", "dpo")])  # no parents given: one chain
+    assert unsaid.step_axis() == [(0, "psft"), (10, "dpo")] and unsaid.order() == "psft → dpo"

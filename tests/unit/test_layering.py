@@ -22,14 +22,23 @@ COMPONENTS = ROOT / "components"
 ENGINE_MAY_NOT_IMPORT = ("components.models", "components.rewards", "components.tasks")
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module a file imports, at any depth (function bodies included)."""
+def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
+    """Every module a file imports, at any depth (function bodies included): `from a import b` counts as a and as
+    a.b (b may be a module: `from components import reward_model`), a relative import is resolved against the
+    file's package."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = list(path.relative_to(root).with_suffix("").parts)[:-1]
+                package = package[:len(package) - (node.level - 1)]
+                base = ".".join(package + ([node.module] if node.module else []))
+            if base:
+                out.add(base)
+            out |= {f"{base}.{alias.name}" if base else alias.name for alias in node.names if alias.name != "*"}
     return out
 
 
@@ -91,6 +100,17 @@ def test_the_check_sees_an_import_inside_a_function(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from pipelines.spec import load_spec\n    import pipelines.local\n")
     assert {"pipelines.spec", "pipelines.local"} <= imported_modules(f)
+
+
+def test_the_check_sees_a_module_imported_by_name_and_a_relative_import(tmp_path):
+    f = tmp_path / "components" / "ppo" / "main.py"
+    f.parent.mkdir(parents=True)
+    f.write_text("from components import reward_model\nfrom ..data_prep import readers\nfrom . import config\n")
+    got = imported_modules(f, root=tmp_path)
+    assert {"components.reward_model", "components.data_prep.readers", "components.ppo.config"} <= got
+    ppo = COMPONENTS / "ppo" / "main.py"
+    assert sideways(ppo, "components.reward_model") and sideways(ppo, "components.data_prep.readers")
+    assert not sideways(ppo, "components.ppo.config")
 
 
 def test_the_rules_refuse_what_they_name():

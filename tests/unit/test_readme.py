@@ -186,3 +186,27 @@ def test_the_readme_links_every_page_of_docs():
     text = _readme()
     unlinked = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"](docs/{p.name})" not in text]
     assert not unlinked, f"README.md does not link these pages of docs/: {unlinked}"
+
+
+def test_prose_references_to_a_section_name_a_heading_of_that_file():
+    """`see docs/design.md, "Rollout engines"` in code, comments and docs: the file exists and has a heading that
+    starts with those words (a section moved or renamed leaves no reference pointing at nothing)."""
+    ref = re.compile(r'([\w./-]+\.md), "([^"]{1,80})"')
+    ours = ("README.md", "docs/", "components/", "k8s/", "pipelines/", "tests/", "images/")
+    files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".yaml", ".txt")
+             and not {".venv", ".git", "upstream", ".posttrain", "node_modules"} & set(p.parts)]
+    broken, seen = [], 0
+    for f in files:
+        for target, section in ref.findall(f.read_text(errors="replace")):
+            md = next((c for c in (ROOT / target, f.parent / target) if c.is_file()), None)
+            words = " ".join(section.replace("#", " ").split()).split(" (")[0]  # a reference may wrap a line
+            if md is None:
+                if target.startswith(ours):  # another project's file (pytorch's RELEASE.md) is not checked
+                    broken.append(f"{f.relative_to(ROOT)}: {target} (no such file)")
+                continue
+            seen += 1
+            titles = re.findall(r"^#{1,6} +(.+?) *#*$", FENCE.sub("", md.read_text()), re.M)
+            if not any(t.replace("`", "").startswith(words.replace("`", "")) for t in titles):
+                broken.append(f'{f.relative_to(ROOT)}: {target}, "{section}" (no such heading)')
+    assert seen >= 5, "the pattern found fewer than 5 references: it no longer matches how they are written"
+    assert not broken, "references to sections that do not exist:\n" + "\n".join(broken)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from components import stages
-from components.stages import ENGINES, KIND_PARAMETERS, MULTI_NODE_PARAMETERS, PARAMETERS, Input, Output, Stage
+from components.stages import KIND_PARAMETERS, MULTI_NODE_PARAMETERS, PARAMETERS, Input, Output, Stage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,15 +31,16 @@ def plugin(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     made: list[str] = []
 
-    def make(name: str, kind: str, params: list[str], *, main: bool = True, config: str = "",
+    def make(name: str, kind: str, params: list[str], *, main: bool = True, config: str | None = None,
              types: dict[str, str] | None = None, **entry) -> Stage:
         package = tmp_path / name
         package.mkdir()
         (package / "__init__.py").write_text("")
         if main:
             (package / "__main__.py").write_text("")
-        if config:
-            (package / "config.py").write_text(config)
+        if config != "":  # "": no config.py at all; None: one that offers what the entry declares
+            (package / "config.py").write_text(default_config(entry) if config is None else config)
+        (package / "main.py").write_text("def run(cfg):\n    return {}\n")
         annotations = {**TYPES, **(types or {})}
         args = ["model: Input[Model]", *(f"{p}: {annotations.get(p, 'str')}" for p in params if ":" not in p),
                 "trained_model: Output[Model]", *(p for p in params if ":" in p)]
@@ -58,6 +59,14 @@ def plugin(tmp_path, monkeypatch):
         stages.unregister(name)
         for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
             del sys.modules[module]
+
+
+def default_config(entry: dict) -> str:
+    """A config.py whose PluginConfig offers what the entry declares (a `lora` part, a `rollout` part)."""
+    return ("from dataclasses import dataclass, field\n\n\n@dataclass(kw_only=True)\nclass PluginConfig:\n"
+            "    output_dir: str = ''\n"
+            + ("    lora: dict = field(default_factory=dict)\n" if entry.get("lora") else "")
+            + ("    rollout: dict = field(default_factory=dict)\n" if entry.get("engines") else ""))
 
 
 def needed(kind: str, multi_node: bool = False) -> list[str]:
@@ -153,6 +162,19 @@ def test_capabilities_are_checked_at_register(plugin):
         stages.register(plugin("gated", "cpu", needed("cpu"), gate="gate"))
 
 
+def test_the_config_and_the_declared_capabilities_are_checked_at_register(plugin):
+    with pytest.raises(ValueError, match=r"stage no_config: config no_config.config.PluginConfig cannot be loaded as "
+                                         r"a dataclass: No module named 'no_config.config'"):
+        stages.register(plugin("no_config", "cpu", needed("cpu"), config=""))
+    lora = plugin("says_lora", "train", needed("train"), lora=True, config=default_config({}))
+    with pytest.raises(ValueError, match=r"stage says_lora: lora=True is invalid: its config has no `lora` part"):
+        stages.register(lora)
+    quiet = plugin("hides_rollout", "sample", needed("sample"), config=default_config({"engines": ("hf",)}))
+    with pytest.raises(ValueError, match=r"stage hides_rollout: engines=\(\) is invalid: its config has `rollout`"):
+        stages.register(quiet)
+    assert stages.register(plugin("fine", "train", needed("train"), lora=True)).lora
+
+
 # --- every bundled stage
 
 
@@ -178,7 +200,6 @@ def test_every_bundled_stage_keeps_the_contract(name):
 
 def test_the_bundled_training_stages_all_run_on_several_nodes():
     assert [s.name for s in stages.STAGES.values() if s.kind == "train" and not s.multi_node] == []
-    assert set(ENGINES) == {"hf", "vllm"}
 
 
 # --- the spec check: several nodes only for a stage that declares them

@@ -82,7 +82,9 @@ class Step:
             os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        if tracking_uri and parent_run_id:
+        from components.tracking import use_kfp
+
+        if (use_kfp() or tracking_uri) and parent_run_id:  # KFP's MLflow plugin, when present, sets the server
             self._inherit_lineage(parent_run_id)
 
     @staticmethod

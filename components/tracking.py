@@ -35,6 +35,20 @@ POSTTRAIN_TRACKING_CONNECT_TIMEOUT seconds of retries (default 30), instead of t
 retries; `bounded_retry_env` gives other processes (a pipeline's steps) the same bound. SIGTERM during a stage run
 (a scheduler, a timeout, `posttrain run` stopping its steps) ends it like Ctrl-C: the run is closed KILLED.
 
+Under Kubeflow Pipelines' MLflow plugin (KFP 2.17, KEP-12862) the pipeline already has MLflow runs: the API server
+opens one per pipeline run and the driver one nested run per task, and the launcher closes them. The step's container
+then carries KFP_MLFLOW_CONFIG (a JSON object: endpoint, parentRunId, experimentId, authType, workspace, timeout,
+insecureSkipVerify; kubeflow/pipelines backend/src/common/plugins/mlflow/config.go, MLflowRuntimeConfig) and, when
+the admin sets injectUserEnvVars, MLFLOW_RUN_ID (the task's nested run), MLFLOW_EXPERIMENT_ID, MLFLOW_TRACKING_URI,
+MLFLOW_WORKSPACE and MLFLOW_TRACKING_AUTH (backend/src/v2/common/plugins/mlflow/handler.go,
+RetrieveUserContainerEnvVars). Then `use_kfp` points the client at KFP's server, workspace and auth; no posttrain
+parent run is made (`start_parent` returns KFP's pipeline run, `end_parent` leaves it to KFP), and a stage logs into
+the task's own run, MLFLOW_RUN_ID (the plugin's design: user code's metrics and the launcher's go to the same nested
+run), reopened by every attempt of the task; without MLFLOW_RUN_ID the stage run nests under KFP's pipeline run.
+
+Experiments posttrain creates or uses are tagged mlflow.experimentKind = custom_model_development (MLflow's
+"model training" kind); `experiment_url` links the experiment's runs table.
+
 System metrics (CPU, memory, and
 per-GPU memory and utilization when there are GPUs) are sampled every
 POSTTRAIN_SYSTEM_METRICS_INTERVAL seconds (default 15, 0: off) into the same stream.
@@ -89,6 +103,13 @@ CONNECT_TIMEOUT_ENV = "POSTTRAIN_TRACKING_CONNECT_TIMEOUT"
 """Seconds a stage keeps trying to reach MLflow when it opens its run before it fails (default 30)."""
 UNDELIVERED = "MLflow writes not delivered"
 """The start of the warning a stage prints when its journal could not be sent (`posttrain run` collects it)."""
+KFP_CONFIG_ENV = "KFP_MLFLOW_CONFIG"
+"""Set by Kubeflow Pipelines' MLflow plugin on the step's container: the run's resolved MLflow configuration."""
+KFP_TASK_RUN_ENV = "MLFLOW_RUN_ID"
+"""The task's nested run, made by KFP's driver (set with injectUserEnvVars)."""
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+"""MLflow's experiment kinds (its UI's ExperimentKind): genai_development, custom_model_development, ..."""
 
 
 class TrackingUnreachableError(UserError):
@@ -100,7 +121,79 @@ class Terminated(KeyboardInterrupt):
 
 
 def enabled() -> bool:
-    return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    return bool(os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get(KFP_CONFIG_ENV))
+
+
+@dataclasses.dataclass(frozen=True)
+class KfpMlflow:
+    """KFP_MLFLOW_CONFIG, the fields posttrain uses."""
+
+    endpoint: str
+    parent_run_id: str
+    """KFP's run for the whole pipeline run."""
+    experiment_id: str
+    auth_type: str = "kubernetes"
+    """kubernetes (the pod's service-account token), bearer (MLFLOW_TRACKING_TOKEN), basic-auth
+    (MLFLOW_TRACKING_USERNAME and _PASSWORD: both from the Secret kfp-mlflow-credentials) or none."""
+    workspace: str = ""
+    insecure_skip_verify: bool = False
+
+
+def kfp_config() -> KfpMlflow | None:
+    """The KFP plugin's configuration from the environment, or None when the step does not run under it."""
+    raw = os.environ.get(KFP_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+        cfg = KfpMlflow(endpoint=data["endpoint"], parent_run_id=data["parentRunId"],
+                        experiment_id=data["experimentId"], auth_type=data.get("authType") or "kubernetes",
+                        workspace=data.get("workspace") or "",
+                        insecure_skip_verify=bool(data.get("insecureSkipVerify")))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{KFP_CONFIG_ENV}: not KFP's MLflow configuration ({type(e).__name__}: {e})") from None
+    if cfg.auth_type not in ("kubernetes", "bearer", "basic-auth", "none"):
+        raise UserError(f"{KFP_CONFIG_ENV}: authType {cfg.auth_type!r} is not kubernetes, bearer, basic-auth or none")
+    return cfg
+
+
+def use_kfp() -> KfpMlflow | None:
+    """Under KFP's MLflow plugin, set the environment the MLflow client reads to KFP's configuration: its
+    server, workspace and auth (as KFP's driver sets them for user code); returns the configuration, or None."""
+    cfg = kfp_config()
+    if cfg is None:
+        return None
+    os.environ["MLFLOW_TRACKING_URI"] = cfg.endpoint
+    if cfg.workspace:
+        os.environ["MLFLOW_WORKSPACE"] = cfg.workspace
+    if cfg.auth_type == "kubernetes":  # the token is read from the pod on every request (it rotates)
+        os.environ.setdefault("MLFLOW_TRACKING_AUTH", "kubernetes-namespaced" if cfg.workspace else "kubernetes")
+    need = {"bearer": ("MLFLOW_TRACKING_TOKEN",),
+            "basic-auth": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}.get(cfg.auth_type, ())
+    missing = [k for k in need if not os.environ.get(k)]
+    if missing:
+        raise UserError(f"{KFP_CONFIG_ENV}: authType {cfg.auth_type} but {', '.join(missing)} is not set "
+                        "(KFP sets it from the Secret kfp-mlflow-credentials)")
+    if cfg.insecure_skip_verify:
+        os.environ["MLFLOW_TRACKING_INSECURE_TLS"] = "true"
+    return cfg
+
+
+def experiment_url(experiment_id: str, uri: str | None = None) -> str:
+    """The experiment's page in MLflow's UI, opened on its runs table: MLflow 3.17's UI picks the view from the
+    workflowType in the link (else the browser's last choice, GenAI by default), not from the experiment's tag."""
+    base = (uri or os.environ.get("MLFLOW_TRACKING_URI", "")).rstrip("/")
+    query = "workflowType=machine_learning"
+    if os.environ.get("MLFLOW_WORKSPACE"):
+        query += f"&workspace={os.environ['MLFLOW_WORKSPACE']}"
+    return f"{_USERINFO.sub('', base)}/#/experiments/{experiment_id}?{query}"
+
+
+def mark_model_training(client, experiment_id: str) -> None:
+    """Tag the experiment as MLflow's model-training kind, unless someone chose a kind for it already."""
+    exp = client.get_experiment(experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
 
 def is_rank0() -> bool:
@@ -256,25 +349,32 @@ def lineage_tags(cfg: Any = None) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------
 # Parent runs
 
-def _experiment_id(client, name: str) -> str:
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment `name`, created if missing; tagged as model training either way."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created by a concurrent step in the meantime
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except MlflowException:  # created by a concurrent step in the meantime
+            exp = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return exp.experiment_id
 
 
 def start_parent(experiment: str | None = None, run_name: str | None = None,
                  tags: dict[str, str] | None = None) -> str | None:
-    """Create the pipeline run's parent run; returns its id (None when tracking is off)."""
+    """Create the pipeline run's parent run; returns its id (None when tracking is off). Under KFP's MLflow plugin
+    the parent is KFP's run for the pipeline: it is returned, and none is created."""
     if not enabled():
         return None
+    kfp = use_kfp()
+    if kfp:
+        return kfp.parent_run_id
     client = _client()
-    exp = _experiment_id(client, experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT)
+    exp = ensure_experiment(client, experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT)
     all_tags = {**lineage_tags(), **{k: redact(str(v)) for k, v in (tags or {}).items()}}
     run = client.create_run(exp, run_name=run_name, tags=all_tags)
     log.info("tracking: parent run %s in experiment %s", run.info.run_id, exp)
@@ -282,8 +382,8 @@ def start_parent(experiment: str | None = None, run_name: str | None = None,
 
 
 def end_parent(run_id: str | None, status: str = "FINISHED") -> None:
-    """Close the parent run with FINISHED, FAILED or KILLED."""
-    if run_id and enabled():
+    """Close the parent run with FINISHED, FAILED or KILLED (under KFP's MLflow plugin KFP closes its own)."""
+    if run_id and enabled() and not kfp_config():
         _client().set_terminated(run_id, status)
 
 
@@ -578,12 +678,17 @@ def _sample_loop(run: StageRun, writer: RunWriter, stop: threading.Event, interv
 
 def _open_stage_run(client, stage: str, cfg: Any, parent: str | None):
     """(run, the params it already has): the child run of this step, created, or reopened when an earlier
-    attempt of the same step (the same KFP run, parent and task) made one: a retried step keeps one run."""
+    attempt of the same step (the same KFP run, parent and task) made one: a retried step keeps one run. Under
+    KFP's MLflow plugin with MLFLOW_RUN_ID, the task's run that KFP made, which every attempt of the task is given."""
+    task = os.environ.get(TASK_ENV) or stage
+    kfp_task_run = os.environ.get(KFP_TASK_RUN_ENV) if kfp_config() else None
+    if kfp_task_run:
+        return _adopt_kfp_run(client, kfp_task_run, stage, task, cfg)
     if parent:
         exp = client.get_run(parent).info.experiment_id
+        mark_model_training(client, exp)
     else:
-        exp = _experiment_id(client, os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT)
-    task = os.environ.get(TASK_ENV) or stage
+        exp = ensure_experiment(client, os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT)
     kfp_run_id = os.environ.get(LINEAGE_ENV["posttrain.kfp_run_id"])
     if parent and kfp_run_id:
         found = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}' and tags.`posttrain.kfp_run_id` = "
@@ -606,11 +711,30 @@ def _open_stage_run(client, stage: str, cfg: Any, parent: str | None):
     return run, set()
 
 
+def _adopt_kfp_run(client, run_id: str, stage: str, task: str, cfg: Any):
+    """(run, the params it already has): KFP's run for this task, RUNNING again (KFP's launcher closed it when an
+    earlier attempt ended) and tagged as this stage's, its attempt counted."""
+    from mlflow.entities import RunTag
+
+    run = client.get_run(run_id)
+    attempt = int(run.data.tags.get("posttrain.attempt", "0")) + 1
+    if run.info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    tags = {**lineage_tags(cfg), "posttrain.stage": stage, "posttrain.task": task, "posttrain.attempt": str(attempt)}
+    if re.fullmatch(r"[0-9a-f]{40}", tags["posttrain.code_version"]):
+        tags["mlflow.source.git.commit"] = tags["posttrain.code_version"]
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+    mark_model_training(client, run.info.experiment_id)
+    log.info("tracking: %s logs into KFP's run %s for the task (attempt %d)", task, run_id, attempt)
+    return run, set(run.data.params)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: Any = None, parent_run_id: str | None = None) -> Iterator[StageRun]:
     """The child run of this step under `parent_run_id` (default env POSTTRAIN_PARENT_RUN_ID): one per pipeline
     step, keyed by the KFP run id, the parent and the task (the step's name, env POSTTRAIN_TASK, else `stage`);
-    a retried step reopens its earlier attempt's run and goes on logging into it.
+    a retried step reopens its earlier attempt's run and goes on logging into it. Under KFP's MLflow plugin: KFP's
+    run for the task (MLFLOW_RUN_ID), else a child of KFP's pipeline run.
 
     MLflow not answering within POSTTRAIN_TRACKING_CONNECT_TIMEOUT raises TrackingUnreachableError before the body
     runs. Earlier processes' unsent journals for this server are sent first. Ends FINISHED, FAILED when the body
@@ -619,10 +743,11 @@ def stage_run(stage: str, cfg: Any = None, parent_run_id: str | None = None) -> 
     if not (enabled() and is_rank0()):
         yield StageRun()
         return
+    kfp = use_kfp()
     uri, budget = os.environ["MLFLOW_TRACKING_URI"], connect_timeout()
     spool = os.environ.get("POSTTRAIN_TRACKING_SPOOL")
     client = _client()
-    parent = parent_run_id or os.environ.get(PARENT_ENV) or None
+    parent = parent_run_id or os.environ.get(PARENT_ENV) or (kfp.parent_run_id if kfp else None)
     with _on_sigterm():
         # the opening with the client's own retries off: the budget bounds it (the journal's thread retries the rest)
         with scoped_env({k: "0" for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",) if k not in os.environ}):

@@ -63,9 +63,9 @@ def close_run(status: PipelineTaskFinalStatus, tracking_uri: str, experiment: st
     """Closes the pipeline's MLflow runs, whatever happened to the steps: a stage's run still RUNNING (its last
     attempt was killed) as failed, then the parent run as finished or failed.
 
-    Runs as the exit handler. The parent run is found by its posttrain.kfp_run_id tag (preflight opened it), the
-    stages' runs by their parent; when there is none (preflight failed before MLflow answered) there is nothing
-    to close.
+    Runs as the exit handler (under KFP's MLflow plugin KFP closes its runs itself). The parent run is found by its
+    posttrain.kfp_run_id tag (preflight opened it), the stages' runs by their parent; when there is none (preflight
+    failed before MLflow answered) there is nothing to close.
 
     Args:
         status: The pipeline's final state.
@@ -78,8 +78,13 @@ def close_run(status: PipelineTaskFinalStatus, tracking_uri: str, experiment: st
     from mlflow import MlflowClient
 
     from components.preflight.main import close_pipeline_runs
+    from components.tracking import kfp_config
 
     logging.basicConfig(level=logging.INFO)
+    if kfp_config():
+        logging.getLogger("components.preflight").info("KFP's MLflow plugin closes the MLflow runs of KFP run %s",
+                                                       kfp_run_id)
+        return
     closed = close_pipeline_runs(MlflowClient(tracking_uri), experiment, kfp_run_id, status.state,
                                  status.error_message or "")
     if not closed:

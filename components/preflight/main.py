@@ -8,8 +8,9 @@ Every check runs, and each ends ok, failed or skipped (saying why: a local run h
 - data: every data_prep source is there and a bundled task exists; the first rows of a local source must read as
   rows of its shape (a source none of whose first rows does, e.g. fields mapped wrong, fails, naming file, line
   and field; a few bad rows are left to data_prep's max_bad_fraction); an s3:// source must exist;
-- mlflow: the tracking server answers, the experiment exists (created if not), and the pipeline's parent run
-  is opened, or found again when this step is retried;
+- mlflow: the tracking server answers, the experiment exists (created if not, tagged as model training), and the
+  pipeline's parent run is opened, or found again when this step is retried; under KFP's MLflow plugin
+  (KFP_MLFLOW_CONFIG) KFP's run for the pipeline is the parent, tagged with the lineage;
 - s3: the endpoint answers and every bucket the run reads or writes exists;
 - secrets: the named Secrets exist in the namespace, asked of the Kubernetes API with the pod's service
   account (metadata only: no secret value is ever read);
@@ -202,25 +203,36 @@ def check_source(src: dict, sample_rows: int, s3_endpoint: str = "") -> str:
 
 
 def check_mlflow(cfg: PreflightConfig) -> tuple[str, str]:
-    """(detail, parent run id): the server answers, the experiment exists, the parent run is open."""
+    """(detail, parent run id): the server answers, the experiment exists, the parent run is open. Under KFP's
+    MLflow plugin the parent run is KFP's run for the pipeline: it gets the lineage tags, and no other is made."""
     from mlflow import MlflowClient
+    from mlflow.entities import RunTag
 
-    from components.tracking import lineage_tags
+    from components.tracking import ensure_experiment, experiment_url, lineage_tags, mark_model_training, use_kfp
 
-    if cfg.tracking_uri.startswith(("http://", "https://")):
-        with urllib.request.urlopen(cfg.tracking_uri.rstrip("/") + "/health", timeout=15) as r:
+    kfp = use_kfp()
+    uri = os.environ["MLFLOW_TRACKING_URI"] if kfp else cfg.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=15) as r:
             if r.status != 200:
-                raise ConnectionError(f"{cfg.tracking_uri}/health answered {r.status}")
-    client = MlflowClient(cfg.tracking_uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+                raise ConnectionError(f"{uri}/health answered {r.status}")
+    client = MlflowClient(uri)
+    if kfp:
+        mark_model_training(client, kfp.experiment_id)
+        tags = {**lineage_tags(), **cfg.tags, "posttrain.kfp_run_id": cfg.kfp_run_id,
+                "posttrain.base_model": cfg.base_model_uri}
+        client.log_batch(kfp.parent_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        return (f"{uri}: KFP's MLflow run {kfp.parent_run_id} ({experiment_url(kfp.experiment_id, uri)})",
+                kfp.parent_run_id)
+    exp_id = ensure_experiment(client, cfg.experiment)
     found = client.search_runs([exp_id], parent_run_filter(cfg.kfp_run_id), max_results=1) if cfg.kfp_run_id else []
     if found:
         return f"{cfg.tracking_uri}: experiment {cfg.experiment}, parent run found again", found[0].info.run_id
     tags = {**lineage_tags(), **cfg.tags, "posttrain.role": "pipeline", "posttrain.kfp_run_id": cfg.kfp_run_id,
             "posttrain.base_model": cfg.base_model_uri}
     run = client.create_run(exp_id, run_name=cfg.run_name or None, tags=tags)
-    return f"{cfg.tracking_uri}: experiment {cfg.experiment}, parent run {run.info.run_id}", run.info.run_id
+    return (f"{cfg.tracking_uri}: experiment {cfg.experiment} ({experiment_url(exp_id, cfg.tracking_uri)}), "
+            f"parent run {run.info.run_id}"), run.info.run_id
 
 
 def parent_run_filter(kfp_run_id: str) -> str:
@@ -309,7 +321,7 @@ def run(cfg: PreflightConfig) -> dict:
     for i, src in enumerate(cfg.sources):
         attempt(f"data: {src.get('name') or src.get('uri') or src.get('task', i)}",
                 lambda src=src: check_source(src, cfg.sample_rows, cfg.s3_endpoint))
-    if cfg.tracking_uri:
+    if cfg.tracking_uri or os.environ.get("KFP_MLFLOW_CONFIG"):
         def mlflow_check() -> str:
             nonlocal parent_run_id
             detail, parent_run_id = check_mlflow(cfg)

@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import UserError
+from components.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -323,14 +324,6 @@ def code_version() -> str:
             return "unknown"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def lineage_tags(cfg: Any = None) -> dict[str, str]:
     """Where a run comes from: pipeline facts from the environment, and the inputs named in `cfg`."""
     tags = {tag: os.environ[env] for tag, env in LINEAGE_ENV.items() if os.environ.get(env)}
@@ -342,7 +335,7 @@ def lineage_tags(cfg: Any = None) -> dict[str, str]:
         if value.startswith("s3://") or Path(value).exists():
             tags[f"posttrain.input.{field}"] = value
             if Path(value).is_file():
-                tags[f"posttrain.input.{field}.sha256"] = _sha256(Path(value))
+                tags[f"posttrain.input.{field}.sha256"] = sha256_file(value)
     return {k: redact(v) for k, v in tags.items()}
 
 

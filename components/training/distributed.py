@@ -16,7 +16,6 @@ belong to that split. Before the marker, checksums.json records the sha256 of ev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from components.storage import sha256_file
 
 COMPLETE = "COMPLETE"
 TOPOLOGY = "topology.json"
@@ -157,21 +158,13 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in Path(root).glob("step-*") if (p / COMPLETE).exists()), reverse=True)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _checkpoint_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.name not in (COMPLETE, CHECKSUMS))
 
 
 def write_checksums(path: Path) -> None:
     """Record the sha256 of every file of the checkpoint at `path` (before its COMPLETE marker)."""
-    sums = {str(file.relative_to(path)): file_sha256(file) for file in _checkpoint_files(path)}
+    sums = {str(file.relative_to(path)): sha256_file(file) for file in _checkpoint_files(path)}
     (path / CHECKSUMS).write_text(json.dumps(sums, indent=1))
 
 
@@ -191,7 +184,7 @@ def checkpoint_problem(path: Path) -> str | None:
     if extra := sorted(present - set(recorded)):
         return f"{extra[0]} not in its {CHECKSUMS}"
     for name, digest in sorted(recorded.items()):
-        if file_sha256(path / name) != digest:
+        if sha256_file(path / name) != digest:
             return f"{name} does not match its sha256"
     return None
 

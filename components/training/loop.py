@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from components.config import UserError
+from components.storage import sha256_file
 from components.training import distributed
 from components.training.batching import Example, PackedBatch, micro_batches
 from components.training.config import TrainConfig, bf16_autocast
@@ -420,7 +421,7 @@ def data_fingerprint(config: dict) -> dict[str, str]:
             continue
         try:
             if Path(value).is_file():
-                out[key] = "sha256:" + distributed.file_sha256(Path(value))
+                out[key] = "sha256:" + sha256_file(value)
         except OSError:  # (a value that is no path: too long a name, no permission)
             continue
     return out

@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.torchrun import free_port, rank_env
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_TIMEOUT = float(os.environ.get("POSTTRAIN_ZERO3_TIMEOUT", "300"))
@@ -60,24 +61,10 @@ SAMPLED_PROMPTS = {0: 3, 1: 1}
 # ----------------------------------------------------------------------------------------------------
 # the two nodes
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    return env
-
-
 def run_nodes(target: list[str], logs: Path, name: str, timeout: float = NODE_TIMEOUT) -> tuple[list[int], str]:
     """`target` (torchrun's script or `-m module` and its arguments) on two nodes; their exit codes and logs.
     A run past `timeout` is killed (each node is a process group) and fails the test."""
-    port = _free_port()
+    port = free_port()
     nodes = []
     for node in range(2):
         # torchrun's arguments as Kubeflow Trainer's torch plugin passes them to each node's pod
@@ -87,8 +74,8 @@ def run_nodes(target: list[str], logs: Path, name: str, timeout: float = NODE_TI
                "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
         cmd = [sys.executable, "-m", "torch.distributed.run", *target]
         log = open(logs / f"{name}-node{node}.log", "w")
-        nodes.append(subprocess.Popen(cmd, cwd=REPO, env={**_env(), **pet}, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+        nodes.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env(tracking=False, **pet), stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + timeout
     codes = []
     for proc in nodes:

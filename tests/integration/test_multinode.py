@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,25 +26,13 @@ import yaml
 from components.datasets import write_jsonl
 from components.models import build_tiny_model
 from components.tasks import get_task
+from tests.torchrun import free_port, rank_env
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
 CHECKPOINT_EVERY = 4
 TIMING = {"tokens_per_s", "mfu", "step_time_s", "flops"}
 """Fields that measure the machine, not the training: left out of the comparison."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    return env
 
 
 def _config(root: Path, name: str, model: Path, data: Path) -> Path:
@@ -61,14 +48,14 @@ def _config(root: Path, name: str, model: Path, data: Path) -> Path:
 def _start_nodes(config: Path, log_dir: Path, attempt: str, module: str = "components.sft") -> list[subprocess.Popen]:
     """Two torchrun agents, one per "node", meeting at a c10d rendezvous; each in its own process group, so a
     node (agent and worker) can be killed as a whole."""
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     nodes = []
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", f"posttrain-{attempt}",
                "--max-restarts", "0", "-m", module, "--config", str(config)]
         log = open(log_dir / f"{attempt}-node{node}.log", "w")
-        nodes.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+        nodes.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env(), stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
     return nodes
 
@@ -153,7 +140,7 @@ def test_two_nodes_resume_after_one_is_killed_and_end_as_the_uninterrupted_run(s
     assert _without_timing(got) == _without_timing(expected)
 
     # another node count is refused, naming the topology that wrote the checkpoint
-    done = subprocess.run([sys.executable, "-m", "components.sft", "--config", str(config)], cwd=REPO, env=_env(),
+    done = subprocess.run([sys.executable, "-m", "components.sft", "--config", str(config)], cwd=REPO, env=rank_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "was written by 2 node(s) × 1 process(es), and this run has 1 × 1: resume on the topology that wrote it" \

@@ -10,8 +10,6 @@ each), so the arithmetic is the same.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,24 +19,10 @@ import yaml
 
 from components.datasets import write_jsonl
 from components.models import build_tiny_model
+from tests.torchrun import free_port, rank_env
 
 REPO = Path(__file__).resolve().parents[2]
 TIMING = ("rollout_s", "tokens_per_s")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO),
-               VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
 
 
 def run_stage(module: str, settings: dict, out: Path, nproc: int, timeout: float = 240) -> Path:
@@ -49,8 +33,9 @@ def run_stage(module: str, settings: dict, out: Path, nproc: int, timeout: float
     stage = ["-m", f"components.{module}", "--config", str(config)]
     cmd = [sys.executable, *stage] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), *stage]
-    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+        "--master-port", str(free_port()), *stage]
+    env = rank_env(tracking=False, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
     return out
 

@@ -475,10 +475,13 @@ class RunWriter:
     def _run(self) -> None:
         wait, failing_since = 0.5, None
         while True:
+            # read before the batch: once close() has begun, every write (the run's end included) is in the journal,
+            # so an empty batch then means all is sent; read after, an empty batch may predate the last writes
+            closing = self._closing
             start = self._in.tell()
             ops = _read_batch(self._in)
             if not ops:
-                if self._closing:
+                if closing:
                     return
                 self._wake.wait(0.5)
                 self._wake.clear()

@@ -9,7 +9,8 @@ parts are dataclass fields (composition: an SFT stage holds `train`, a GRPO stag
 
 - a part given as a mapping is built on top of the field's default part, so a stage's own defaults (GRPO's
   `train.batch_size` 128) survive a mapping that sets other keys;
-- an unknown key that is a key of one of the parts says where it goes (`lr` → `train: {lr: ...}`);
+- an unknown key that is a key of one of the parts says where it goes (`lr` → `train: {lr: ...}`), and one the
+  class lists in its `REMOVED` (key → reason) says why it is gone;
 - a float key takes an int, and a string YAML leaves unparsed such as `1e-4`.
 """
 
@@ -143,6 +144,8 @@ class Reader:
 
     @staticmethod
     def _unknown(cls, key: str, value) -> str:
+        if key in getattr(cls, "REMOVED", {}):  # a key the class dropped: say why, not only that it is unknown
+            return cls.REMOVED[key]
         for part, part_cls in parts(cls).items():
             if key in {f.name for f in dataclasses.fields(part_cls)}:
                 return (f"unknown key here; it is a key of `{part}`: write {part}: {{{key}: "

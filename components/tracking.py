@@ -513,7 +513,8 @@ class RunWriter:
         self._closing = True
         self._wake.set()
         self._thread.join(timeout)
-        done = not self._thread.is_alive()
+        with self._lock:  # a write put after the thread's last read (a late sampler) is kept for replay_orphans
+            done = not self._thread.is_alive() and self.sent == self.written
         if done:
             self._in.close()
             self.path.unlink(missing_ok=True)

@@ -50,6 +50,12 @@ def _models(args) -> int:
     return models_main(args.rest)
 
 
+def _serve(args) -> int:
+    from pipelines.serve import main as serve_main
+
+    return serve_main(args.rest)
+
+
 def _stack(args) -> int:
     from pipelines.stack import main as stack_main
 
@@ -167,6 +173,11 @@ def _local_commands(sub) -> None:
     m.add_argument("rest", nargs=argparse.REMAINDER)
     m.set_defaults(fn=_models)
 
+    v = sub.add_parser("serve", help="an OpenAI-compatible vLLM server for a registered model by alias "
+                                     "(posttrain serve --help)", add_help=False)
+    v.add_argument("rest", nargs=argparse.REMAINDER)
+    v.set_defaults(fn=_serve)
+
     k = sub.add_parser("stack", help="up | down: a local MLflow server with S3 artifacts (posttrain stack --help)",
                        add_help=False)
     k.add_argument("rest", nargs=argparse.REMAINDER)
@@ -235,7 +246,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["bench"], ["models"], ["stack"]):  # they parse their own flags (REMAINDER takes no leading dash)
+    # they parse their own flags (REMAINDER takes no leading dash)
+    if argv[:1] in (["bench"], ["models"], ["serve"], ["stack"]):
         argv = [argv[0], "--", *argv[1:]]
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from components.config import require
+from components.evaluation.suites import TrainingEval
 from components.models.config import ModelLoading
-from components.training.config import DPO_LOSSES, Adapter, TrainConfig
+from components.training.config import DPO_LOSSES, Adapter, TrainConfig, check_ranking
 
 
 @dataclass(kw_only=True)
@@ -25,6 +26,9 @@ class DPOConfig:
     """How the models are loaded (components/README.md)."""
     lora: Adapter = field(default_factory=Adapter)
     """LoRA/QLoRA adapters instead of full fine-tuning (off by default; components/README.md)."""
+    eval: TrainingEval = field(default_factory=TrainingEval)
+    """Evaluation by generation every `eval.every` optimizer steps: suites, sampling, pass@k (off by default;
+    components/README.md)."""
     ref_model: str | None = None
     """Reference model (default: the starting policy; with LoRA, the base with the adapter disabled)."""
     beta: float = 0.1
@@ -47,3 +51,4 @@ class DPOConfig:
         require(self.rpo_alpha >= 0, "rpo_alpha", self.rpo_alpha, "a number ≥ 0")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
         require(self.max_length >= 2, "max_length", self.max_length, "an integer ≥ 2")
+        check_ranking(self.train, self.eval.every, self.eval.ranked_metrics())

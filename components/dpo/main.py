@@ -28,6 +28,7 @@ from components import tracking
 from components.config import stage_main
 from components.datasets import load_rows, preference_row
 from components.dpo.config import DPOConfig
+from components.evaluation.during_training import attach as attach_eval
 from components.training.batching import Example, encode_example, pair_groups, sequence_sums, trained_sequences
 from components.training.loop import Session, StepResult, step_indices
 from components.training.lora import base_reference, is_lora, load_policy, save_policy
@@ -100,6 +101,7 @@ def _run(cfg: DPOConfig, tracked) -> dict:
     pairs, dropped = encode_pairs(rows, tokenizer, cfg.max_length, cfg.train_data)
     model = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed, cfg.train)
     session = Session(cfg.train, model, out, on_metrics=tracked.log_metrics, run_config=asdict(cfg))
+    attach_eval(session, cfg.eval, model, tokenizer, tracked=tracked)  # eval.every: eval/<suite>/... in the records
     pad_id, dist = tokenizer.pad_token_id, session.dist
 
     started = time.perf_counter()
@@ -122,7 +124,7 @@ def _run(cfg: DPOConfig, tracked) -> dict:
     summary = {"pairs": len(pairs), "dropped_overlong": dropped, "steps": len(history),
                "reference_pass_s": reference_seconds,
                "final": history[-1] if history else None,
-               "first": history[0] if history else None}
+               "first": history[0] if history else None, **session.exported}
     summary.update(save_policy(model, tokenizer, out / "model", dist, cfg.lora, cfg.model, cfg.loading))
     if dist.rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -3,57 +3,28 @@ check` checks a spec's eval_suites and its promotion rule's metrics with them, w
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from components.config import Invalid
+from components.evaluation.stats import BOOTSTRAP_SAMPLES
+from components.evaluation.suites import (
+    HELDOUT,
+    NAME,
+    RESERVED_NAMES,
+    check_sampling,
+    normalize_suite,
+    normalize_suites,
+)
 from components.models.config import ModelLoading
-from components.tasks import SPLITS, TASKS
 from components.training.config import RolloutEngine
 
-BOOTSTRAP_SAMPLES = 2000
-"""Bootstrap resamples per interval, by default."""
-HELDOUT = "heldout"
-RESERVED_NAMES = (HELDOUT, "baselines", "differences")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-SUITE_KEYS = {"task": ("name", "task", "split", "n_prompts", "seed"), "data": ("name", "data", "task", "split")}
 TEACHER_FORCED = ("entropy", "kl_to_base")
 
 
-def normalize_suite(suite: dict, where: str, default_seed: int) -> dict:
-    """A suite in full form: {"name", "task", "split", "n_prompts", "seed"} or {"name", "data", "task"?, "split"?}."""
-    if not isinstance(suite, dict):
-        raise ValueError(f"{where}={suite!r} is invalid: a mapping with 'task' or 'data'")
-    kind = "data" if "data" in suite else "task"
-    unknown = sorted(set(suite) - set(SUITE_KEYS[kind]))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for a {kind} suite; "
-                         f"allowed: {', '.join(SUITE_KEYS[kind])}")
-    task, split = suite.get("task"), suite.get("split", "id" if kind == "task" else None)
-    if kind == "task" and task is None:
-        raise ValueError(f"{where}: a suite needs 'task' (one of {', '.join(sorted(TASKS))}) or 'data' (a JSONL path)")
-    if task is not None and task not in TASKS:
-        raise ValueError(f"{where}.task={task!r} is invalid: one of {', '.join(sorted(TASKS))}")
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"{where}.split={split!r} is invalid: one of {', '.join(SPLITS)}")
-    name = suite.get("name", f"{task}-{split}" if kind == "task" else None)
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in RESERVED_NAMES:
-        raise ValueError(f"{where}.name={name!r} is invalid: letters, digits, '_', '.', '-' (a data suite must "
-                         f"name itself), not one of {', '.join(RESERVED_NAMES)}")
-    if kind == "data":
-        if not isinstance(suite["data"], str) or not suite["data"]:
-            raise ValueError(f"{where}.data={suite['data']!r} is invalid: a JSONL path or s3:// URI")
-        return {"name": name, "data": suite["data"], "task": task, "split": split}
-    n_prompts, seed = suite.get("n_prompts", 200), suite.get("seed", default_seed)
-    if not isinstance(n_prompts, int) or isinstance(n_prompts, bool) or n_prompts < 1:
-        raise ValueError(f"{where}.n_prompts={n_prompts!r} is invalid: a positive integer")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"{where}.seed={seed!r} is invalid: an integer")
-    return {"name": name, "task": task, "split": split, "n_prompts": n_prompts, "seed": seed}
-
-
 def default_reward_specs(suites: list[dict]) -> list[dict]:
-    """The verifier of every task the suites name: the rewards reported when the config lists none."""
-    return [{"name": t} for t in sorted({s["task"] for s in suites if s.get("task")})]
+    """The verifier of every task the suites name: the rewards reported when the config lists none (suites whose
+    rows name their tasks: the `task` reward, each row's own verifier)."""
+    return [{"name": t} for t in sorted({s["task"] for s in suites if s.get("task")})] or [{"name": "task"}]
 
 
 @dataclass(kw_only=True)
@@ -119,23 +90,17 @@ class EvaluateConfig:
     def __post_init__(self):
         def bad(key, allowed):
             raise ValueError(f"{key}={getattr(self, key)!r} is invalid: {allowed}")
-        for key in ("samples", "max_new_tokens", "max_length", "bootstrap_samples", "batch_size", "token_budget"):
+        for key in ("max_length", "bootstrap_samples", "token_budget"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(key, "a positive integer")
-        if self.temperature < 0:
-            bad("temperature", "a number ≥ 0 (0 is greedy)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "a number in (0, 1]")
-        if self.temperature == 0 and self.samples > 1:
-            bad("samples", "1 with temperature 0 (greedy samples are all the same); set a temperature > 0")
-        if not self.k or any(not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.samples
-                             for k in self.k):
-            bad("k", f"a non-empty list of integers in [1, samples={self.samples}]")
-        self.k = sorted(set(self.k))
+        try:
+            self.k = check_sampling(self)
+        except Invalid as e:  # this stage keeps its messages: `key=value is invalid: ...`
+            raise ValueError(str(e)) from None
         names = [self.name, *self.baselines]
         for n in names:
-            if not isinstance(n, str) or not _NAME.fullmatch(n) or n in RESERVED_NAMES:
+            if not isinstance(n, str) or not NAME.fullmatch(n) or n in RESERVED_NAMES:
                 raise ValueError(f"model name {n!r} is invalid: letters, digits, '_', '.', '-', "
                                  f"not one of {', '.join(RESERVED_NAMES)}")
         if self.name in self.baselines:
@@ -145,12 +110,7 @@ class EvaluateConfig:
         for n in self.parents:
             if self.lineage(n)[-1] in self.parents:  # the walk stopped at a repeat, not at a root
                 bad("parents", f"a mapping without a cycle (through {n})")
-        if not isinstance(self.suites, list) or not self.suites:
-            bad("suites", "a non-empty list of suites")
-        self.suites = [normalize_suite(s, f"suites[{i}]", self.seed) for i, s in enumerate(self.suites)]
-        seen = [s["name"] for s in self.suites]
-        if len(set(seen)) != len(seen):
-            bad("suites", f"suites with distinct names (got {', '.join(seen)})")
+        self.suites = normalize_suites(self.suites, self.seed)
         if self.rewards is not None and not all(isinstance(r, dict) for r in self.rewards):
             bad("rewards", "a list of reward specs (mappings with a 'name')")
         if not isinstance(self.teacher_forced, bool):

@@ -39,12 +39,18 @@ import torch
 
 from components import tracking
 from components.config import stage_main
-from components.datasets import DataError, RowError, check_bad_fraction, prompt_row, read_jsonl, sft_row, write_jsonl
+from components.datasets import DataError, RowError, check_bad_fraction, read_jsonl, sft_row, write_jsonl
 from components.evaluate.config import HELDOUT, TEACHER_FORCED, EvaluateConfig
-from components.evaluate.stats import avg_at_n, bootstrap_ci, paired_bootstrap_ci, pass_at_k_per_prompt
+from components.evaluation.scoring import (
+    encode_references,
+    load_suite_rows,
+    merge_scored,
+    mlflow_metric_name,
+    sample_and_score,
+)
+from components.evaluation.stats import bootstrap_ci, paired_bootstrap_ci
 from components.models import check_model_dir
-from components.tasks import TASKS, get_task
-from components.training.batching import Example, encode_example, micro_batches
+from components.training.batching import Example, micro_batches
 from components.training.parallel import SamplingWorld, init_sampling
 
 log = logging.getLogger("components.evaluate")
@@ -52,37 +58,6 @@ log = logging.getLogger("components.evaluate")
 
 # ----------------------------------------------------------------------------------------------------
 # Inputs: suites' rows and held-out text, checked before any model is loaded
-
-def load_suite_rows(suite: dict) -> list[dict]:
-    """The suite's rows {prompt, answer, task, completion?}; a bad data row is an error naming file, line, field."""
-    if "data" not in suite:
-        return get_task(suite["task"]).generate(suite["n_prompts"], seed=suite["seed"], split=suite["split"],
-                                                part="test")
-    from components.storage import localize
-
-    path = localize(suite["data"])
-    rows, errors, total = [], [], 0
-    for line, raw in read_jsonl(path):
-        total += 1
-        row = raw if isinstance(raw, RowError) else prompt_row(raw, str(path), line)
-        if isinstance(row, RowError):
-            errors.append(row)
-            continue
-        task = row.get("task", suite["task"])
-        if "answer" not in row:
-            errors.append(RowError(str(path), line, "answer", "missing (an eval row needs a reference answer)"))
-        elif task is None:
-            errors.append(RowError(str(path), line, "task", "missing: set it on the row or as the suite's 'task'"))
-        elif task not in TASKS:
-            errors.append(RowError(str(path), line, "task",
-                                   f"unknown task {task!r} (known: {', '.join(sorted(TASKS))})"))
-        else:
-            rows.append({**row, "task": task})
-    check_bad_fraction(errors, total, 0.0, f"suite {suite['name']}: {path}")
-    if not rows:
-        raise DataError(f"suite {suite['name']}: {path}: no rows")
-    return rows
-
 
 def load_heldout_rows(uri: str) -> list[dict]:
     """{prompt, completion} rows of an SFT JSONL file; a bad row is an error naming file, line and field."""
@@ -132,57 +107,12 @@ def teacher_forced(model, examples: list[Example], pad_id: int, *, base=None, to
     return {k: sums[k] / max(tokens, 1) for k in wanted}
 
 
-def encode_references(tokenizer, rows: list[dict], max_length: int) -> list[Example]:
-    """Reference completions as Examples, cut to `max_length` tokens (a prompt that fills it is left out)."""
-    examples = [encode_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
-    return [Example(e.input_ids[:max_length], e.completion_start) for e in examples if e.completion_start < max_length]
-
-
 @dataclass
 class SuiteRun:
     """One model on one suite: per-prompt values, teacher-forced means and every sample."""
     per_prompt: dict[str, np.ndarray]
     teacher: dict[str, float]
     samples: list[dict]
-
-
-def sample_and_score(engine, rows: list[dict], cfg: EvaluateConfig, rewards,
-                     shard: range | None = None) -> tuple[dict, list[dict]] | None:
-    """Sample cfg.samples completions per row of `shard` (default: every row) through the rollout engine, each
-    prompt's samples seeded by its index in `rows`; verify and score them. Per-prompt values and the samples, in
-    row order; None for an empty shard."""
-    shard = range(len(rows)) if shard is None else shard
-    if not shard:
-        return None
-    rows = [rows[i] for i in shard]
-    prompts, P, n = [r["prompt"] for r in rows], len(rows), cfg.samples
-    ro = engine.generate(prompts, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
-                         indices=list(shard))
-    if list(ro.prompt_index) != [i for i in range(P) for _ in range(n)]:
-        raise RuntimeError("rollout returned samples out of prompt order")
-    rep = [rows[i] for i in ro.prompt_index]
-    correct = np.array([get_task(r["task"]).verify(r["prompt"], text, r["answer"]) >= 1.0
-                        for r, text in zip(rep, ro.texts)]).reshape(P, n)
-    _, per_fn = rewards.score([r["prompt"] for r in rep], ro.texts, [r["answer"] for r in rep],
-                              [r["task"] for r in rep])
-    lengths = np.asarray(ro.lengths, dtype=float).reshape(P, n)
-    per_prompt = {"accuracy": avg_at_n(correct),
-                  **{f"pass@{k}": pass_at_k_per_prompt(correct, k) for k in cfg.k},
-                  **{f"reward/{fn}": avg_at_n(np.asarray(v, dtype=float).reshape(P, n)) for fn, v in per_fn.items()},
-                  "length": avg_at_n(lengths)}
-    samples = [{"prompt": r["prompt"], "answer": r["answer"], "completion": text, "correct": bool(c),
-                "length": int(length), "rewards": {fn: float(v[i]) for fn, v in per_fn.items()}}
-               for i, (r, text, c, length) in enumerate(zip(rep, ro.texts, correct.reshape(-1), lengths.reshape(-1)))]
-    return per_prompt, samples
-
-
-def merge_scored(parts: list[tuple[dict, list[dict]] | None]) -> tuple[dict, list[dict]]:
-    """The shards of sample_and_score (in shard order, None for an empty one) as one: per-prompt values and
-    samples in prompt order."""
-    parts = [p for p in parts if p is not None]
-    per_prompt = {m: np.concatenate([p[0][m] for p in parts]) for m in parts[0][0]}
-    return per_prompt, [sample for p in parts for sample in p[1]]
 
 
 def evaluate_model(engine, model, tokenizer, suites: list[dict], rows: dict[str, list[dict]],
@@ -280,11 +210,6 @@ def eval_document(cfg: EvaluateConfig, runs: dict[str, dict[str, SuiteRun]], row
             "effects": effects(cfg, runs),
             "suites": suites,
             "config": {k: v for k, v in asdict(cfg).items() if k not in ("suites",)}}
-
-
-def mlflow_metric_name(name: str) -> str:
-    """MLflow allows letters, digits and `_-. :/` in a metric name: `pass@k` is logged there as `pass_at_k`."""
-    return name.replace("@", "_at_")
 
 
 def kfp_metrics(doc: dict) -> dict[str, float]:

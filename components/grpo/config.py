@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from components.config import positive_ints, require
+from components.evaluation.suites import TrainingEval
 from components.models.config import ModelLoading
 from components.prompts import PromptSource
 from components.training.config import (
@@ -76,11 +77,15 @@ class GRPOConfig:
     adapter disabled)."""
     tis_cap: float | None = None
     """Truncated importance sampling (as verl's and TRL's): the trainer recomputes π_old's log-probs of every
-    sample before the round's steps (one more forward pass), the clipped ratio uses them, and each token's loss
-    is weighted by min(π_old / π_rollout, tis_cap), correcting for the rollout engine's numerics. null: off (the
-    rollout's log-probs are π_old)."""
+    sample before the round's steps (one more forward pass), the clipped ratio uses them, and each token's
+    policy-gradient term (not the β·KL term, as in TRL and verl) is weighted by min(π_old / π_rollout, tis_cap),
+    correcting for the rollout engine's numerics. null: off (the rollout's log-probs are π_old)."""
     samples_logged: int = 4
     """Scored completions written to samples.jsonl per round."""
+    eval: TrainingEval = field(default_factory=TrainingEval)
+    """Evaluation by generation every `eval.every` optimizer steps: suites, sampling, pass@k (off by default;
+    components/README.md); beside the training reward, a reward-hacking warning
+    (docs/tracking.md)."""
 
     def __post_init__(self):
         positive_ints(self, "num_generations", "prompts_per_round", "num_iterations")
@@ -98,11 +103,12 @@ class GRPOConfig:
         require(math.isfinite(self.beta) and self.beta >= 0, "beta", self.beta, "a number ≥ 0")
         require(self.tis_cap is None or (math.isfinite(self.tis_cap) and self.tis_cap >= 1), "tis_cap", self.tis_cap,
                 "null (off) or a number ≥ 1 (verl and TRL use 2)")
-        require(not (self.rollout.engine == "vllm" and self.lora.enabled), "rollout.engine", self.rollout.engine,
-                "hf with lora (the vllm engine takes full weights only)")
+        require(not (self.rollout.engine == "vllm" and self.lora.quantize != "none"), "rollout.engine",
+                self.rollout.engine, "hf with lora.quantize (the vllm engine takes the base with the adapters merged "
+                "in, and a 4- or 8-bit base is not merged)")
         tp = self.rollout.tensor_parallel_size
         require(tp == 1, "rollout.tensor_parallel_size", tp,
-                "1 in grpo (its rollout engine is colocated with the trainer on one rank; tensor parallelism is for "
+                "1 in grpo (each rank's rollout engine is colocated with its trainer; tensor parallelism is for "
                 "evaluate and reward_scoring)")
         require(self.ref_model is None or self.beta > 0, "ref_model", self.ref_model,
                 "unset with beta 0: only the KL term (beta > 0) reads it")

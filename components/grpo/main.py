@@ -33,10 +33,12 @@ from pathlib import Path
 import torch
 
 from components import tracking
-from components.config import UserError, stage_main
+from components.config import stage_main
+from components.evaluation.during_training import attach as attach_eval
 from components.grpo.config import GRPOConfig
 from components.prompts import prompts_and_rewards
 from components.training.batching import Example, completion_values
+from components.training.engines import gap_metrics, logprob_gap
 from components.training.loop import Session, StepResult, step_indices
 from components.training.lora import base_reference, load_policy, save_policy
 from components.training.objectives import ADVANTAGE_ESTIMATORS, aggregation_weights, grpo_loss, kl_k1
@@ -132,21 +134,21 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
     tokenizer = cfg.loading.load_tokenizer(cfg.model)
     model = load_policy(cfg.model, cfg.loading, cfg.lora, cfg.train.seed, cfg.train)
     session = Session(cfg.train, model, out, on_metrics=tracked.log_metrics, run_config=asdict(cfg))
+    attach_eval(session, cfg.eval, model, tokenizer, tracked=tracked, watch=True)  # eval.every: eval/<suite>/...
     ref_model = reference_model(cfg, model, session.device, cfg.beta)
     dist = session.dist
-    if cfg.rollout.engine != "hf" and dist.world > 1:
-        raise UserError(f"rollout.engine {cfg.rollout.engine} runs on one rank for now; use rollout.engine hf with "
-                        f"{dist.world} ranks")
+    # one engine per rank, colocated with its trainer (vllm: vLLM's external launcher over the ranks)
     engine = cfg.rollout.build(model, tokenizer, seed=cfg.train.seed,
-                               max_num_seqs=cfg.sampling.generation_batch_size)
+                               max_num_seqs=cfg.sampling.generation_batch_size, world_size=dist.world)
     try:
         history = _train(cfg, session, model, ref_model, tokenizer, prompt_rows, rewards, engine, out)
+        summary = {"rounds": -(-len(history) // cfg.steps_per_round) if history else 0, "steps": len(history),
+                   "prompts": len(prompt_rows), "rewards": rewards.names, "final": history[-1] if history else None,
+                   "reward_curve": [record["reward"] for record in history[::cfg.steps_per_round]],
+                   **session.exported}
+        summary.update(save_policy(model, tokenizer, out / "model", dist, cfg.lora, cfg.model, cfg.loading))
     finally:
-        engine.close()
-    summary = {"rounds": -(-len(history) // cfg.steps_per_round) if history else 0, "steps": len(history),
-               "prompts": len(prompt_rows), "rewards": rewards.names, "final": history[-1] if history else None,
-               "reward_curve": [record["reward"] for record in history[::cfg.steps_per_round]]}
-    summary.update(save_policy(model, tokenizer, out / "model", dist, cfg.lora, cfg.model, cfg.loading))
+        engine.close()  # after the save's collectives: vLLM's shutdown ends the process group under torchrun
     if dist.rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("saved %s", out / "model")
@@ -161,6 +163,7 @@ def _train(cfg: GRPOConfig, session: Session, model, ref_model, tokenizer, promp
     while step < cfg.train.max_steps:
         rollout = rollout_round(cfg, session, model, ref_model, tokenizer, prompt_rows, rewards, engine,
                                 round_index=step // cfg.steps_per_round)
+        engine.rest()  # the round is sampled: the engine's memory goes to the trainer until the sync
         if dist.rank == 0:
             write_samples(out / "samples.jsonl", rollout, cfg.samples_logged,
                           lambda sample: {"reward": rollout.rewards[sample],
@@ -195,9 +198,12 @@ def rollout_round(cfg: GRPOConfig, session: Session, model, ref_model, tokenizer
     started = time.perf_counter()
     dist, group_size = session.dist, cfg.num_generations
     indices = step_indices(len(prompt_rows), cfg.prompts_per_round, round_index, cfg.train.seed)
-    round_rows = [prompt_rows[index] for index in indices[dist.rank::dist.world]]  # every rank samples its own share
+    places = list(range(dist.rank, len(indices), dist.world))  # every rank samples its own share of the round
+    round_rows = [prompt_rows[indices[place]] for place in places]
+    # sample j of the prompt at place p of the round is seeded from (the round's seed, p, j): the round samples
+    # the same completions whatever the number of ranks (and engines) it is split over
     sampled = cfg.sampling.sample(engine, [row["prompt"] for row in round_rows], n=group_size,
-                                  seed=rollout_seed(cfg.train.seed, round_index, dist.rank))
+                                  seed=rollout_seed(cfg.train.seed, round_index), indices=places)
     rows = [round_rows[prompt] for prompt in sampled.prompt_index]
     total, per_fn = rewards.score([row["prompt"] for row in rows], sampled.texts, [row.get("answer") for row in rows],
                                   [row.get("task") for row in rows])
@@ -217,7 +223,7 @@ def rollout_round(cfg: GRPOConfig, session: Session, model, ref_model, tokenizer
     if cfg.tis_cap is not None:  # π_old from the trainer; the rollout's log-probs only weigh the tokens
         rollout_logprobs = sampled.logprobs
         old_logprobs = completion_logprobs(session, model, examples, tokenizer.pad_token_id, cfg.sampling.temperature)
-        metrics.update(logprob_diff(session, old_logprobs, rollout_logprobs))
+        metrics.update(logprob_gap(session.dist, old_logprobs, rollout_logprobs))
     per_token = None
     if advantages is None:
         per_token, kl_metrics = token_advantages(cfg, session, total, sampled.logprobs, ref_logprobs)
@@ -230,21 +236,6 @@ def rollout_round(cfg: GRPOConfig, session: Session, model, ref_model, tokenizer
                         kept=kept, old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs,
                         ref_logprobs=ref_logprobs if cfg.loss_beta > 0 else None, metrics=metrics, seconds=seconds,
                         token_advantages=per_token)
-
-
-def logprob_diff(session: Session, trainer: list[torch.Tensor], rollout: list[torch.Tensor]) -> dict:
-    """Mean and max |trainer − rollout| log-prob over every completion token of every rank."""
-    diffs = [(a.float() - b.float()).abs() for a, b in zip(trainer, rollout) if len(a)]
-    total = float(sum(d.sum() for d in diffs)) if diffs else 0.0
-    count = float(sum(d.numel() for d in diffs))
-    return _diff_metrics(session, total, count, max((float(d.max()) for d in diffs), default=0.0))
-
-
-def _diff_metrics(session: Session, total: float, count: float, largest: float) -> dict:
-    dist = session.dist
-    sums = dist.all_reduce_sums({"total": total, "count": count})
-    return {"sampling/sampling_logp_difference/mean": sums["total"] / max(sums["count"], 1.0),
-            "sampling/sampling_logp_difference/max": dist.all_reduce_max_float(largest)}
 
 
 def token_advantages(cfg: GRPOConfig, session: Session, rewards: list[float], old_logprobs: list[torch.Tensor],
@@ -304,9 +295,10 @@ def grpo_step(cfg: GRPOConfig, session: Session, model, rollout: RolloutRound, m
                      else advantages.to(logprobs.device)[sequence])
         old = completion_values(micro_batch, examples, old_logprobs)
         token_weights = weights.to(logprobs.device)[sequence]
+        is_weights = None
         if rollout_logprobs is not None:  # truncated importance sampling: min(π_old / π_rollout, C) per token
             behaviour = completion_values(micro_batch, examples, rollout_logprobs)
-            token_weights = token_weights * torch.exp(old - behaviour).clamp(max=cfg.tis_cap) * mask
+            is_weights = torch.exp(old - behaviour).clamp(max=cfg.tis_cap) * mask
         if measure:
             gap = (logprobs.detach().float() - old).abs() * mask
             diff["total"] += float(gap.sum())
@@ -314,14 +306,14 @@ def grpo_step(cfg: GRPOConfig, session: Session, model, rollout: RolloutRound, m
             diff["max"] = max(diff["max"], float(gap.max()))
         loss, metrics = grpo_loss(
             logprobs, old, token_adv, mask, token_weights,
-            epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.loss_beta,
+            epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.loss_beta, is_weights=is_weights,
             ref_logp=completion_values(micro_batch, examples, ref_logprobs) if ref_logprobs is not None else None)
         metrics["entropy"] = (entropy * mask).sum()
         return loss, metrics
 
     result = session.optimize(batches, loss_fn)
     if measure:
-        result.extra = _diff_metrics(session, diff["total"], diff["count"], diff["max"])
+        result.extra = gap_metrics(session.dist, diff["total"], diff["count"], diff["max"])
     return result, trained_tokens
 
 

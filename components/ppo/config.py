@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 from components.config import positive_ints, require
+from components.evaluation.suites import TrainingEval
 from components.models.config import ModelLoading
 from components.prompts import PromptSource
 from components.training.config import (
     KL_CONTROLLERS,
     Adapter,
+    RolloutEngine,
     Sampling,
     TrainConfig,
     check_round_checkpoints,
@@ -27,6 +30,12 @@ class PPOConfig:
     """A PPO stage: the rewards, the critic, the KL penalty, GAE and the clipped losses, and the parts `train`,
     `prompts`, `sampling`, `loading` and `lora`."""
 
+    REMOVED: ClassVar[dict[str, str]] = {
+        "vf_coef": "removed: the critic has its own AdamW, whose steps ignore a constant scale on its loss, so "
+                   "vf_coef only moved the critic's gradient clip to train.grad_clip / vf_coef; set critic_grad_clip "
+                   "(and critic_lr) instead"}
+    """Keys a spec may still set from an older version, and why each is refused (components/config.py)."""
+
     model: str
     """Policy (actor) to start from: a Hugging Face directory with safetensors weights."""
     output_dir: str
@@ -38,6 +47,9 @@ class PPOConfig:
     completion each: TRL's batch_size), learning rate, checkpoints, ... (components/README.md)."""
     sampling: Sampling = field(default_factory=Sampling)
     """Temperature, top_p, max_new_tokens of the rollout (components/README.md)."""
+    rollout: RolloutEngine = field(default_factory=RolloutEngine)
+    """The rollout engine that samples: hf (the actor itself) or vllm (one colocated engine per rank, the actor's
+    weights synced after each round's optimizer steps; components/README.md)."""
     loading: ModelLoading = field(default_factory=ModelLoading)
     """How the models are loaded (components/README.md)."""
     lora: Adapter = field(default_factory=Adapter)
@@ -56,10 +68,11 @@ class PPOConfig:
     """ε of the actor's clipped surrogate (preset ppo: 0.2)."""
     cliprange_value: float | None = None
     """ε_v of the critic's clipped value loss (preset ppo: 0.2)."""
-    vf_coef: float = 0.1
-    """Weight of the value loss (it scales the critic's gradient: the critic has its own optimizer)."""
     critic_lr: float | None = None
     """Peak learning rate of the critic (default: train.lr); same schedule shape as the actor's."""
+    critic_grad_clip: float | None = None
+    """Clip of the critic's gradient norm (default: train.grad_clip; 0 disables). The critic has its own AdamW,
+    so this and critic_lr are what set how it learns (there is no weight on its loss: AdamW ignores one)."""
     critic_init: str = "auto"
     """reward_model (the critic starts as the first reward_model reward's model, head included; at zero for a
     reward model with head logprob), policy (the actor's weights and a new value head at zero), or auto
@@ -83,6 +96,9 @@ class PPOConfig:
     disabled)."""
     samples_logged: int = 4
     """Scored completions written to samples.jsonl per round."""
+    eval: TrainingEval = field(default_factory=TrainingEval)
+    """Evaluation by generation every `eval.every` optimizer steps: suites, sampling, pass@k (off by default;
+    components/README.md); beside the training reward, a reward-hacking warning (docs/tracking.md)."""
 
     def __post_init__(self):
         require(self.preset in PRESETS, "preset", self.preset, f"one of {', '.join(PRESETS)}")
@@ -107,11 +123,11 @@ class PPOConfig:
             self.critic_init = "reward_model" if has_model else "policy"
         require(self.critic_init != "reward_model" or has_model, "critic_init", self.critic_init,
                 "policy or auto when no reward is a reward_model (or add one)")
-        for key in ("vf_coef", "kl_coef"):
-            require(math.isfinite(getattr(self, key)) and getattr(self, key) >= 0, key, getattr(self, key),
-                    "a number ≥ 0")
+        require(math.isfinite(self.kl_coef) and self.kl_coef >= 0, "kl_coef", self.kl_coef, "a number ≥ 0")
         require(self.critic_lr is None or (math.isfinite(self.critic_lr) and self.critic_lr > 0), "critic_lr",
                 self.critic_lr, "a positive number")
+        require(self.critic_grad_clip is None or (math.isfinite(self.critic_grad_clip) and self.critic_grad_clip >= 0),
+                "critic_grad_clip", self.critic_grad_clip, "a number ≥ 0, or null (train.grad_clip)")
         require(0 <= self.gamma <= 1, "gamma", self.gamma, "a number in [0, 1]")
         require(0 <= self.lam <= 1, "lam", self.lam, "a number in [0, 1]")
         require(self.kl_controller in KL_CONTROLLERS, "kl_controller", self.kl_controller,
@@ -120,8 +136,19 @@ class PPOConfig:
                 "> 0 with kl_controller adaptive (it scales β)")
         require(self.kl_target > 0 and self.kl_horizon > 0, "kl_target", (self.kl_target, self.kl_horizon),
                 "kl_target and kl_horizon: positive numbers")
+        # a round of n = train.batch_size samples multiplies β by 1 + e·n / kl_horizon with e down to −0.2: at
+        # n / kl_horizon ≥ 5 that is ≤ 0, and β would turn negative (a bonus for leaving the reference) or stick at 0
+        require(self.kl_controller == "fixed" or self.train.batch_size < 5 * self.kl_horizon, "kl_horizon",
+                self.kl_horizon, f"> train.batch_size / 5 = {self.train.batch_size / 5:g} with kl_controller "
+                "adaptive (a round multiplies β by 1 + clip(KL/kl_target − 1, ±0.2)·train.batch_size/kl_horizon)")
         require(self.ref_model is None or self.kl_coef > 0, "ref_model", self.ref_model,
                 "unset with kl_coef 0: only the KL penalty reads it")
+        require(not (self.rollout.engine == "vllm" and self.lora.quantize != "none"), "rollout.engine",
+                self.rollout.engine, "hf with lora.quantize (the vllm engine takes the base with the adapters merged "
+                "in, and a 4- or 8-bit base is not merged)")
+        require(self.rollout.tensor_parallel_size == 1, "rollout.tensor_parallel_size",
+                self.rollout.tensor_parallel_size, "1 in ppo (each rank's rollout engine is colocated with its "
+                "trainer; tensor parallelism is for evaluate and reward_scoring)")
         check_round_checkpoints(self.train, self.steps_per_round)
 
     @property
@@ -130,7 +157,8 @@ class PPOConfig:
 
     @property
     def critic_train(self) -> TrainConfig:
-        return replace(self.train, lr=self.critic_lr or self.train.lr)
+        return replace(self.train, lr=self.critic_lr or self.train.lr,
+                       grad_clip=self.train.grad_clip if self.critic_grad_clip is None else self.critic_grad_clip)
 
     def reward_model_path(self) -> str | None:
         """The model of the first reward_model reward (the critic's start with critic_init reward_model)."""

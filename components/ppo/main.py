@@ -11,11 +11,12 @@ completion token, then per token
     r_t = −β·(log π_old − log π_ref)_t   (+ the score on the last token)         InstructGPT's k1 penalty
     δ_t = r_t + γ·V_{t+1} − V_t,   Â_t = δ_t + γλ·Â_{t+1},   G_t = Â_t + V_t        GAE(γ, λ)
 
-with Â whitened over the round's tokens. Then `ppo_epochs` passes over the round, each cut into
-`num_minibatches` minibatches; each minibatch is one optimizer step of the actor (the clipped surrogate,
-ε = cliprange) and one of the critic (½·max((V − G)², (clip(V, V_old ± cliprange_value) − G)²), weighted by
-vf_coef). β is fixed or adaptive (Ziegler et al.: after each round β ← β·(1 + clip(KL/target − 1, ±0.2)·n /
-horizon)). `preset: a2c` is one pass, one minibatch, no clipping (advantage actor-critic).
+with Â whitened over the round's tokens. Then `ppo_epochs` passes over the round, each in an order of its own
+(drawn from the seed, the round and the pass) and cut into `num_minibatches` minibatches; each minibatch is one
+optimizer step of the actor (the clipped surrogate, ε = cliprange) and one of the critic, with its own optimizer
+(½·max((V − G)², (clip(V, V_old ± cliprange_value) − G)²)). β is fixed or adaptive (Ziegler et al.: after each
+round β ← β·(1 + clip(KL/target − 1, ±0.2)·n / horizon)). `preset: a2c` is one pass, one minibatch, no clipping
+(advantage actor-critic).
 
 The critic is the causal LM's backbone with a scalar head (AutoModelForSequenceClassification, num_labels=1),
 initialized from the reward model (`critic_init: reward_model`, its head too; a reward model with head logprob has
@@ -41,11 +42,12 @@ import torch
 
 from components import tracking
 from components.config import stage_main
+from components.evaluation.during_training import attach as attach_eval
 from components.ppo.config import PPOConfig
 from components.prompts import prompts_and_rewards
 from components.training.batching import Example, PackedBatch, completion_values
 from components.training.distributed import save_model
-from components.training.engines import HFEngine
+from components.training.engines import logprob_gap
 from components.training.loop import Session, StepResult, step_indices
 from components.training.lora import base_reference, load_policy, save_policy
 from components.training.objectives import (
@@ -117,40 +119,55 @@ def _run(cfg: PPOConfig, tracked) -> dict:
     critic = load_critic(cfg, tokenizer.pad_token_id)
     session = Session(cfg.train, actor, out, on_metrics=tracked.log_metrics, run_config=asdict(cfg),
                       companions={"critic": (critic, cfg.critic_train)})
+    attach_eval(session, cfg.eval, actor, tokenizer, tracked=tracked, watch=True)  # eval.every: eval/<suite>/...
     ref_model = reference_model(cfg, actor, session.device, cfg.kl_coef)
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_controller, cfg.kl_target, cfg.kl_horizon)
     if "kl_coef" in session.resumed:
         kl_ctl.value = float(session.resumed["kl_coef"])
     dist, pad_id = session.dist, tokenizer.pad_token_id
+    # one engine per rank, colocated with its actor (vllm: vLLM's external launcher over the ranks)
+    engine = cfg.rollout.build(actor, tokenizer, seed=cfg.train.seed,
+                               max_num_seqs=cfg.sampling.generation_batch_size, world_size=dist.world)
 
-    step = session.start_step
-    while step < cfg.train.max_steps:
-        rollout = ppo_rollout(cfg, session, actor, critic, ref_model, tokenizer, prompt_rows, rewards, kl_ctl,
-                              round_index=step // cfg.steps_per_round)
-        # β for the next round, from this one's KL (this round's rewards already hold the β they were made with)
-        kl_ctl.update(rollout.metrics["objective/kl"], int(dist.all_reduce_sum(float(len(rollout.examples)))))
-        if dist.rank == 0:
-            write_samples(out / "samples.jsonl", rollout, cfg.samples_logged, lambda sample: {
-                "score": rollout.scores[sample],
-                "value": float(rollout.values[sample][0]) if len(rollout.values[sample]) else None})
-        samples = list(range(len(rollout.examples)))
-        steps = minibatches(samples, cfg.ppo_epochs, cfg.steps_per_round)[:cfg.train.max_steps - step]
-        for position, minibatch in enumerate(steps):
-            started = time.perf_counter()
-            result, trained_tokens, extra = ppo_step(cfg, session, actor, critic, rollout, minibatch, pad_id)
-            seconds = time.perf_counter() - started + (rollout.seconds if position == 0 else 0.0)
-            lengths = [len(rollout.examples[sample]) for sample in minibatch]
-            session.record(step, result, trained_tokens, lengths, seconds, extra={**rollout.metrics, **extra})
-            session.maybe_checkpoint(step, {"kl_coef": kl_ctl.value})
-            step += 1
+    try:
+        step = session.start_step
+        while step < cfg.train.max_steps:
+            rollout = ppo_rollout(cfg, session, actor, critic, ref_model, tokenizer, prompt_rows, rewards, kl_ctl,
+                                  engine, round_index=step // cfg.steps_per_round)
+            engine.rest()  # the round is sampled: the engine's memory goes to the trainer until the sync
+            # β for the next round, from this one's KL (this round's rewards already hold the β they were made with)
+            kl_ctl.update(rollout.metrics["objective/kl"], int(dist.all_reduce_sum(float(len(rollout.examples)))))
+            if dist.rank == 0:
+                write_samples(out / "samples.jsonl", rollout, cfg.samples_logged, lambda sample: {
+                    "score": rollout.scores[sample],
+                    "value": float(rollout.values[sample][0]) if len(rollout.values[sample]) else None})
+            samples = list(range(len(rollout.examples)))
+            steps = minibatches(samples, cfg.ppo_epochs, cfg.steps_per_round,
+                                shuffle=(cfg.train.seed, rollout.index))[:cfg.train.max_steps - step]
+            for position, minibatch in enumerate(steps):
+                started = time.perf_counter()
+                result, trained_tokens, extra = ppo_step(cfg, session, actor, critic, rollout, minibatch, pad_id)
+                extra["rollout/sync_s"] = 0.0
+                if position == len(steps) - 1 and step + 1 < cfg.train.max_steps:
+                    synced = time.perf_counter()  # the next round samples from the updated actor
+                    engine.sync(actor)
+                    extra["rollout/sync_s"] = time.perf_counter() - synced
+                seconds = time.perf_counter() - started + (rollout.seconds if position == 0 else 0.0)
+                lengths = [len(rollout.examples[sample]) for sample in minibatch]
+                session.record(step, result, trained_tokens, lengths, seconds, extra={**rollout.metrics, **extra})
+                session.maybe_checkpoint(step, {"kl_coef": kl_ctl.value})
+                step += 1
 
-    history = session.finish()
-    summary = {"rounds": -(-len(history) // cfg.steps_per_round) if history else 0, "steps": len(history),
-               "prompts": len(prompt_rows), "rewards": rewards.names, "final": history[-1] if history else None,
-               "kl_coef": kl_ctl.value,
-               "score_curve": [record["objective/scores"] for record in history[::cfg.steps_per_round]]}
-    summary.update(save_policy(actor, tokenizer, out / "model", dist, cfg.lora, cfg.model, cfg.loading))
-    save_model(critic, tokenizer, out / "critic", dist)
+        history = session.finish()
+        summary = {"rounds": -(-len(history) // cfg.steps_per_round) if history else 0, "steps": len(history),
+                   "prompts": len(prompt_rows), "rewards": rewards.names, "final": history[-1] if history else None,
+                   "kl_coef": kl_ctl.value,
+                   "score_curve": [record["objective/scores"] for record in history[::cfg.steps_per_round]],
+                   **session.exported}
+        summary.update(save_policy(actor, tokenizer, out / "model", dist, cfg.lora, cfg.model, cfg.loading))
+        save_model(critic, tokenizer, out / "critic", dist)
+    finally:
+        engine.close()  # after the saves' collectives: vLLM's shutdown ends the process group under torchrun
     if dist.rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("saved %s and %s", out / "model", out / "critic")
@@ -175,21 +192,27 @@ def _padded(values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def ppo_rollout(cfg: PPOConfig, session: Session, actor, critic, ref_model, tokenizer, prompt_rows: list[dict],
-                rewards, kl_ctl: KLController, *, round_index: int) -> PPORound:
+                rewards, kl_ctl: KLController, engine, *, round_index: int) -> PPORound:
     """Sample, score and prepare one round: this rank's share of the round's prompts, one completion of each, the
     scores, the reference's log-probs and the critic's values, the KL-penalized per-token rewards, GAE, and the
     round's metrics (over every rank)."""
     started = time.perf_counter()
     dist, pad_id = session.dist, tokenizer.pad_token_id
     indices = step_indices(len(prompt_rows), cfg.train.batch_size, round_index, cfg.train.seed)
-    rows = [prompt_rows[index] for index in indices[dist.rank::dist.world]]
-    sampled = cfg.sampling.sample(HFEngine(actor, tokenizer), [row["prompt"] for row in rows], n=1,
-                                  seed=rollout_seed(cfg.train.seed, round_index, dist.rank))
+    places = list(range(dist.rank, len(indices), dist.world))  # every rank samples its own share of the round
+    rows = [prompt_rows[indices[place]] for place in places]
+    # seeded from (the round's seed, the prompt's place in the round): the same samples on 1 or N ranks
+    sampled = cfg.sampling.sample(engine, [row["prompt"] for row in rows], n=1,
+                                  seed=rollout_seed(cfg.train.seed, round_index), indices=places)
     scores, per_fn = rewards.score([row["prompt"] for row in rows], sampled.texts, [row.get("answer") for row in rows],
                                    [row.get("task") for row in rows])
     examples = [Example(prompt + completion, len(prompt))
                 for prompt, completion in zip(sampled.prompt_ids, sampled.completion_ids)]
-    old_logprobs, mask = _padded(sampled.logprobs)
+    # π_old and the KL are the actor's own log-probs: an engine's differ (its kernels, bf16, top-p renormalisation),
+    # so with one they are computed again here, as verl does, and the gap is reported
+    trainer_logprobs = (sampled.logprobs if engine.name == "hf" else
+                        completion_logprobs(session, actor, examples, pad_id, cfg.sampling.temperature))
+    old_logprobs, mask = _padded(trainer_logprobs)
     kl = torch.zeros_like(old_logprobs)
     if ref_model is not None:
         with base_reference(actor) if ref_model is actor else nullcontext():
@@ -212,6 +235,7 @@ def ppo_rollout(cfg: PPOConfig, session: Session, actor, critic, ref_model, toke
         "finished": float(sum(sampled.finished)), "scores_sq": float(sum(s * s for s in scores)),
         **{f"rewards/{name}/mean": float(sum(values)) for name, values in per_fn.items()}})
     n = max(sums.pop("n"), 1.0)
+    gap = logprob_gap(dist, trainer_logprobs, sampled.logprobs) if engine.name != "hf" else {}
     mean_score, mean_kl = sums["scores"] / n, sums["kl"] / n
     seconds = time.perf_counter() - started
     metrics = {
@@ -222,9 +246,9 @@ def ppo_rollout(cfg: PPOConfig, session: Session, actor, critic, ref_model, toke
         "reward_std": math.sqrt(max(sums["scores_sq"] / n - mean_score ** 2, 0.0)),
         **{key: sums[key] / n for key in sums if key.startswith("rewards/")},
         "completions/mean_length": sums["length"] / n, "completions/clipped_ratio": 1.0 - sums["finished"] / n,
-        "rollout_s": seconds, "round": round_index + 1}
+        "rollout_s": seconds, "round": round_index + 1, **gap}
     return PPORound(index=round_index, rows=rows, completions=sampled.texts, scores=scores, examples=examples,
-                    old_logprobs=sampled.logprobs, values=values,
+                    old_logprobs=trainer_logprobs, values=values,
                     advantages=[advantages[i, :length] for i, length in enumerate(lengths)],
                     returns=[returns[i, :length] for i, length in enumerate(lengths)], metrics=metrics, seconds=seconds)
 
@@ -265,7 +289,6 @@ def ppo_step(cfg: PPOConfig, session: Session, actor, critic, rollout: PPORound,
         loss, metrics = clipped_value_loss(vpred, completion_values(micro_batch, examples, old_values),
                                            completion_values(micro_batch, examples, returns), micro_batch.loss_mask,
                                            normalizer, cliprange_value=cfg.cliprange_value)
-        loss = cfg.vf_coef * loss
         metrics["loss/value_avg"] = loss.detach()
         return loss, metrics
 

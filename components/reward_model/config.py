@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from components.config import require
 from components.models.config import ModelLoading
 from components.rewards.reward_model import HEADS
-from components.training.config import TrainConfig
+from components.training.config import TrainConfig, check_ranking
+
+EVAL_METRICS = ("accuracy", "margin", "mean_reward", "std_reward", "loss")
+"""What the held-out pairs' evaluation records, as eval/<name> (components/reward_model/main.py, evaluate)."""
 
 
 @dataclass(kw_only=True)
@@ -54,3 +57,5 @@ class RewardModelConfig:
                 "center_rewards_coefficient", self.center_rewards_coefficient, "a number ≥ 0")
         require(self.eval_every >= 0, "eval_every", self.eval_every, "an integer ≥ 0")
         require(self.max_length >= 2, "max_length", self.max_length, "an integer ≥ 2")
+        check_ranking(self.train, self.eval_every,
+                      [f"eval/{name}" for name in EVAL_METRICS] if self.eval_fraction else [], where="eval_every")

@@ -132,7 +132,9 @@ def _run(cfg: RewardModelConfig, tracked) -> dict:
         examples = [example for index in indices for example in train_pairs[index]]
         result, tokens, pair_metrics = rm_step(cfg, session, model, examples, pad_id)
         extra = dict(pair_metrics)
-        if eval_pairs and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.train.max_steps:
+        last = step + 1 == cfg.train.max_steps  # evaluated after training; in the record too when export best ranks it
+        if eval_pairs and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and (
+                not last or cfg.train.export == "best"):
             extra.update(evaluate(cfg, session, model, eval_pairs, pad_id))
         session.record(step, result, tokens, [len(example) for example in examples], time.perf_counter() - started,
                        extra=extra)
@@ -142,7 +144,7 @@ def _run(cfg: RewardModelConfig, tracked) -> dict:
     final_eval = evaluate(cfg, session, model, eval_pairs, pad_id) if eval_pairs else {}
     summary = {"pairs": len(rows), "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
                "rejected_rows": rejected_rows, "steps": len(history), **final_eval,
-               "final": {**(history[-1] if history else {}), **final_eval}}
+               "final": {**(history[-1] if history else {}), **final_eval}, **session.exported}
     model.config.reward_head = cfg.head  # what the `reward_model` reward reads to score as trained
     if cfg.head == "logprob":
         model.config.reward_beta = cfg.beta

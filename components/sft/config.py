@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 from components.config import positive_ints, require
 from components.datasets import check_max_bad_fraction
+from components.evaluation.suites import TrainingEval
 from components.models.config import ModelLoading
-from components.training.config import Adapter, TrainConfig, check_clip_range
+from components.training.config import Adapter, TrainConfig, check_clip_range, check_ranking
 
 METHODS = ("sft", "psft", "sft_kl")
 
@@ -58,6 +59,9 @@ class SFTConfig:
     """How the model is loaded (components/README.md)."""
     lora: Adapter = field(default_factory=Adapter)
     """LoRA/QLoRA adapters instead of full fine-tuning (off by default; components/README.md)."""
+    eval: TrainingEval = field(default_factory=TrainingEval)
+    """Evaluation by generation every `eval.every` optimizer steps: suites, sampling, pass@k (off by default;
+    components/README.md)."""
     ref_model: str | None = None
     """SFT-KL: the reference model (default: the base model; with LoRA, the base with the adapter disabled)."""
     max_length: int = 1024
@@ -73,3 +77,4 @@ class SFTConfig:
         require(self.ref_model is None or self.objective.method == "sft_kl", "ref_model", self.ref_model,
                 f"unset with method {self.objective.method}: only sft_kl reads it")
         check_max_bad_fraction(self.max_bad_fraction)
+        check_ranking(self.train, self.eval.every, self.eval.ranked_metrics())

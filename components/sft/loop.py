@@ -26,16 +26,19 @@ from components.training.objectives import psft_loss, sft_kl_loss, sft_loss
 
 def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Path, *, pad_id: int,
           objective: SFTObjective | None = None, ref_model=None, on_metrics: Callable[[dict], None] | None = None,
-          run_config: dict | None = None) -> list[dict]:
+          run_config: dict | None = None, setup: Callable[[Session], None] | None = None) -> list[dict]:
     """Train `model` in place on `examples` with SFT, PSFT or SFT-KL; returns the per-step metrics (also in
     output_dir/metrics.jsonl). Resumes from the latest checkpoint in output_dir/checkpoints when there is one
     (and `run_config`, the stage's whole config, is the one it was written under). A `ref_model` that is `model`
-    itself (a LoRA policy) means its base, the adapter disabled.
+    itself (a LoRA policy) means its base, the adapter disabled. `setup` is called with the Session before the
+    first step (the stage hands it its evaluator there).
     """
     objective = objective or SFTObjective()
     if objective.method == "sft_kl" and ref_model is None:
         raise ValueError("method sft_kl needs a reference model")
     session = Session(cfg, model, output_dir, on_metrics, run_config)
+    if setup is not None:
+        setup(session)
     if ref_model is not None and ref_model is not model:  # (the policy itself: a LoRA policy's base is the reference)
         ref_model.to(session.device).eval().requires_grad_(False)
     old_cache = session.resumed.get("old_logp", {})  # step -> π_old log-probs of its micro-batches

@@ -25,6 +25,7 @@ from pathlib import Path
 from components import tracking
 from components.config import stage_main
 from components.datasets import load_sft_examples
+from components.evaluation.during_training import attach as attach_eval
 from components.sft.config import SFTConfig
 from components.sft.loop import train
 from components.training import distributed
@@ -47,13 +48,19 @@ def run(cfg: SFTConfig) -> dict:
     elif cfg.objective.method == "sft_kl":
         ref_model = cfg.loading.load_model(cfg.ref_model or cfg.model)
 
+    sessions = []
+
+    def setup(session) -> None:
+        sessions.append(session)  # what it exported (train.export) goes into summary.json
+        attach_eval(session, cfg.eval, model, tokenizer, tracked=tracked)
+
     with tracking.stage_run("sft", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI
         history = train(cfg.train, model, examples, out, pad_id=tokenizer.pad_token_id, objective=cfg.objective,
-                        ref_model=ref_model, on_metrics=tracked.log_metrics, run_config=asdict(cfg))
+                        ref_model=ref_model, on_metrics=tracked.log_metrics, run_config=asdict(cfg), setup=setup)
 
     dist = distributed.init()
     summary = {"method": cfg.objective.method, "data": stats.as_dict(), "steps": len(history),
-               "final": history[-1] if history else None}
+               "final": history[-1] if history else None, **sessions[0].exported}
     summary.update(save_policy(model, tokenizer, out / "model", dist, cfg.lora, cfg.model, cfg.loading))
     if dist.rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -50,7 +50,17 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: none; the stage saves the final model either way)."""
     keep_checkpoints: int = 2
-    """How many of the latest checkpoints to keep."""
+    """How many of the latest checkpoints to keep (for resume)."""
+    keep_top_k: int = 0
+    """Besides the latest, keep the k checkpoints best by checkpoint_metric (0: off)."""
+    checkpoint_metric: str | None = None
+    """What ranks checkpoints: a metric of the checkpoint step's record, an `eval/<suite>/<metric>` one of the
+    stage's `eval` part (which must then evaluate at every checkpoint step), e.g. `eval/arithmetic-id/accuracy`."""
+    checkpoint_mode: str = "max"
+    """max: a larger checkpoint_metric is better; min: a smaller one."""
+    export: str = "last"
+    """What the stage outputs: last (the weights after max_steps) or best (the best by checkpoint_metric of the
+    kept checkpoints and the last step; a tie goes to the later step)."""
     precision: str = "auto"
     """fp32 | bf16-mixed (bf16 autocast, fp32 weights and optimizer) | auto (bf16-mixed on GPU, fp32 on CPU)."""
     loss_chunk_size: int = 2048
@@ -78,6 +88,18 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every", "max_nonfinite_steps", "collapse_steps"):
             require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, getattr(self, name),
                     "an integer ≥ 0")
+        require(isinstance(self.keep_top_k, int) and not isinstance(self.keep_top_k, bool) and self.keep_top_k >= 0,
+                "keep_top_k", self.keep_top_k, "an integer ≥ 0")
+        require(self.checkpoint_mode in ("max", "min"), "checkpoint_mode", self.checkpoint_mode, "max or min")
+        require(self.export in ("last", "best"), "export", self.export, "last or best")
+        ranked = self.keep_top_k > 0 or self.export == "best"
+        require(not ranked or (isinstance(self.checkpoint_metric, str) and self.checkpoint_metric != ""),
+                "checkpoint_metric", self.checkpoint_metric,
+                "a metric name (e.g. eval/<suite>/accuracy): keep_top_k and export best rank checkpoints by it")
+        require(not ranked or self.checkpoint_every > 0, "checkpoint_every", self.checkpoint_every,
+                "> 0: keep_top_k and export best choose among checkpoints")
+        require(self.export != "best" or self.keep_top_k >= 1, "keep_top_k", self.keep_top_k,
+                "≥ 1 with export best (the best checkpoint must be kept to be exported)")
         require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         for name in ("weight_decay", "grad_clip"):
@@ -186,7 +208,7 @@ ENGINES = ("hf", "vllm")
 
 @dataclass(kw_only=True)
 class RolloutEngine:
-    """What samples the completions: the `rollout` part of the stages that sample (reward_scoring, grpo,
+    """What samples the completions: the `rollout` part of the stages that sample (reward_scoring, grpo, ppo,
     evaluate)."""
 
     engine: str = "hf"
@@ -209,6 +231,11 @@ class RolloutEngine:
     """vllm in evaluate and reward_scoring: accelerators each engine's weights are split over (tensor parallelism,
     for a model larger than one accelerator). The stage's processes (one per accelerator) form groups of this
     many, each one engine, and the groups split the prompts; it must divide them. 1 with the hf engine."""
+    sleep_while_training: bool = False
+    """vllm on a GPU: after sampling the engine sleeps (vLLM's sleep mode: KV cache freed, weights discarded until
+    the next sync pushes them, or with LoRA kept in host memory) and wakes before the next sync or sampling,
+    leaving the trainer the memory. Off by default; refused on CPU, where vLLM has no sleep mode (not testable on
+    CPU)."""
 
     def __post_init__(self):
         require(self.engine in ENGINES, "engine", self.engine, f"one of {', '.join(ENGINES)}")
@@ -227,6 +254,9 @@ class RolloutEngine:
         require(self.tensor_parallel_size == 1 or self.engine == "vllm", "tensor_parallel_size",
                 self.tensor_parallel_size, "1 with engine hf (it samples with a whole model per process); "
                 "tensor parallelism needs engine: vllm")
+        require(isinstance(self.sleep_while_training, bool)
+                and (not self.sleep_while_training or self.engine == "vllm"), "sleep_while_training",
+                self.sleep_while_training, "true or false; true needs engine: vllm")
 
     def build(self, model, tokenizer, *, seed: int = 0, max_num_seqs: int = 256, world_size: int = 1) -> Engine:
         """The engine over `model` (the trainer's; vllm: a copy of its weights at this moment). world_size: the
@@ -253,6 +283,23 @@ def check_round_checkpoints(train, steps_per_round: int) -> None:
     """A checkpoint sits between rollout rounds: train.checkpoint_every must be a multiple of a round's steps."""
     require(train.checkpoint_every % steps_per_round == 0, "train.checkpoint_every", train.checkpoint_every,
             f"a multiple of the {steps_per_round} optimizer steps of a round (a checkpoint sits between rounds)")
+
+
+def check_ranking(train, eval_every: int, metrics: list[str], where: str = "eval.every") -> None:
+    """train.keep_top_k / export best rank checkpoints by a metric an evaluation of the stage records: one of
+    `metrics` (a name, or a prefix ending in "/": eval/<suite>/ of the stage's eval part), at every checkpoint
+    step (`eval_every`, the key `where`, dividing train.checkpoint_every). A stage that evaluates nothing during
+    training passes 0 and no metrics."""
+    if not (train.keep_top_k or train.export == "best"):
+        return
+    metric = train.checkpoint_metric
+    known = any(metric == m or (m.endswith("/") and metric.startswith(m) and len(metric) > len(m)) for m in metrics)
+    require(known, "train.checkpoint_metric", metric, "a metric the stage's evaluation during training records ("
+            + (", ".join(f"{m}<metric>" if m.endswith("/") else m for m in metrics) or "none: the stage has no "
+               "evaluation set up") + ")")
+    require(eval_every > 0 and train.checkpoint_every % eval_every == 0, where, eval_every,
+            f"a divisor of train.checkpoint_every ({train.checkpoint_every}): every checkpoint is ranked by its "
+            "step's evaluation")
 
 
 SCALE_REWARDS = ("group", "batch", "none")

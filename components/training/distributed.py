@@ -30,6 +30,8 @@ from components.storage import sha256_file
 COMPLETE = "COMPLETE"
 TOPOLOGY = "topology.json"
 CHECKSUMS = "checksums.json"
+META = "meta.json"
+"""What a checkpoint's step recorded (its metrics: what ranks it for keep_top_k), covered by its checksums."""
 
 
 @dataclass
@@ -162,6 +164,19 @@ def _checkpoint_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.name not in (COMPLETE, CHECKSUMS))
 
 
+def write_meta(path: Path, meta: dict | None) -> None:
+    if meta is not None:
+        (path / META).write_text(json.dumps(meta, indent=1))
+
+
+def read_meta(path: Path) -> dict:
+    """A checkpoint's meta.json ({} when it has none or it is unreadable)."""
+    try:
+        return json.loads((Path(path) / META).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def write_checksums(path: Path) -> None:
     """Record the sha256 of every file of the checkpoint at `path` (before its COMPLETE marker)."""
     sums = {str(file.relative_to(path)): sha256_file(file) for file in _checkpoint_files(path)}
@@ -210,12 +225,13 @@ class PlainEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def save(self, path: Path, client_state: dict):
+    def save(self, path: Path, client_state: dict, meta: dict | None = None):
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), **client_state}, tmp / "state.pt")
+        write_meta(tmp, meta)
         write_topology(tmp, Dist())
         write_checksums(tmp)
         (tmp / COMPLETE).touch()
@@ -329,12 +345,13 @@ class DeepSpeedEngine:
     def _client_file(self, path: Path) -> Path:
         return path / f"client-rank{self.dist.rank:05d}.pt"
 
-    def save(self, path: Path, client_state: dict):
+    def save(self, path: Path, client_state: dict, meta: dict | None = None):
         self.engine.save_checkpoint(str(path.parent), tag=path.name)
         path.mkdir(parents=True, exist_ok=True)
         torch.save({**client_state, "world": self.dist.world}, self._client_file(path))
         self.dist.barrier()
         if self.dist.rank == 0:
+            write_meta(path, meta)
             write_topology(path, self.dist)
             write_checksums(path)
             (path / COMPLETE).touch()

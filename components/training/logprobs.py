@@ -32,13 +32,16 @@ def _chunk_logp_entropy(head: torch.nn.Module, hidden: Tensor, targets: Tensor, 
 
 
 def token_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor, *, chunk_size: int = 2048,
-                   temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+                   temperature: float = 1.0, chunks: int = 1) -> tuple[Tensor, Tensor]:
     """log π(targets[t] | hidden[t]) and the entropy of π(· | hidden[t]) for every position t.
 
     With a temperature, π is softmax(logits / temperature): the distribution a rollout sampled from.
 
     hidden: [..., H]; targets: [...] token ids (use any valid id where the position is masked out).
     Returns two fp32 tensors shaped like `targets`; the log-probs carry gradients, the entropies do not.
+
+    `chunks`: run the head at least this many times (the ones past the positions on no position): under ZeRO-3
+    every call gathers the head's weight with all ranks, so every rank must make as many calls as the others.
     """
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -46,8 +49,9 @@ def token_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor, *, ch
     grad = torch.is_grad_enabled() and h.requires_grad
     recompute = grad and min(chunk_size, h.shape[0]) * head.weight.shape[0] * 4 > CHECKPOINT_ABOVE_BYTES
     logps, ents = [], []
-    for s in range(0, h.shape[0], chunk_size):
-        hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
+    for index in range(max(-(-h.shape[0] // chunk_size), chunks, 1)):  # no position (a padding micro-batch): the
+        # head still runs
+        hc, yc = h[index * chunk_size:(index + 1) * chunk_size], y[index * chunk_size:(index + 1) * chunk_size]
         if recompute:
             lp, en = checkpoint(_chunk_logp_entropy, head, hc, yc, temperature, use_reentrant=False)
         else:

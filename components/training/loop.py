@@ -40,6 +40,9 @@ from components.training.lora import is_lora
 
 log = logging.getLogger(__name__)
 
+TRASH = ".pruned-"
+"""The prefix a checkpoint is renamed to before it is deleted."""
+
 
 # ----------------------------------------------------------------------------------------------------
 # Data order: a function of (seed, step), so resuming needs nothing but the step.
@@ -83,17 +86,17 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def forward_logprobs(model, batch: PackedBatch, chunk_size: int, autocast: bool, temperature: float = 1.0,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log π(target) and entropy for a packed micro-batch (attention masked by position ids), shaped
     like its targets. Only the trained positions (loss mask > 0) go through the language-model head: prompts and
-    padding cost no head and no log-softmax, and both values are 0 there."""
+    padding cost no head and no log-softmax, and both values are 0 there. `chunks`: token_logprobs'."""
     causal_lm = model.get_base_model() if is_lora(model) else model  # a LoRA policy: its adapters are inside
     keep = batch.loss_mask > 0
     with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = causal_lm.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                       use_cache=False).last_hidden_state
         logprobs, entropy = token_logprobs(model.get_output_embeddings(), hidden[keep], batch.targets[keep],
-                                           chunk_size=chunk_size, temperature=temperature)
+                                           chunk_size=chunk_size, temperature=temperature, chunks=chunks)
     zeros = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
     return zeros.masked_scatter(keep, logprobs), zeros.masked_scatter(keep, entropy)
 
@@ -170,6 +173,14 @@ class Session:
             self.engines[name] = distributed.make_engine(companion, companion_cfg, lr_lambda(cfg), dist)
         self.varlen = model.config._attn_implementation in ("flash_attention_2", "flash_attention_3")
         self.ckpt_root = self.out / "checkpoints"
+        if dist.rank == 0:  # what a process killed while pruning left: renamed ones, companions of a removed step
+            for trash in self.ckpt_root.glob(f"{TRASH}*"):
+                shutil.rmtree(trash, ignore_errors=True)
+            for name in self.engines:
+                for orphan in self.ckpt_root.glob(f"{name}-step-*"):
+                    if not (self.ckpt_root / orphan.name[len(name) + 1:]).exists():
+                        shutil.rmtree(orphan, ignore_errors=True)
+        self.exported: dict = {}
         self.start_step, self.resumed = 0, {}
         self.data = dist.all_gather(data_fingerprint(self.run_config) if dist.rank == 0 else None)[0]
         latest = self._intact_checkpoint()
@@ -200,6 +211,10 @@ class Session:
         # the tolerance of non-finite steps counts those before a resume too
         self.nonfinite = int(dist.all_reduce_max(sum(not _finite_step(record) for record in self.history)))
         self.collapse_warned = False
+        self.evaluator: Callable[[int], dict] | None = None
+        """Set by a stage that evaluates during training: called by `record` on every rank with the number of
+        steps done, after the step; the metrics it returns (reduced over ranks, {} when no evaluation is due) join
+        that step's record."""
 
     def _intact_checkpoint(self) -> Path | None:
         """The newest complete checkpoint whose files (its companions' too) match their checksums, chosen by
@@ -207,9 +222,7 @@ class Session:
         choice, corrupt = None, []
         if self.dist.rank == 0:
             for path in distributed.complete_checkpoints(self.ckpt_root):
-                problem = next((f"{part.name}: {problem}" for part in
-                                [path, *(path.with_name(f"{name}-{path.name}") for name in self.engines)]
-                                if (problem := distributed.checkpoint_problem(part)) is not None), None)
+                problem = self._problem(path)
                 if problem is None:
                     choice = path
                     break
@@ -223,9 +236,22 @@ class Session:
                             "to start the stage over")
         return choice
 
+    def _problem(self, path: Path) -> str | None:
+        """Why checkpoint `path` (with its companions') must not be loaded; None if it is intact."""
+        for part in [path, *(path.with_name(f"{name}-{path.name}") for name in self.engines)]:
+            if not part.is_dir():
+                return f"{part.name}: missing"
+            if (problem := distributed.checkpoint_problem(part)) is not None:
+                return f"{part.name}: {problem}"
+        return None
+
     def forward(self, model, micro_batch: PackedBatch, temperature: float = 1.0,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward_logprobs(model, micro_batch, self.cfg.loss_chunk_size, self.autocast, temperature)
+        chunks = 1
+        if self.dist.world > 1 and distributed.is_partitioned(model):  # every rank calls the head as often
+            trained = int((micro_batch.loss_mask > 0).sum())
+            chunks = self.dist.all_reduce_max(-(-trained // self.cfg.loss_chunk_size))
+        return forward_logprobs(model, micro_batch, self.cfg.loss_chunk_size, self.autocast, temperature, chunks)
 
     def micro_batches(self, examples: list[Example], pad_id: int, groups: list[list[int]] | None = None,
                       ) -> list[PackedBatch]:
@@ -270,6 +296,8 @@ class Session:
                   "grad_norm": result.grad_norm, "lr": result.lr, "tokens": tokens, "trained_tokens": normalizer,
                   "flops": flops, "tokens_per_s": tokens / seconds,
                   "mfu": flops / seconds / (self.peak * dist.world) if self.peak else None, "step_time_s": seconds}
+        if self.evaluator is not None:
+            record.update(self.evaluator(step + 1))
         self.history.append(record)
         if dist.rank == 0:
             with self.metrics_path.open("a") as f:
@@ -331,6 +359,15 @@ class Session:
         path = self.ckpt_root / f"step-{step + 1:08d}"
         from components.diskspace import disk_space, training_state_bytes  # a full disk: one line, not a traceback
 
+        record = self.history[-1] if self.history and self.history[-1]["step"] == step + 1 else {}
+        if cfg.keep_top_k or cfg.export == "best":
+            if cfg.checkpoint_metric not in record:
+                raise UserError(f"{self.out}: step {step + 1}: train.checkpoint_metric {cfg.checkpoint_metric} is not "
+                                f"in the step's metrics ({', '.join(sorted(record)) or 'none'}): the stage's eval part "
+                                "must evaluate at every checkpoint step (eval.every dividing train.checkpoint_every)")
+            if not _finite_number(record[cfg.checkpoint_metric]):
+                log.warning("step %d: %s is %s: its checkpoint is kept unranked", step + 1, cfg.checkpoint_metric,
+                            record[cfg.checkpoint_metric])
         trained = [(self.model, self.engine), *((self.companions[name], e) for name, e in self.engines.items())]
         with disk_space(path, lambda: sum(training_state_bytes(model, e.optimizer) for model, e in trained),
                         checkpoints=[path, *(path.with_name(f"{name}-{path.name}") for name in self.engines)]):
@@ -338,14 +375,81 @@ class Session:
                 engine.save(path.with_name(f"{name}-{path.name}"), {})
             self.engine.save(path, {
                 "step": step + 1, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-                "config": self.run_config, "data_files": self.data, **(state or {})})
+                "config": self.run_config, "data_files": self.data, **(state or {})},
+                meta={"step": step + 1, "metrics": record})
         if self.dist.rank == 0:
-            for prefix in ["", *(f"{name}-" for name in self.engines)]:
-                for old in sorted(self.ckpt_root.glob(f"{prefix}step-*"))[:-cfg.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
+            self._prune()
+
+    def _ranked(self) -> list[tuple[float, int, Path]]:
+        """The complete checkpoints that recorded train.checkpoint_metric, best first: (value, step, path); a tie
+        goes to the later step."""
+        cfg, out = self.cfg, []
+        for path in distributed.complete_checkpoints(self.ckpt_root):
+            meta = distributed.read_meta(path)
+            value = meta.get("metrics", {}).get(cfg.checkpoint_metric)
+            if _finite_number(value):
+                out.append((float(value), int(meta["step"]), path))
+        sign = 1.0 if cfg.checkpoint_mode == "max" else -1.0
+        return sorted(out, key=lambda entry: (sign * entry[0], entry[1]), reverse=True)
+
+    def _prune(self) -> None:
+        """Keep the train.keep_checkpoints latest checkpoints and the train.keep_top_k best; remove the rest.
+
+        A checkpoint (then its companions') is first renamed out of the step-* names and then deleted, so a process
+        killed while pruning leaves every kept checkpoint whole and no half-deleted one that looks like a
+        checkpoint; Session removes the renamed leftovers, and companions whose step-N is gone, when it starts."""
+        cfg = self.cfg
+        names = sorted(p.name for p in self.ckpt_root.glob("step-*"))
+        keep = set(names[-cfg.keep_checkpoints:])
+        if cfg.keep_top_k:
+            keep |= {path.name for _, _, path in self._ranked()[:cfg.keep_top_k]}
+        for name in names:
+            if name in keep:
+                continue
+            for prefix in ["", *(f"{companion}-" for companion in self.engines)]:  # step-N first (it vouches)
+                old = self.ckpt_root / f"{prefix}{name}"
+                if old.exists():
+                    trash = self.ckpt_root / f"{TRASH}{prefix}{name}"
+                    shutil.rmtree(trash, ignore_errors=True)
+                    old.rename(trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+
+    def _export_best(self) -> dict:
+        """With train.export best: load the best kept checkpoint's weights into the model when it beats the last
+        step (a tie keeps the last). What was exported: {"export_step", "export_metric", "export_value"}."""
+        cfg, last = self.cfg, self.history[-1] if self.history else {}
+        choice = None
+        if self.dist.rank == 0:  # the best intact one (a corrupt one is named and passed over)
+            for entry in self._ranked():
+                if (problem := self._problem(entry[2])) is None:
+                    choice = entry
+                    break
+                log.warning("export best: checkpoint %s is not used: %s", entry[2].name, problem)
+        choice = self.dist.all_gather(choice)[0]
+        value = last.get(cfg.checkpoint_metric)
+        sign = 1.0 if cfg.checkpoint_mode == "max" else -1.0
+        if choice is not None and (not _finite_number(value) or sign * choice[0] > sign * float(value)):
+            best, step, path = choice
+            self.engine.load(path)
+            for name, engine in self.engines.items():  # PPO's critic: the one trained beside that actor
+                engine.load(path.with_name(f"{name}-{path.name}"))
+            log.info("export best: step %d (%s %.6g), not the last step %s (%s)", step, cfg.checkpoint_metric, best,
+                     last.get("step"), value)
+            value = best
+        else:
+            step = last.get("step", self.start_step)
+            log.info("export best: the last step %s (%s %s)", step, cfg.checkpoint_metric, value)
+        exported = {"export_step": step, "export_metric": cfg.checkpoint_metric, "export_value": value}
+        if self.dist.rank == 0 and self.on_metrics:  # on the MLflow run too, at the last step
+            self.on_metrics({"step": last.get("step", step), "export/step": step,
+                             **({"export/value": value} if _finite_number(value) else {})})
+        return exported
 
     def finish(self) -> list[dict]:
-        """The end of training: the weights are checked finite (every stage saves its model after this)."""
+        """The end of training: with train.export best the best checkpoint's weights are loaded (`self.exported`
+        says which step; the stage's summary.json records it), and the weights are checked finite (every stage
+        saves its model after this)."""
+        self.exported = self._export_best() if self.cfg.export == "best" else {}
         self.check_finite_weights("final model")
         self.model.eval()
         for companion in self.companions.values():
@@ -355,7 +459,11 @@ class Session:
 
 # keys that change neither the data nor the math of a run: they may differ on resume
 RESUME_NEUTRAL = {"train.log_every", "train.keep_checkpoints", "train.checkpoint_every", "train.allow_config_change",
-                  "train.max_nonfinite_steps", "train.collapse_steps", "output_dir"}
+                  "train.max_nonfinite_steps", "train.collapse_steps", "train.keep_top_k", "train.checkpoint_metric",
+                  "train.checkpoint_mode", "train.export", "rollout.sync_timeout_s", "rollout.sleep_while_training",
+                  "output_dir"}
+RESUME_NEUTRAL_PARTS = ("eval.",)
+"""Parts whose keys are all resume-neutral: evaluation during training samples from generators of its own."""
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -375,7 +483,8 @@ def check_resumable(saved: dict | None, current: dict, checkpoint: Path, allow_c
         return
     old = _flat(json.loads(json.dumps(saved, default=str)))
     new = _flat(json.loads(json.dumps(current, default=str)))
-    changed = sorted(k for k in old.keys() | new.keys() if k not in RESUME_NEUTRAL and old.get(k) != new.get(k))
+    changed = sorted(k for k in old.keys() | new.keys() if k not in RESUME_NEUTRAL
+                     and not k.startswith(RESUME_NEUTRAL_PARTS) and old.get(k) != new.get(k))
     if not changed:
         return
     diff = "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed)
@@ -393,6 +502,10 @@ class ConfigChanged(UserError):
 
 class TrainingDivergedError(UserError):
     """Training diverged: a loss, gradient norm or weight is NaN or infinite."""
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _finite_step(record: dict) -> bool:

@@ -12,6 +12,8 @@ with `save_policy`: the one place LoRA is applied.
   directory, safetensors) or the adapter (peft's adapter directory, adapter_config.json and
   adapter_model.safetensors, with the tokenizer). summary.json records which (`output`: full, merged or
   adapter) and the trainable and total parameter counts.
+- The vllm rollout engine (components/training/engines.py) holds the base with the adapters merged in: each sync
+  pushes `merged_weights`, computed beside the trainer's weights, so the adapters go on training unmerged.
 """
 
 from __future__ import annotations
@@ -51,6 +53,60 @@ def base_reference(model):
             yield model
     finally:
         model.train(was_training)
+
+
+def merged_weights(model, *, everything: bool = False):
+    """(name, tensor) of a LoRA policy's weights as its base model's checkpoint names them (no peft prefixes),
+    each adapted linear layer's weight W + scale·B·A computed beside it: nothing is merged in place, so the
+    adapters go on training. What the vllm rollout engine syncs, one module at a time (a generator).
+
+    Only the modules that hold an adapted layer (an attention or MLP block) are yielded, every weight of them,
+    since the engine fuses their projections (q, k and v; gate and up) and a fused layer reloads whole; the
+    frozen rest (embeddings, norms, the head) has not changed since the engine started. `everything`: every
+    weight, as the engine starts. ZeRO-3 partitioned, each module's shards are gathered while it is read (every
+    rank must iterate in step: the gathers are collectives); a quantized (QLoRA) base cannot be merged here."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    modules = dict(base.named_modules())
+    adapted = {name for name, module in modules.items() if isinstance(module, LoraLayer)}
+    owners: dict[str, list[str]] = {}  # a module -> its children with weights of their own (or adapted)
+    for name, module in modules.items():
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in adapted for i in range(1, len(parts))):
+            continue  # an adapter's own parts (base_layer, lora_A, lora_B): read through their LoraLayer
+        if name in adapted or next(module.parameters(recurse=False), None) is not None:
+            owners.setdefault(name.rpartition(".")[0], []).append(name)
+    wanted = {name.rpartition(".")[0] for name in adapted}
+    for owner, names in owners.items():
+        if not (everything or owner in wanted):
+            continue
+        params = [param for name in names for param in modules[name].parameters()]
+        with _gathered(params):
+            for name in names:
+                module = modules[name]
+                if name not in adapted:
+                    yield from ((f"{name}.{key}", param.detach()) for key, param in module.named_parameters(
+                        recurse=False))
+                    continue
+                with torch.no_grad():
+                    weight = module.base_layer.weight
+                    if not module.disable_adapters:
+                        for adapter in module.active_adapters:
+                            if adapter in module.lora_A:
+                                weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+                yield f"{name}.weight", weight.detach()
+                if module.base_layer.bias is not None:
+                    yield f"{name}.bias", module.base_layer.bias.detach()
+
+
+def _gathered(params):
+    """ZeRO-3 partitioned parameters gathered whole within it (every rank takes part); else nothing to do."""
+    if not any(hasattr(param, "ds_id") for param in params):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 class QuantizationUnavailable(UserError):

@@ -132,14 +132,19 @@ def aggregation_weights(completion_lengths: Tensor, mode: str, max_completion_le
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, weights: Tensor, *,
               epsilon_low: float, epsilon_high: float, ref_logp: Tensor | None = None, beta: float = 0.0,
-              ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Σ_t w_t [−min(r_t Â_t, clip(r_t, 1−ε_low, 1+ε_high) Â_t) + β·KL_k3(π_θ‖π_ref)_t].
+              is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Σ_t w_t [−ρ_t·min(r_t Â_t, clip(r_t, 1−ε_low, 1+ε_high) Â_t) + β·KL_k3(π_θ‖π_ref)_t].
 
     advantages and weights are per token (a sequence's value repeated over its tokens); `mask` marks the
     completion tokens; metric sums count tokens (divide by the step's token count to report them).
+    is_weights ρ_t (default 1): truncated importance weights π_old / π_rollout. They weigh the policy-gradient
+    term only, as in TRL's GRPOTrainer and verl's compute_policy_loss: they correct for the tokens having been
+    sampled by the rollout engine, which the surrogate's gradient assumes came from π_old; the KL term is
+    an estimate of KL(π_θ‖π_ref) that the weights would only rescale per token.
     """
     w = weights * mask
-    loss, m = clipped_policy_loss(logp, old_logp, advantages, w, 1.0, epsilon_low, epsilon_high, count_mask=mask)
+    pg_w = w if is_weights is None else w * is_weights.detach()
+    loss, m = clipped_policy_loss(logp, old_logp, advantages, pg_w, 1.0, epsilon_low, epsilon_high, count_mask=mask)
     if beta > 0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs reference log-probs")
@@ -194,14 +199,19 @@ def rloo_advantages(rewards: Tensor, group_size: int, scale: str = "group") -> T
 def whiten(values: Tensor, mask: Tensor, reduce: Callable[[dict], dict] | None = None, eps: float = 1e-8) -> Tensor:
     """(x − mean) / sqrt(var + eps) over the masked entries, var the unbiased one (verl's masked_whiten); 0 where
     mask is 0. `reduce` (a sum over ranks of a dict of floats, e.g. Dist.all_reduce_sums) makes the mean and
-    variance those of every rank's entries."""
-    sums = {"n": float(mask.sum()), "x": float((values * mask).sum()), "xx": float((values ** 2 * mask).sum())}
+    variance those of every rank's entries.
+
+    The sums, the centering and the scaling are float64: var = E[x²] − mean² cancels catastrophically in float32
+    once mean/std is large (at mean 1e3, std 1, a few thousand entries, the whitened values were off by 0.1 to 0.3),
+    so only the result is cast back to values' dtype."""
+    x, m = values.double(), mask.double()
+    sums = {"n": float(m.sum()), "x": float((x * m).sum()), "xx": float((x * x * m).sum())}
     if reduce is not None:
         sums = reduce(sums)
     n = max(sums["n"], 1.0)
     mean = sums["x"] / n
     var = max(sums["xx"] / n - mean ** 2, 0.0) * (n / (n - 1) if n > 1 else 1.0)
-    return (values - mean) / math.sqrt(var + eps) * mask
+    return ((x - mean) / math.sqrt(var + eps) * m).to(values.dtype)
 
 
 @register_adv_est("reinforce_pp", per_token=True)
@@ -337,7 +347,10 @@ def clipped_value_loss(vpred: Tensor, old_values: Tensor, returns: Tensor, mask:
 @dataclass
 class KLController:
     """The KL penalty's coefficient β: fixed, or adaptive (Ziegler et al. 2019): after each rollout of n samples
-    with mean KL per sequence kl, e = clip(kl / target − 1, −0.2, 0.2) and β ← β·(1 + e·n / horizon)."""
+    with mean KL per sequence kl, e = clip(kl / target − 1, −0.2, 0.2) and β ← β·(1 + e·n / horizon).
+
+    The multiplier is > 0 for every e only while n / horizon < 5 (verl's and OpenRLHF's controllers, the same
+    formula, do not check): past that a KL below target would make β ≤ 0, so update refuses such an n."""
 
     value: float
     kind: str = "fixed"
@@ -346,6 +359,9 @@ class KLController:
 
     def update(self, kl: float, n_steps: int) -> float:
         if self.kind == "adaptive":
+            if n_steps >= 5 * self.horizon:
+                raise ValueError(f"kl_horizon={self.horizon:g} is invalid for {n_steps} samples per update: > "
+                                 f"{n_steps / 5:g} (β·(1 + e·n/kl_horizon) with e down to −0.2 would be ≤ 0)")
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + error * n_steps / self.horizon
         return self.value

@@ -5,6 +5,7 @@ values)."""
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,27 +77,46 @@ def _keep_rounds_before(path: Path, round_number: int) -> None:
     path.write_bytes(b"".join(line + b"\n" for line in lines if (_round_of(line) or round_number) < round_number))
 
 
-def rollout_seed(seed: int, round_index: int, rank: int) -> int:
-    """The sampling seed of one rank's rollout in round `round_index` (0-based).
+def rollout_seed(seed: int, round_index: int) -> int:
+    """The sampling seed of round `round_index` (0-based); sample j of the prompt at place p of the round is drawn
+    from (this seed, p, j) (rollout.sample_seed), so the round samples the same completions on any number of ranks.
 
-    Built from the stage's seed, the round and the rank, and nothing else:
-    - distinct for every (round, rank) pair (with fewer than 97 ranks), so the ranks sample different
-      completions of their prompts and no round repeats another's random draws;
+    Built from the stage's seed and the round, and nothing else:
+    - distinct for every round, so no round repeats another's random draws;
     - a function of the round index alone, so a run resumed at a round boundary samples exactly what the
       uninterrupted run sampled (the rollout draws from a generator of its own, not from the global RNG);
     - independent of the data order: the prompts of a round come from step_indices' shuffles (seeded with
       seed × 100_003 + epoch), which this seed neither feeds nor reads, so changing the sampling settings
       does not change which prompts a round takes.
     """
-    return seed * 1_000_003 + round_index * 97 + rank
+    return seed * 1_000_003 + round_index * 97
 
 
-def minibatches(kept: list[int], num_iterations: int, num_steps: int) -> list[list[int]]:
+def minibatches(kept: list[int], num_iterations: int, num_steps: int, shuffle: tuple[int, int] | None = None,
+                ) -> list[list[int]]:
     """The samples of each optimizer step of a round: `num_iterations` passes over the kept samples, cut into
     `num_steps` consecutive minibatches of one size (the last takes the rest). With nothing kept every step
-    gets an empty minibatch: the steps are still taken, so the step count and the ranks' collectives match."""
-    order = kept * num_iterations
-    size = max(1, len(order) // num_steps) if kept else 0
+    gets an empty minibatch: the steps are still taken, so the step count and the ranks' collectives match.
+
+    shuffle (seed, round index): each pass takes the kept samples in an order of its own (TRL's PPOTrainer draws
+    a permutation per epoch) and is cut into num_steps / num_iterations minibatches of its own, so a pass's
+    minibatches are not the previous pass's again and none holds a sample twice. The order is a function
+    of (seed, round, pass) alone, drawn from a generator of its own: a resumed run cuts the round as the
+    uninterrupted one did, and the global RNG is left alone."""
+    if shuffle is None:
+        return _cut(kept * num_iterations, num_steps)
+    if num_steps % num_iterations:
+        raise ValueError(f"{num_steps} steps do not divide into {num_iterations} shuffled passes")
+    seed, round_index = shuffle
+    # each pass cut on its own: a minibatch never spans two passes, so it never holds a sample twice
+    passes = [random.Random(f"minibatches/{seed}/{round_index}/{epoch}").sample(kept, len(kept))
+              for epoch in range(num_iterations)]
+    return [minibatch for order in passes for minibatch in _cut(order, num_steps // num_iterations)]
+
+
+def _cut(order: list[int], num_steps: int) -> list[list[int]]:
+    """`order` in `num_steps` consecutive minibatches of one size (the last takes the rest)."""
+    size = max(1, len(order) // num_steps) if order else 0
     return [order[index * size:(index + 1) * size] if index < num_steps - 1 else order[index * size:]
             for index in range(num_steps)]
 

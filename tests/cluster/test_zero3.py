@@ -46,14 +46,15 @@ ZERO3 = {"token_budget": 256, "lr": 1e-3, "precision": "fp32", "log_every": 1, "
 RL = {
     "grpo": {"prompts": {"task": "arithmetic", "task_rows": 16}, "prompts_per_round": 2, "num_generations": 2,
              "samples_logged": 2, "sampling": {"max_new_tokens": 16, "temperature": 1.0},
-             "train": {**ZERO3, "batch_size": 4, "seed": 68}},
+             "train": {**ZERO3, "batch_size": 4, "seed": 40}},
     "ppo": {"prompts": {"task": "arithmetic", "task_rows": 16}, "sampling": {"max_new_tokens": 16, "temperature": 1.0},
             "rewards": [{"name": "arithmetic"}], "critic_init": "policy", "ppo_epochs": 1, "num_minibatches": 1,
             "kl_coef": 0.1, "train": {**ZERO3, "batch_size": 2, "seed": 4}},
 }
 """Two rounds of each stage, each rank sampling one prompt (grpo: two completions of it; ppo: one). The seeds are
 the first whose first round ends rank 0's completions at another decode step than rank 1's (the test checks
-it): grpo 68 (rank 0: 16 and 16 tokens, rank 1: 4 and 5), ppo 4 (rank 0: 4, rank 1: 12)."""
+it): grpo 40 (rank 0: 16 and 16 tokens, rank 1: 13 and 13), ppo 4 (rank 0: 4, rank 1: 12). A sample is seeded from
+its prompt's place in the round (components/training/rl.py, rollout_seed), not from its rank."""
 SAMPLED_PROMPTS = {0: 3, 1: 1}
 """Prompts each rank samples in the LoRA run (2 sequences per batch): rank 0 decodes two batches, rank 1 one."""
 
@@ -252,7 +253,7 @@ def _first_round(cfg, model, tokenizer, prompts_per_round: int, n: int) -> list:
     rows = cfg.prompts.load_prompts(cfg.train.seed)
     indices = step_indices(len(rows), prompts_per_round, 0, cfg.train.seed)
     return [cfg.sampling.sample(HFEngine(model, tokenizer), [rows[i]["prompt"] for i in indices[rank::2]], n=n,
-                                seed=rollout_seed(cfg.train.seed, 0, rank))
+                                seed=rollout_seed(cfg.train.seed, 0), indices=list(range(rank, len(indices), 2)))
             for rank in (0, 1)]
 
 

@@ -103,13 +103,17 @@ def single_run(tmp_path_factory):
     return root, model_dir, data, out
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("zero_stage", [2, 3, "3-chunked"])
 def test_two_ranks_match_single_process(single_run, zero_stage):
     root, model_dir, data, out1 = single_run
     out2 = root / f"zero{zero_stage}"
     # ZeRO-3 with every parameter partitioned (a large model's matrices are; the tiny model's would all stay whole
-    # under DeepSpeed's default persistence threshold), the model partitioned as it loads
-    zero = {"zero_stage": 3, "zero3_param_persistence_threshold": 0} if zero_stage == 3 else {"zero_stage": 2}
+    # under DeepSpeed's default persistence threshold), the model partitioned as it loads. 3-chunked: the head in
+    # chunks of 3 trained tokens, so the ranks' micro-batches need different numbers of chunks, and every chunk
+    # gathers the partitioned head with the other rank (a rank calling it fewer times is a collective mismatch)
+    zero = {"zero_stage": 3, "zero3_param_persistence_threshold": 0} if zero_stage != 2 else {"zero_stage": 2}
+    if zero_stage == "3-chunked":
+        zero["loss_chunk_size"] = 3
     cfg2 = _stage_config(root / f"zero{zero_stage}.yaml", model_dir, data, out2, **zero)
     # the first DeepSpeed start on a machine JIT-builds a comm op (~80 s): a generous limit
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

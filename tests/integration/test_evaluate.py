@@ -11,7 +11,7 @@ from components.config import ConfigError, from_mapping
 from components.datasets import DataError, write_jsonl
 from components.evaluate.config import EvaluateConfig, default_reward_specs, metric_names
 from components.evaluate.main import run
-from components.evaluate.stats import pass_at_k
+from components.evaluation.stats import pass_at_k
 from components.models import build_tiny_model, load_model, load_tokenizer
 from components.rewards import build_rewards
 from components.tasks import get_task

@@ -17,7 +17,7 @@ from components.ppo.config import PPOConfig
 from components.ppo.main import run as run_ppo
 
 REPO = Path(__file__).resolve().parents[2]
-TIMING = {"step_time_s", "tokens_per_s", "mfu", "rollout_s"}
+TIMING = {"step_time_s", "tokens_per_s", "mfu", "rollout_s", "rollout/sync_s"}
 
 # Runs the stage, and SIGKILLs its own process right after step 6's metrics line: mid-round (a round is 4 steps),
 # two steps after the step-4 checkpoint. Nothing is closed or flushed: as a killed pod.

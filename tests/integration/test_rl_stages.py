@@ -142,8 +142,8 @@ def test_grpo_config_errors(tiny_model_dir):
         from_mapping(GRPOConfig, {**base, "rollout": {"engine": "sglang"}})
     with pytest.raises(ConfigError, match=r"tis_cap: 0.5 is invalid"):
         from_mapping(GRPOConfig, {**base, "tis_cap": 0.5})
-    with pytest.raises(ConfigError, match=r"rollout.engine: 'vllm' is invalid: hf with lora"):
-        from_mapping(GRPOConfig, {**base, "rollout": {"engine": "vllm"}, "lora": {"enabled": True}})
+    with pytest.raises(ConfigError, match=r"rollout.engine: 'vllm' is invalid: hf with lora.quantize"):
+        from_mapping(GRPOConfig, {**base, "rollout": {"engine": "vllm"}, "lora": {"enabled": True, "quantize": "4bit"}})
 
 
 def test_dpo_rpo_adds_the_chosen_nll(tiny_model_dir, tmp_path):

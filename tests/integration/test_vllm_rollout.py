@@ -13,8 +13,9 @@ from components.models import load_model, load_tokenizer
 from components.training import engines
 from components.training.batching import Example, micro_batches
 from components.training.config import RolloutEngine
-from components.training.engines import EngineSyncError, VLLMEngine
+from components.training.engines import EngineSyncError
 from components.training.loop import forward_logprobs
+from tests.engine_checks import assert_on_policy, assert_stale_without_the_second_sync
 
 
 @pytest.fixture(autouse=True)
@@ -92,26 +93,9 @@ def test_grpo_weight_sync_keeps_the_engine_on_policy(tiny_model_dir, tmp_path, m
     log-probs of the sampled tokens with the engine's (sampling/sampling_logp_difference/*). With every sync they
     agree to 1e-4 (fp32); with the second sync skipped the engine samples from stale weights and the check fails."""
     run_grpo(grpo_config(tiny_model_dir, tmp_path / "synced"))
-    hist = lines(tmp_path / "synced" / "metrics.jsonl")
-    assert [h["step"] for h in hist] == [1, 2, 3]
-    gaps = [h["sampling/sampling_logp_difference/max"] for h in hist]
-    assert all(gap < 1e-4 for gap in gaps), gaps
-    assert hist[1]["rollout/sync_s"] > 0 and hist[2]["rollout/sync_s"] == 0  # no sync after the last step
-    assert all(h["grad_norm"] > 0 for h in hist[:2])  # the steps changed the policy
-
-    real_sync, calls = VLLMEngine.sync, []
-
-    def skip_second(self, model, tokenizer=None):
-        calls.append(1)
-        if len(calls) != 2:
-            real_sync(self, model, tokenizer)
-
-    monkeypatch.setattr(VLLMEngine, "sync", skip_second)
-    run_grpo(grpo_config(tiny_model_dir, tmp_path / "skipped"))
-    stale = lines(tmp_path / "skipped" / "metrics.jsonl")
-    assert len(calls) == 2
-    assert stale[1]["sampling/sampling_logp_difference/max"] < 1e-4  # the first sync happened
-    assert stale[2]["sampling/sampling_logp_difference/max"] > 1e-2  # round 3 sampled from the weights before step 2
+    assert_on_policy(lines(tmp_path / "synced" / "metrics.jsonl"))
+    assert_stale_without_the_second_sync(monkeypatch, lambda: (
+        run_grpo(grpo_config(tiny_model_dir, tmp_path / "skipped")), lines(tmp_path / "skipped" / "metrics.jsonl"))[1])
 
 
 

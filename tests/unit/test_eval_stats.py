@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from components.evaluate.stats import avg_at_n, bootstrap_ci, paired_bootstrap_ci, pass_at_k, pass_at_k_per_prompt
+from components.evaluation.stats import avg_at_n, bootstrap_ci, paired_bootstrap_ci, pass_at_k, pass_at_k_per_prompt
 
 
 @pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (5, 0, 2), (5, 2, 1), (5, 2, 3), (6, 3, 4), (8, 1, 8),

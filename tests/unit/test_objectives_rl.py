@@ -131,12 +131,11 @@ def test_round_stats_over_ranks_are_the_single_process_stats(scale):
         assert not torch.allclose(parts[1][0], group_advantages(torch.tensor(total[cut:]), G, "batch"))
 
 
-def test_rollout_seed_is_fixed_per_round_and_rank():
+def test_rollout_seed_is_fixed_per_round():
     from components.training.rl import rollout_seed
     # the seeds runs have sampled with: changing them changes every GRPO run's numbers
-    assert rollout_seed(0, 0, 0) == 0 and rollout_seed(3, 5, 1) == 3 * 1_000_003 + 5 * 97 + 1
-    seeds = {rollout_seed(7, round_index, rank) for round_index in range(50) for rank in range(8)}
-    assert len(seeds) == 50 * 8
+    assert rollout_seed(0, 0) == 0 and rollout_seed(3, 5) == 3 * 1_000_003 + 5 * 97
+    assert len({rollout_seed(7, round_index) for round_index in range(50)}) == 50
 
 
 def test_minibatches_cut_the_passes_over_the_kept_samples():
@@ -290,3 +289,114 @@ def test_adaptive_kl_controller_one_update():
     assert ctl.update(5.4, 256) == pytest.approx(0.10025468928, rel=1e-9)
     fixed = KLController(0.1, "fixed")
     assert fixed.update(9.0, 256) == 0.1
+
+
+def test_grpo_tis_weights_the_policy_gradient_and_not_the_kl():
+    # as TRL's GRPOTrainer and verl: ρ = min(π_old / π_rollout, C) multiplies the surrogate; β·KL is added after
+    old = torch.log(torch.tensor([0.5, 0.5]))
+    logp = torch.log(torch.tensor([0.55, 0.45])).requires_grad_()  # r = 1.1, 0.9: inside the clip range
+    adv, w = torch.tensor([1.0, -1.0]), torch.tensor([0.5, 0.5])
+    ref = torch.log(torch.tensor([0.6, 0.3]))
+    rho = torch.tensor([2.0, 0.25])
+    loss, _ = grpo_loss(logp, old, adv, torch.ones(2), w, epsilon_low=0.2, epsilon_high=0.28, ref_logp=ref,
+                        beta=0.1, is_weights=rho)
+    kl = [0.6 / 0.55 - math.log(0.6 / 0.55) - 1, 0.3 / 0.45 - math.log(0.3 / 0.45) - 1]
+    # −ρ·r·Â per token: −2·1.1·1, −0.25·0.9·(−1); the KL weighed by w only
+    expect = 0.5 * (-2 * 1.1) + 0.5 * (0.25 * 0.9) + 0.1 * 0.5 * sum(kl)
+    assert float(loss.detach()) == pytest.approx(expect, rel=1e-6)
+    loss.backward()
+    # d/dlogp: −w·ρ·Â·r (the surrogate) + β·w·(1 − π_ref/π_θ) (the KL)
+    grad = -0.5 * rho * adv * torch.tensor([1.1, 0.9]) + 0.1 * 0.5 * torch.tensor([1 - 0.6 / 0.55, 1 - 0.3 / 0.45])
+    torch.testing.assert_close(logp.grad, grad)
+
+
+def test_whiten_is_exact_when_the_mean_dwarfs_the_std():
+    from components.training.objectives import whiten
+
+    # mean 1e3, std 1: E[x²] − mean² in float32 cancels to noise (the float32 sums were off by 0.1 here)
+    values = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) + 1e3
+    mask = torch.ones_like(values)
+    mask[:, 24:] = 0  # padding counts nowhere
+    x = values.double()[:, :24]
+    reference = (x - x.mean()) / torch.sqrt(x.var() + 1e-8)
+    out = whiten(values, mask)
+    assert out.dtype == torch.float32 and bool((out[:, 24:] == 0).all())
+    assert float((out[:, :24].double() - reference).abs().max()) < 1e-5
+
+
+def test_adaptive_kl_coefficient_never_turns_negative():
+    from components.config import ConfigError, from_mapping
+    from components.ppo.config import PPOConfig
+    from components.training.objectives import KLController
+
+    # one update from β = 0.1 with horizon 100 and a round of 640 samples, KL at 0.821875 of its target:
+    # 1 + (0.821875 − 1)·640/100 = −0.14, so the unchecked update gave β = −0.014
+    ctl = KLController(0.1, "adaptive", target=1.0, horizon=100.0)
+    with pytest.raises(ValueError, match="kl_horizon=100 is invalid for 640 samples per update: > 128"):
+        ctl.update(0.821875, 640)
+    assert ctl.value == 0.1
+    # n / horizon just under 5: the lowest multiplier 1 − 0.2·4.99 = 0.002 keeps β positive
+    assert KLController(0.1, "adaptive", target=1.0, horizon=100.0).update(0.0, 499) == pytest.approx(2e-4)
+    base = {"model": "m", "output_dir": "o", "prompts": {"task": "arithmetic"}, "rewards": [{"name": "arithmetic"}],
+            "kl_coef": 0.1, "kl_controller": "adaptive", "kl_horizon": 100}
+    with pytest.raises(ConfigError, match=r"^config: kl_horizon: 100.0 is invalid: > train.batch_size / 5 = 128 "):
+        from_mapping(PPOConfig, {**base, "train": {"batch_size": 640}})
+    assert from_mapping(PPOConfig, {**base, "train": {"batch_size": 499}}).kl_horizon == 100
+    assert from_mapping(PPOConfig, {**base, "kl_controller": "fixed", "train": {"batch_size": 640}})  # β never moves
+
+
+def test_vf_coef_is_refused_a_loss_scale_only_moved_the_critic_clip():
+    from components.config import ConfigError, from_mapping
+    from components.ppo.config import PPOConfig
+    from components.training.config import TrainConfig
+    from components.training.distributed import Dist, make_engine
+
+    # the critic's own engine (as Session builds it: AdamW, then gradient-norm clipping) steps the same on c·L
+    # clipped at C as on L clipped at C / c: a weight on the value loss is only a clip threshold in disguise
+    def critic_after_steps(scale, clip):
+        torch.manual_seed(0)
+        critic = torch.nn.Linear(8, 1)
+        engine = make_engine(critic, TrainConfig(lr=1e-2, grad_clip=clip, weight_decay=0.1), lambda step: 1.0, Dist())
+        data = torch.Generator().manual_seed(1)
+        norms = []
+        for _ in range(5):
+            x, target = torch.randn(16, 8, generator=data), torch.randn(16, 1, generator=data)
+            engine.backward(scale * 0.5 * ((critic(x) - target) ** 2).mean(), last=True)
+            norms.append(engine.step())
+        return torch.cat([p.detach().reshape(-1) for p in critic.parameters()]), norms
+
+    plain, norms = critic_after_steps(1.0, 0.0)
+    clipped = critic_after_steps(1.0, 1.0)[0]
+    assert min(norms) < 1.0 < max(norms) and float((plain - clipped).abs().max()) > 1e-3  # clip 1 acts on some steps
+    torch.testing.assert_close(critic_after_steps(100.0, 0.0)[0], plain, rtol=1e-5, atol=1e-6)  # no clip: no effect
+    torch.testing.assert_close(critic_after_steps(100.0, 100.0)[0], clipped, rtol=1e-5, atol=1e-6)
+    assert float((critic_after_steps(100.0, 1.0)[0] - clipped).abs().max()) > 1e-3  # the same clip: another critic
+    base = {"model": "m", "output_dir": "o", "prompts": {"task": "arithmetic"}, "rewards": [{"name": "arithmetic"}]}
+    with pytest.raises(ConfigError, match=r"^config: vf_coef: removed: the critic has its own AdamW.* set "
+                                          r"critic_grad_clip \(and critic_lr\) instead$"):
+        from_mapping(PPOConfig, {**base, "vf_coef": 0.1})
+    cfg = from_mapping(PPOConfig, {**base, "train": {"grad_clip": 2.0}})
+    assert cfg.critic_train.grad_clip == 2.0  # the critic clips as the actor unless told otherwise
+    assert from_mapping(PPOConfig, {**base, "critic_grad_clip": 10.0}).critic_train.grad_clip == 10.0
+
+
+def test_minibatches_shuffle_each_pass_from_the_seed_round_and_pass():
+    import random
+
+    from components.training.rl import minibatches
+
+    kept = list(range(8))
+    state = random.getstate(), torch.get_rng_state()
+    steps = minibatches(kept, 3, 6, shuffle=(7, 2))
+    assert (random.getstate(), torch.get_rng_state().tolist()) == (state[0], state[1].tolist())  # global RNGs untouched
+    assert [len(s) for s in steps] == [4] * 6
+    passes = [steps[0] + steps[1], steps[2] + steps[3], steps[4] + steps[5]]
+    assert all(sorted(p) == kept for p in passes)  # each pass is every sample once
+    assert len({tuple(p) for p in passes} | {tuple(kept)}) == 4  # in an order of its own, none the unshuffled one
+    assert minibatches(kept, 3, 6, shuffle=(7, 2)) == steps  # a resume cuts the round the same way
+    assert minibatches(kept, 3, 6, shuffle=(7, 3)) != steps and minibatches(kept, 3, 6, shuffle=(8, 2)) != steps
+    assert minibatches([], 2, 4, shuffle=(7, 2)) == [[], [], [], []]
+    # a pass that does not split evenly: each pass is cut on its own, so no minibatch holds a sample twice
+    for seed in range(50):
+        uneven = minibatches(list(range(5)), 2, 4, shuffle=(seed, 0))
+        assert all(len(set(m)) == len(m) for m in uneven) and sorted(sum(uneven, [])) == sorted(list(range(5)) * 2)

@@ -135,7 +135,7 @@ def test_the_step_refuses_tensor_parallelism_before_torchrun_starts(tmp_path, mo
 
 
 def test_evaluate_merges_shards_in_prompt_order():
-    from components.evaluate.main import merge_scored
+    from components.evaluation.scoring import merge_scored
 
     parts = [({"accuracy": np.array([1.0, 0.0])}, [{"i": 0}, {"i": 1}]), None, ({"accuracy": np.array([0.5])},
                                                                            [{"i": 2}])]

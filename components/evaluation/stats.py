@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from components.evaluate.config import BOOTSTRAP_SAMPLES
+BOOTSTRAP_SAMPLES = 2000
+"""Bootstrap resamples per interval, by default."""
 
 CONFIDENCE = 0.95
 

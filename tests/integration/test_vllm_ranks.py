@@ -1,0 +1,173 @@
+"""The vllm rollout engine on every rank: grpo and ppo under torchrun (2 processes on CPU, gloo, DeepSpeed), each
+rank with its own colocated vLLM engine (vLLM's external launcher) sampling its share of a round's prompts, real
+vLLM in fp32 over the tiny model.
+
+After every sync the engine must sample from the trainer's current weights: the first optimizer step of each
+round compares the trainer's log-probs of the sampled tokens with the engine's
+(sampling/sampling_logp_difference/max, the largest gap over both ranks), which must stay below 1e-4 in fp32.
+A sync that is skipped, or that pushes a partitioned model's empty shards, leaves gaps of 1e-2 and more. Under
+ZeRO-3 every parameter is partitioned (zero3_param_persistence_threshold 0), so the engine's first weights and
+every sync are streamed from the shards layer by layer (without the gathers the engine's start fails).
+
+Each sample is seeded by its prompt's place in the round, not by the rank, so a 2-rank run samples what a
+1-process run samples: under ZeRO-2 the two give the same samples, rewards, advantages, losses and gradient norms
+(fp32; the sums differ only in order, as tests/integration/test_deepspeed.py measures).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.models import build_tiny_model
+from tests.torchrun import REPO, free_port, rank_env
+
+TOLERANCE = 1e-4
+ZERO = {2: {"zero_stage": 2}, 3: {"zero_stage": 3, "zero3_param_persistence_threshold": 0}}
+TIMING = {"step_time_s", "tokens_per_s", "mfu", "rollout_s", "rollout/sync_s"}
+
+# Runs grpo, and each rank SIGKILLs its own process right after step 3's metrics line (one step after the step-2
+# checkpoint): nothing is closed or flushed, the engines included, as a killed pod.
+KILLED = """
+import os, signal, sys
+from components.training.loop import Session
+record = Session.record
+def record_then_die(self, step, *args, **kwargs):
+    out = record(self, step, *args, **kwargs)
+    if step + 1 == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+Session.record = record_then_die
+from components.grpo.main import main
+main(sys.argv[1:])
+"""
+
+
+def run_stage(module: str, settings: dict, out: Path, nproc: int = 2, timeout: float = 600,
+              script: Path | None = None) -> list[dict]:
+    """`python -m components.<module>` (one process) or the same under torchrun with `nproc` processes (or
+    `script` in its place, which must die); its metrics.jsonl rows. The output goes to `out`.log."""
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump({**settings, "output_dir": str(out)}))
+    stage = [str(script) if script else "-m", *([] if script else [f"components.{module}"]), "--config", str(config)]
+    cmd = [sys.executable, *stage] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+        "--master-port", str(free_port()), *stage]
+    env = rank_env(tracking=False, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    out.with_suffix(".log").write_text(done.stdout + done.stderr)
+    assert (done.returncode != 0) == bool(script), done.stdout[-4000:] + done.stderr[-8000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+def grpo_settings(model_dir: Path, zero_stage: int | None, steps: int = 3) -> dict:
+    # 4 prompts × 4 samples a round, one optimizer step per round (each rank: 2 prompts, 8 samples), 3 rounds;
+    # every sample logged (rank 0 logs its own); a checkpoint every 2 steps
+    return {"model": str(model_dir), "prompts": {"task": "arithmetic", "task_rows": 16},
+            "prompts_per_round": 4, "num_generations": 4, "sampling": {"max_new_tokens": 8, "temperature": 1.0},
+            "rollout": {"engine": "vllm", "sync_timeout_s": 120}, "samples_logged": 16,
+            "rewards": [{"name": "format", "pattern": "(?s)[0-9A-Za-z].*"}],
+            "train": {"batch_size": 16, "lr": 3e-3, "max_steps": steps, "log_every": 1, "precision": "fp32",
+                      "checkpoint_every": 2, **ZERO.get(zero_stage, {})}}
+
+
+def logged_samples(out: Path) -> set[tuple]:
+    return {(s["round"], s["prompt"], s["completion"], s["reward"], round(s["advantage"], 5))
+            for s in map(json.loads, (out / "samples.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_grpo_with_a_vllm_engine_per_rank_stays_on_policy(tmp_path, model_dir, zero_stage):
+    steps = 4 if zero_stage == 3 else 3
+    hist = run_stage("grpo", grpo_settings(model_dir, zero_stage, steps), tmp_path / f"zero{zero_stage}")
+    assert [h["step"] for h in hist] == list(range(1, steps + 1))
+    gaps = [h["sampling/sampling_logp_difference/max"] for h in hist]
+    assert all(gap < TOLERANCE for gap in gaps), gaps
+    assert all(h["rollout/sync_s"] > 0 for h in hist[:-1]) and hist[-1]["rollout/sync_s"] == 0
+    assert all(h["grad_norm"] > 0 for h in hist[:-1])  # the steps changed the policy, so a stale engine would show
+    if zero_stage == 3:
+        # killed after step 3, then rerun: it resumes from the step-2 checkpoint (the engines start from the
+        # resumed shards) and its metrics are the uninterrupted run's
+        script = tmp_path / "killed.py"
+        script.write_text(KILLED)
+        settings = grpo_settings(model_dir, zero_stage, steps)
+        run_stage("grpo", settings, tmp_path / "resumed", script=script)
+        assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 3
+        resumed = run_stage("grpo", settings, tmp_path / "resumed")
+        assert re.search(r"resumed from \S+step-00000002 at step 2", (tmp_path / "resumed.log").read_text())
+        assert [h["step"] for h in resumed] == [h["step"] for h in hist]
+        for got, want in zip(resumed, hist):
+            assert {k: v for k, v in got.items() if k not in TIMING} == pytest.approx(
+                {k: v for k, v in want.items() if k not in TIMING}, rel=1e-5, abs=1e-6), got["step"]
+        return
+    # one process, one engine: a sample's seed depends on its place in the round, not on the ranks, so the
+    # round samples the same completions, and the advantages, rewards and updates are those of the two ranks
+    one = run_stage("grpo", grpo_settings(model_dir, None), tmp_path / "one", nproc=1)
+    two_samples, one_samples = logged_samples(tmp_path / "zero2"), logged_samples(tmp_path / "one")
+    assert len(two_samples) >= 8 and two_samples <= one_samples  # rank 0's samples, among all of them
+    assert len({s[2] for s in one_samples}) > 4  # different completions, not one repeated
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "trained_tokens"):
+        assert [h[key] for h in hist] == pytest.approx([h[key] for h in one], rel=1e-6), key
+    for key in ("loss", "grad_norm"):
+        assert [h[key] for h in hist] == pytest.approx([h[key] for h in one], rel=1e-4, abs=1e-6), key
+
+
+def ppo_settings(model_dir: Path, zero_stage: int | None) -> dict:
+    # 8 prompts a round (4 per rank), one completion each, one actor and one critic step per round, 3 rounds
+    return {"model": str(model_dir), "prompts": {"task": "arithmetic", "task_rows": 16},
+            "sampling": {"max_new_tokens": 8, "temperature": 1.0},
+            "rollout": {"engine": "vllm", "sync_timeout_s": 120},
+            "rewards": [{"name": "format", "pattern": "(?s)[0-9A-Za-z].*"}], "ppo_epochs": 1, "kl_coef": 0.1,
+            "train": {"batch_size": 8, "lr": 3e-3, "max_steps": 3, "log_every": 1, "precision": "fp32",
+                      **ZERO.get(zero_stage, {})}}
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_ppo_with_a_vllm_engine_per_rank_stays_on_policy(tmp_path, model_dir, zero_stage):
+    """ppo measures the gap at each rollout (the actor's log-probs of the engine's samples, one more forward
+    pass), so round 2 and 3 check the syncs after rounds 1 and 2."""
+    hist = run_stage("ppo", ppo_settings(model_dir, zero_stage), tmp_path / f"zero{zero_stage}")
+    assert [h["step"] for h in hist] == [1, 2, 3]
+    gaps = [h["sampling/sampling_logp_difference/max"] for h in hist]
+    assert all(gap < TOLERANCE for gap in gaps), gaps
+    assert all(h["rollout/sync_s"] > 0 for h in hist[:2]) and hist[2]["rollout/sync_s"] == 0
+    assert all(h["grad_norm"] > 0 for h in hist[:2])
+    if zero_stage != 2:
+        return
+    # one process: the same samples (seeded by their place in the round), so the same scores, KL and updates
+    one = run_stage("ppo", ppo_settings(model_dir, None), tmp_path / "one", nproc=1)
+    for key in ("objective/scores", "completions/mean_length", "trained_tokens"):
+        assert [h[key] for h in hist] == pytest.approx([h[key] for h in one], rel=1e-6), key
+    # the KL reads the engines' log-probs, which move by ~1e-6 with the batch an engine runs
+    for key in ("objective/kl", "loss", "grad_norm", "val/grad_norm"):
+        assert [h[key] for h in hist] == pytest.approx([h[key] for h in one], rel=1e-4, abs=1e-6), key
+
+
+def test_sleep_while_training_is_refused_on_cpu_and_asks_vllm_for_sleep_mode_on_a_gpu():
+    """vLLM has no sleep mode on CPU, so the setting cannot run here: it is refused before the engine starts (one
+    line naming the key), and on a GPU it turns on vLLM's sleep mode. The sleep/wake itself is not testable on CPU."""
+    from components.config import Invalid, UserError
+    from components.training.config import RolloutEngine
+    from components.training.engines import llm_arguments
+
+    settings = RolloutEngine(engine="vllm", sleep_while_training=True)
+    with pytest.raises(UserError, match="rollout.sleep_while_training needs a GPU"):
+        llm_arguments(settings, Path("model"), seed=0, max_num_seqs=4, world_size=1, device_type="cpu")
+    gpu = llm_arguments(settings, Path("model"), seed=0, max_num_seqs=4, world_size=1, device_type="cuda")
+    assert gpu["enable_sleep_mode"] is True
+    off = llm_arguments(RolloutEngine(engine="vllm"), Path("model"), seed=0, max_num_seqs=4, world_size=1,
+                        device_type="cuda")
+    assert "enable_sleep_mode" not in off
+    with pytest.raises(Invalid, match="sleep_while_training"):
+        RolloutEngine(engine="hf", sleep_while_training=True)

@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-test: install test-deps lint  ## lint, then the whole suite (unit, integration, acceptance runs)
-	$(PY) -m pytest tests
+test: install test-deps lint  ## lint, then the whole suite (unit, integration, acceptance runs), one worker per core
+	$(PY) -m pytest -n auto --dist loadfile tests
 
 lint: install            ## ruff (rules in pyproject.toml)
 	$(VENV)/bin/ruff check .
@@ -25,7 +25,7 @@ test-deps:               ## what the suite needs besides Python packages: headle
 	sh scripts/test-deps.sh
 
 test-fast: install       ## unit tests only
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest -n auto --dist loadfile tests/unit
 
 run: install             ## the demo pipeline, locally (kfp.local): data_prep → psft → reward_scoring → dpo → grpo → evaluate → register
 	$(VENV)/bin/posttrain run demo

@@ -4,7 +4,8 @@ artifact under ./.posttrain/.
     posttrain run demo [--out DIR]               (or a path to a spec)
 
 The same pipeline that `posttrain compile` writes for a cluster runs here step by step, each step a subprocess
-of this Python (kfp.local's SubprocessRunner, no containers), in the order and with the conditions of the DAG
+of this Python (kfp.local's SubprocessRunner, no containers; its executor run by pipelines.local_step, which skips
+the interpreter's teardown once the step's outputs are written), in the order and with the conditions of the DAG
 (the exit handler and the promotion gate included). What changes is only where things are:
 
 - the base model: bundled:tiny is built into .posttrain/models/tiny; an s3:// model is downloaded first
@@ -58,6 +59,7 @@ from components.tracking import UNDELIVERED
 from pipelines.spec import Spec, load_spec
 
 log = logging.getLogger("pipelines.local")
+EXECUTOR, LOCAL_EXECUTOR = "-m kfp.dsl.executor_main ", "-m pipelines.local_step "
 
 STATE = Path(".posttrain")
 STOP_GRACE = 30.0
@@ -214,7 +216,7 @@ class Steps:
         with self._lock:
             if self.signum is not None:
                 raise RunStopped(self.signum)
-            proc = subprocess.Popen(full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(step_command(full_command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, text=True, bufsize=1, process_group=0,
                                     env={**os.environ, **env_vars} if env_vars else None)
             task = _task_of(full_command, self.root)
@@ -265,6 +267,12 @@ class Steps:
         while self.running and time.monotonic() < deadline:
             time.sleep(0.1)
         return not self.running
+
+
+def step_command(command: list[str]) -> list[str]:
+    """kfp.local's command for a step, its executor run by pipelines.local_step (the same executor, without the
+    interpreter's teardown once the outputs are written)."""
+    return [part.replace(EXECUTOR, LOCAL_EXECUTOR) if i < 3 else part for i, part in enumerate(command)]
 
 
 def _task_of(command: list[str], root: Path) -> str:

@@ -21,7 +21,32 @@ import torch
 
 from pipelines import stack
 
-torch.set_num_threads(2)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+"""The suite's processes: pytest-xdist workers (`make test` runs one per core, `--dist loadfile`: a file's tests run
+in one worker, one at a time, which tests/cluster/test_e2e.py needs: its TrainJob nodes all meet on
+127.0.0.1:29500, Trainer's fixed PET_MASTER_PORT); 1 without xdist."""
+THREADS = max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS))
+"""Torch threads per worker: at most 2, never more than the cores shared among the workers, whose intra-op threads
+would otherwise wait on each other whenever one is descheduled."""
+torch.set_num_threads(THREADS)
+if WORKERS > 1:  # the stage processes the tests start inherit it (a value already in the environment wins)
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+# a training Session's thread count, here and in the processes the tests start: fixed whatever the load, since the
+# count can change float results that resume tests compare exactly (components/threads.py)
+os.environ.setdefault("POSTTRAIN_THREADS", str(THREADS))
+
+SLOW = ("tests/cluster/test_e2e.py", "tests/integration/test_demo.py", "tests/e2e/test_local_run.py",
+        "tests/integration/test_multinode.py")
+"""Files of whole-DAG and multi-node acceptance runs, a minute or more each: marked `slow`, so that a subset can be
+chosen by hand (`pytest -m "not slow" tests`); `make test` runs them all."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests of SLOW are marked slow."""
+    root = Path(str(config.rootpath))
+    for item in items:
+        if Path(str(item.path)).relative_to(root).as_posix() in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

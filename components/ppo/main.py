@@ -23,6 +23,10 @@ initialized from the reward model (`critic_init: reward_model`, its head too; a 
 none, so a new head at zero) or from the policy (a new head at zero). Its value at the position that predicts
 completion token t is V(s_t).
 
+In code, the round is components/training/rl_loop.py's (rollout → score → advantages → minibatch updates →
+sync → record → checkpoint); this stage gives it `PPO`: the critic (what the gae estimator needs), the KL
+controller, the round's metrics and its optimizer step (`ppo_step`: the actor's, then the critic's).
+
 Outputs in `output_dir`: model/ (the actor, Hugging Face, safetensors), critic/ (the value model), metrics.jsonl
 (one line per optimizer step; TRL's names where components/trl_names.py lists them), samples.jsonl, summary.json,
 checkpoints/ (actor and critic, both optimizers, the KL coefficient, the RNG).
@@ -33,9 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -45,53 +47,16 @@ from components.config import stage_main
 from components.evaluation.during_training import attach as attach_eval
 from components.ppo.config import PPOConfig
 from components.prompts import prompts_and_rewards
+from components.training.advantages import padded
 from components.training.batching import Example, PackedBatch, completion_values
 from components.training.distributed import save_model
-from components.training.engines import logprob_gap
-from components.training.loop import Session, StepResult, step_indices
-from components.training.lora import base_reference, load_policy, save_policy
-from components.training.objectives import (
-    KLController,
-    clipped_policy_loss,
-    clipped_value_loss,
-    gae,
-    kl_k1,
-    kl_penalized_rewards,
-    whiten,
-)
-from components.training.rl import (
-    completion_logprobs,
-    minibatches,
-    per_completion_token,
-    reference_model,
-    rollout_seed,
-    write_samples,
-)
+from components.training.loop import Session, StepResult
+from components.training.lora import load_policy, save_policy
+from components.training.objectives import KLController, clipped_policy_loss, clipped_value_loss
+from components.training.rl import per_completion_token, reference_model
+from components.training.rl_loop import RLStage, Round, train
 
 log = logging.getLogger("components.ppo")
-
-
-@dataclass
-class PPORound:
-    """One round's samples on this rank, scored, with everything the round's optimizer steps read (per completion
-    token: π_old's log-probs, the critic's values, the advantages and the returns)."""
-
-    index: int
-    rows: list[dict]
-    completions: list[str]
-    scores: list[float]
-    examples: list[Example]
-    old_logprobs: list[torch.Tensor]
-    values: list[torch.Tensor]
-    advantages: list[torch.Tensor]
-    returns: list[torch.Tensor]
-    metrics: dict
-    seconds: float
-
-
-def run(cfg: PPOConfig) -> dict:
-    with tracking.stage_run("ppo", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI
-        return _run(cfg, tracked)
 
 
 def load_critic(cfg: PPOConfig, pad_token_id: int):
@@ -111,6 +76,87 @@ def load_critic(cfg: PPOConfig, pad_token_id: int):
     return critic
 
 
+def critic_values(critic, session: Session, micro_batch: PackedBatch) -> torch.Tensor:
+    """V at every position of a packed micro-batch (shaped like its targets): the value head on the backbone."""
+    with torch.autocast(micro_batch.input_ids.device.type, dtype=torch.bfloat16, enabled=session.autocast):
+        hidden = critic.base_model(input_ids=micro_batch.input_ids, position_ids=micro_batch.position_ids,
+                                   use_cache=False).last_hidden_state
+        return critic.score(hidden).float().squeeze(-1)
+
+
+class PPO(RLStage):
+    """PPO in the RL loop: one completion per prompt, a critic whose values GAE reads, a KL penalty in the reward
+    (β fixed or adaptive), and per minibatch a step of the actor and one of the critic."""
+
+    estimator = "gae"
+    group_size = 1
+    shuffle = True  # each epoch in an order of its own, as TRL's PPOTrainer
+
+    def __init__(self, cfg: PPOConfig, actor, ref_model, tokenizer, critic, kl_ctl: KLController, engine_name: str):
+        super().__init__(cfg, actor, ref_model, tokenizer)
+        self.critic, self.kl_ctl = critic, kl_ctl
+        self.prompts_per_round, self.passes, self.steps_per_round = cfg.train.batch_size, cfg.ppo_epochs, \
+            cfg.steps_per_round
+        # π_old and the KL are the actor's own log-probs: an engine's differ (its kernels, bf16, top-p
+        # renormalisation), so with one they are computed again, as verl does, and the gap is reported
+        self.recompute_old = engine_name != "hf"
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl_ctl.value
+
+    def estimator_options(self) -> dict:
+        return {"gamma": self.cfg.gamma, "lam": self.cfg.lam, "whiten": self.cfg.whiten_advantages}
+
+    def critic_values(self, session: Session, examples: list[Example]) -> list[torch.Tensor]:
+        self.critic.eval()
+        with torch.no_grad():
+            values = per_completion_token(session, examples, self.tokenizer.pad_token_id,
+                                          lambda batch: critic_values(self.critic, session, batch))
+        self.critic.train()
+        return values
+
+    def round_stats(self, session: Session, rnd: Round, ranks: list[dict]) -> tuple[dict, list[int]]:
+        """TRL's objective/* metrics over every rank's samples; every sample is trained on."""
+        scores, beta = rnd.scores, self.kl_ctl.value
+        per_fn = ranks[session.dist.rank]["per_fn"]
+        finished = ranks[session.dist.rank]["finished"]
+        sums = session.dist.all_reduce_sums({
+            "n": float(len(scores)), "scores": float(sum(scores)), "kl": float(rnd.kl.sum(dim=1).sum()),
+            "entropy": float(-(padded(rnd.old_logprobs)[0] * rnd.mask).sum()), "length": float(sum(rnd.lengths)),
+            "finished": float(sum(finished)), "scores_sq": float(sum(s * s for s in scores)),
+            **{f"rewards/{name}/mean": float(sum(values)) for name, values in per_fn.items()}})
+        n = max(sums.pop("n"), 1.0)
+        mean_score, mean_kl = sums["scores"] / n, sums["kl"] / n
+        metrics = {
+            "objective/scores": mean_score, "objective/kl": mean_kl, "objective/entropy": sums["entropy"] / n,
+            "objective/non_score_reward": -beta * mean_kl, "objective/rlhf_reward": mean_score - beta * mean_kl,
+            "objective/kl_coef": beta, "reward": mean_score,
+            "reward_std": math.sqrt(max(sums["scores_sq"] / n - mean_score ** 2, 0.0)),
+            **{key: sums[key] / n for key in sums if key.startswith("rewards/")},
+            "completions/mean_length": sums["length"] / n, "completions/clipped_ratio": 1.0 - sums["finished"] / n}
+        return metrics, list(range(len(rnd.examples)))
+
+    def after_rollout(self, session: Session, rnd: Round) -> None:
+        # β for the next round, from this one's KL (this round's rewards already hold the β they were made with)
+        self.kl_ctl.update(rnd.metrics["objective/kl"], int(session.dist.all_reduce_sum(float(len(rnd.examples)))))
+
+    def sample_fields(self, rnd: Round, sample: int) -> dict:
+        values = rnd.values[sample]
+        return {"score": rnd.scores[sample], "value": float(values[0]) if len(values) else None}
+
+    def step(self, session: Session, rnd: Round, minibatch: list[int], position: int) -> tuple[StepResult, float, dict]:
+        return ppo_step(self.cfg, session, self.model, self.critic, rnd, minibatch, self.tokenizer.pad_token_id)
+
+    def checkpoint_state(self) -> dict:
+        return {"kl_coef": self.kl_ctl.value}
+
+
+def run(cfg: PPOConfig) -> dict:
+    with tracking.stage_run("ppo", cfg) as tracked:  # a no-op without MLFLOW_TRACKING_URI
+        return _run(cfg, tracked)
+
+
 def _run(cfg: PPOConfig, tracked) -> dict:
     out = Path(cfg.output_dir)
     prompt_rows, rewards = prompts_and_rewards(cfg)
@@ -124,41 +170,13 @@ def _run(cfg: PPOConfig, tracked) -> dict:
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_controller, cfg.kl_target, cfg.kl_horizon)
     if "kl_coef" in session.resumed:
         kl_ctl.value = float(session.resumed["kl_coef"])
-    dist, pad_id = session.dist, tokenizer.pad_token_id
+    dist = session.dist
     # one engine per rank, colocated with its actor (vllm: vLLM's external launcher over the ranks)
     engine = cfg.rollout.build(actor, tokenizer, seed=cfg.train.seed,
                                max_num_seqs=cfg.sampling.generation_batch_size, world_size=dist.world)
-
+    stage = PPO(cfg, actor, ref_model, tokenizer, critic, kl_ctl, engine.name)
     try:
-        step = session.start_step
-        while step < cfg.train.max_steps:
-            rollout = ppo_rollout(cfg, session, actor, critic, ref_model, tokenizer, prompt_rows, rewards, kl_ctl,
-                                  engine, round_index=step // cfg.steps_per_round)
-            engine.rest()  # the round is sampled: the engine's memory goes to the trainer until the sync
-            # β for the next round, from this one's KL (this round's rewards already hold the β they were made with)
-            kl_ctl.update(rollout.metrics["objective/kl"], int(dist.all_reduce_sum(float(len(rollout.examples)))))
-            if dist.rank == 0:
-                write_samples(out / "samples.jsonl", rollout, cfg.samples_logged, lambda sample: {
-                    "score": rollout.scores[sample],
-                    "value": float(rollout.values[sample][0]) if len(rollout.values[sample]) else None})
-            samples = list(range(len(rollout.examples)))
-            steps = minibatches(samples, cfg.ppo_epochs, cfg.steps_per_round,
-                                shuffle=(cfg.train.seed, rollout.index))[:cfg.train.max_steps - step]
-            for position, minibatch in enumerate(steps):
-                started = time.perf_counter()
-                result, trained_tokens, extra = ppo_step(cfg, session, actor, critic, rollout, minibatch, pad_id)
-                extra["rollout/sync_s"] = 0.0
-                if position == len(steps) - 1 and step + 1 < cfg.train.max_steps:
-                    synced = time.perf_counter()  # the next round samples from the updated actor
-                    engine.sync(actor)
-                    extra["rollout/sync_s"] = time.perf_counter() - synced
-                seconds = time.perf_counter() - started + (rollout.seconds if position == 0 else 0.0)
-                lengths = [len(rollout.examples[sample]) for sample in minibatch]
-                session.record(step, result, trained_tokens, lengths, seconds, extra={**rollout.metrics, **extra})
-                session.maybe_checkpoint(step, {"kl_coef": kl_ctl.value})
-                step += 1
-
-        history = session.finish()
+        history = train(stage, session, engine, prompt_rows, rewards, out)
         summary = {"rounds": -(-len(history) // cfg.steps_per_round) if history else 0, "steps": len(history),
                    "prompts": len(prompt_rows), "rewards": rewards.names, "final": history[-1] if history else None,
                    "kl_coef": kl_ctl.value,
@@ -174,86 +192,7 @@ def _run(cfg: PPOConfig, tracked) -> dict:
     return summary
 
 
-def critic_values(critic, session: Session, micro_batch: PackedBatch) -> torch.Tensor:
-    """V at every position of a packed micro-batch (shaped like its targets): the value head on the backbone."""
-    with torch.autocast(micro_batch.input_ids.device.type, dtype=torch.bfloat16, enabled=session.autocast):
-        hidden = critic.base_model(input_ids=micro_batch.input_ids, position_ids=micro_batch.position_ids,
-                                   use_cache=False).last_hidden_state
-        return critic.score(hidden).float().squeeze(-1)
-
-
-def _padded(values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample token values as [N, T] (left-aligned) and their mask."""
-    width = max([len(v) for v in values] + [1])
-    grid, mask = torch.zeros(len(values), width), torch.zeros(len(values), width)
-    for row, v in enumerate(values):
-        grid[row, :len(v)], mask[row, :len(v)] = v.float(), 1.0
-    return grid, mask
-
-
-def ppo_rollout(cfg: PPOConfig, session: Session, actor, critic, ref_model, tokenizer, prompt_rows: list[dict],
-                rewards, kl_ctl: KLController, engine, *, round_index: int) -> PPORound:
-    """Sample, score and prepare one round: this rank's share of the round's prompts, one completion of each, the
-    scores, the reference's log-probs and the critic's values, the KL-penalized per-token rewards, GAE, and the
-    round's metrics (over every rank)."""
-    started = time.perf_counter()
-    dist, pad_id = session.dist, tokenizer.pad_token_id
-    indices = step_indices(len(prompt_rows), cfg.train.batch_size, round_index, cfg.train.seed)
-    places = list(range(dist.rank, len(indices), dist.world))  # every rank samples its own share of the round
-    rows = [prompt_rows[indices[place]] for place in places]
-    # seeded from (the round's seed, the prompt's place in the round): the same samples on 1 or N ranks
-    sampled = cfg.sampling.sample(engine, [row["prompt"] for row in rows], n=1,
-                                  seed=rollout_seed(cfg.train.seed, round_index), indices=places)
-    scores, per_fn = rewards.score([row["prompt"] for row in rows], sampled.texts, [row.get("answer") for row in rows],
-                                   [row.get("task") for row in rows])
-    examples = [Example(prompt + completion, len(prompt))
-                for prompt, completion in zip(sampled.prompt_ids, sampled.completion_ids)]
-    # π_old and the KL are the actor's own log-probs: an engine's differ (its kernels, bf16, top-p renormalisation),
-    # so with one they are computed again here, as verl does, and the gap is reported
-    trainer_logprobs = (sampled.logprobs if engine.name == "hf" else
-                        completion_logprobs(session, actor, examples, pad_id, cfg.sampling.temperature))
-    old_logprobs, mask = _padded(trainer_logprobs)
-    kl = torch.zeros_like(old_logprobs)
-    if ref_model is not None:
-        with base_reference(actor) if ref_model is actor else nullcontext():
-            ref_logprobs = completion_logprobs(session, ref_model, examples, pad_id, cfg.sampling.temperature)
-        kl = kl_k1(old_logprobs, _padded(ref_logprobs)[0]) * mask
-    critic.eval()
-    with torch.no_grad():
-        values = per_completion_token(session, examples, pad_id, lambda batch: critic_values(critic, session, batch))
-    critic.train()
-    values_grid = _padded(values)[0]
-    token_rewards = kl_penalized_rewards(torch.tensor(scores), kl, mask, kl_ctl.value)
-    advantages, returns = gae(token_rewards, values_grid, mask, gamma=cfg.gamma, lam=cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, mask, dist.all_reduce_sums)
-    lengths = [len(v) for v in sampled.logprobs]
-    kl_sum = kl.sum(dim=1)
-    sums = dist.all_reduce_sums({
-        "n": float(len(scores)), "scores": float(sum(scores)), "kl": float(kl_sum.sum()),
-        "entropy": float(-(old_logprobs * mask).sum()), "length": float(sum(lengths)),
-        "finished": float(sum(sampled.finished)), "scores_sq": float(sum(s * s for s in scores)),
-        **{f"rewards/{name}/mean": float(sum(values)) for name, values in per_fn.items()}})
-    n = max(sums.pop("n"), 1.0)
-    gap = logprob_gap(dist, trainer_logprobs, sampled.logprobs) if engine.name != "hf" else {}
-    mean_score, mean_kl = sums["scores"] / n, sums["kl"] / n
-    seconds = time.perf_counter() - started
-    metrics = {
-        "objective/scores": mean_score, "objective/kl": mean_kl, "objective/entropy": sums["entropy"] / n,
-        "objective/non_score_reward": -kl_ctl.value * mean_kl,
-        "objective/rlhf_reward": mean_score - kl_ctl.value * mean_kl,
-        "objective/kl_coef": kl_ctl.value, "reward": mean_score,
-        "reward_std": math.sqrt(max(sums["scores_sq"] / n - mean_score ** 2, 0.0)),
-        **{key: sums[key] / n for key in sums if key.startswith("rewards/")},
-        "completions/mean_length": sums["length"] / n, "completions/clipped_ratio": 1.0 - sums["finished"] / n,
-        "rollout_s": seconds, "round": round_index + 1, **gap}
-    return PPORound(index=round_index, rows=rows, completions=sampled.texts, scores=scores, examples=examples,
-                    old_logprobs=trainer_logprobs, values=values,
-                    advantages=[advantages[i, :length] for i, length in enumerate(lengths)],
-                    returns=[returns[i, :length] for i, length in enumerate(lengths)], metrics=metrics, seconds=seconds)
-
-
-def ppo_step(cfg: PPOConfig, session: Session, actor, critic, rollout: PPORound, minibatch: list[int], pad_id: int,
+def ppo_step(cfg: PPOConfig, session: Session, actor, critic, rollout: Round, minibatch: list[int], pad_id: int,
              ) -> tuple[StepResult, float, dict]:
     """One optimizer step of the actor (clipped surrogate, a token mean over every rank's minibatch) and one of the
     critic (clipped value loss) on the round's samples `minibatch` (this rank's). Returns the actor's result (its

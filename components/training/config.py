@@ -311,5 +311,5 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 KL_CONTROLLERS = ("fixed", "adaptive")
 """ppo's kl_controller (objectives.KLController)."""
 KL_IN_REWARD = {"grpo": False, "rloo": False, "reinforce_pp": True}
-"""Each advantage estimator (objectives.ADVANTAGE_ESTIMATORS, by name: grpo's `advantage`) → whether β weighs a KL
+"""Each advantage estimator grpo's `advantage` selects (advantages.ADV_ESTIMATOR_REGISTRY) → whether β weighs a KL
 folded into its reward instead of a KL term of the loss."""

@@ -292,6 +292,21 @@ def llm_arguments(settings: RolloutEngine, model_dir: Path, *, seed: int, max_nu
     return args
 
 
+ENGINE_DIR_PREFIX = "posttrain-vllm-"
+"""An engine's config/tokenizer folder: <prefix><pid>-<random>, removed by close() or, after a kill -9, by the next
+engine started on the machine (remove_orphan_dirs)."""
+
+
+def remove_orphan_dirs(parent: Path) -> None:
+    """Remove the engine folders under `parent` whose process is gone (a run killed before close())."""
+    if not Path("/proc/self").exists():  # no way to tell a live process here: keep everything
+        return
+    for path in parent.glob(f"{ENGINE_DIR_PREFIX}*-*"):
+        pid = path.name[len(ENGINE_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class VLLMEngine(Engine):
     """A colocated in-process vLLM engine over a copy of the policy's weights, or over a model directory."""
 
@@ -323,7 +338,9 @@ class VLLMEngine(Engine):
         else:
             self.shape = _shape(source)
             shm = Path("/dev/shm")
-            model_dir = self.dir = Path(tempfile.mkdtemp(prefix="posttrain-vllm-", dir=shm if shm.is_dir() else None))
+            parent = shm if shm.is_dir() else Path(tempfile.gettempdir())
+            remove_orphan_dirs(parent)
+            model_dir = self.dir = Path(tempfile.mkdtemp(prefix=f"{ENGINE_DIR_PREFIX}{os.getpid()}-", dir=parent))
         started = time.perf_counter()
         try:
             args = llm_arguments(settings, model_dir, seed=seed, max_num_seqs=max_num_seqs, world_size=world_size,

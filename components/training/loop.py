@@ -31,6 +31,7 @@ import torch
 
 from components.config import UserError
 from components.storage import sha256_file
+from components.threads import ThreadPolicy
 from components.training import distributed
 from components.training.batching import Example, PackedBatch, micro_batches
 from components.training.config import TrainConfig, bf16_autocast
@@ -162,6 +163,8 @@ class Session:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         to_device(model, self.device)
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: a shard's full size
+        self.threads = ThreadPolicy(params, self.device.type)
         model.config.use_cache = False
         model.train()
         self.engine = distributed.make_engine(model, cfg, lr_lambda(cfg), dist)

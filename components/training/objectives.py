@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from components.training.config import DPO_LOSSES, KL_IN_REWARD, LOSS_AGGREGATIONS, SCALE_REWARDS
+from components.training.config import DPO_LOSSES, LOSS_AGGREGATIONS, SCALE_REWARDS
 
 
 def sft_loss(logp: Tensor, mask: Tensor, normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -155,42 +155,11 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Advantage estimators of the grpo stage, by name (as verl's register_adv_est): each maps a round's rewards to
-# advantages. `sequence` estimators give one Â per sample ([P·G], prompt-major); `token` estimators give one per
-# completion token ([N, T], 0 on padding) and may fold a per-token KL to the reference into the reward.
+# Critic-free advantages (the estimators by name: components/training/advantages.py).
 
-@dataclass(frozen=True)
-class AdvantageEstimator:
-    fn: Callable[..., Tensor]
-    per_token: bool = False
-    """Its advantages are per token: fn(rewards, kl, mask, beta=, reduce=) -> [N, T]; else fn(rewards,
-    group_size, scale=) -> [P·G]."""
-    kl_in_reward: bool = False
-    """β weighs a KL folded into the reward (no KL term in the loss)."""
-
-
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
-
-
-def register_adv_est(name: str, *, per_token: bool = False):
-    """Register an advantage estimator under `name` (the grpo stage's `advantage` setting), a name of
-    components.training.config.KL_IN_REWARD: a config checks `advantage` there, without torch."""
-    def add(fn):
-        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(fn, per_token, KL_IN_REWARD[name])
-        return fn
-    return add
-
-
-@register_adv_est("grpo")
-def grpo_advantages(rewards: Tensor, group_size: int, scale: str = "group") -> Tensor:
-    """GRPO: group_advantages (the group's mean as baseline, scaled by `scale`)."""
-    return group_advantages(rewards, group_size, scale)
-
-
-@register_adv_est("rloo")
-def rloo_advantages(rewards: Tensor, group_size: int, scale: str = "group") -> Tensor:
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     """RLOO: Â_i = R_i − mean_{j≠i} R_j, the baseline the mean of the other G − 1 samples of the group (not
-    scaled; `scale` is GRPO's and is not read). Equal to G/(G−1) · (R_i − mean_G R)."""
+    scaled). Equal to G/(G−1) · (R_i − mean_G R)."""
     r = rewards.float().reshape(-1, group_size)
     baseline = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
     return (r - baseline).reshape(-1)
@@ -214,7 +183,6 @@ def whiten(values: Tensor, mask: Tensor, reduce: Callable[[dict], dict] | None =
     return ((x - mean) / math.sqrt(var + eps) * m).to(values.dtype)
 
 
-@register_adv_est("reinforce_pp", per_token=True)
 def reinforce_pp_advantages(rewards: Tensor, kl: Tensor, mask: Tensor, *, beta: float,
                             reduce: Callable[[dict], dict] | None = None) -> Tensor:
     """REINFORCE++: per-token rewards r_t = −β·kl_t, plus R on the last completion token; returns

@@ -1,6 +1,6 @@
-"""What the stages that train on their own samples share (grpo, ppo): the rollout's seed, a round's minibatches,
-and a per-completion-token pass of a model over a round's sequences (the reference's log-probs, the critic's
-values)."""
+"""The RL loop's parts (components/training/rl_loop.py; grpo, ppo): the reference model, samples.jsonl, the
+rollout's seed, a round's minibatches, and a per-completion-token pass of a model over a round's sequences (the
+reference's log-probs, the critic's values)."""
 
 from __future__ import annotations
 

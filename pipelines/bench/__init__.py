@@ -9,6 +9,7 @@
 The workloads and how each number is counted: docs/bench.md.
 """
 
+import components  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads; components/threads.py)
 from pipelines.bench.cli import main
 
 __all__ = ["main"]

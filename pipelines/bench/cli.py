@@ -18,13 +18,24 @@ import traceback
 
 from pipelines.bench.measure import device_name, pick_device
 from pipelines.bench.ours import PPO_EPOCHS, run_ours, run_ours_dpo, run_ours_grpo, run_ours_ppo, run_ours_rm
+from pipelines.bench.ranks import run_ranks
 from pipelines.bench.trl_peer import run_trl, run_trl_dpo, run_trl_grpo, run_trl_rm, trl_ppo_missing
-from pipelines.bench.workloads import SIZES, row_example, save_model, workload_rows
+from pipelines.bench.workloads import (
+    DEMO_FLAGS,
+    SIZES,
+    demo_examples,
+    row_example,
+    save_model,
+    size_params,
+    workload_rows,
+)
 
 log = logging.getLogger("posttrain.bench")
 
 OBJECTIVES = ("sft", "psft", "dpo", "grpo", "rm", "ppo")
 PEERS = ("trl",)
+ROLLOUTS = ("hf", "vllm")
+ROLLOUT_OBJECTIVES = ("grpo", "ppo")  # one line per rollout engine
 # what each objective is compared on, and with which peer line
 RATE = {"sft": ("tokens_per_s", "trl_sft"), "psft": ("tokens_per_s", "trl_sft"),
         "dpo": ("pairs_per_s", "trl_dpo"), "grpo": ("completion_tokens_per_s", "trl_grpo"),
@@ -63,8 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--new-tokens", type=int, default=256, help="most new tokens per completion (default: 256)")
     g.add_argument("--grpo-steps", type=int, default=3, help="measured optimizer steps (PPO: rounds; default: 3)")
     g.add_argument("--grpo-warmup", type=int, default=1, help="warm-up optimizer steps (PPO: rounds; default: 1)")
-    g.add_argument("--rollout", choices=("hf", "vllm"), default="hf",
-                   help="our rollout engine (the grpo stage's rollout.engine; default: hf)")
+    g.add_argument("--rollout", default="hf",
+                   help="our rollout engine(s), comma-separated of hf, vllm: one grpo and one ppo line per engine "
+                        "(the stages' rollout.engine; default: hf)")
+    g.add_argument("--nproc", type=int, default=1,
+                   help="processes (ranks) our grpo and ppo run on, under torchrun, each with its own engine; the "
+                        "line's `ranks` holds each rank's numbers (default: 1)")
+    g.add_argument("--ranks-timeout", type=float, default=1800.0,
+                   help="seconds a --nproc > 1 measurement may take before its ranks are ended and it is reported as "
+                        "an error (a hung collective; default: 1800)")
     g.add_argument("--steps-per-rollout", type=int, default=1,
                    help="optimizer steps per rollout round, for us and TRL (TRL's steps_per_generation; default: 1)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
@@ -83,6 +101,13 @@ def _bad_arguments(a, objectives: list[str], peers: list[str]) -> str | None:
     bad = [p for p in peers if p not in PEERS]
     if bad:
         return f"unknown peer(s) {', '.join(bad)}; known: {', '.join(PEERS)}"
+    if peers and a.size == "demo":
+        return "--size demo has no peer: its SFT rows are the demo's arithmetic problems, not the peer's words"
+    bad = [e for e in _split(a.rollout) if e not in ROLLOUTS]
+    if bad or not _split(a.rollout):
+        return f"unknown rollout engine(s) {', '.join(bad) or '(none given)'}; known: {', '.join(ROLLOUTS)}"
+    if a.nproc < 1 or (a.nproc > 1 and set(objectives) - {"grpo", "ppo"}):
+        return "need --nproc ≥ 1; --nproc > 1 measures grpo and ppo only (the stages that run on ranks here)"
     k = a.steps_per_rollout
     if a.steps < 1 or a.warmup < 0 or a.batch_size < 1 or not 1 <= a.min_len <= a.max_len:
         return "need --steps ≥ 1, --warmup ≥ 0, --batch-size ≥ 1, 1 ≤ --min-len ≤ --max-len"
@@ -105,28 +130,52 @@ def _workloads(a) -> dict[str, dict]:
         "dpo": {"bs": a.batch_size, "steps": a.steps, "warmup": a.warmup, "prompt_len": a.max_len // 4,
                 "completion_len": a.max_len // 4, "seq": "prompt+chosen|rejected+eos"},
         "grpo": {"bs": a.grpo_batch_size, "steps": a.grpo_steps, "warmup": a.grpo_warmup, "group": a.group,
-                 "rollout": a.rollout,
                  "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "steps_per_rollout": a.steps_per_rollout},
     }
     workload["psft"] = workload["sft"]
     workload["rm"] = workload["dpo"]
     workload["ppo"] = {"bs": a.grpo_batch_size, "steps": a.grpo_steps * PPO_EPOCHS,
                        "warmup": a.grpo_warmup * PPO_EPOCHS, "rounds": a.grpo_steps, "warmup_rounds": a.grpo_warmup,
-                       "ppo_epochs": PPO_EPOCHS, "rollout": "hf", "prompt_len": a.prompt_len,
+                       "ppo_epochs": PPO_EPOCHS, "prompt_len": a.prompt_len,
                        "new_tokens": a.new_tokens}
     return workload
 
 
 def _measure(what: str, size: str, fn) -> dict:
-    """fn()'s result, its prints sent to stderr; a failure becomes an "error" field, so the other measurements
+    """fn()'s result, its prints sent to stderr, with the torch threads it ran with (`threads`, unless the result
+    has its own: a --nproc line's are rank 0's); a failure becomes an "error" field, so the other measurements
     still run."""
+    import torch
+
     log.info("measuring %s (%s)", what, size)
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            return fn()
+            res = fn()
     except Exception as e:  # keep the other measurements
         traceback.print_exc()
-        return {"error": f"{type(e).__name__}: {e}"[:400]}
+        res = {"error": f"{type(e).__name__}: {e}"[:400]}
+    return {"threads": torch.get_num_threads(), **res}
+
+
+@contextlib.contextmanager
+def fixed_threads(size: str, dev):
+    """The torch threads for the whole bench, chosen once (components.threads.ThreadPolicy, for the size's model)
+    and pinned in POSTTRAIN_THREADS, so that the peer and our Sessions run with the same count; restored after."""
+    import torch
+
+    from components.threads import ThreadPolicy
+
+    before, env = torch.get_num_threads(), os.environ.get("POSTTRAIN_THREADS")
+    threads = ThreadPolicy(size_params(size), dev.type).threads
+    os.environ["POSTTRAIN_THREADS"] = str(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+        if env is None:
+            os.environ.pop("POSTTRAIN_THREADS", None)
+        else:
+            os.environ["POSTTRAIN_THREADS"] = env
 
 
 def _run(a, objectives: list[str], peers: list[str], emit) -> bool:
@@ -136,7 +185,7 @@ def _run(a, objectives: list[str], peers: list[str], emit) -> bool:
     common = {"size": a.size, "device": dev.type, "device_name": device_name(dev)}
     workload = _workloads(a)
     rows = workload_rows(SIZES[a.size]["vocab_size"], a.batch_size * (a.warmup + a.steps + 2), a.min_len, a.max_len)
-    examples = [row_example(r) for r in rows]
+    examples = demo_examples(len(rows)) if a.size == "demo" else [row_example(r) for r in rows]
     peer_fns = {"sft": lambda: run_trl(a, rows, examples, dev), "dpo": lambda: run_trl_dpo(a, dev),
                 "grpo": lambda: run_trl_grpo(a, dev), "rm": lambda: run_trl_rm(a, dev)}
     peer_rates: dict[str, float] = {}
@@ -147,20 +196,27 @@ def _run(a, objectives: list[str], peers: list[str], emit) -> bool:
             res = _measure(f"trl_{obj}", a.size, peer_fns[obj])
             if RATE[obj][0] in res:
                 peer_rates[f"trl_{obj}"] = res[RATE[obj][0]]
-            emit({"what": f"trl_{obj}", **common, **workload[obj], **res})
+            emit({"what": f"trl_{obj}", **common, **workload[obj], **({"rollout": "hf"} if obj == "grpo" else {}),
+                  **res})
     failed = False
     with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as work:
         if {"dpo", "grpo", "rm", "ppo"} & set(objectives):
             with contextlib.redirect_stdout(sys.stderr):  # saving may import DeepSpeed, whose logger prints
                 save_model(a.size, os.path.join(work, "model"))
-        ours = {"sft": lambda: run_ours(a, "sft", examples, dev, token_budget),
-                "psft": lambda: run_ours(a, "psft", examples, dev, token_budget),
-                "dpo": lambda: run_ours_dpo(a, work, dev, token_budget),
-                "grpo": lambda: run_ours_grpo(a, work, dev, token_budget),
-                "rm": lambda: run_ours_rm(a, work, dev, token_budget),
-                "ppo": lambda: run_ours_ppo(a, work, dev, token_budget)}
-        for obj in objectives:
-            res = _measure(f"posttrain_{obj}", a.size, ours[obj])
+        ours = {"sft": lambda a: run_ours(a, "sft", examples, dev, token_budget),
+                "psft": lambda a: run_ours(a, "psft", examples, dev, token_budget),
+                "dpo": lambda a: run_ours_dpo(a, work, dev, token_budget),
+                "grpo": lambda a: run_ours_grpo(a, work, dev, token_budget),
+                "rm": lambda a: run_ours_rm(a, work, dev, token_budget),
+                "ppo": lambda a: run_ours_ppo(a, work, dev, token_budget)}
+        if a.nproc > 1:
+            ours["grpo"] = lambda a: run_ranks(a, "grpo", work, token_budget, a.ranks_timeout)
+            ours["ppo"] = lambda a: run_ranks(a, "ppo", work, token_budget, a.ranks_timeout)
+        runs = [(obj, argparse.Namespace(**{**vars(a), "rollout": engine}))
+                for obj in objectives for engine in (_split(a.rollout) if obj in ROLLOUT_OBJECTIVES else [None])]
+        for obj, args in runs:
+            res = _measure(f"posttrain_{obj}", a.size, lambda: ours[obj](args))
+            extra = {"rollout": args.rollout} if obj in ROLLOUT_OBJECTIVES else {}
             failed |= "error" in res
             key, vs = RATE[obj]
             if vs in peer_rates and key in res:
@@ -168,13 +224,14 @@ def _run(a, objectives: list[str], peers: list[str], emit) -> bool:
                 res["vs"] = vs
             if obj == "ppo" and "trl" in peers:
                 res["peer"] = trl_ppo_missing()
-            emit({"what": f"posttrain_{obj}", **common, **workload[obj], **res})
+            emit({"what": f"posttrain_{obj}", **common, **workload[obj], **extra, **res})
     return failed
 
 
 def _table(results: list[dict]) -> str:
-    cols = [("what", "{}"), ("size", "{}"), ("bs", "{}"), ("steps", "{}"), ("tokens_per_s", "{:.0f}"),
-            ("pairs_per_s", "{:.1f}"), ("completion_tokens_per_s", "{:.0f}"), ("sec_per_step", "{:.3f}"),
+    cols = [("what", "{}"), ("size", "{}"), ("bs", "{}"), ("steps", "{}"), ("rollout", "{}"), ("nproc", "{}"),
+            ("tokens_per_s", "{:.0f}"), ("pairs_per_s", "{:.1f}"), ("completion_tokens_per_s", "{:.0f}"),
+            ("sec_per_step", "{:.3f}"), ("sync_s", "{:.3f}"),
             ("mfu", "{:.3f}"), ("peak_mem_gb", "{:.2f}"), ("peak_rss_gb", "{:.2f}"), ("speedup_vs_trl", "{:.2f}x")]
     def cell(r, k, f):
         if "error" in r and k not in ("what", "size", "bs", "steps"):
@@ -186,11 +243,19 @@ def _table(results: list[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def with_size_defaults(argv: list[str]) -> list[str]:
+    """`argv` with --size demo's defaults (DEMO_FLAGS: the demo's PSFT step) put before it, those it does not set."""
+    if "--size=demo" not in argv and not any(x == "--size" and y == "demo" for x, y in zip(argv, argv[1:])):
+        return argv
+    given = {arg.split("=")[0] for arg in argv}
+    return [*(x for flag, value in DEMO_FLAGS.items() if flag not in given for x in (flag, value)), *argv]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--"]:  # `posttrain bench -- --size ...`: what the CLI's REMAINDER passes through
         argv = argv[1:]
-    a = _parser().parse_args(argv)
+    a = _parser().parse_args(with_size_defaults(argv))
     objectives, peers = _split(a.objectives), _split(a.peers)
     problem = _bad_arguments(a, objectives, peers)
     if problem:
@@ -212,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(a.out, "a") as f:
                 f.write(line + "\n")
 
-    failed = _run(a, objectives, peers, emit)
+    with fixed_threads(a.size, pick_device()):
+        failed = _run(a, objectives, peers, emit)
     if not a.json:
         print(_table(results), file=stdout, flush=True)
     return 1 if failed else 0

@@ -5,9 +5,11 @@ warm-up. How each number is counted: docs/bench.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import time
 
 import torch
 
@@ -116,26 +118,102 @@ def run_ours_dpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
             "rewards/accuracies": measured[-1]["rewards/accuracies"], "final_loss": measured[-1]["loss"]}
 
 
+@contextlib.contextmanager
+def engine_calls():
+    """Every rollout engine's generate and sync call in this process while inside, timed: (name, start, end,
+    completion tokens sampled). Per rank, what the stage's metrics (rank 0's steps, the round's totals) do not
+    tell: each rank's own share of the sampling and its own weight syncs."""
+    from components.training.engines import HFEngine, VLLMEngine
+
+    calls: list[tuple[str, float, float, int]] = []
+    real = [(cls, name, cls.__dict__[name]) for cls in (HFEngine, VLLMEngine) for name in ("generate", "sync")]
+
+    def timed(name, method):
+        def call(self, *args, **kwargs):
+            start = time.perf_counter()
+            result = method(self, *args, **kwargs)
+            calls.append((name, start, time.perf_counter(), sum(result.lengths) if name == "generate" else 0))
+            return result
+        return call
+
+    for cls, name, method in real:
+        setattr(cls, name, timed(name, method))
+    try:
+        yield calls
+    finally:
+        for cls, name, method in real:
+            setattr(cls, name, method)
+
+
+def rollout_job(a, objective: str, work: str, token_budget: int, write: bool = True) -> tuple[str, object]:
+    """grpo or ppo with the engine a.rollout (one engine: "hf" or "vllm"): its prompts written under `work` (not
+    with `write` False: a rank reads what the bench wrote), its output directory (one per objective and engine, so
+    a second engine's run does not resume the first's) and its config."""
+    data = os.path.join(work, f"{objective}_prompts.jsonl")
+    if write:
+        size = SIZES[a.size]
+        _jsonl(data, grpo_prompts(size["vocab_size"], a.batch_size * 4 * (a.warmup + a.steps + 2), a.prompt_len))
+    out = os.path.join(work, f"{objective}-{a.rollout}")
+    model = os.path.join(work, "model")
+    if objective == "grpo":
+        return out, stage_config(a, "grpo", token_budget, model=model, data=data, out=out)
+    return out, rl_stage_config(a, "ppo", token_budget, model=model, data=data, out=out)
+
+
+def run_rollout_stage(objective: str, cfg, dev: torch.device, warmup_rounds: int) -> dict:
+    """The stage run in this process (one rank of it under torchrun): this rank's peak memory, and over the
+    measured rounds (after `warmup_rounds`) its sampled completion tokens, rollout seconds and weight-sync seconds
+    (the syncs from the first measured round on: the one before it belongs to the warm-up's last step)."""
+    if objective == "grpo":
+        from components.grpo.main import run
+    else:
+        from components.ppo.main import run
+
+    rss_reset = reset_peaks(dev)
+    with engine_calls() as calls:
+        run(cfg)
+    mem = peaks(dev, rss_reset)
+    generates = [c for c in calls if c[0] == "generate"][warmup_rounds:]
+    first = generates[0][1] if generates else float("inf")
+    syncs = [c for c in calls if c[0] == "sync" and c[1] >= first]
+    return {"rank": int(os.environ.get("RANK", "0")), "completion_tokens": sum(c[3] for c in generates),
+            "rollout_s": sum(c[2] - c[1] for c in generates), "sync_s": sum(c[2] - c[1] for c in syncs),
+            "syncs": len(syncs), "threads": torch.get_num_threads(), **mem}
+
+
+def with_ranks(line: dict, ranks: list[dict]) -> dict:
+    """The line with each rank's numbers (`ranks`, its completion_tokens_per_s over the line's measured time) and
+    the largest peak memory of a rank."""
+    sec = line["measured_s"]
+    ranks = sorted(ranks, key=lambda r: r["rank"])
+    for r in ranks:
+        r["completion_tokens_per_s"] = r["completion_tokens"] / sec
+    out = {**line, "nproc": len(ranks), "ranks": ranks}
+    for key in ("peak_rss_gb", "peak_mem_gb"):
+        values = [r[key] for r in ranks if r.get(key) is not None]
+        out[key] = max(values) if values else None
+    out["peak_rss_scope"] = "measurement" if all(r["peak_rss_scope"] == "measurement" for r in ranks) else "process"
+    return out
+
+
 def run_ours_grpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
     """The grpo stage on the reference prompts: a round of rollouts (prompts × group) every
     --steps-per-rollout optimizer steps of --grpo-batch-size sequences; μ = 1, β = 0, as TRL's defaults."""
-    from components.grpo.main import run
+    out, cfg = rollout_job(a, "grpo", work, token_budget)
+    rank = run_rollout_stage("grpo", cfg, dev, a.grpo_warmup // a.steps_per_rollout)
+    return with_ranks(grpo_line(a, out, dev, token_budget), [rank])
 
-    prompts = grpo_prompts(SIZES[a.size]["vocab_size"], a.batch_size * 4 * (a.warmup + a.steps + 2), a.prompt_len)
-    out = os.path.join(work, "grpo")
-    data = _jsonl(os.path.join(work, "prompts.jsonl"), prompts)
-    cfg = stage_config(a, "grpo", token_budget, model=os.path.join(work, "model"), data=data, out=out)
-    rss_reset = reset_peaks(dev)
-    run(cfg)
-    mem = peaks(dev, rss_reset)
+
+def grpo_line(a, out: str, dev: torch.device, token_budget: int) -> dict:
+    """The grpo line's numbers, from the stage's metrics (every rank's tokens; rank 0's step times)."""
     measured = _metrics(out)[a.grpo_warmup:]
     sec = sum(r["step_time_s"] for r in measured)
     completion = int(sum(r["trained_tokens"] for r in measured))  # μ = 1: each sampled token trains once
     tokens = int(sum(r["tokens"] for r in measured))
     flops = sum(r["flops"] for r in measured) * 4 / 3  # + the rollout: one forward of every sequence
     first_of_round = measured[::a.steps_per_rollout]
-    return {**rates(tokens, sec, flops, len(measured), dev), **mem, "completion_tokens_per_s": completion / sec,
-            "completion_tokens": completion, "tokens": tokens,
+    return {**rates(tokens, sec, flops, len(measured), dev), "completion_tokens_per_s": completion / sec,
+            "completion_tokens": completion, "tokens": tokens, "measured_s": sec,
             "rollout_s": sum(r["rollout_s"] for r in first_of_round), "token_budget": token_budget,
             "weights": "fp32", "autocast": "bf16" if dev.type == "cuda" else None,
             "rollout": a.rollout, "rollout_cache": ("static" if dev.type == "cuda" else "dynamic") if a.rollout == "hf"
@@ -172,7 +250,7 @@ def rl_stage_config(a, objective: str, token_budget: int, model: str, data: str,
         total = (a.grpo_warmup + a.grpo_steps) * PPO_EPOCHS
         return from_mapping(PPOConfig, {
             "model": model, "output_dir": out, "prompts": {"path": data}, "rewards": BENCH_REWARDS,
-            "ppo_epochs": PPO_EPOCHS, "num_minibatches": 1,
+            "ppo_epochs": PPO_EPOCHS, "num_minibatches": 1, "rollout": {"engine": a.rollout},
             "sampling": {"max_new_tokens": a.new_tokens, "generation_batch_size": a.grpo_batch_size},
             "train": {"max_steps": total, "batch_size": a.grpo_batch_size, "token_budget": token_budget,
                       "lr": 1e-6, "seed": 0, "log_every": total}})
@@ -207,16 +285,14 @@ def run_ours_ppo(a, work: str, dev: torch.device, token_budget: int) -> dict:
     """The ppo stage on the reference GRPO prompts: rounds of --grpo-batch-size prompts, one completion each, each
     round PPO_EPOCHS optimizer steps of the actor and of the critic; --grpo-warmup rounds, then --grpo-steps
     measured."""
-    from components.ppo.main import run
+    out, cfg = rollout_job(a, "ppo", work, token_budget)
+    rank = run_rollout_stage("ppo", cfg, dev, a.grpo_warmup)
+    return with_ranks(ppo_line(a, out, dev, token_budget), [rank])
 
+
+def ppo_line(a, out: str, dev: torch.device, token_budget: int) -> dict:
+    """The ppo line's numbers, from the stage's metrics (every rank's tokens; rank 0's step times)."""
     cfg_size = SIZES[a.size]
-    prompts = grpo_prompts(cfg_size["vocab_size"], a.batch_size * 4 * (a.warmup + a.steps + 2), a.prompt_len)
-    out = os.path.join(work, "ppo")
-    data = _jsonl(os.path.join(work, "ppo_prompts.jsonl"), prompts)
-    cfg = rl_stage_config(a, "ppo", token_budget, model=os.path.join(work, "model"), data=data, out=out)
-    rss_reset = reset_peaks(dev)
-    run(cfg)
-    mem = peaks(dev, rss_reset)
     measured = _metrics(out)[a.grpo_warmup * PPO_EPOCHS:]
     first_of_round = measured[::PPO_EPOCHS]
     sec = sum(r["step_time_s"] for r in measured)  # a round's first step holds its rollout
@@ -231,8 +307,11 @@ def run_ours_ppo(a, work: str, dev: torch.device, token_budget: int) -> dict:
     round_actor = sum(r["flops"] for r in first_of_round)
     round_critic = round_actor - lm_head_less * sum(r["tokens"] for r in first_of_round)
     flops = actor + critic + (2 * round_actor + round_critic) / 3
-    return {**rates(tokens, sec, flops, len(measured), dev), **mem, "completion_tokens_per_s": completion / sec,
-            "completion_tokens": completion, "tokens": tokens,
+    return {**rates(tokens, sec, flops, len(measured), dev), "completion_tokens_per_s": completion / sec,
+            "completion_tokens": completion, "tokens": tokens, "measured_s": sec,
             "rollout_s": sum(r["rollout_s"] for r in first_of_round), "token_budget": token_budget,
-            "weights": "fp32", "autocast": "bf16" if dev.type == "cuda" else None,
-            "rollout_cache": "static" if dev.type == "cuda" else "dynamic", "reward": first_of_round[-1]["reward"]}
+            "weights": "fp32", "autocast": "bf16" if dev.type == "cuda" else None, "rollout": a.rollout,
+            "rollout_cache": ("static" if dev.type == "cuda" else "dynamic") if a.rollout == "hf" else "vllm",
+            "sync_s": sum(r.get("rollout/sync_s", 0.0) for r in measured),
+            "logprob_diff_max": max(r.get("sampling/sampling_logp_difference/max", 0.0) for r in measured),
+            "reward": first_of_round[-1]["reward"]}

@@ -9,14 +9,22 @@ from __future__ import annotations
 import random
 
 import torch
+import yaml
+
+from components.models import TINY_CONFIG
 
 # The reference workload's model shapes, random-init Qwen2 (the Qwen2/Qwen2.5 0.5B and 1.5B shapes, and a tiny one),
 # and "small": 24.4M parameters over the tiny vocabulary, where a CPU's rollout cost is no longer per-step overhead.
+_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
     "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, vocab_size=512),
+    # the demo's model: components/models/tiny.yaml over the character tokenizer's 103 tokens (qwen2_config builds
+    # it with tiny_config); its SFT rows are the demo's arithmetic problems (demo_examples), the other objectives'
+    # the random words below
+    "demo": {**{k: v for k, v in yaml.safe_load(TINY_CONFIG.read_text()).items() if k in _SHAPE}, "vocab_size": 103},
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -31,8 +39,14 @@ BENCH_REWARDS = [{"name": "format", "pattern": r"\s*t\d*[0-4]\b.*"}]
 
 
 def qwen2_config(size: str):
+    """The size's model config; the demo's is the demo model's (components.models.tiny_config), the same in every
+    field."""
     from transformers import Qwen2Config
 
+    if size == "demo":
+        from components.models import tiny_config
+
+        return tiny_config(SIZES["demo"]["vocab_size"])
     return Qwen2Config(**SIZES[size], tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=1e6,
                        attn_implementation="sdpa", use_cache=True)
 
@@ -43,6 +57,15 @@ def build_model(size: str, dtype: torch.dtype = torch.float32):
 
     torch.manual_seed(0)
     return Qwen2ForCausalLM(qwen2_config(size)).to(dtype=dtype)
+
+
+def size_params(size: str) -> int:
+    """The size's parameter count, from a model built on the meta device (no memory, no initialization)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(qwen2_config(size))
+    return sum(p.numel() for p in model.parameters())
 
 
 def text(n: int, vocab: int, rng: random.Random) -> str:
@@ -60,6 +83,22 @@ def workload_rows(vocab: int, num_rows: int, min_len: int, max_len: int) -> list
         p = n // 4
         rows.append({"prompt": text(p, vocab, rng), "completion": text(n - p, vocab, rng)})
     return rows
+
+
+DEMO_FLAGS = {"--batch-size": "128", "--token-budget": "512", "--updates-per-batch": "4"}
+"""`--size demo`'s defaults: the demo's PSFT step (pipelines/specs/demo.yaml), 128 arithmetic problems (≈1.5k tokens)
+in micro-batches of 512 tokens, π_old refreshed every 4 steps."""
+
+
+def demo_examples(num_rows: int):
+    """The demo's SFT rows: arithmetic problems (seed 0, as data_prep draws them), through the character tokenizer."""
+    from components.models import build_char_tokenizer
+    from components.tasks import get_task
+    from components.training.batching import encode_example
+
+    tokenizer = build_char_tokenizer()
+    return [encode_example(tokenizer, r["prompt"], r["completion"]) for r in get_task("arithmetic").generate(
+        num_rows, seed=0)]
 
 
 def row_example(row: dict):

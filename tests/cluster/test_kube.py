@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -103,7 +104,8 @@ def test_each_installs_runner_may_do_what_the_trainjob_launcher_does(name):
 
 
 def _plain(**kw) -> KubeApi:
-    return KubeApi(installs.render("plain").objects, installs.render("plain").namespaces, grace=0.5, **kw)
+    kw.setdefault("grace", 0.5)
+    return KubeApi(installs.render("plain").objects, installs.render("plain").namespaces, **kw)
 
 
 def test_requests_are_authenticated_and_authorized_over_https(tmp_path):
@@ -162,6 +164,15 @@ def _sleeper(pod: dict, log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
                                 stdout=out, stderr=subprocess.STDOUT)
+
+
+def _stubborn(pod: dict, log: Path) -> subprocess.Popen:
+    """A pod that ignores SIGTERM from its first instruction (an ignored signal stays ignored across exec), so it
+    ends only by the SIGKILL at the end of its grace period."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
+                                stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
 
 
 def _workspace(namespace=NS) -> dict:
@@ -300,9 +311,10 @@ def test_the_garbage_collector_follows_owners():
 
 def test_foreground_deletion_waits_for_the_pods():
     """A TrainJob deleted in the foreground keeps deletionTimestamp until its pods have ended (SIGTERM, then
-    SIGKILL after the grace period)."""
+    SIGKILL after the grace period). Its pods ignore SIGTERM: a pod that ended at once would let the whole chain
+    (pods, Job, JobSet, TrainJob) go before the TrainJob could be read back marked."""
     name = trainjob_name("r", "sft")
-    with _plain(on_pod=_sleeper) as api:
+    with _plain(on_pod=_stubborn, grace=2.0) as api:
         api.add(_workspace())
         _create(api, _manifest(), NS, "posttrain-pipeline-runner")
         api.wait_for(lambda: len(api.trainjob_pods(NS, name)) == 2

@@ -11,7 +11,10 @@ every sync are streamed from the shards layer by layer (without the gathers the 
 
 Each sample is seeded by its prompt's place in the round, not by the rank, so a 2-rank run samples what a
 1-process run samples: under ZeRO-2 the two give the same samples, rewards, advantages, losses and gradient norms
-(fp32; the sums differ only in order, as tests/integration/test_deepspeed.py measures).
+(fp32; the sums differ only in order, as tests/integration/test_deepspeed.py measures), with LoRA too.
+
+Killed with SIGKILL on every rank mid-run and rerun, grpo (ZeRO-3, and LoRA) and ppo (ZeRO-3) resume from their
+last checkpoint and repeat the uninterrupted run's metrics.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ TOLERANCE = 1e-4
 ZERO = {2: {"zero_stage": 2}, 3: {"zero_stage": 3, "zero3_param_persistence_threshold": 0}}
 TIMING = {"step_time_s", "tokens_per_s", "mfu", "rollout_s", "rollout/sync_s"}
 
-# Runs grpo, and each rank SIGKILLs its own process right after step 3's metrics line (one step after the step-2
-# checkpoint): nothing is closed or flushed, the engines included, as a killed pod.
+# Runs the stage ({module}: grpo or ppo), and each rank SIGKILLs its own process right after step 3's metrics line
+# (one step after the step-2 checkpoint): nothing is closed or flushed, the engines included, as a killed pod.
 KILLED = """
 import os, signal, sys
 from components.training.loop import Session
@@ -44,9 +47,10 @@ def record_then_die(self, step, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return out
 Session.record = record_then_die
-from components.grpo.main import main
+from components.{module}.main import main
 main(sys.argv[1:])
 """
+LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 
 
 def run_stage(module: str, settings: dict, out: Path, nproc: int = 2, timeout: float = 600,
@@ -71,15 +75,32 @@ def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
-def grpo_settings(model_dir: Path, zero_stage: int | None, steps: int = 3) -> dict:
+def grpo_settings(model_dir: Path, zero_stage: int | None, steps: int = 3, lora: bool = False) -> dict:
     # 4 prompts × 4 samples a round, one optimizer step per round (each rank: 2 prompts, 8 samples), 3 rounds;
-    # every sample logged (rank 0 logs its own); a checkpoint every 2 steps
+    # every sample logged (rank 0 logs its own); a checkpoint every 2 steps. LoRA: adapters on every linear
+    # layer (dropout 0: the trainer's log-probs are the policy's), a larger lr for them
     return {"model": str(model_dir), "prompts": {"task": "arithmetic", "task_rows": 16},
             "prompts_per_round": 4, "num_generations": 4, "sampling": {"max_new_tokens": 8, "temperature": 1.0},
             "rollout": {"engine": "vllm", "sync_timeout_s": 120}, "samples_logged": 16,
-            "rewards": [{"name": "format", "pattern": "(?s)[0-9A-Za-z].*"}],
-            "train": {"batch_size": 16, "lr": 3e-3, "max_steps": steps, "log_every": 1, "precision": "fp32",
-                      "checkpoint_every": 2, **ZERO.get(zero_stage, {})}}
+            "rewards": [{"name": "format", "pattern": "(?s)[0-9A-Za-z].*"}], **({"lora": LORA} if lora else {}),
+            "train": {"batch_size": 16, "lr": 3e-2 if lora else 3e-3, "max_steps": steps, "log_every": 1,
+                      "precision": "fp32", "checkpoint_every": 2, **ZERO.get(zero_stage, {})}}
+
+
+def assert_resumes_the_uninterrupted_run(module: str, settings: dict, tmp_path: Path, hist: list[dict]):
+    """The stage killed (SIGKILL, every rank) after step 3, then rerun into the same output directory: it resumes
+    from the step-2 checkpoint (the engines start from the resumed weights) and its metrics are `hist`'s, those of
+    the uninterrupted run."""
+    script = tmp_path / f"killed_{module}.py"
+    script.write_text(KILLED.replace("{module}", module))
+    run_stage(module, settings, tmp_path / "resumed", script=script)
+    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 3
+    resumed = run_stage(module, settings, tmp_path / "resumed")
+    assert re.search(r"resumed from \S+step-00000002 at step 2", (tmp_path / "resumed.log").read_text())
+    assert [h["step"] for h in resumed] == [h["step"] for h in hist]
+    for got, want in zip(resumed, hist):
+        assert {k: v for k, v in got.items() if k not in TIMING} == pytest.approx(
+            {k: v for k, v in want.items() if k not in TIMING}, rel=1e-5, abs=1e-6), got["step"]
 
 
 def logged_samples(out: Path) -> set[tuple]:
@@ -87,33 +108,26 @@ def logged_samples(out: Path) -> set[tuple]:
             for s in map(json.loads, (out / "samples.jsonl").read_text().splitlines())}
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_grpo_with_a_vllm_engine_per_rank_stays_on_policy(tmp_path, model_dir, zero_stage):
-    steps = 4 if zero_stage == 3 else 3
-    hist = run_stage("grpo", grpo_settings(model_dir, zero_stage, steps), tmp_path / f"zero{zero_stage}")
+@pytest.mark.parametrize(("zero_stage", "lora"), [pytest.param(2, False, id="2"), pytest.param(3, False, id="3"),
+                                                  pytest.param(2, True, id="lora")])
+def test_grpo_with_a_vllm_engine_per_rank_stays_on_policy(tmp_path, model_dir, zero_stage, lora):
+    """ZeRO-2: the 2-rank run against one process. ZeRO-3: killed and resumed. LoRA (the engines hold the merged
+    weights, each sync pushes the adapted modules merged): both."""
+    steps = 3 if zero_stage == 2 and not lora else 4
+    settings = grpo_settings(model_dir, zero_stage, steps, lora)
+    hist = run_stage("grpo", settings, tmp_path / f"zero{zero_stage}")
     assert [h["step"] for h in hist] == list(range(1, steps + 1))
     gaps = [h["sampling/sampling_logp_difference/max"] for h in hist]
     assert all(gap < TOLERANCE for gap in gaps), gaps
     assert all(h["rollout/sync_s"] > 0 for h in hist[:-1]) and hist[-1]["rollout/sync_s"] == 0
     assert all(h["grad_norm"] > 0 for h in hist[:-1])  # the steps changed the policy, so a stale engine would show
+    if zero_stage == 3 or lora:
+        assert_resumes_the_uninterrupted_run("grpo", settings, tmp_path, hist)
     if zero_stage == 3:
-        # killed after step 3, then rerun: it resumes from the step-2 checkpoint (the engines start from the
-        # resumed shards) and its metrics are the uninterrupted run's
-        script = tmp_path / "killed.py"
-        script.write_text(KILLED)
-        settings = grpo_settings(model_dir, zero_stage, steps)
-        run_stage("grpo", settings, tmp_path / "resumed", script=script)
-        assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 3
-        resumed = run_stage("grpo", settings, tmp_path / "resumed")
-        assert re.search(r"resumed from \S+step-00000002 at step 2", (tmp_path / "resumed.log").read_text())
-        assert [h["step"] for h in resumed] == [h["step"] for h in hist]
-        for got, want in zip(resumed, hist):
-            assert {k: v for k, v in got.items() if k not in TIMING} == pytest.approx(
-                {k: v for k, v in want.items() if k not in TIMING}, rel=1e-5, abs=1e-6), got["step"]
         return
     # one process, one engine: a sample's seed depends on its place in the round, not on the ranks, so the
     # round samples the same completions, and the advantages, rewards and updates are those of the two ranks
-    one = run_stage("grpo", grpo_settings(model_dir, None), tmp_path / "one", nproc=1)
+    one = run_stage("grpo", grpo_settings(model_dir, None, steps, lora), tmp_path / "one", nproc=1)
     two_samples, one_samples = logged_samples(tmp_path / "zero2"), logged_samples(tmp_path / "one")
     assert len(two_samples) >= 8 and two_samples <= one_samples  # rank 0's samples, among all of them
     assert len({s[2] for s in one_samples}) > 4  # different completions, not one repeated
@@ -123,27 +137,32 @@ def test_grpo_with_a_vllm_engine_per_rank_stays_on_policy(tmp_path, model_dir, z
         assert [h[key] for h in hist] == pytest.approx([h[key] for h in one], rel=1e-4, abs=1e-6), key
 
 
-def ppo_settings(model_dir: Path, zero_stage: int | None) -> dict:
-    # 8 prompts a round (4 per rank), one completion each, one actor and one critic step per round, 3 rounds
+def ppo_settings(model_dir: Path, zero_stage: int | None, steps: int = 3) -> dict:
+    # 8 prompts a round (4 per rank), one completion each, one actor and one critic step per round, 3 rounds; a
+    # checkpoint every 2 steps
     return {"model": str(model_dir), "prompts": {"task": "arithmetic", "task_rows": 16},
             "sampling": {"max_new_tokens": 8, "temperature": 1.0},
             "rollout": {"engine": "vllm", "sync_timeout_s": 120},
             "rewards": [{"name": "format", "pattern": "(?s)[0-9A-Za-z].*"}], "ppo_epochs": 1, "kl_coef": 0.1,
-            "train": {"batch_size": 8, "lr": 3e-3, "max_steps": 3, "log_every": 1, "precision": "fp32",
-                      **ZERO.get(zero_stage, {})}}
+            "train": {"batch_size": 8, "lr": 3e-3, "max_steps": steps, "log_every": 1, "precision": "fp32",
+                      "checkpoint_every": 2, **ZERO.get(zero_stage, {})}}
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_ppo_with_a_vllm_engine_per_rank_stays_on_policy(tmp_path, model_dir, zero_stage):
     """ppo measures the gap at each rollout (the actor's log-probs of the engine's samples, one more forward
-    pass), so round 2 and 3 check the syncs after rounds 1 and 2."""
-    hist = run_stage("ppo", ppo_settings(model_dir, zero_stage), tmp_path / f"zero{zero_stage}")
-    assert [h["step"] for h in hist] == [1, 2, 3]
+    pass), so each round after the first checks the sync before it. ZeRO-3: killed and resumed (the actor, the
+    critic, both optimizers and the KL coefficient from the checkpoint)."""
+    steps = 4 if zero_stage == 3 else 3
+    settings = ppo_settings(model_dir, zero_stage, steps)
+    hist = run_stage("ppo", settings, tmp_path / f"zero{zero_stage}")
+    assert [h["step"] for h in hist] == list(range(1, steps + 1))
     gaps = [h["sampling/sampling_logp_difference/max"] for h in hist]
     assert all(gap < TOLERANCE for gap in gaps), gaps
-    assert all(h["rollout/sync_s"] > 0 for h in hist[:2]) and hist[2]["rollout/sync_s"] == 0
-    assert all(h["grad_norm"] > 0 for h in hist[:2])
+    assert all(h["rollout/sync_s"] > 0 for h in hist[:-1]) and hist[-1]["rollout/sync_s"] == 0
+    assert all(h["grad_norm"] > 0 for h in hist[:-1])
     if zero_stage != 2:
+        assert_resumes_the_uninterrupted_run("ppo", settings, tmp_path, hist)
         return
     # one process: the same samples (seeded by their place in the round), so the same scores, KL and updates
     one = run_stage("ppo", ppo_settings(model_dir, None), tmp_path / "one", nproc=1)
@@ -171,3 +190,28 @@ def test_sleep_while_training_is_refused_on_cpu_and_asks_vllm_for_sleep_mode_on_
     assert "enable_sleep_mode" not in off
     with pytest.raises(Invalid, match="sleep_while_training"):
         RolloutEngine(engine="hf", sleep_while_training=True)
+
+
+def test_bench_measures_each_rank_with_either_engine(capsys):
+    """`posttrain bench --objectives grpo,ppo --rollout hf,vllm --nproc 2`: one line per objective and engine, in
+    one run, each holding both ranks' sampled tokens, rate, sync seconds and peak memory (no timing asserted)."""
+    from pipelines.bench.cli import main
+
+    # (the tiny bench shape's head_dim 16 is below what vLLM's CPU attention supports)
+    assert main(["--size", "small", "--json", "--objectives", "grpo,ppo", "--rollout", "hf,vllm", "--nproc", "2",
+                 "--prompt-len", "16", "--new-tokens", "12", "--grpo-steps", "2", "--grpo-warmup", "1",
+                 "--grpo-batch-size", "16", "--group", "4"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [(r["what"], r["rollout"]) for r in lines] == [("posttrain_grpo", "hf"), ("posttrain_grpo", "vllm"),
+                                                          ("posttrain_ppo", "hf"), ("posttrain_ppo", "vllm")]
+    for line in lines:
+        assert "error" not in line, line
+        assert line["nproc"] == 2 and [r["rank"] for r in line["ranks"]] == [0, 1]
+        # every sampled token was sampled by one of the ranks' engines; 2 measured rounds of 16 sequences
+        assert sum(r["completion_tokens"] for r in line["ranks"]) == line["completion_tokens"] <= 2 * 16 * 12
+        for rank in line["ranks"]:
+            assert rank["completion_tokens"] > 0 and rank["completion_tokens_per_s"] > 0
+            assert rank["syncs"] == 1 and rank["peak_rss_gb"] > 0
+        if line["rollout"] == "vllm":
+            assert all(rank["sync_s"] > 0 for rank in line["ranks"])  # a push into each rank's own engine
+            assert line["logprob_diff_max"] < TOLERANCE

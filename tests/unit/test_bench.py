@@ -115,9 +115,11 @@ def test_peer_tokenizer_reads_every_word_as_one_token():
 
 def test_missing_trl_is_reported_and_the_rest_runs(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ImportError
+    monkeypatch.setenv("POSTTRAIN_THREADS", "1")  # every line, the error's too, says the threads it ran with
     assert main(SMALL + ["--objectives", "sft", "--peers", "trl", "--steps", "1", "--warmup", "0"]) == 0
     trl_line, ours = _lines(capsys)
-    assert trl_line == {**trl_line, "what": "trl_sft", "error": TRL_MISSING}
+    assert trl_line == {**trl_line, "what": "trl_sft", "error": TRL_MISSING, "threads": 1}
+    assert ours["threads"] == 1
     assert ours["what"] == "posttrain_sft" and ours["tokens_per_s"] > 0 and "speedup_vs_trl" not in ours
 
 
@@ -126,6 +128,7 @@ def test_trl_peer_on_the_same_tokens(capsys):
     trl_line, ours = _lines(capsys)
     assert trl_line["what"] == "trl_sft" and "error" not in trl_line, trl_line
     assert trl_line["same_tokens"] is True
+    assert trl_line["threads"] == ours["threads"] >= 1  # one count for both, chosen at the start
     assert trl_line["tokens_per_s"] > 0 and 2 * 8 * 17 <= trl_line["tokens"] <= 2 * 8 * 65
     assert 0 < trl_line["trained_tokens"] < trl_line["tokens"]
     assert ours["speedup_vs_trl"] == pytest.approx(ours["tokens_per_s"] / trl_line["tokens_per_s"])
@@ -150,6 +153,7 @@ def test_json_lines_for_dpo_and_grpo(capsys):
     assert grpo["tokens"] == 2 * 16 * 16 + grpo["completion_tokens"]
     assert grpo["completion_tokens_per_s"] == pytest.approx(grpo["completion_tokens"] / (2 * grpo["sec_per_step"]))
     assert 0 < grpo["rollout_s"] < 2 * grpo["sec_per_step"]
+    _assert_ranks(grpo, 1)
 
 
 def test_grpo_workload_is_checked(capsys):
@@ -216,6 +220,7 @@ def test_json_lines_for_rm_and_ppo(capsys):
     assert ppo["completion_tokens_per_s"] == pytest.approx(ppo["completion_tokens"] / (8 * ppo["sec_per_step"]))
     assert 0 < ppo["rollout_s"] < 8 * ppo["sec_per_step"]
     assert "peer" not in ppo and "speedup_vs_trl" not in ppo
+    _assert_ranks(ppo, 1)
 
 
 def test_ppo_row_runs_the_stage_defaults():
@@ -252,3 +257,53 @@ def test_trl_rm_peer_and_no_ppo_peer(capsys):
     assert trl_rm["pairs_per_s"] == pytest.approx(2 * 8 / (2 * trl_rm["sec_per_step"]))
     assert rm["vs"] == "trl_rm" and rm["speedup_vs_trl"] == pytest.approx(rm["pairs_per_s"] / trl_rm["pairs_per_s"])
     assert ppo["what"] == "posttrain_ppo" and "no PPO trainer" in ppo["peer"] and "speedup_vs_trl" not in ppo
+
+
+def test_rollout_engines_and_nproc_are_checked(capsys):
+    assert main(RL + ["--objectives", "grpo", "--rollout", "hf,sglang"]) == 2
+    assert "unknown rollout engine(s) sglang; known: hf, vllm" in capsys.readouterr().err
+    assert main(RL + ["--objectives", "grpo", "--rollout", ","]) == 2
+    assert main(RL + ["--objectives", "grpo", "--nproc", "0"]) == 2
+    assert main(RL + ["--objectives", "sft,grpo", "--nproc", "2"]) == 2  # sft runs in one process only
+    assert "--nproc > 1 measures grpo and ppo only" in capsys.readouterr().err
+
+
+def test_one_grpo_and_one_ppo_line_per_rollout_engine(capsys, monkeypatch):
+    """--rollout hf,vllm measures each rollout objective once per engine, in the order given, each line naming its
+    engine; the objectives without a rollout are measured once."""
+    import pipelines.bench.cli as cli
+
+    ran = []
+
+    def fake(objective):
+        def run(a, work, dev, token_budget):
+            ran.append((objective, a.rollout))
+            return {"completion_tokens_per_s": 1.0}
+        return run
+
+    monkeypatch.setattr(cli, "run_ours_grpo", fake("grpo"))
+    monkeypatch.setattr(cli, "run_ours_ppo", fake("ppo"))
+    monkeypatch.setattr(cli, "run_ours_dpo", lambda a, work, dev, token_budget: ran.append(("dpo", a.rollout)) or {})
+    assert main(RL + ["--objectives", "grpo,dpo,ppo", "--rollout", "hf,vllm"]) == 0
+    assert ran == [("grpo", "hf"), ("grpo", "vllm"), ("dpo", None), ("ppo", "hf"), ("ppo", "vllm")]
+    lines = _lines(capsys)
+    assert [(r["what"], r.get("rollout")) for r in lines] == [
+        ("posttrain_grpo", "hf"), ("posttrain_grpo", "vllm"), ("posttrain_dpo", None), ("posttrain_ppo", "hf"),
+        ("posttrain_ppo", "vllm")]
+
+
+def _assert_ranks(line: dict, nproc: int):
+    """The line's per-rank numbers: every rank sampled its share of the measured rounds (together, every sampled
+    token: μ = 1 and one PPO minibatch train each once), each its own rate, sync seconds and peak memory."""
+    assert "error" not in line, line
+    assert line["nproc"] == nproc and [r["rank"] for r in line["ranks"]] == list(range(nproc))
+    assert line["threads"] == line["ranks"][0]["threads"] and all(r["threads"] >= 1 for r in line["ranks"])
+    assert sum(r["completion_tokens"] for r in line["ranks"]) == line["completion_tokens"]
+    for r in line["ranks"]:
+        assert r["completion_tokens"] > 0 and r["peak_rss_gb"] > 0 and r["sync_s"] >= 0
+        assert r["completion_tokens_per_s"] == pytest.approx(r["completion_tokens"] / line["measured_s"])
+        # from the first measured round on, a sync after each round but the last (hf: a call that copies nothing)
+        rounds = line["rounds"] if "rounds" in line else line["steps"] // line["steps_per_rollout"]
+        assert r["syncs"] == rounds - 1
+    assert sum(r["completion_tokens_per_s"] for r in line["ranks"]) == pytest.approx(line["completion_tokens_per_s"])
+    assert line["peak_rss_gb"] == max(r["peak_rss_gb"] for r in line["ranks"])

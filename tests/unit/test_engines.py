@@ -1,4 +1,5 @@
 """The rollout engines' parts that need no vLLM: the deadline of a weight sync, the config part, the hf engine."""
+import os
 import threading
 import time
 
@@ -48,3 +49,22 @@ def test_the_hf_engine_is_the_sampler_on_the_model(tiny_model_dir):
     ours = engine.generate(["1+2="], n=3, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=3, batch_size=4)
     direct = generate(model, tok, ["1+2="], n=3, max_new_tokens=6, seed=3, batch_size=4)
     assert ours.completion_ids == direct.completion_ids and ours.texts == direct.texts
+
+
+def test_an_engine_folder_left_by_a_killed_process_is_removed_and_a_live_ones_kept(tmp_path):
+    """A kill -9'd vllm run leaves its /dev/shm folder; the next engine on the machine removes it."""
+    import subprocess
+
+    from components.training.engines import ENGINE_DIR_PREFIX, remove_orphan_dirs
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    orphan = tmp_path / f"{ENGINE_DIR_PREFIX}{gone.pid}-abc"
+    live = tmp_path / f"{ENGINE_DIR_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "posttrain-vllm-notapid"
+    for path in (orphan, live, other):
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+    remove_orphan_dirs(tmp_path)
+    assert not orphan.exists()
+    assert live.exists() and other.exists()

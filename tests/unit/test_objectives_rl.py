@@ -108,6 +108,7 @@ def test_dpo_each_loss_type():
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_round_stats_over_ranks_are_the_single_process_stats(scale):
     from components.grpo.main import round_stats
+    from components.training.advantages import Scores, get_adv_estimator
 
     g = torch.Generator().manual_seed(0)
     G, groups = 4, 6
@@ -116,12 +117,22 @@ def test_round_stats_over_ranks_are_the_single_process_stats(scale):
     whole = {"total": total, "per_fn": {"task": [x / 2 for x in total]},
              "lengths": torch.randint(1, 9, (groups * G,), generator=g).tolist(),
              "finished": [i % 3 != 0 for i in range(groups * G)]}
-    one_adv, one_std, one_metrics = round_stats([whole], 0, G, scale)
+    def advantages(ranks, rank):  # the grpo estimator's, one per sample (the first of its tokens)
+        start = sum(len(part["total"]) for part in ranks[:rank])
+        mine = torch.tensor(ranks[rank]["total"])
+        grid, _ = get_adv_estimator("grpo")(Scores(
+            rewards=mine, gathered=torch.tensor([x for part in ranks for x in part["total"]]), start=start,
+            group_size=G, kl=torch.zeros(len(mine), 1), mask=torch.ones(len(mine), 1), reduce=lambda sums: sums,
+            options={"scale": scale}))
+        return grid[:, 0]
+
+    one_std, one_metrics = round_stats([whole], 0, G)
+    one_adv = advantages([whole], 0)
     # the same round sampled by two ranks: 2 and 4 groups
     cut = 2 * G
     ranks = [{k: (v[:cut] if isinstance(v, list) else {n: x[:cut] for n, x in v.items()}) for k, v in whole.items()},
              {k: (v[cut:] if isinstance(v, list) else {n: x[cut:] for n, x in v.items()}) for k, v in whole.items()}]
-    parts = [round_stats(ranks, r, G, scale) for r in (0, 1)]
+    parts = [(advantages(ranks, r), *round_stats(ranks, r, G)) for r in (0, 1)]
     assert torch.equal(torch.cat([parts[0][0], parts[1][0]]), one_adv)
     assert torch.equal(torch.cat([parts[0][1], parts[1][1]]), one_std)
     assert parts[0][2] == parts[1][2] == one_metrics
@@ -146,7 +157,8 @@ def test_minibatches_cut_the_passes_over_the_kept_samples():
 
 
 def test_rloo_baseline_leaves_each_sample_out():
-    from components.training.objectives import ADVANTAGE_ESTIMATORS, rloo_advantages
+    from components.training.advantages import Scores, get_adv_estimator
+    from components.training.objectives import rloo_advantages
 
     r = torch.tensor([1.0, 0, 0, 1, 3, 1, 2, 2])
     # group 1 [1, 0, 0, 1]: baselines (0+0+1)/3, (1+0+1)/3, (1+0+1)/3, (1+0+0)/3 = 1/3, 2/3, 2/3, 1/3
@@ -155,9 +167,12 @@ def test_rloo_baseline_leaves_each_sample_out():
     #   → Â = 4/3, −4/3, 0, 0
     expect = torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 4 / 3, -4 / 3, 0, 0])
     torch.testing.assert_close(rloo_advantages(r, 4), expect)
-    assert ADVANTAGE_ESTIMATORS["rloo"].fn is rloo_advantages and not ADVANTAGE_ESTIMATORS["rloo"].per_token
-    # GRPO stays group_advantages, whatever the registry
-    torch.testing.assert_close(ADVANTAGE_ESTIMATORS["grpo"].fn(r, 4, scale="batch"), group_advantages(r, 4, "batch"))
+    # the registry's estimators lay each sample's advantage on its tokens; GRPO's stays group_advantages
+    scores = Scores(rewards=r, gathered=r, start=0, group_size=4, kl=torch.zeros(8, 2), mask=torch.ones(8, 2),
+                    reduce=lambda sums: sums, options={"scale": "batch"})
+    torch.testing.assert_close(get_adv_estimator("rloo")(scores)[0], expect[:, None].expand(8, 2))
+    grpo = group_advantages(r, 4, "batch")
+    torch.testing.assert_close(get_adv_estimator("grpo")(scores)[0], grpo[:, None].expand(8, 2))
 
 
 def test_reinforce_pp_whitens_over_every_token_of_the_round():

@@ -160,10 +160,12 @@ def rollout_job(a, objective: str, work: str, token_budget: int, write: bool = T
     return out, rl_stage_config(a, "ppo", token_budget, model=model, data=data, out=out)
 
 
-def run_rollout_stage(objective: str, cfg, dev: torch.device, warmup_rounds: int) -> dict:
+def run_rollout_stage(a, objective: str, cfg, dev: torch.device) -> dict:
     """The stage run in this process (one rank of it under torchrun): this rank's peak memory, and over the
-    measured rounds (after `warmup_rounds`) its sampled completion tokens, rollout seconds and weight-sync seconds
+    measured rounds (after the warm-up's) its sampled completion tokens, rollout seconds and weight-sync seconds
     (the syncs from the first measured round on: the one before it belongs to the warm-up's last step)."""
+    # --grpo-warmup counts optimizer steps: grpo takes --steps-per-rollout of them a round, ppo's rounds are counted
+    warmup_rounds = a.grpo_warmup // a.steps_per_rollout if objective == "grpo" else a.grpo_warmup
     if objective == "grpo":
         from components.grpo.main import run
     else:
@@ -199,9 +201,19 @@ def with_ranks(line: dict, ranks: list[dict]) -> dict:
 def run_ours_grpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
     """The grpo stage on the reference prompts: a round of rollouts (prompts × group) every
     --steps-per-rollout optimizer steps of --grpo-batch-size sequences; μ = 1, β = 0, as TRL's defaults."""
-    out, cfg = rollout_job(a, "grpo", work, token_budget)
-    rank = run_rollout_stage("grpo", cfg, dev, a.grpo_warmup // a.steps_per_rollout)
-    return with_ranks(grpo_line(a, out, dev, token_budget), [rank])
+    return run_rollout(a, "grpo", work, dev, token_budget)
+
+
+def run_rollout(a, objective: str, work: str, dev: torch.device, token_budget: int) -> dict:
+    """grpo or ppo in this process: its line, with this process as its one rank."""
+    out, cfg = rollout_job(a, objective, work, token_budget)
+    rank = run_rollout_stage(a, objective, cfg, dev)
+    return with_ranks(rollout_line(a, objective, out, dev, token_budget), [rank])
+
+
+def rollout_line(a, objective: str, out: str, dev: torch.device, token_budget: int) -> dict:
+    """The grpo or ppo line's numbers, from the stage's metrics under `out`."""
+    return (grpo_line if objective == "grpo" else ppo_line)(a, out, dev, token_budget)
 
 
 def grpo_line(a, out: str, dev: torch.device, token_budget: int) -> dict:
@@ -285,9 +297,7 @@ def run_ours_ppo(a, work: str, dev: torch.device, token_budget: int) -> dict:
     """The ppo stage on the reference GRPO prompts: rounds of --grpo-batch-size prompts, one completion each, each
     round PPO_EPOCHS optimizer steps of the actor and of the critic; --grpo-warmup rounds, then --grpo-steps
     measured."""
-    out, cfg = rollout_job(a, "ppo", work, token_budget)
-    rank = run_rollout_stage("ppo", cfg, dev, a.grpo_warmup)
-    return with_ranks(ppo_line(a, out, dev, token_budget), [rank])
+    return run_rollout(a, "ppo", work, dev, token_budget)
 
 
 def ppo_line(a, out: str, dev: torch.device, token_budget: int) -> dict:

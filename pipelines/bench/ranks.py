@@ -11,19 +11,12 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 RANK_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> list[int]:
@@ -69,8 +62,7 @@ def run_ranks(a, objective: str, work: str, token_budget: int, timeout_s: float 
     env = {k: v for k, v in os.environ.items() if k not in RANK_KEYS}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["POSTTRAIN_THREADS"] = str(max(1, torch.get_num_threads() // a.nproc))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
            "-m", "pipelines.bench.ranks", objective, work, str(token_budget), str(job)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -98,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("job", help="this measurement's directory: args.json in, rank-<r>.json and line.json out")
     o = p.parse_args(argv)
     from pipelines.bench.measure import pick_device
-    from pipelines.bench.ours import grpo_line, ppo_line, rollout_job, run_rollout_stage
+    from pipelines.bench.ours import rollout_job, rollout_line, run_rollout_stage
 
     job = Path(o.job)
     a = argparse.Namespace(**json.loads((job / "args.json").read_text()))
@@ -108,12 +100,10 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     out, cfg = rollout_job(a, o.objective, o.work, o.token_budget, write=False)
-    warmup_rounds = a.grpo_warmup // a.steps_per_rollout if o.objective == "grpo" else a.grpo_warmup
-    rank = run_rollout_stage(o.objective, cfg, dev, warmup_rounds)
+    rank = run_rollout_stage(a, o.objective, cfg, dev)
     (job / f"rank-{rank['rank']}.json").write_text(json.dumps(rank))
     if rank["rank"] == 0:  # the metrics are rank 0's, complete once its stage returned
-        line = {**(grpo_line if o.objective == "grpo" else ppo_line)(a, out, dev, o.token_budget),
-                "threads": rank["threads"]}
+        line = {**rollout_line(a, o.objective, out, dev, o.token_budget), "threads": rank["threads"]}
         (job / "line.json").write_text(json.dumps(line))
 
 

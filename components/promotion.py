@@ -38,7 +38,9 @@ contender can do this), which stays in the registry as a record, and takes the l
 Every move (promote or rollback, by the gate or by hand) adds a registered-model tag
 `posttrain.audit.<NNNNNN>` holding JSON {action, version, previous, by, at, reason, via} and sets on
 the new champion version `posttrain.champion_since` and `posttrain.previous_champion`. A rollback
-moves `champion` back to the version that the current champion replaced (or to `--to VERSION`).
+moves `champion` back to the version that the current champion replaced (or to `--to VERSION`) and, when the
+model is served (the deploy stage's record, components/kserve.py), points its InferenceService at that version:
+the trail records both moves.
 """
 
 from __future__ import annotations
@@ -338,8 +340,7 @@ def move_champion(name: str, version: str, *, expected: str | None, action: str,
         record = {"action": action, "version": str(version), "previous": current, "by": actor(),
                   "at": datetime.now(UTC).isoformat(timespec="seconds"), "reason": reason[:2000], "via": via}
         client.set_registered_model_alias(name, CHAMPION, version)
-        seq = len(audit_log(client, name)) + 1
-        client.set_registered_model_tag(name, f"{AUDIT_PREFIX}{seq:06d}", json.dumps(record))
+        _append_audit(client, name, record)
         client.set_model_version_tag(name, version, "posttrain.champion_since", record["at"])
         client.set_model_version_tag(name, version, "posttrain.previous_champion", current or "")
     log.info("%s: %s %s -> %s (%s)", name, action, version_label(current), version_label(version), reason)
@@ -405,9 +406,69 @@ def promote(name: str, version: str | None = None, *, reason: str, client=None) 
                          via="posttrain models promote", client=client)
 
 
-def rollback(name: str, *, to: str | None = None, reason: str, client=None) -> dict:
-    """Move `champion` back to the version the current champion replaced (or to `to`)."""
+def rollback(name: str, *, to: str | None = None, reason: str, client=None, api_client=None) -> dict:
+    """Move `champion` back to the version the current champion replaced (or to `to`), and when the model is served
+    (the deploy stage's record, components/kserve.py) point its InferenceService at that version too; the audit
+    trail gets a record of each move (`rollback`, then `rollback-deployment` or `rollback-deployment-failed`).
+    `api_client`: the Kubernetes API client (default components.kserve.connect())."""
     client = _client(client)
+    record = _rollback_alias(client, name, to, reason)
+    deployment = redeploy_champion(client, name, record["version"], reason=reason, api_client=api_client)
+    return {**record, "deployment": deployment} if deployment else record
+
+
+def redeploy_champion(client, name: str, version: str, *, reason: str, api_client=None) -> dict | None:
+    """Point the registered model's InferenceService at `version`, recording it in the audit trail; None when the
+    model has no deployment. A failure is recorded too, then raised (kserve.DeployFailed, one line); a move of the
+    champion meanwhile (kserve.Superseded) is raised and not recorded: that move has its own record."""
+    from components import kserve
+
+    if kserve.deployment_record(client, name) is None:
+        return None
+    via = "posttrain models rollback"
+    entry = {"version": str(version), "by": actor(), "reason": reason[:2000], "via": via}
+    try:
+        deployed = kserve.redeploy(api_client if api_client is not None else kserve.connect(), client, name,
+                                   str(version), via=via, guard=lambda: while_champion(client, name, str(version)))
+    except kserve.Superseded as e:
+        raise kserve.Superseded(f"{name}: its InferenceService was not pointed back to v{version}: {e}") from None
+    except kserve.DeployFailed as e:
+        _audit(client, name, {**entry, "action": "rollback-deployment-failed", "previous": None, "error": str(e)})
+        raise kserve.DeployFailed(f"{name}: {CHAMPION} is v{version}, but its InferenceService was not pointed back: "
+                                  f"{e}") from None
+    _audit(client, name, {**entry, "action": "rollback-deployment", "previous": deployed["previous"],
+                          "service": f"{deployed['namespace']}/{deployed['service']}", "url": deployed["url"]})
+    return deployed
+
+
+@contextlib.contextmanager
+def while_champion(client, name: str, version: str) -> Iterator[None]:
+    """Hold the promotion lock while `version` is the champion (no move can happen in the body); kserve.Superseded
+    when it no longer is."""
+    with promotion_lock(client, name):
+        current = alias_version(client, name, CHAMPION)
+        if current != str(version):
+            from components.kserve import Superseded
+
+            raise Superseded(f"{CHAMPION} is now {version_label(current)}, no longer v{version} (moved while the "
+                             "InferenceService was written or rolled out); nothing recorded")
+        yield
+
+
+def _audit(client, name: str, record: dict) -> None:
+    """Append a record to the audit trail, under the promotion lock (the trail's numbering is the lock's)."""
+    with promotion_lock(client, name):
+        _append_audit(client, name, {**record, "at": datetime.now(UTC).isoformat(timespec="seconds")})
+
+
+def _append_audit(client, name: str, record: dict) -> None:
+    """The next `posttrain.audit.NNNNNN` tag; the caller holds the promotion lock."""
+    seq = len(audit_log(client, name)) + 1
+    client.set_registered_model_tag(name, f"{AUDIT_PREFIX}{seq:06d}", json.dumps(record))
+
+
+def _rollback_alias(client, name: str, to: str | None, reason: str) -> dict:
+    """Move `champion` back to the version the current one replaced (or to `to`); the audit record."""
     current = alias_version(client, name, CHAMPION)
     if current is None:
         raise ValueError(f"{name}: there is no {CHAMPION} to roll back")

@@ -80,6 +80,7 @@ PARAMETERS = {
                       "in a cached step's parameters, it makes the cache key change when the bytes do",
     "base_model": "the pipeline parameter base_model, as a URI: for a step that reads only part of the model "
                   "(the data step: the tokenizer) and fetches just that, where an artifact input is downloaded whole",
+    "namespace": "the spec's storage.namespace: where the steps run",
     "spec_name": "the spec's name: with kfp_run_id, the pipeline run's name (`<spec name> <KFP run id>`) a report "
                  "is titled with (KFP substitutes its run id only in a parameter that is the placeholder alone)",
 }
@@ -148,6 +149,9 @@ class Stage:
     """The sampling engines its config's `rollout.engine` may name (ENGINES); none: it has no `rollout` part."""
     lora: bool = False
     """Its config has a `lora` part: it can train low-rank adapters on a frozen base instead of every weight."""
+    asynchronous: bool = False
+    """Its config has `rollout_worker` and `max_staleness`: a rollout worker process may sample ahead of the
+    trainer with weights up to max_staleness versions old (components/training/rollout_worker.py)."""
     gate: str | None = None
     """A component of its component.py that runs after the stage's step when the step returns PROMOTE (register's
     promotion): its artifact inputs are the step's outputs and inputs of the same names, its parameters are given
@@ -166,7 +170,11 @@ class Stage:
     injected: tuple[str, ...] = ()
     """Config keys the spec's top level fills (rewards, suites, name, promotion): checked with the settings."""
     last: bool = False
-    """The stage ends the list (register)."""
+    """The stage ends the list (register), but for stages that follow its gate (after_gate)."""
+    after_gate: bool = False
+    """Its step runs after the gate of the stage before it that has one, in the gate's condition: only when that
+    stage decided PROMOTE, once the gate has acted (deploy, which serves the champion the gate moved). It may follow
+    the last stage."""
     cached: bool = False
     """KFP may reuse the step's outputs when its inputs are the same (data_prep: the sources, the settings and
     `sources_digest`, the fingerprint of the data's and the tokenizer's bytes); every other step runs each time."""
@@ -275,7 +283,7 @@ _BUILTIN = [
           wired={"model": _PREV, "prompts.path": _PROMPTS, "prompts.task": _PROMPTS,
                  "rewards": "the spec's `rewards`", "output_dir": _OUT},
           trains_on="prompts", requires=("rewards",), injected=("rewards",), headline=("reward", "final/reward"),
-          multi_node=True, engines=ENGINES, lora=True),
+          multi_node=True, engines=ENGINES, lora=True, asynchronous=True),
     Stage(name="ppo", module="ppo", config="PPOConfig", component="ppo", kind="train",
           inputs={"model": Input(feed="policy"), "data": Input(feed="data"),
                   "reward_model": Input(feed="reward_model", optional=True)},
@@ -300,6 +308,11 @@ _BUILTIN = [
                  "promotion": "the spec's `promotion` (applied by the promotion gate)",
                  "parent_run_id": "the pipeline's MLflow run", "output_dir": _OUT},
           requires=("promotion",), injected=("name", "promotion"), last=True, gate="promote"),
+    Stage(name="deploy", module="deploy", config="DeployConfig", component="deploy", kind="cpu",
+          inputs={"registration": Input(feed="registration")},
+          wired={"name": "tracking.registered_model", "version": "the pipeline: the version register registered",
+                 "namespace": "storage.namespace", "output_dir": _OUT},
+          injected=("name",), after_gate=True),
 ]
 
 STAGES: dict[str, Stage] = {}
@@ -396,7 +409,8 @@ def check_contract(stage: Stage) -> None:
 
 def _check_config(stage: Stage) -> None:
     """The config class exists in the stage's config.py, `run` in its main.py, and the capabilities the entry
-    declares are what the config offers: `lora` a `lora` part, `engines` a `rollout` part whose engine takes each."""
+    declares are what the config offers: `lora` a `lora` part, `engines` a `rollout` part whose engine takes each,
+    `asynchronous` the keys max_staleness and rollout_worker."""
     import dataclasses
     import importlib.util
 
@@ -413,6 +427,9 @@ def _check_config(stage: Stage) -> None:
     if bool(stage.engines) != ("rollout" in fields):
         raise ValueError(f"stage {stage.name}: engines={stage.engines} is invalid: its config "
                          f"{'has' if 'rollout' in fields else 'has no'} `rollout` part")
+    if stage.asynchronous != ("max_staleness" in fields and "rollout_worker" in fields):
+        raise ValueError(f"stage {stage.name}: asynchronous={stage.asynchronous} is invalid: its config "
+                         f"{'has' if 'max_staleness' in fields else 'has no'} `max_staleness` and `rollout_worker`")
 
 
 def _check_gate(stage: Stage, where: str, made: dict, given: set[str]) -> None:

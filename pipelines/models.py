@@ -2,10 +2,12 @@
 
     posttrain models list --name NAME [--json]                       versions, aliases, eval metrics, audit trail
     posttrain models promote --name NAME [--version V] --reason TEXT  champion -> V (default: the challenger)
-    posttrain models rollback --name NAME [--to V] --reason TEXT      champion -> the one it replaced (or V)
+    posttrain models rollback --name NAME [--to V] --reason TEXT      champion -> the one it replaced (or V), and
+                                                                      the InferenceService with it when served
 
-Needs MLFLOW_TRACKING_URI. Every move is recorded (who, what, when, why, the previous champion) in the
-registered model's `posttrain.audit.*` tags; a move that races another one fails with the conflict named.
+Needs MLFLOW_TRACKING_URI (and, to roll a served model back, the Kubernetes API: components/kserve.py). Every move is
+recorded (who, what, when, why, the previous champion) in the registered model's `posttrain.audit.*` tags; a move
+that races another one fails with the conflict named.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main(argv: list[str]) -> int:
     from mlflow.exceptions import MlflowException
 
     from components import tracking
+    from components.kserve import DeployFailed
 
     if not tracking.enabled():
         print("posttrain models: set MLFLOW_TRACKING_URI to the MLflow server", file=sys.stderr)
@@ -51,9 +54,13 @@ def main(argv: list[str]) -> int:
             record = promotion.promote(args.name, args.version, reason=args.reason)
         else:
             record = promotion.rollback(args.name, to=args.to, reason=args.reason)
-    except (promotion.PromotionConflict, ValueError, MlflowException) as e:
+    except (promotion.PromotionConflict, ValueError, MlflowException, DeployFailed) as e:
         print(f"posttrain models {args.action}: {e}", file=sys.stderr)
         return 1
     print(f"{args.name}: {promotion.CHAMPION} {promotion.version_label(record['previous'])} -> v{record['version']} "
           f"({record['action']})")
+    if record.get("deployment"):
+        served = record["deployment"]
+        print(f"{args.name}: InferenceService {served['namespace']}/{served['service']} "
+              f"{promotion.version_label(served['previous'])} -> v{served['version']} at {served['url']}")
     return 0

@@ -7,7 +7,8 @@ The DAG, in order:
 
     close-run (exit handler: closes the MLflow parent run as finished or failed, whatever happens inside)
       base-model (importer) → preflight → the data step → the spec's stages, each after the one before →
-      If(the decision of the stage with a gate == PROMOTE) → its gate (components.stages: Stage.gate)
+      If(the decision of the stage with a gate == PROMOTE) → its gate (components.stages: Stage.gate) → the
+      stages that follow the gate (Stage.after_gate: deploy)
 
 Runtime parameters, with the spec's values as defaults and a description each (the KFP UI shows them when a
 run is started): base_model, data_sources, <stage>_lr and <stage>_max_steps of every training stage,
@@ -229,7 +230,8 @@ def _step_parameters(spec: Spec, p: dict, opened, kind: StageSpec, done: list[St
               "workspace": dsl.WORKSPACE_PATH_PLACEHOLDER, "data_sources": p["data_sources"],
               "rewards": json.dumps(spec.rewards), "suites": json.dumps(spec.eval_suites),
               "registered_model": spec.tracking.registered_model, "candidate": trained[-1] if trained else "base",
-              "lineage": json.dumps(parents), "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "spec_name": spec.name}
+              "lineage": json.dumps(parents), "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "spec_name": spec.name,
+              "namespace": spec.storage.namespace}
     if spec.promotion is not None:
         values["promotion"] = json.dumps(asdict(spec.promotion))
     stage = get_stage(kind.stage)
@@ -264,8 +266,9 @@ def _add_step(spec: Spec, kind: StageSpec, provided: dict, parameters: dict, pol
             arguments[name] = parameters[name]
     task = component(**arguments)
     image = spec.images.trainer if stage.kind in ("train", "sample") else spec.images.runtime
-    tracked = "tracking_uri" in declared  # a step that talks to MLflow gets its credentials too
-    secrets = (spec.storage.minio_secret, spec.storage.mlflow_secret) if tracked else (spec.storage.minio_secret,)
+    # a step that reaches S3 (it takes s3_endpoint) gets MinIO's credentials, one that talks to MLflow MLflow's
+    secrets = tuple(secret for secret, used in ((spec.storage.minio_secret, "s3_endpoint" in declared),
+                                                (spec.storage.mlflow_secret, "tracking_uri" in declared)) if used)
     resources = spec.stage_resources(kind)
     if resources.multi_node:  # the step launches a TrainJob: a small pod, as long-lived and retried as the stage
         resources = dataclasses.replace(spec.runtime_resources, timeout=resources.timeout, retries=resources.retries)
@@ -310,8 +313,12 @@ def _dag(spec: Spec, p: dict) -> None:
         prep = _add_step(spec, prep_kind, provided, _step_parameters(spec, p, check, prep_kind, [])).after(check)
         models = {}  # the provider of each model made so far, by stage name (start_from)
         gated = []  # (stage, its task, the feeds and parameters it was given): the steps with a gate
+        followers = []  # (stage spec, parameters): the steps that run after the gate (Stage.after_gate)
         for i, kind in enumerate(spec.stages):
             values = _step_parameters(spec, p, check, kind, spec.stages[:i])
+            if get_stage(kind.stage).after_gate:
+                followers.append((kind, values))
+                continue
             start = provided["base"] if kind.start_from == "base" else models.get(kind.start_from)
             inputs = dict(provided)
             task = _add_step(spec, kind, provided, values, policy=start).after(prep)
@@ -323,13 +330,14 @@ def _dag(spec: Spec, p: dict) -> None:
                 models[kind.name] = provided["policy"]
             if stage.gate:
                 gated.append((stage, task, inputs, values))
-        for stage, task, inputs, values in gated:
-            _add_gate(spec, stage, task, inputs, values)
+        for j, (stage, task, inputs, values) in enumerate(gated):
+            _add_gate(spec, stage, task, inputs, values, provided, followers if j == len(gated) - 1 else [])
 
 
-def _add_gate(spec: Spec, stage, task, inputs: dict, values: dict) -> None:
+def _add_gate(spec: Spec, stage, task, inputs: dict, values: dict, provided: dict, followers: list) -> None:
     """The stage's gate (Stage.gate), run when its step returns PROMOTE: its artifact inputs are the step's outputs
-    and the step's inputs of the same names, its parameters are given by name like the step's."""
+    and the step's inputs of the same names, its parameters are given by name like the step's. `followers` (the
+    stages after_gate, with their parameters) run after it, in its condition."""
     gate = stage.component_fn(stage.gate)
     declared = gate.component_spec.inputs or {}
     arguments = {}
@@ -347,6 +355,8 @@ def _add_gate(spec: Spec, stage, task, inputs: dict, values: dict) -> None:
         place(move, spec, stage.gate, spec.runtime_resources, spec.images.runtime,
               secrets=(spec.storage.mlflow_secret,) if tracked else (spec.storage.minio_secret,))
         move.set_caching_options(False)
+        for kind, given in followers:
+            _add_step(spec, kind, provided, given).after(move)
 
 
 def workspace_pvc_patch(spec: Spec) -> dict:

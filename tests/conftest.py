@@ -22,9 +22,8 @@ import torch
 from pipelines import stack
 
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-"""The suite's processes: pytest-xdist workers (`make test` runs one per core, `--dist loadfile`: a file's tests run
-in one worker, one at a time, which tests/cluster/test_e2e.py needs: its TrainJob nodes all meet on
-127.0.0.1:29500, Trainer's fixed PET_MASTER_PORT); 1 without xdist."""
+"""The suite's processes: pytest-xdist workers (`make test` runs one per core, `--dist loadfile`: see SPREAD);
+1 without xdist."""
 THREADS = max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS))
 """Torch threads per worker: at most 2, never more than the cores shared among the workers, whose intra-op threads
 would otherwise wait on each other whenever one is descheduled."""
@@ -41,12 +40,42 @@ SLOW = ("tests/cluster/test_e2e.py", "tests/integration/test_demo.py", "tests/e2
 chosen by hand (`pytest -m "not slow" tests`); `make test` runs them all."""
 
 
+SPREAD = ("tests/integration/test_vllm_ranks.py", "tests/cluster/test_e2e.py", "tests/e2e/test_local_run.py",
+          "tests/integration/test_multinode.py", "tests/integration/test_demo.py",
+          "tests/integration/test_reliability_runs.py", "tests/integration/test_vllm_lora.py",
+          "tests/integration/test_sampling_parallel.py", "tests/integration/test_bench_ranks.py",
+          "tests/e2e/test_stage_registry.py", "tests/cluster/test_zero3.py", "tests/integration/test_serve.py",
+          "tests/integration/test_vllm_rollout.py")
+"""Files of long tests that share nothing costly within the file (no module fixture that trains). Under
+`--dist loadfile` (make test) each of their tests is a unit of work of its own, and they run first, roughly the
+longest first, so that the workers end together instead of one running a whole file of minutes-long tests at the
+end; every other file's tests run in one worker, one at a time, in the file's order."""
+
+
 def pytest_collection_modifyitems(config, items):
-    """The tests of SLOW are marked slow."""
+    """The tests of SLOW are marked slow; those of SPREAD come first, in SPREAD's order."""
     root = Path(str(config.rootpath))
+    files = {id(item): Path(str(item.path)).relative_to(root).as_posix() for item in items}
     for item in items:
-        if Path(str(item.path)).relative_to(root).as_posix() in SLOW:
+        if files[id(item)] in SLOW:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: SPREAD.index(files[id(item)]) if files[id(item)] in SPREAD else len(SPREAD))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, but each test of SPREAD a unit of its own, and the units handed out in the collection's
+    order (SPREAD first) instead of xdist's most-tests-first."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SpreadScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return nodeid if file in SPREAD else file
+
+    config.option.loadscopereorder = False
+    return SpreadScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +83,18 @@ def tiny_model_dir(tmp_path_factory):
     from components.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def deepspeed_comm_op():
+    """DeepSpeed's CPU comm op built on this machine, before an emulated pod needs it: the pods' own builds of it
+    then find this one (tests/cluster/pods.py). The first build on a machine takes ~80 s of 2 cores, later ones
+    only load it; torch's lock in the build directory lets one xdist worker build while the other waits."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                   check=True, capture_output=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 EXPERIMENT = "posttrain-integration"

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components import tracking
+from components import threads, tracking
 from components.config import stage_main
 from components.datasets import DataError, RowError, check_bad_fraction, read_jsonl, sft_row, write_jsonl
 from components.evaluate.config import HELDOUT, TEACHER_FORCED, EvaluateConfig
@@ -267,6 +267,7 @@ def _run(cfg: EvaluateConfig, world: SamplingWorld) -> dict:
                 model = None  # a Hugging Face copy: what the hf engine samples with, and the teacher-forced passes
                 if not vllm or teacher:
                     model = base if path.resolve() == base_path else cfg.loading.load_model(path, device=device).eval()
+                    threads.for_sampling(model, device.type)
                 if vllm:  # the engine loads each model directory itself (its share, with tensor parallelism)
                     check_model_dir(path)
                     if engine is None:

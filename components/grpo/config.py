@@ -9,6 +9,7 @@ from components.config import positive_ints, require
 from components.evaluation.suites import TrainingEval
 from components.models.config import ModelLoading
 from components.prompts import PromptSource
+from components.training.async_keys import check_async
 from components.training.config import (
     KL_IN_REWARD,
     LOSS_AGGREGATIONS,
@@ -82,6 +83,25 @@ class GRPOConfig:
     correcting for the rollout engine's numerics. null: off (the rollout's log-probs are π_old)."""
     samples_logged: int = 4
     """Scored completions written to samples.jsonl per round."""
+    rollout_worker: bool = False
+    """Asynchronous RL (docs/rl.md): one vLLM engine in a process of its own (rollout.engine vllm, one trainer
+    process) samples each round and sends back its samples with their per-token log-probs and the weights version
+    they were drawn with; the trainer pushes each new version to it over a gloo process group. With max_staleness 0
+    the numbers are the colocated engine's."""
+    max_staleness: int = 0
+    """k: the worker samples round r + k with the weights of version r (after r rounds) while the trainer trains
+    rounds r .. r + k − 1; no round is trained more than k versions after its weights (an older one is dropped and
+    sampled again). 0: on-policy, as without the worker. k > 0 needs rollout_worker and tis_cap."""
+    rollout_worker_cpus: str | None = None
+    """The CPUs the worker runs on (`taskset -c`, e.g. 2-3; vLLM's CPU threads bound to them); null: the trainer's."""
+    rollout_worker_restarts: int = 2
+    """How many times in a run a rollout worker that exits, fails or misses a deadline is replaced by a fresh one,
+    given the trainer's current weights and every round requested but not yet trained (sampled again with them);
+    past that the step raises EngineSyncError (a rerun resumes from the last checkpoint)."""
+    rollout_worker_timeout_s: float = 3600.0
+    """Most seconds the trainer waits for the rollout worker at once (a round it samples, a version it has yet to
+    reach behind the rounds before it): a worker that stays silent longer is killed and the step raises
+    EngineSyncError naming its pid and the round or version it was on. The transfer itself: rollout.sync_timeout_s."""
     eval: TrainingEval = field(default_factory=TrainingEval)
     """Evaluation by generation every `eval.every` optimizer steps: suites, sampling, pass@k (off by default;
     components/README.md); beside the training reward, a reward-hacking warning
@@ -113,6 +133,7 @@ class GRPOConfig:
         require(self.ref_model is None or self.beta > 0, "ref_model", self.ref_model,
                 "unset with beta 0: only the KL term (beta > 0) reads it")
         check_round_checkpoints(self.train, self.steps_per_round)
+        check_async(self)
 
     @property
     def loss_beta(self) -> float:

@@ -43,6 +43,7 @@ from components.training.lora import load_policy, save_policy
 from components.training.objectives import aggregation_weights, grpo_loss
 from components.training.rl import reference_model
 from components.training.rl_loop import RLStage, Round, train
+from components.training.rollout_worker import build_engine
 
 log = logging.getLogger("components.grpo")
 
@@ -136,9 +137,9 @@ def _run(cfg: GRPOConfig, tracked) -> dict:
     attach_eval(session, cfg.eval, model, tokenizer, tracked=tracked, watch=True)  # eval.every: eval/<suite>/...
     stage = GRPO(cfg, model, reference_model(cfg, model, session.device, cfg.beta), tokenizer)
     dist = session.dist
-    # one engine per rank, colocated with its trainer (vllm: vLLM's external launcher over the ranks)
-    engine = cfg.rollout.build(model, tokenizer, seed=cfg.train.seed,
-                               max_num_seqs=cfg.sampling.generation_batch_size, world_size=dist.world)
+    # one engine per rank, colocated with its trainer (vllm: vLLM's external launcher over the ranks), or with
+    # rollout_worker one vLLM engine in a process of its own sampling ahead (max_staleness)
+    engine = build_engine(cfg, model, tokenizer, dist.world)
     try:
         history = train(stage, session, engine, prompt_rows, rewards, out)
         summary = {"rounds": -(-len(history) // cfg.steps_per_round) if history else 0, "steps": len(history),

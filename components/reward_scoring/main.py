@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from components import tracking
+from components import threads, tracking
 from components.config import stage_main
 from components.datasets import DataError, write_jsonl
 from components.models import check_model_dir
@@ -100,6 +100,7 @@ def _run(cfg: RewardScoringConfig, world: SamplingWorld) -> dict:
         model = cfg.loading.load_model(cfg.model)
         if torch.cuda.is_available():
             model.cuda()
+        threads.for_sampling(model, "cuda" if torch.cuda.is_available() else "cpu")
         engine = cfg.rollout.build(model, tokenizer, seed=cfg.seed, max_num_seqs=batch)
     try:
         t0 = time.perf_counter()

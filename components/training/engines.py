@@ -313,8 +313,10 @@ class VLLMEngine(Engine):
     name = "vllm"
 
     def __init__(self, source, tokenizer, settings: RolloutEngine, *, seed: int = 0, max_num_seqs: int = 256,
-                 world_size: int = 1):
-        """source: the trainer's model (its weights are copied) or a model directory (loaded by vLLM itself)."""
+                 world_size: int = 1, placeholder_weights: bool = False):
+        """source: the trainer's model (its weights are copied) or a model directory (loaded by vLLM itself; with
+        `placeholder_weights` only its config and tokenizer are read, and `load_weights` fills the weights: a
+        rollout worker's engine, components/training/rollout_worker.py)."""
         try:
             import vllm  # noqa: F401
         except ImportError as e:
@@ -344,7 +346,7 @@ class VLLMEngine(Engine):
         started = time.perf_counter()
         try:
             args = llm_arguments(settings, model_dir, seed=seed, max_num_seqs=max_num_seqs, world_size=world_size,
-                                 device_type=device.type, placeholder_weights=not from_dir)
+                                 device_type=device.type, placeholder_weights=not from_dir or placeholder_weights)
             if not from_dir:
                 # config and tokenizer only (every rank its own: save_pretrained writes on rank 0 alone under
                 # torch.distributed); the weights are pushed once the engine is up, as a sync pushes them
@@ -442,6 +444,13 @@ class VLLMEngine(Engine):
             weights = merged_weights(model, everything=everything)
         else:
             weights = gathered_weights(model) if is_partitioned(model) else policy_weights(model)
+        self.load_weights(weights, what, partial=partial)
+
+    def load_weights(self, weights, what: str = "rollout weight sync", partial: bool = False) -> None:
+        """(name, tensor) pairs, as a Hugging Face checkpoint names them, into the engine in place, then a
+        prefix-cache reset, under sync_timeout_s (`partial`: some layers get no weights, on purpose)."""
+        self._check()
+        self._wake()
 
         def push():
             with _frozen_layers_quiet() if partial else nullcontext():

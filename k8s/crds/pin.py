@@ -1,4 +1,5 @@
-"""Pin Kubeflow Trainer's CRDs here, without their descriptions (the schema is all k8s/validate.py reads).
+"""Pin the CRDs posttrain's manifests and steps use here, without their descriptions (the schema is all
+k8s/validate.py reads). Kubeflow Trainer's (its TrainJobs):
 
     for kind in trainjobs trainingruntimes; do
       git -C trainer show v2.3.0:manifests/base/crds/trainer.kubeflow.org_$kind.yaml \
@@ -7,11 +8,24 @@
     done
 
 The version matches the kubeflow-trainer-api package pinned in pyproject.toml (its models build the TrainJob).
+KServe's (the deploy stage's InferenceService and the ServingRuntime of k8s/overlays/kserve):
+
+    for kind in inferenceservices servingruntimes; do
+      git -C kserve show v0.20.0:config/crd/full/serving.kserve.io_$kind.yaml \
+        | python k8s/crds/pin.py v0.20.0 1fb781055dd1567164358233e1125142ca6ef1fe \
+        > k8s/crds/serving.kserve.io_$kind.yaml
+    done
 """
 
 import sys
 
 import yaml
+
+PROJECTS = {
+    "trainer.kubeflow.org": ("Kubeflow Trainer", "github.com/kubeflow/trainer", "manifests/base/crds"),
+    "serving.kserve.io": ("KServe", "github.com/kserve/kserve", "config/crd/full"),
+}
+"""A CRD's API group → its project, repository and the folder of its CRD files there."""
 
 
 def strip(node):
@@ -25,9 +39,10 @@ def strip(node):
 def main() -> None:
     tag, commit = sys.argv[1], sys.argv[2]
     crd = strip(yaml.safe_load(sys.stdin))
-    name = crd["metadata"]["name"]
-    source = f"manifests/base/crds/{crd['spec']['group']}_{crd['spec']['names']['plural']}.yaml"
-    print(f"# {name}: the CRD of Kubeflow Trainer {tag}\n# github.com/kubeflow/trainer commit {commit}, {source}\n"
+    name, group = crd["metadata"]["name"], crd["spec"]["group"]
+    project, repository, folder = PROJECTS[group]
+    source = f"{folder}/{group}_{crd['spec']['names']['plural']}.yaml"
+    print(f"# {name}: the CRD of {project} {tag}\n# {repository} commit {commit}, {source}\n"
           "# descriptions removed by k8s/crds/pin.py")
     print(yaml.safe_dump(crd, sort_keys=False, width=120), end="")
 

@@ -17,7 +17,15 @@ import tempfile
 import traceback
 
 from pipelines.bench.measure import device_name, pick_device
-from pipelines.bench.ours import PPO_EPOCHS, run_ours, run_ours_dpo, run_ours_grpo, run_ours_ppo, run_ours_rm
+from pipelines.bench.ours import (
+    PPO_EPOCHS,
+    run_ours,
+    run_ours_async_grpo,
+    run_ours_dpo,
+    run_ours_grpo,
+    run_ours_ppo,
+    run_ours_rm,
+)
 from pipelines.bench.ranks import run_ranks
 from pipelines.bench.trl_peer import run_trl, run_trl_dpo, run_trl_grpo, run_trl_rm, trl_ppo_missing
 from pipelines.bench.workloads import (
@@ -77,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout", default="hf",
                    help="our rollout engine(s), comma-separated of hf, vllm: one grpo and one ppo line per engine "
                         "(the stages' rollout.engine; default: hf)")
+    g.add_argument("--async", dest="asynchronous", type=int, default=None, metavar="K",
+                   help="also grpo with a rollout worker sampling ahead (max_staleness K), beside the vllm line: the "
+                        "trainer on the first half of this process's cores, the worker on the rest (taskset)")
     g.add_argument("--nproc", type=int, default=1,
                    help="processes (ranks) our grpo and ppo run on, under torchrun, each with its own engine; the "
                         "line's `ranks` holds each rank's numbers (default: 1)")
@@ -116,6 +127,9 @@ def _bad_arguments(a, objectives: list[str], peers: list[str]) -> str | None:
                                  or a.grpo_steps % k or a.grpo_warmup < 0):
         return ("GRPO needs --group ≥ 2 dividing --grpo-batch-size, --new-tokens, --prompt-len, "
                 "--grpo-steps ≥ 1, and --grpo-steps and --grpo-warmup multiples of --steps-per-rollout")
+    if a.asynchronous is not None and (a.asynchronous < 0 or "grpo" not in objectives or a.nproc > 1
+                                       or len(os.sched_getaffinity(0)) < 2):
+        return "--async K needs K ≥ 0, grpo among --objectives, --nproc 1 and two cores (trainer and worker)"
     if "ppo" in objectives and (min(a.grpo_batch_size, a.new_tokens, a.prompt_len, a.grpo_steps) < 1
                                 or a.grpo_warmup < 0):
         return "PPO needs --grpo-batch-size, --new-tokens, --prompt-len, --grpo-steps ≥ 1 and --grpo-warmup ≥ 0"
@@ -212,11 +226,24 @@ def _run(a, objectives: list[str], peers: list[str], emit) -> bool:
         if a.nproc > 1:
             ours["grpo"] = lambda a: run_ranks(a, "grpo", work, token_budget, a.ranks_timeout)
             ours["ppo"] = lambda a: run_ranks(a, "ppo", work, token_budget, a.ranks_timeout)
-        runs = [(obj, argparse.Namespace(**{**vars(a), "rollout": engine}))
-                for obj in objectives for engine in (_split(a.rollout) if obj in ROLLOUT_OBJECTIVES else [None])]
+        def variants(obj: str) -> list[argparse.Namespace]:
+            """One run per rollout engine; with --async, grpo's are the synchronous vllm line and the asynchronous
+            one, beside each other."""
+            if obj == "grpo" and a.asynchronous is not None:
+                return [argparse.Namespace(**{**vars(a), "rollout": "vllm", "asynchronous": k})
+                        for k in (None, a.asynchronous)]
+            engines = _split(a.rollout) if obj in ROLLOUT_OBJECTIVES else [None]
+            return [argparse.Namespace(**{**vars(a), "rollout": engine, "asynchronous": None}) for engine in engines]
+
+        runs = [(obj, args) for obj in objectives for args in variants(obj)]
+        if a.asynchronous is not None:
+            ours["grpo"] = lambda a: (run_ours_async_grpo if a.asynchronous is not None else run_ours_grpo)(
+                a, work, dev, token_budget)
         for obj, args in runs:
             res = _measure(f"posttrain_{obj}", a.size, lambda: ours[obj](args))
             extra = {"rollout": args.rollout} if obj in ROLLOUT_OBJECTIVES else {}
+            if args.asynchronous is not None:
+                extra["async"] = args.asynchronous
             failed |= "error" in res
             key, vs = RATE[obj]
             if vs in peer_rates and key in res:
@@ -229,7 +256,8 @@ def _run(a, objectives: list[str], peers: list[str], emit) -> bool:
 
 
 def _table(results: list[dict]) -> str:
-    cols = [("what", "{}"), ("size", "{}"), ("bs", "{}"), ("steps", "{}"), ("rollout", "{}"), ("nproc", "{}"),
+    cols = [("what", "{}"), ("size", "{}"), ("bs", "{}"), ("steps", "{}"), ("rollout", "{}"), ("async", "{}"),
+            ("nproc", "{}"), ("reward", "{:.3f}"),
             ("tokens_per_s", "{:.0f}"), ("pairs_per_s", "{:.1f}"), ("completion_tokens_per_s", "{:.0f}"),
             ("sec_per_step", "{:.3f}"), ("sync_s", "{:.3f}"),
             ("mfu", "{:.3f}"), ("peak_mem_gb", "{:.2f}"), ("peak_rss_gb", "{:.2f}"), ("speedup_vs_trl", "{:.2f}x")]

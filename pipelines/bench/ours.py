@@ -5,6 +5,7 @@ warm-up. How each number is counted: docs/bench.md.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -51,6 +52,9 @@ def stage_config(a, objective: str, token_budget: int, model: str = "", data: st
             "num_generations": a.group, "prompts_per_round": round_size // a.group,
             "sampling": {"max_new_tokens": a.new_tokens, "generation_batch_size": round_size},
             "rollout": {"engine": a.rollout},
+            **({} if getattr(a, "asynchronous", None) is None else {
+                "rollout_worker": True, "max_staleness": a.asynchronous, "rollout_worker_cpus": a.worker_cpus,
+                **({"tis_cap": 2.0} if a.asynchronous else {})}),
             "train": {"max_steps": total, "batch_size": a.grpo_batch_size, "token_budget": token_budget,
                       "lr": 1e-6, "seed": 0, "log_every": total}})
     raise ValueError(f"no stage for objective {objective!r}")
@@ -153,7 +157,8 @@ def rollout_job(a, objective: str, work: str, token_budget: int, write: bool = T
     if write:
         size = SIZES[a.size]
         _jsonl(data, grpo_prompts(size["vocab_size"], a.batch_size * 4 * (a.warmup + a.steps + 2), a.prompt_len))
-    out = os.path.join(work, f"{objective}-{a.rollout}")
+    asynchronous = getattr(a, "asynchronous", None)
+    out = os.path.join(work, f"{objective}-{a.rollout}" + ("" if asynchronous is None else f"-async{asynchronous}"))
     model = os.path.join(work, "model")
     if objective == "grpo":
         return out, stage_config(a, "grpo", token_budget, model=model, data=data, out=out)
@@ -202,6 +207,46 @@ def run_ours_grpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
     """The grpo stage on the reference prompts: a round of rollouts (prompts × group) every
     --steps-per-rollout optimizer steps of --grpo-batch-size sequences; μ = 1, β = 0, as TRL's defaults."""
     return run_rollout(a, "grpo", work, dev, token_budget)
+
+
+def split_cores() -> tuple[list[int], list[int]]:
+    """This process's cores, halved: the trainer's (the first half) and the rollout worker's."""
+    cores = sorted(os.sched_getaffinity(0))
+    return cores[:len(cores) // 2], cores[len(cores) // 2:]
+
+
+def run_ours_async_grpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
+    """The grpo stage with a rollout worker sampling ahead (--async K: max_staleness K): this process trains on
+    the first half of its cores (its affinity and torch threads set for the run, then restored), the worker
+    samples on the rest (rollout_worker_cpus: taskset). Its completion tokens/s count the trained completion tokens
+    over the measured steps' wall time, waits for the worker included (the synchronous line's count)."""
+    trainer, worker = split_cores()
+    a = argparse.Namespace(**{**vars(a), "worker_cpus": ",".join(map(str, worker))})
+    out, cfg = rollout_job(a, "grpo", work, token_budget)
+    from components.grpo.main import run
+
+    affinity, threads, env = os.sched_getaffinity(0), torch.get_num_threads(), os.environ.get("POSTTRAIN_THREADS")
+    os.sched_setaffinity(0, trainer)
+    os.environ["POSTTRAIN_THREADS"] = str(len(trainer))
+    rss_reset = reset_peaks(dev)
+    try:
+        run(cfg)
+    finally:
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
+        if env is None:
+            os.environ.pop("POSTTRAIN_THREADS", None)
+        else:
+            os.environ["POSTTRAIN_THREADS"] = env
+    line = grpo_line(a, out, dev, token_budget)
+    measured = _metrics(out)[a.grpo_warmup:]
+    return {**line, **peaks(dev, rss_reset), "rollout": "vllm", "async": a.asynchronous, "nproc": 1,
+            "trainer_cpus": trainer, "worker_cpus": worker,
+            "worker_sample_s": sum(r.get("async/sample_s", 0.0) for r in measured[::a.steps_per_rollout]),
+            "wait_s": sum(r.get("async/wait_s", 0.0) for r in measured[::a.steps_per_rollout]),
+            "staleness_hist": {key.rsplit("/", 1)[1]: value for key, value in measured[-1].items()
+                               if key.startswith("async/staleness_hist/")},
+            "dropped": measured[-1].get("async/dropped", 0)}
 
 
 def run_rollout(a, objective: str, work: str, dev: torch.device, token_budget: int) -> dict:

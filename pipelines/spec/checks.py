@@ -160,8 +160,9 @@ class Checker:
             if st.stage in seen and not kind.makes_model:
                 raise self.error(path, f"{st.stage!r} is invalid: a kind of stage that makes no model appears once "
                                        f"(already stages[{seen.index(st.stage)}])")
-            if seen and get_stage(seen[-1]).last:
-                raise self.error(path, f"{st.stage!r} is invalid: {seen[-1]} is the last stage")
+            ended = next((s for s in seen if get_stage(s).last), None)
+            if ended is not None and not kind.after_gate:
+                raise self.error(path, f"{st.stage!r} is invalid: {ended} is the last stage")
             if st.start_from is not None and st.start_from != BASE and (
                     st.start_from not in names
                     or not get_stage(stages[names.index(st.start_from)].stage).makes_model):

@@ -55,6 +55,17 @@ What it serves, as the API server does:
   collects every object whose ownerReferences name it by uid; an object none of whose owners exist (by uid) is
   collected too.
 
+- KServe v0.20 (serving.kserve.io, at the versions its CRDs serve; another is 404): an InferenceService or
+  ServingRuntime is pruned of the fields its CRD pinned in k8s/crds/ does not declare (refused, 400, with
+  fieldValidation=Strict) and checked against that schema (422 Invalid), an InferenceService then against KServe's
+  validating webhook (_admit_inferenceservice, each rule naming its file) on create and on a merge patch (PATCH,
+  application/merge-patch+json, with a metadata.resourceVersion other than the stored one 409 Conflict); each new
+  generation is reconciled (_reconcile_inferenceservice): the ServingRuntime, the service account and its Secrets
+  (one missing: no pod), the predictor pod (stored, labelled as KServe labels it, with its Knative revision in
+  Knative mode, never run: no vLLM; a Deployment's earlier pods go, a revision's stay while it has traffic),
+  scheduling on `nodes`, and the storage initializer's download from S3 with the Secret's keys, through `network`
+  when set; then Ready and the URL, or the failure as KServe reports it (conditions, modelStatus.lastFailureInfo).
+
 Pods run through `on_pod(pod, log) -> process-like` (subprocess.Popen's poll/wait/send_signal/kill): the cluster
 passes the pod as the API shows it and the path its container writes its output to; `pod_environment(pod)` gives
 the environment the kubelet would set. Not emulated: scheduling on nodes (node selectors, tolerations, GPUs),
@@ -63,6 +74,7 @@ images, the TrainJob's activeDeadlineSeconds, JobSet restarts (failurePolicy), w
 
 from __future__ import annotations
 
+import base64
 import copy
 import datetime as dt
 import hashlib
@@ -92,6 +104,13 @@ RESERVED_ENV = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 WORKFLOW_LABEL = "workflows.argoproj.io/workflow"  # argoproj/argo-workflows workflow/common/common.go
+KSERVE_GROUP = "serving.kserve.io"
+KSERVE_MODE = "serving.kserve.io/deploymentMode"  # kserve pkg/constants/constants.go DeploymentMode
+KSERVE_VERSIONS = {"inferenceservices": "v1beta1", "servingruntimes": "v1alpha1", "clusterservingruntimes": "v1alpha1"}
+"""The version each KServe resource is served at (the pinned CRDs); another one is 404, as the API server says."""
+KNATIVE_REVISION = "serving.knative.dev/revision"  # knative.dev/serving pkg/apis/serving/register.go RevisionLabelKey
+KSERVE_FRAMEWORKS = ("sklearn", "xgboost", "tensorflow", "pytorch", "triton", "onnx", "huggingface", "pmml",
+                     "lightgbm", "paddle", "model")  # kserve pkg/apis/serving/v1beta1/predictor.go PredictorSpec
 
 # kind → plural, for the kinds an install has (the API server's discovery)
 PLURALS = {"NetworkPolicy": "networkpolicies", "Ingress": "ingresses", "StorageClass": "storageclasses",
@@ -334,7 +353,12 @@ def _crd_validator():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     schemas = module.crd_schemas()
-    return lambda resource: module.crd_errors(resource, schemas)
+
+    def validate(resource: dict) -> list[str] | None:
+        return module.crd_errors(resource, schemas)
+
+    validate.schemas = schemas
+    return validate
 
 
 def _selects(selector: str, labels: dict) -> bool:
@@ -436,6 +460,15 @@ class KubeApi:
         """TrainJob (namespace/name) → why Kueue does not admit it."""
         self.log_streams: dict[str, int] = {}
         """Followed log streams opened, by pod."""
+        self.nodes: list[dict] = []
+        """The cluster's nodes ({name, labels, taints, allocatable}) KServe's predictor pods are scheduled on; none:
+        any pod is scheduled."""
+        self.network = None
+        """A network.Network: the storage initializer of a predictor pod connects to S3 through it, as that pod."""
+        self.kserve_downloads: list[tuple[str, str, list[str]]] = []
+        """(predictor pod, storageUri, the files downloaded) of each storage initializer that succeeded."""
+        self.kserve_writes: list[tuple[str, str, dict]] = []
+        """(create or patch, InferenceService, the object as stored, without status) of each write admitted."""
         self.drop_log_after: int | None = None
         """Cut each pod's first followed log stream after this many lines while the pod runs (a dropped
         connection): the client must reconnect."""
@@ -1112,6 +1145,435 @@ class KubeApi:
                 trainjob.setdefault("status", {}).setdefault("conditions", []).append(condition)
             self.lock.notify_all()
 
+    # --- KServe v0.20: the InferenceService webhook and controller (Standard and Knative modes)
+    def _admit_inferenceservice(self, isvc: dict, old: dict | None = None) -> None:
+        """KServe's validating webhook; ApiError (403, as controller-runtime's admission.Denied) when refused.
+        kserve pkg/apis/serving/v1beta1/inference_service_validation.go: ValidateUpdate (validateDeploymentMode,
+        validatePredictorNameChange) and validateInferenceService (validateInferenceServiceName,
+        validateInferenceServiceAutoscaler, validateBlockedEnvVars with pkg/validation/env_policy.go
+        DefaultBlockedEnvVars, validatePredictor, validateExactlyOneImplementation, validateAutoScalingCompExtension,
+        validateCanarySpecs); pkg/apis/serving/v1beta1/component.go ComponentExtensionSpec.Validate
+        (validateContainerConcurrency, validateReplicas, validateLogger) and ExactlyOneErrorFor;
+        pkg/apis/serving/v1beta1/predictor.go GetImplementations. Multi-node (workerSpec), transformers, explainers
+        and the confidential-computing rules are not emulated: a manifest using them is refused here."""
+        webhook = 'admission webhook "inferenceservice.kserve-webhook-server.validator" denied the request: '
+        meta, spec = isvc["metadata"], isvc.get("spec") or {}
+        name, annotations = meta["name"], meta.get("annotations") or {}
+        predictor = spec.get("predictor") or {}
+
+        def deny(message: str):
+            raise ApiError(403, "Forbidden", webhook + message)
+
+        if unsupported := sorted({"transformer", "explainer"} & set(spec)) + (
+                ["predictor.workerSpec"] if "workerSpec" in predictor else []):
+            deny(f"the emulated KServe does not model {', '.join(unsupported)}")
+        if old is not None and not meta.get("deletionTimestamp"):
+            before = ((old.get("status") or {}).get("deploymentMode") or "")
+            before = {"RawDeployment": "Standard", "Serverless": "Knative"}.get(before, before)
+            wanted = annotations.get(KSERVE_MODE)
+            if before and wanted is not None and wanted != before:
+                deny(f"update rejected: deploymentMode cannot be changed from '{before}' to '{wanted}'")
+            if (old["spec"].get("predictor") or {}).get("name") != predictor.get("name") and \
+                    _storage_uri(old["spec"].get("predictor") or {}) == _storage_uri(predictor):
+                deny("predictor.name change requires a model change (e.g. storageUri)")
+        if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+            deny(f'the InferenceService "{name}" is invalid: a InferenceService name must consist of lower case '
+                 "alphanumeric characters or '-', and must start with alphabetical character. (e.g. \"my-name\" or "
+                 "\"abc-123\", regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')")
+        autoscaler = annotations.get("serving.kserve.io/autoscalerClass")
+        if autoscaler is not None and autoscaler not in ("hpa", "external", "keda", "none"):
+            deny(f"[{autoscaler}] is not a supported autoscaler class type")
+        containers = list(predictor.get("containers") or []) + list(predictor.get("initContainers") or [])
+        frameworks = [k for k in KSERVE_FRAMEWORKS if predictor.get(k) is not None]
+        containers += [{"name": "kserve-container", **predictor[k]} for k in frameworks[:1]]
+        for c in containers:
+            for var in c.get("env") or []:
+                if var.get("name") == "PYTHONPATH":
+                    deny(f'the InferenceService "{name}" is invalid: setting PYTHONPATH in container '
+                         f'"{c.get("name", "")}" is not allowed for security reasons')
+        if any((predictor.get(k) or {}).get("name") for k in frameworks):
+            deny("the 'name' field is not allowed in standard predictor")
+        # predictor.go GetImplementations: the frameworks, each container named kserve-container, else the first
+        # container when there are containers and nothing else (a sidecar beside a model is no implementation)
+        servers = sum(c.get("name") == "kserve-container" for c in predictor.get("containers") or [])
+        if len(frameworks) + servers + (1 if predictor.get("containers") and not frameworks and not servers
+                                        else 0) != 1:
+            deny("exactly one of [Name, SKLearn, XGBoost, Tensorflow, PyTorch, Triton, ONNX, HuggingFace, PMML, "
+                 "LightGBM, Paddle, Model, StorageUris, StorageContainerName, WorkerSpec, PodSpec] must be specified "
+                 "in PredictorSpec")
+        if (predictor.get("containerConcurrency") or 0) < 0:
+            deny("parallelism cannot be less than 0")
+        low, high = predictor.get("minReplicas", 1), predictor.get("maxReplicas", 0)
+        if low < 0:
+            deny("'MinReplicas' cannot be less than 0")
+        if high < 0:
+            deny("'MaxReplicas' cannot be less than 0")
+        if low > high and high != 0:
+            deny("'MinReplicas' cannot be greater than MaxReplicas")
+        if (logger := predictor.get("logger")) and logger.get("mode", "all") not in ("all", "request", "response"):
+            deny("invalid logger type")
+        # validateAutoScalingCompExtension and validateCanarySpecs compare the annotation as the defaulter left it
+        # (legacy names mapped; missing with the default config, whose defaultDeploymentMode is Serverless)
+        raw = annotations.get(KSERVE_MODE, "")
+        knative_hpa = annotations.get("autoscaling.knative.dev/class") == "hpa.autoscaling.knative.dev"
+        if raw != "Standard" and not knative_hpa and predictor.get("deploymentStrategy") is not None:
+            deny("customizing deploymentStrategy is only supported for raw deployment mode")  # KPA's rule
+        if spec.get("canary"):
+            self._admit_canaries(spec, raw, deny)
+
+    @staticmethod
+    def _admit_canaries(spec: dict, raw_mode: str, deny) -> None:
+        """inference_service_validation.go validateCanarySpecs: the entries' names, traffic and replicas (the
+        checks of each canary's predictor as a predictor are not emulated)."""
+        if raw_mode != "Standard":
+            deny("canary is only supported in Standard deployment mode")
+        predictor = spec.get("predictor") or {}
+        if not _storage_uri(predictor) and predictor.get("model") is None:
+            deny("canary requires a stable predictor with a model (multi-model serving is not supported with canary)")
+        names, total = set(), 0
+        for i, canary in enumerate(spec["canary"]):
+            cp = canary.get("predictor") or {}
+            name = cp.get("name") or ""
+            if not name:
+                deny(f"canary[{i}] predictor.name is required")
+            if name in names:
+                deny(f'canary predictor.name "{name}" is duplicated')
+            names.add(name)
+            if name == predictor.get("name"):
+                deny(f'canary predictor.name "{name}" conflicts with stable predictor name')
+            percent = canary.get("trafficPercent", 0)
+            if not 0 <= percent <= 100:
+                deny(f'canary "{name}" trafficPercent must be between 0 and 100, got {percent}')
+            total += percent
+            if cp.get("workerSpec") is not None:
+                deny(f'canary "{name}" must not set workerSpec (multi-node is not yet supported for canary)')
+            if (cp.get("maxReplicas") or 0) > 0:
+                deny(f'canary "{name}" must not set maxReplicas (canary uses fixed replicas)')
+            for key in ("scaleTarget", "scaleMetric", "autoScaling"):
+                if cp.get(key) is not None:
+                    deny(f'canary "{name}" must not set {key} (canary uses fixed replicas)')
+            stable = predictor.get("minReplicas", 1)
+            if cp.get("minReplicas") is not None and cp["minReplicas"] > stable:
+                deny(f'canary "{name}" minReplicas ({cp["minReplicas"]}) must not exceed stable predictor '
+                     f"minReplicas ({stable})")
+        if total > 100:
+            deny(f"sum of canary trafficPercent values ({total}) must be <= 100")
+
+    def _reconcile_inferenceservice(self, namespace: str, name: str, generation: int) -> None:
+        """KServe's controller for one generation of an InferenceService. The runtime (kserve
+        pkg/controller/v1beta1/inferenceservice/components/predictor.go reconcileModel: the named ServingRuntime
+        must exist, be enabled, support the protocol and the model format, pkg/apis/serving/v1beta1/
+        predictor_model.go RuntimeSupportsModel), the predictor pod (labels serving.kserve.io/inferenceservice and
+        component=predictor beside the predictor's own, its service account, which must exist, node selector,
+        tolerations and the model's resources; the storage initializer's env from the service account's Secrets,
+        pkg/credentials/service_account_credentials.go and s3/s3_secret.go: secretKeyRefs and the
+        serving.kserve.io/s3-* annotations), scheduling on `nodes` when the test gives them (selector, taints,
+        extended resources), the storage initializer (python/storage/kserve_storage/kserve_storage.py _download_s3:
+        every object under the prefix, "No model found" otherwise), over `network` when there is one, with the pod's
+        labels; the model server is not run (no vLLM): the files it would load must be there (config.json and
+        *.safetensors). Then the status: Ready, PredictorReady, the URL from the default ingress domainTemplate
+        (config/configmap/inferenceservice.yaml: http://{{.Name}}-{{.Namespace}}.example.com), modelStatus, and in
+        Knative mode the revisions and their traffic (pkg/controller/v1beta1/inferenceservice/reconcilers/knative/
+        ksvc_reconciler.go: canaryTrafficPercent to the latest revision, the rest to the last rolled out one)."""
+        with self.lock:
+            isvc = self.get("inferenceservices", namespace, name, KSERVE_GROUP)
+            if isvc is None or isvc["metadata"].get("generation") != generation:
+                return
+            predictor, annotations = isvc["spec"]["predictor"], isvc["metadata"].get("annotations") or {}
+            model = predictor.get("model") or {}
+            mode = _kserve_mode(annotations)
+            problem = self._kserve_runtime_problem(namespace, model)
+            pod = None
+            if problem is None:
+                pod, problem = self._predictor_pod(isvc)
+        failure = None
+        if problem is None and pod is not None:
+            unschedulable = self._unschedulable(pod)
+            if unschedulable:
+                problem = ("MinimumReplicasUnavailable", "Deployment does not have minimum availability.",
+                           None, unschedulable)
+            else:
+                failure = self._storage_initialize(pod, model.get("storageUri", ""))
+                if failure:
+                    problem = ("MinimumReplicasUnavailable", "Deployment does not have minimum availability.",
+                               {"reason": "ModelLoadFailed", "message": failure, "exitCode": 1}, None)
+        with self.lock:
+            isvc = self.objects.get((KSERVE_GROUP, "inferenceservices", namespace, name))
+            if isvc is None or isvc["metadata"].get("generation") != generation:
+                return
+            status = isvc.setdefault("status", {})
+            status["deploymentMode"] = mode
+            now = _now()
+            if problem is None:
+                status["url"] = f"http://{name}-{namespace}.example.com"
+                status["address"] = {"url": f"http://{name}-predictor.{namespace}.svc.cluster.local"}
+                status["conditions"] = [{"type": t, "status": "True", "lastTransitionTime": now}
+                                        for t in ("IngressReady", "PredictorReady", "Ready")]
+                status["modelStatus"] = {"transitionStatus": "UpToDate", "modelRevisionStates": {
+                    "activeModelState": "Loaded", "targetModelState": "Loaded"}}
+                if pod is not None:
+                    pod["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+                    self._store(pod)
+                if mode == "Knative":
+                    self._knative_traffic(isvc, predictor.get("canaryTrafficPercent"))
+                    serving = {t["revisionName"] for t in status["components"]["predictor"]["traffic"]}
+                    self._drop_predictor_pods(namespace, name, keep=serving)
+            else:
+                reason, message, failure_info, pod_reason = problem
+                down = {"status": "False", "reason": reason, "message": message, "lastTransitionTime": now}
+                status["conditions"] = [{"type": "PredictorReady", **down}, {"type": "Ready", **down}]
+                status["modelStatus"] = {
+                    "transitionStatus": "BlockedByFailedLoad" if failure_info else
+                    "InvalidSpec" if pod is None else "InProgress",
+                    "modelRevisionStates": {"targetModelState": "FailedToLoad" if failure_info else "Pending"}}
+                if failure_info:
+                    status["modelStatus"]["lastFailureInfo"] = failure_info
+                if pod is not None:
+                    pod["status"] = {"phase": "Pending", "conditions": [
+                        {"type": "PodScheduled", "status": "False" if pod_reason else "True",
+                         **({"reason": "Unschedulable", "message": pod_reason} if pod_reason else {})}]}
+                    self._store(pod)
+            self.lock.notify_all()
+
+    def _kserve_runtime_problem(self, namespace: str, model: dict) -> tuple | None:
+        runtime_name = model.get("runtime")
+        wanted = model.get("modelFormat") or {}
+        if runtime_name is None:
+            found = [r for r in self.list("servingruntimes", namespace, KSERVE_GROUP)
+                     if not r["spec"].get("disabled") and any(
+                         f.get("autoSelect") and _supports(f, wanted) for f in r["spec"].get("supportedModelFormats")
+                         or [])]
+            if not found:
+                return ("NoSupportingRuntime", f"no runtime found to support predictor with model type: {wanted}",
+                        None, None)
+            model["runtime"] = found[0]["metadata"]["name"]
+            return None
+        runtime = self.get("servingruntimes", namespace, runtime_name, KSERVE_GROUP) or self.get(
+            "clusterservingruntimes", "", runtime_name, KSERVE_GROUP)
+        if runtime is None:
+            return ("RuntimeNotRecognized", f'servingruntimes.serving.kserve.io "{runtime_name}" not found', None,
+                    None)
+        if runtime["spec"].get("disabled"):
+            return ("RuntimeDisabled", f"specified runtime {runtime_name} is disabled", None, None)
+        protocol = model.get("protocolVersion")
+        if protocol and protocol not in (runtime["spec"].get("protocolVersions") or ["v1"]):
+            return ("NoSupportingRuntime", f"specified runtime {runtime_name} does not support specified protocol "
+                    "version", None, None)
+        if not any(_supports(f, wanted) for f in runtime["spec"].get("supportedModelFormats") or []):
+            return ("NoSupportingRuntime", f"specified runtime {runtime_name} does not support specified "
+                    "framework/version", None, None)
+        return None
+
+    def _predictor_pod(self, isvc: dict) -> tuple[dict | None, tuple | None]:
+        """The predictor pod of this generation (earlier ones go, as the Deployment rolls), or why none is made."""
+        meta, predictor = isvc["metadata"], isvc["spec"]["predictor"]
+        namespace, name = meta["namespace"], meta["name"]
+        model = predictor.get("model") or {}
+        account = predictor.get("serviceAccountName") or "default"
+        sa = self.get("serviceaccounts", namespace, account)
+        if sa is None:
+            return None, ("MinimumReplicasUnavailable", f'pods "{name}-predictor" is forbidden: error looking up '
+                          f"service account {namespace}/{account}: serviceaccount \"{account}\" not found", None, None)
+        runtime = self.get("servingruntimes", namespace, model["runtime"], KSERVE_GROUP) or self.get(
+            "clusterservingruntimes", "", model["runtime"], KSERVE_GROUP)
+        env = []
+        for ref in sa.get("secrets") or []:
+            secret = self.get("secrets", namespace, ref["name"])
+            if secret is None:  # service_account_credentials.go mountSecretCredential: the reconcile fails
+                return None, ("MinimumReplicasUnavailable", f'secrets "{ref["name"]}" not found', None, None)
+            data = {**{k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()},
+                    **(secret.get("stringData") or {})}
+            if "AWS_SECRET_ACCESS_KEY" not in data:
+                continue
+            env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": k}}}
+                    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+            env += _s3_env(secret["metadata"].get("annotations") or {}, data)
+        server = copy.deepcopy(runtime["spec"]["containers"][0])
+        server["args"] = [a.replace("{{.Name}}", name) for a in server.get("args") or []]
+        server["resources"] = model.get("resources") or server.get("resources") or {}
+        # predictor.go buildObjectMeta: the ServingRuntime's labels, the InferenceService's, the predictor's
+        labels = {**(runtime["spec"].get("labels") or {}), **(meta.get("labels") or {}),
+                  **(predictor.get("labels") or {}), "serving.kserve.io/inferenceservice": name,
+                  "component": "predictor", "app": f"isvc.{name}-predictor"}
+        generation = meta["generation"]
+        knative = _kserve_mode(meta.get("annotations") or {}) == "Knative"
+        if knative:  # Knative's revision of this generation (named as _knative_traffic names it)
+            labels[KNATIVE_REVISION] = f"{name}-predictor-{generation:05d}"
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": f"{name}-predictor-{generation:05d}", "namespace": namespace, "labels": labels,
+                            "ownerReferences": [{"apiVersion": f"{KSERVE_GROUP}/v1beta1", "kind": "InferenceService",
+                                                 "name": name, "uid": meta["uid"]}]},
+               "spec": {"serviceAccountName": account,
+                        "automountServiceAccountToken": sa.get("automountServiceAccountToken", True),
+                        "nodeSelector": dict(predictor.get("nodeSelector") or {}),
+                        "tolerations": list(predictor.get("tolerations") or []),
+                        "initContainers": [{"name": "storage-initializer", "image": "kserve/storage-initializer:"
+                                            "v0.20.0", "args": [model.get("storageUri", ""), "/mnt/models"],
+                                            "env": env}],
+                        "containers": [server]}}
+        if not knative:  # the Deployment rolls: the earlier pods go (Knative keeps a revision's while it has traffic)
+            self._drop_predictor_pods(namespace, name)
+        return self._store(pod), None
+
+    def _drop_predictor_pods(self, namespace: str, name: str, keep: set[str] = frozenset()) -> None:
+        """Delete the InferenceService's predictor pods but those of the Knative revisions in `keep`."""
+        for key, old in list(self.objects.items()):
+            labels = old["metadata"].get("labels") or {}
+            if key[:3] == ("", "pods", namespace) and labels.get("serving.kserve.io/inferenceservice") == name \
+                    and labels.get(KNATIVE_REVISION) not in keep:
+                del self.objects[key]
+
+    def _unschedulable(self, pod: dict) -> str | None:
+        """Why no node of `nodes` takes the pod (kube-scheduler's NodeAffinity, TaintToleration, NodeResourcesFit
+        filters), or None (also when the test gives no nodes)."""
+        if not self.nodes:
+            return None
+        spec = pod["spec"]
+        wanted = {k: quantity(v) for c in spec["containers"] for k, v in
+                  ((c.get("resources") or {}).get("limits") or {}).items() if "/" in k}
+        why = {}
+        for node in self.nodes:
+            labels, taints = node.get("labels") or {}, node.get("taints") or []
+            if any(labels.get(k) != v for k, v in spec.get("nodeSelector", {}).items()):
+                why["didn't match Pod's node affinity/selector"] = why.get(
+                    "didn't match Pod's node affinity/selector", 0) + 1
+            elif untolerated := [t for t in taints if t.get("effect") in ("NoSchedule", "NoExecute") and not any(
+                    _tolerates(tol, t) for tol in spec.get("tolerations") or [])]:
+                key = f"had untolerated taint {{{untolerated[0]['key']}: {untolerated[0].get('value', '')}}}"
+                why[key] = why.get(key, 0) + 1
+            elif short := [k for k, v in wanted.items() if quantity((node.get("allocatable") or {}).get(k, 0)) < v]:
+                key = f"Insufficient {short[0]}"
+                why[key] = why.get(key, 0) + 1
+            else:
+                return None
+        return f"0/{len(self.nodes)} nodes are available: " + ", ".join(f"{n} node(s) {w}" if not w.startswith(
+            "Insufficient") else f"{n} {w}" for w, n in sorted(why.items())) + "."
+
+    def _storage_initialize(self, pod: dict, uri: str) -> str | None:
+        """The storage initializer (kserve_storage.py _download_s3): every object under the s3:// prefix, with the
+        credentials and endpoint of its env as the kubelet resolves them, through the network's policies for this
+        pod when there is one; then the model server's files. The error it ends with, or None."""
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        init = pod["spec"]["initContainers"][0]
+        try:
+            env = self.pod_environment({**pod, "spec": {**pod["spec"], "containers": [init]}}, init["name"])
+        except ApiError as e:
+            return e.message
+        if not uri.startswith("s3://"):
+            return f"the emulated storage initializer reads s3:// only, not {uri}"
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        endpoint = env.get("AWS_ENDPOINT_URL", "https://s3.amazonaws.com")
+        if self.network is not None:
+            from types import SimpleNamespace
+
+            parsed = urlparse(endpoint)
+            hosts = self.network.attach(SimpleNamespace(name=pod["metadata"]["name"],
+                                                        namespace=pod["metadata"]["namespace"],
+                                                        labels=pod["metadata"]["labels"],
+                                                        service_account=pod["spec"]["serviceAccountName"]))
+            if parsed.hostname not in hosts:
+                return f"Could not connect to the endpoint URL: {endpoint} (no such host in the cluster)"
+            endpoint = f"{parsed.scheme}://{hosts[parsed.hostname]}:{parsed.port or 80}"
+        target = self._workdir / "models" / pod["metadata"]["name"]
+        try:
+            s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+                              verify=env.get("S3_VERIFY_SSL", "1") != "0",
+                              aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+                              region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
+                              config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 1}))
+            count = 0
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents") or []:
+                    dest = target / obj["Key"][len(prefix):].lstrip("/")
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    s3.download_file(bucket, obj["Key"], str(dest))
+                    count += 1
+        except (BotoCoreError, ClientError) as e:
+            return str(e)
+        if count == 0:
+            return f"Failed to fetch model. No model found in {uri}."
+        if not (target / "config.json").is_file() or not list(target.glob("*.safetensors")):
+            return f"{uri}: no config.json and *.safetensors for the model server to load"
+        self.kserve_downloads.append((pod["metadata"]["name"], uri, sorted(p.name for p in target.iterdir())))
+        return None
+
+    def _knative_traffic(self, isvc: dict, canary: int | None) -> None:
+        """Revisions and their traffic, as ksvc_reconciler.go sets them and KServe reports them."""
+        component = isvc["status"].setdefault("components", {}).setdefault("predictor", {})
+        revision = f"{isvc['metadata']['name']}-predictor-{isvc['metadata']['generation']:05d}"
+        rolled = component.get("latestRolledoutRevision")
+        component.update(latestCreatedRevision=revision, latestReadyRevision=revision)
+        if canary is not None and rolled and rolled != revision:
+            component["traffic"] = [{"latestRevision": True, "percent": canary, "revisionName": revision}]
+            if canary < 100:
+                component["traffic"].append({"latestRevision": False, "percent": 100 - canary, "revisionName": rolled,
+                                             "tag": "prev"})
+            if canary == 100:
+                component.update(previousRolledoutRevision=rolled, latestRolledoutRevision=revision)
+        else:
+            component["traffic"] = [{"latestRevision": True, "percent": 100, "revisionName": revision}]
+            if rolled != revision:
+                component.update(previousRolledoutRevision=rolled, latestRolledoutRevision=revision)
+
+    def _prune_unknown(self, obj: dict, strict: bool) -> None:
+        """The API server's handling of fields the CRD's structural schema does not declare (k8s.io/apiextensions-
+        apiserver pkg/apiserver/schema/pruning): dropped (fieldValidation Warn, the default; the Warning header is
+        not emulated), or with fieldValidation=Strict the request refused (400 BadRequest, "strict decoding
+        error")."""
+        schema = self._validate.schemas.get((obj.get("apiVersion"), obj.get("kind")))
+        if schema is None:
+            return
+        unknown = _prune(obj, schema, "")
+        if unknown and strict:
+            kind = obj.get("kind")
+            raise ApiError(400, "BadRequest", f'{kind} in version "{obj["apiVersion"].rpartition("/")[2]}" cannot be '
+                           f"handled as a {kind}: strict decoding error: "
+                           + ", ".join(f'unknown field "{u}"' for u in unknown))
+
+    def _patch_inferenceservice(self, namespace: str, name: str, patch: dict, content_type: str,
+                                strict: bool = False) -> dict:
+        """A JSON merge patch (RFC 7386, what the Kubernetes client sends for a dict): a metadata.resourceVersion in
+        it must be the stored one (409 Conflict otherwise: the API server's optimistic concurrency,
+        k8s.io/apiserver pkg/registry/generic/registry/store.go Update); the result is pruned of unknown fields (or
+        refused with `strict`: fieldValidation=Strict) and must pass the CRD schema and the webhook's
+        ValidateUpdate; a changed spec is a new generation, reconciled again."""
+        if "merge-patch+json" not in content_type:
+            raise ApiError(415, "UnsupportedMediaType", f"the emulated cluster takes merge patches, not {content_type}")
+        with self.lock:
+            old = self.get("inferenceservices", namespace, name, KSERVE_GROUP)
+            if old is None:
+                raise ApiError(404, "NotFound", f'inferenceservices.{KSERVE_GROUP} "{name}" not found',
+                               {"name": name, "group": KSERVE_GROUP, "kind": "inferenceservices"})
+            wanted = (patch.get("metadata") or {}).get("resourceVersion")
+            if wanted is not None and wanted != old["metadata"]["resourceVersion"]:
+                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on inferenceservices.{KSERVE_GROUP} '
+                               f'"{name}": the object has been modified; please apply your changes to the latest '
+                               "version and try again", {"name": name, "group": KSERVE_GROUP,
+                                                         "kind": "inferenceservices"})
+            new = _merge_patch(copy.deepcopy(old), patch)
+            new["metadata"]["name"], new["metadata"]["namespace"] = name, namespace
+            self._prune_unknown(new, strict)
+            view = {k: v for k, v in new.items() if k != "status"}
+            errors = self._validate(view)
+            if errors:
+                raise ApiError(422, "Invalid", f'InferenceService.{KSERVE_GROUP} "{name}" is invalid: '
+                               + "; ".join(errors))
+            self._admit_inferenceservice(new, old)
+            changed = new["spec"] != old["spec"]
+            if changed:
+                new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+            stored = self._store(new)
+            self.kserve_writes.append(("patch", name, copy.deepcopy(view)))
+            self.lock.notify_all()
+            result = self._public(stored)
+        if changed:
+            threading.Thread(target=self._reconcile_inferenceservice,
+                             args=(namespace, name, result["metadata"]["generation"]), daemon=True).start()
+        return result
+
     # --- the HTTP side
     def _handler(self, fixed_identity: tuple[str, str] | None):
         api = self
@@ -1197,6 +1659,8 @@ class KubeApi:
                            {"name": name or "", "group": group, "kind": res})
         if namespace and namespace not in self.namespaces:
             raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found')
+        if group == KSERVE_GROUP and m["version"] != KSERVE_VERSIONS.get(res):  # a version no CRD serves
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if res == "pods" and sub == "log":
             return self._stream_log(handler, namespace, name, query)
         if method == "GET" and name is None:
@@ -1217,14 +1681,20 @@ class KubeApi:
                                        "details": {"name": name, "group": group, "kind": res}})
         if method == "POST" and name is None:
             body = handler._body()
-            return handler._send(201, self._create(group, res, namespace, body, identity))
+            return handler._send(201, self._create(group, res, namespace, body, identity,
+                                                   strict=query.get("fieldValidation") == "Strict"))
+        if method == "PATCH" and group == KSERVE_GROUP and res == "inferenceservices" and sub is None:
+            return handler._send(200, self._patch_inferenceservice(
+                namespace, name, handler._body(), handler.headers.get("Content-Type", ""),
+                strict=query.get("fieldValidation") == "Strict"))
         raise ApiError(405, "MethodNotAllowed", f"{method} {path} is not supported by the emulated cluster")
 
     @staticmethod
     def _public(obj: dict) -> dict:
         return copy.deepcopy(obj)
 
-    def _create(self, group: str, res: str, namespace: str, body: dict, identity: tuple[str, str]) -> dict:
+    def _create(self, group: str, res: str, namespace: str, body: dict, identity: tuple[str, str],
+                strict: bool = False) -> dict:
         body.setdefault("metadata", {}).setdefault("namespace", namespace)
         name = body["metadata"].get("name")
         if res == "trainjobs" and group == TRAINER_GROUP:
@@ -1245,9 +1715,23 @@ class KubeApi:
                 result = self._public(stored)
             threading.Thread(target=self._run_trainjob, args=(namespace, name), daemon=True).start()
             return result
+        if group == KSERVE_GROUP:  # the pinned CRDs' schema, then (InferenceService) KServe's webhook
+            self._prune_unknown(body, strict)
+            errors = self._validate(body)
+            if errors:
+                raise ApiError(422, "Invalid", f'{body.get("kind")}.{group} "{name}" is invalid: ' + "; ".join(errors))
         with self.lock:
             if self.get(res, namespace, name, group) is not None:
                 raise ApiError(409, "AlreadyExists", f'{res}{"." + group if group else ""} "{name}" already exists')
+            if group == KSERVE_GROUP and res == "inferenceservices":
+                self._admit_inferenceservice(body)
+                body["metadata"]["generation"] = 1
+                body.pop("status", None)
+                stored = self._public(self._store(body))
+                self.kserve_writes.append(("create", name, copy.deepcopy(body)))
+                threading.Thread(target=self._reconcile_inferenceservice, args=(namespace, name, 1),
+                                 daemon=True).start()
+                return stored
             return self._public(self._store(body))
 
     def _stream_log(self, handler, namespace: str, name: str, query: dict) -> None:
@@ -1315,6 +1799,104 @@ def _container_status(pod: dict, state: dict, restarts: int) -> dict:
     container = pod["spec"]["containers"][0]
     return {"name": container["name"], "image": container.get("image", ""), "imageID": "", "ready": "running" in state,
             "restartCount": restarts, "started": "running" in state, "state": state}
+
+
+def _s3_env(annotations: dict, data: dict) -> list[dict]:
+    """kserve pkg/credentials/s3/utils.go BuildS3EnvVars for the settings the emulation reads (the annotation, else
+    the Secret's key, as getEnvValue): getEndpointConfiguration (an endpoint with a scheme sets S3_USE_HTTPS from it
+    and is stripped of it for S3_ENDPOINT; without one s3-usehttps decides, https by default), s3-verifyssl and
+    s3-region."""
+    def value(annotation: str, key: str) -> str:
+        return annotations.get(f"serving.kserve.io/{annotation}", data.get(key, ""))
+
+    env = []
+    if endpoint := value("s3-endpoint", "S3_ENDPOINT").strip():
+        if endpoint.lower().startswith(("https://", "http://")):
+            https = "1" if endpoint.lower().startswith("https://") else "0"
+            bare, url = endpoint.partition("://")[2], endpoint
+        else:
+            https = value("s3-usehttps", "S3_USE_HTTPS")
+            bare, url = endpoint, f"{'http' if https == '0' else 'https'}://{endpoint}"
+        if https:
+            env.append({"name": "S3_USE_HTTPS", "value": https})
+        env += [{"name": "S3_ENDPOINT", "value": bare}, {"name": "AWS_ENDPOINT_URL", "value": url}]
+    if verify := value("s3-verifyssl", "S3_VERIFY_SSL"):
+        env.append({"name": "S3_VERIFY_SSL", "value": verify})
+    if region := value("s3-region", "AWS_DEFAULT_REGION"):
+        env.append({"name": "AWS_DEFAULT_REGION", "value": region})
+    return env
+
+
+def _kserve_mode(annotations: dict) -> str:
+    """kserve pkg/constants/constants.go ParseDeploymentMode: the legacy names mapped; none: the default config's
+    defaultDeploymentMode (config/configmap/inferenceservice.yaml: Serverless, i.e. Knative)."""
+    mode = annotations.get(KSERVE_MODE) or "Knative"
+    return {"RawDeployment": "Standard", "Serverless": "Knative"}.get(mode, mode)
+
+
+def _storage_uri(predictor: dict) -> str:
+    """inference_service_validation.go getPredictorStorageURI."""
+    for key in KSERVE_FRAMEWORKS:
+        if (predictor.get(key) or {}).get("storageUri"):
+            return predictor[key]["storageUri"]
+    return ""
+
+
+def _supports(supported: dict, wanted: dict) -> bool:
+    """predictor_model.go RuntimeSupportsModel: the format's name (case-insensitive) and, when the model names one,
+    its version."""
+    if supported.get("name", "").lower() != (wanted.get("name") or "").lower():
+        return False
+    return not wanted.get("version") or supported.get("version") == wanted["version"]
+
+
+def _tolerates(toleration: dict, taint: dict) -> bool:
+    """kubernetes pkg/apis/core/v1/helper ToleratesTaint."""
+    if toleration.get("effect") and toleration["effect"] != taint.get("effect"):
+        return False
+    if toleration.get("key") and toleration["key"] != taint.get("key"):
+        return False
+    if toleration.get("operator", "Equal") == "Exists":
+        return True
+    return toleration.get("value", "") == taint.get("value", "")
+
+
+def _prune(value, schema: dict, path: str) -> list[str]:
+    """Drop what `schema` does not declare from `value` (in place); the dropped fields' paths. The top level's
+    apiVersion, kind and metadata are the API server's, not the schema's."""
+    dropped = []
+    if isinstance(value, dict) and schema.get("type", "object") == "object" and \
+            not schema.get("x-kubernetes-preserve-unknown-fields"):
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for key in list(value):
+            if path == "" and key in ("apiVersion", "kind", "metadata"):
+                continue
+            where = f"{path}.{key}" if path else key
+            if props is not None and key in props:
+                dropped += _prune(value[key], props[key], where)
+            elif isinstance(extra, dict):
+                dropped += _prune(value[key], extra, where)
+            elif props is not None and extra is not True:
+                del value[key]
+                dropped.append(where)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            dropped += _prune(item, schema["items"], f"{path}[{i}]")
+    return dropped
+
+
+def _merge_patch(target, patch):
+    """RFC 7386 JSON merge patch: null removes, objects merge, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    target = target if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        else:
+            target[key] = _merge_patch(target.get(key), value)
+    return target
 
 
 def _terminal(job: dict) -> bool:

@@ -8,7 +8,9 @@ and the volumes the pod declares, each at its mount path. Then the process moves
 `switch_root` does), drops to the pod's user and groups and execs the command with the pod's environment. A path
 on this machine that no volume declares (another pod's scratch directory, a test's tmp_path, /work) is not there.
 Torch extensions this machine already built are copied into the pod's /cache (as an image shipping them prebuilt
-would hold them), so that no pod spends minutes compiling DeepSpeed's CPU comm op.
+would hold them), so that no pod spends minutes compiling DeepSpeed's CPU comm op. Where /cache is a volume (an
+emptyDir) it starts empty and the pod builds them itself, with ninja behind this machine's build cache (as a build
+cache on a CI node): the outputs of the same build file, which ninja judges up to date or rebuilds.
 
 The kubelet's rules emulated, each from kubernetes/kubernetes:
 - fsGroup: pkg/volume/volume_linux.go SetVolumeOwnership: every file of a volume whose plugin manages ownership
@@ -56,6 +58,16 @@ IMAGE_ENV = {
     "MPLCONFIGDIR": "/cache/matplotlib",
     "DS_BUILD_OPS": "0",
 }
+BUILD_CACHE = f"""#!/bin/sh
+# ninja, behind this machine's build cache: torch runs it in the extension's build directory; a first build whose
+# build file is the one this machine built from gets that build's outputs and log, which ninja then checks
+cached="{TOOLS}/built/${{PWD##*/}}"
+if [ ! -e .ninja_log ] && [ -f "$cached/build.ninja" ] && cmp -s build.ninja "$cached/build.ninja"; then
+    cp -R --preserve=timestamps "$cached/." .
+fi
+exec {TOOLS}/ninja-real "$@"
+"""
+"""`ninja` first on the PATH of a pod whose torch extensions directory is a volume (module docstring)."""
 HOSTS_HEADER = ("# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
                 "fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n")
 
@@ -178,7 +190,10 @@ class Runtime:
                "PYTHONPATH": str(REPO), "HOSTNAME": pod.name, **IMAGE_ENV, **pod.env}
         # Torch extensions this machine already built (DeepSpeed's CPU comm op: ~80 s on 2 cores) are copied into
         # the pod's /cache, as an image that ships them prebuilt would hold them: a copy, since torch takes a lock
-        # file beside them, and only where /cache is the image's own, not a volume.
+        # file beside them, and only where /cache is the image's own, not a volume. Where it is a volume (the
+        # TrainingRuntime's emptyDir) it stays empty and the pod builds them there itself, with this machine's build
+        # cache in front of ninja (BUILD_CACHE): ninja then finds the outputs of the same build file and judges
+        # them as it would its own, rebuilding whatever it finds out of date.
         built = os.environ.get("TORCH_EXTENSIONS_DIR")
         if not built:  # torch.utils.cpp_extension._get_build_directory: <cache>/torch_extensions/py311_cpu
             default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
@@ -196,6 +211,14 @@ class Runtime:
                 (state / "tools" / "ninja").symlink_to(ninja)
                 env["PATH"] = f"{TOOLS}:{env['PATH']}"
                 extensions.append(str(state / "tools"))
+        elif os.path.isdir(built) and shutil.which("ninja"):
+            tools = state / "tools"
+            shutil.copytree(built, tools / "built", symlinks=True, ignore=shutil.ignore_patterns("lock"))
+            (tools / "ninja-real").symlink_to(shutil.which("ninja"))
+            (tools / "ninja").write_text(BUILD_CACHE)
+            (tools / "ninja").chmod(0o755)
+            env["PATH"] = f"{TOOLS}:{env['PATH']}"
+            extensions = [None, None, str(tools)]
         config = {
             "rootfs": str(rootfs), "image": image_paths(), "uid": uid, "gid": gid, "groups": groups,
             "home": env["HOME"], "files": {"/etc/hosts": str(state / "hosts"), "/etc/passwd": str(state / "passwd"),
@@ -419,10 +442,11 @@ def _enter(config: dict) -> None:
             os.chown(target, uid, gid)
     if config["extensions"]:
         built, path, *tools = config["extensions"]
-        shutil.copytree(built, rootfs + path, symlinks=True, ignore=shutil.ignore_patterns("lock"))
-        for top, dirs, files in os.walk(rootfs + "/cache"):
-            for name in [top, *(os.path.join(top, n) for n in dirs + files)]:
-                os.lchown(name, uid, gid)
+        if built:
+            shutil.copytree(built, rootfs + path, symlinks=True, ignore=shutil.ignore_patterns("lock"))
+            for top, dirs, files in os.walk(rootfs + "/cache"):
+                for name in [top, *(os.path.join(top, n) for n in dirs + files)]:
+                    os.lchown(name, uid, gid)
         for source in tools:
             _bind(source, _mount_point(rootfs, TOOLS, image, True), read_only=True)
     for path in image:  # parents first; their intermediate directories are the tmpfs's, 0755

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cluster import installs, kfp, pods
+from tests.cluster import installs, kfp, kube, pods
 from tests.cluster.kube import KubeApi
 from tests.cluster.network import Network
 
@@ -113,11 +113,17 @@ def mlflow_server(s3_server, tmp_path_factory):
 
 
 @pytest.fixture
-def emulated(tmp_path, servers, mlflow_server, monkeypatch):
+def emulated(tmp_path, servers, mlflow_server, deepspeed_comm_op, monkeypatch):
     """The plain install (k8s/README.md: namespace posttrain, the gpu, kueue and trainer overlays, the
     workspace-fsgroup policy), its API, its network with MLflow, MinIO and the API server behind their in-cluster
     names, and KFP running on it as the install's pipeline runner."""
     install = installs.render("plain")
+    # node 0 of every TrainJob listens on Trainer's master port: on a cluster at its pod's own address, here on the
+    # loopback the pods share, so each emulated cluster's Trainer gets a port of its own (this file's tests run side
+    # by side on the suite's workers)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(kube, "TRAINER_PORT", s.getsockname()[1])
     creds = {k: servers.env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     for k, v in {**creds, "MLFLOW_S3_ENDPOINT_URL": servers.s3_endpoint, "POSTTRAIN_E2E_TMP": str(tmp_path),
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():

@@ -235,6 +235,36 @@ print(json.dumps({"dir": d, "files": sorted(os.listdir(d)), "writable": os.acces
     assert got == {"dir": "/cache/torch_extensions/op", "files": ["op.so"], "writable": True}
 
 
+def test_a_pod_whose_cache_is_a_volume_builds_there_behind_this_machines_build_cache(runtime, tmp_path, monkeypatch):
+    """A pod whose /cache is an emptyDir (the TrainingRuntime's) finds it empty and builds its torch extensions there
+    itself; ninja, behind this machine's build cache, gets the outputs of a build file this machine built from
+    (and does no work), and builds what this machine never built."""
+    import shutil
+    import subprocess
+
+    built = tmp_path / "extensions"
+    for name, command in (("op", "echo built-here > $out"), ("other", "echo other-here > $out")):
+        (built / name).mkdir(parents=True)
+        (built / name / "build.ninja").write_text(f"rule make\n  command = {command}\nbuild op.so: make\n")
+        subprocess.run([shutil.which("ninja")], cwd=built / name, check=True, capture_output=True)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(built))
+    cache = empty_dir(tmp_path / "cache")
+    got = probe(runtime, tmp_path, "ext", """
+import json, os, subprocess
+root = os.environ["TORCH_EXTENSIONS_DIR"]
+empty = os.listdir(root) if os.path.isdir(root) else []
+out = {}
+for name, command in (("op", "echo built-here > $out"), ("other", "echo built-in-the-pod > $out")):
+    d = os.path.join(root, name)
+    os.makedirs(d)
+    open(os.path.join(d, "build.ninja"), "w").write(f"rule make\\n  command = {command}\\nbuild op.so: make\\n")
+    ran = subprocess.run(["ninja"], cwd=d, capture_output=True, text=True, check=True).stdout
+    out[name] = [open(os.path.join(d, "op.so")).read().strip(), "no work to do" in ran]
+print(json.dumps({"empty": empty, **out}))""", volumes=[Volume("/cache", cache)], run_as_user=UID, run_as_group=UID)
+    assert got == {"empty": [], "op": ["built-here", True], "other": ["built-in-the-pod", False]}
+    assert (cache / "torch_extensions" / "other" / "op.so").read_text() == "built-in-the-pod\n"  # in the volume
+
+
 def test_the_image_imports_torch_and_the_project_as_uid_10001(runtime, tmp_path):
     pod = Pod("import", "posttrain", {}, [PYTHON, "-c", "import torch, transformers, components; print('ok')"],
               {"OMP_NUM_THREADS": "1"}, [], run_as_user=UID, run_as_group=UID)

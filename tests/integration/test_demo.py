@@ -20,7 +20,9 @@ from pipelines.cli import main as cli
 from pipelines.spec import SPECS_DIR, load_spec, parse_spec
 
 SPEC = SPECS_DIR / "sft-psft.yaml"
-STEPS = 120
+STEPS = 60
+"""Steps of each stage: at 60 the last nll is ~0.35 of the first (the test asks for < 0.6) and each stage's entropy
+is well below the base model's."""
 
 
 def test_short_sft_psft_run(tmp_path, capsys):

@@ -48,10 +48,14 @@ def dead_uri() -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # One writer per directory
 
+STEPS = 100
+"""The first stage's steps: more than it can run between its step 1 and the SIGSTOP below (a 0.1 s poll)."""
+
+
 def test_a_second_stage_into_the_same_output_dir_is_refused_at_once(tiny_model_dir, tmp_path, helpers):
     data = helpers.write_sft_data(tmp_path / "train.jsonl", n=32)
     out = tmp_path / "out"
-    config = helpers.sft_config(tmp_path / "sft.yaml", tiny_model_dir, data, out, steps=3000)
+    config = helpers.sft_config(tmp_path / "sft.yaml", tiny_model_dir, data, out, steps=STEPS)
     env = {**os.environ, **QUIET}
     env.pop("MLFLOW_TRACKING_URI", None)
     first = subprocess.Popen([sys.executable, "-m", "components.sft", "--config", str(config)], cwd=REPO, env=env,
@@ -60,10 +64,17 @@ def test_a_second_stage_into_the_same_output_dir_is_refused_at_once(tiny_model_d
         metrics = out / "metrics.jsonl"
         wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 120, "the first stage's step 1",
                  first)
-        t0 = time.monotonic()
-        second = subprocess.run([sys.executable, "-m", "pipelines.cli", "stage", "sft", "--config", str(config)],
-                                cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        took = time.monotonic() - t0
+        # the first stage is held mid-run (SIGSTOP: alive, its lock held) while the second starts, so it cannot
+        # end before the second is refused however slow the machine; a stage that was not refused would write
+        # its own steps into the same metrics.jsonl
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            second = subprocess.run([sys.executable, "-m", "pipelines.cli", "stage", "sft", "--config", str(config)],
+                                    cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+            took = time.monotonic() - t0
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
         assert first.poll() is None, "the first stage ended before the second was refused: nothing was tested"
         assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
@@ -75,7 +86,7 @@ def test_a_second_stage_into_the_same_output_dir_is_refused_at_once(tiny_model_d
     assert "INFO components." not in second.stderr  # refused before it loaded anything
     assert took < 60, took
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 3001))  # one writer: no step twice
+    assert steps == list(range(1, STEPS + 1))  # one writer: no step twice
 
 
 def minimal_spec(tmp_path: Path, name: str, sources: list[dict], max_steps: int = 2) -> Path:

@@ -5,6 +5,7 @@ import random
 import sys
 
 import pytest
+import torch
 
 from pipelines.bench import main
 from pipelines.bench.trl_peer import TRL_MISSING
@@ -116,10 +117,14 @@ def test_peer_tokenizer_reads_every_word_as_one_token():
 def test_missing_trl_is_reported_and_the_rest_runs(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ImportError
     monkeypatch.setenv("POSTTRAIN_THREADS", "1")  # every line, the error's too, says the threads it ran with
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    took = torch.get_num_threads()  # 1, or the count that stays where vLLM ran in this process (components/threads.py)
+    torch.set_num_threads(before)
     assert main(SMALL + ["--objectives", "sft", "--peers", "trl", "--steps", "1", "--warmup", "0"]) == 0
     trl_line, ours = _lines(capsys)
-    assert trl_line == {**trl_line, "what": "trl_sft", "error": TRL_MISSING, "threads": 1}
-    assert ours["threads"] == 1
+    assert trl_line == {**trl_line, "what": "trl_sft", "error": TRL_MISSING, "threads": took}
+    assert ours["threads"] == took
     assert ours["what"] == "posttrain_sft" and ours["tokens_per_s"] > 0 and "speedup_vs_trl" not in ours
 
 

@@ -21,6 +21,9 @@ from pipelines.spec import load_spec  # noqa: E402
 
 # every target is an install of posttrain, but the cluster-scoped admission policy (tests/cluster/test_pods.py)
 TARGETS = [t.relative_to(ROOT / "k8s").as_posix() for t in validate.targets() if t.name != "workspace-fsgroup"]
+INSTALLS = [t for t in TARGETS if t != "overlays/kserve"]
+"""The targets that are an install of their own; overlays/kserve is applied after one (it brings the runner's
+InferenceService rights, not the runner, MinIO or their policies)."""
 ISTIO_INJECT = "sidecar.istio.io/inject"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # the labels a Kubeflow profile's namespace carries (kubeflow/manifests applications/profiles/pss/namespace-labels.yaml,
@@ -91,6 +94,8 @@ def _pod_templates(resources: list[dict]) -> list[tuple[str, dict]]:
             continue
         if r["kind"] == "TrainingRuntime":  # the pod template of its JobSet's replicated job
             template = r["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+        elif r["kind"] == "ServingRuntime":  # its predictor pods take spec.labels (kserve predictor.go buildObjectMeta)
+            template = {"metadata": {"labels": r["spec"].get("labels") or {}}, "spec": spec}
         else:
             template = r if r["kind"] == "Pod" else r["spec"].get("jobTemplate", {}).get("spec", r["spec"])["template"]
         out.append((validate.name_of(r), template))
@@ -325,7 +330,7 @@ def test_the_70b_evaluate_step_splits_the_model_over_its_node(cluster_70b_lora):
 # --- 6. the pipeline runner -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", INSTALLS)
 def test_6_runs_use_a_service_account_every_target_binds(target, rendered):
     """Runs and recurring runs name their service account (kubeflow/pipelines backend/api/v2beta1/run.proto and
     recurring_run.proto, `service_account`; else the namespace's `pipeline-runner`, backend/src/apiserver/common/
@@ -353,7 +358,7 @@ def test_6_the_schedule_is_a_kfp_cron_in_utc(cluster):
 # --- 7. the KFP UI reads artifacts ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", [t for t in TARGETS if t != "overlays/external-s3"
+@pytest.mark.parametrize("target", [t for t in INSTALLS if t != "overlays/external-s3"
                                     and not t.startswith("overlays/standalone-kfp")])  # no MinIO there
 def test_7_minio_admits_the_kfp_ui_server(target, rendered):
     """KFP 2.17's UI server reads HTML and Markdown artifacts itself: the per-namespace artifact proxy

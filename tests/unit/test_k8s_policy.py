@@ -44,8 +44,8 @@ def _container(deployment: dict) -> dict:
 
 def test_targets_are_base_and_every_overlay():
     assert [t.relative_to(ROOT / "k8s").as_posix() for t in validate.targets()] == [
-        "base", "overlays/external-s3", "overlays/gpu", "overlays/kubeflow-profile", "overlays/kueue",
-        "overlays/standalone-kfp", "overlays/standalone-kfp-kueue", "overlays/trainer",
+        "base", "overlays/external-s3", "overlays/gpu", "overlays/kserve", "overlays/kubeflow-profile",
+        "overlays/kueue", "overlays/standalone-kfp", "overlays/standalone-kfp-kueue", "overlays/trainer",
         "overlays/workspace-fsgroup"]
 
 

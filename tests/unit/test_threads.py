@@ -166,3 +166,14 @@ def test_importing_the_package_sets_the_wait_policy_and_loads_no_torch():
     env = {k: v for k, v in threads.os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["10000", "False"]
+
+
+def test_a_sampling_process_chooses_for_its_first_model_and_keeps_the_count(machine, monkeypatch):
+    monkeypatch.delenv("POSTTRAIN_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(threads, "_sampling", None)
+    small = torch.nn.Linear(500, 1000)  # 0.5M parameters: 2 threads by size
+    assert threads.for_sampling(small).threads == 2
+    assert threads.for_sampling(torch.nn.Linear(4000, 4000)).threads == 2  # a bigger second model keeps the count
+    assert machine.asked == [2]

@@ -1,0 +1,1 @@
+"""The deploy stage: the champion the promotion gate moved, served by a KServe InferenceService."""

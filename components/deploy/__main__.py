@@ -1,0 +1,3 @@
+from components.deploy.main import main
+
+main()

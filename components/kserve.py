@@ -43,7 +43,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from components.trainjob import label_value
+from components.trainjob import api_message, label_value
 
 log = logging.getLogger("components.kserve")
 
@@ -204,7 +204,7 @@ class InferenceServices:
         except ApiException as e:
             if missing_ok and e.status == 404:
                 return None
-            raise DeployFailed(f"{what} failed: {e.status} {e.reason}: {_api_message(e)}") from None
+            raise DeployFailed(f"{what} failed: {e.status} {e.reason}: {api_message(e)}") from None
         except (HTTPError, OSError) as e:  # refused, unreachable, timed out (urllib3 retries end in MaxRetryError)
             raise DeployFailed(" ".join(f"{what} failed: {type(e).__name__}: {e}".split())[:600]) from None
 
@@ -294,14 +294,6 @@ class InferenceServices:
 def predictor_status(status: dict | None) -> dict:
     """status.components.predictor of an InferenceService's status (Knative's revisions and traffic)."""
     return ((status or {}).get("components") or {}).get("predictor") or {}
-
-
-def _api_message(e) -> str:
-    """The API server's Status message of a refused request."""
-    try:
-        return json.loads(e.body).get("message", "")
-    except (TypeError, ValueError):
-        return str(e.body or "")
 
 
 def _condition(status: dict, kind: str) -> dict | None:

@@ -236,7 +236,7 @@ def workflow_owner(api_client, namespace: str, pod_name: str | None = None) -> d
                         pod_name)
             return None
         raise TrainJobFailed(f"reading the step's pod {namespace}/{pod_name} failed: {e.status} {e.reason}: "
-                             f"{_api_message(e)}") from None
+                             f"{api_message(e)}") from None
     workflow = (pod.metadata.labels or {}).get(WORKFLOW_LABEL)
     if not workflow:
         log.warning("pod %s/%s has no %s label: the TrainJob gets no owner", namespace, pod_name, WORKFLOW_LABEL)
@@ -246,7 +246,7 @@ def workflow_owner(api_client, namespace: str, pod_name: str | None = None) -> d
             WORKFLOW_GROUP, WORKFLOW_VERSION, namespace, WORKFLOW_PLURAL, workflow)
     except ApiException as e:
         raise TrainJobFailed(f"reading the run's Workflow {namespace}/{workflow} failed: {e.status} {e.reason}: "
-                             f"{_api_message(e)} (the pipeline runner needs get on workflows.argoproj.io)") from None
+                             f"{api_message(e)} (the pipeline runner needs get on workflows.argoproj.io)") from None
     # no blockOwnerDeletion: it would need update on workflows/finalizers (the garbage collector's admission)
     return {"apiVersion": f"{WORKFLOW_GROUP}/{WORKFLOW_VERSION}", "kind": "Workflow", "name": workflow,
             "uid": found["metadata"]["uid"]}
@@ -397,7 +397,7 @@ class TrainJobLauncher:
             if e.status == 409 and attempt < 3:  # created between the get and the create, or still being deleted
                 return self.create_or_reattach(manifest, attempt + 1)
             raise TrainJobFailed(f"creating TrainJob {self.namespace}/{name} failed: {e.status} {e.reason}: "
-                                 f"{_api_message(e)}") from None
+                                 f"{api_message(e)}") from None
         self._deleting.discard(name)  # a new TrainJob of that name
         spec = manifest["spec"]["trainer"]
         log.info("created TrainJob %s/%s: %s node(s) × %s process(es), runtime %s", self.namespace, name,
@@ -472,7 +472,8 @@ class TrainJobLauncher:
             time.sleep(self.poll)
 
 
-def _api_message(e) -> str:
+def api_message(e) -> str:
+    """The API server's Status message of a refused request (an ApiException's body)."""
     try:
         return json.loads(e.body).get("message", "")
     except (TypeError, ValueError):

@@ -290,7 +290,7 @@ _BUILTIN = [
           outputs=_TRAINED,
           wired={"model": _PREV, "prompts.path": _PROMPTS, "prompts.task": _PROMPTS, "output_dir": _OUT},
           trains_on="prompts", injected=("rewards",), headline=("score", "final/objective/scores"),
-          multi_node=True, engines=ENGINES, lora=True),
+          multi_node=True, engines=ENGINES, lora=True, asynchronous=True),
     Stage(name="evaluate", module="evaluate", config="EvaluateConfig", component="evaluate", kind="sample",
           inputs={"model": Input(feed="policy"), "base_model": Input(feed="base")},
           outputs={"results": Output(provides=("eval",))},

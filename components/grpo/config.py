@@ -9,7 +9,7 @@ from components.config import positive_ints, require
 from components.evaluation.suites import TrainingEval
 from components.models.config import ModelLoading
 from components.prompts import PromptSource
-from components.training.async_keys import check_async
+from components.training.async_keys import AsyncKeys, check_async
 from components.training.config import (
     KL_IN_REWARD,
     LOSS_AGGREGATIONS,
@@ -24,9 +24,9 @@ from components.training.config import (
 
 
 @dataclass(kw_only=True)
-class GRPOConfig:
+class GRPOConfig(AsyncKeys):
     """A GRPO stage: the rewards and the objective's settings, and the parts `train`, `prompts`, `sampling` and
-    `loading`."""
+    `loading`; the keys of asynchronous RL and the off-policy correction it shares with ppo (AsyncKeys)."""
 
     model: str
     """Policy to start from: a Hugging Face directory with safetensors weights."""
@@ -76,32 +76,8 @@ class GRPOConfig:
     ref_model: str | None = None
     """β > 0: the reference model of the KL term (default: the starting policy; with LoRA, the base with the
     adapter disabled)."""
-    tis_cap: float | None = None
-    """Truncated importance sampling (as verl's and TRL's): the trainer recomputes π_old's log-probs of every
-    sample before the round's steps (one more forward pass), the clipped ratio uses them, and each token's
-    policy-gradient term (not the β·KL term, as in TRL and verl) is weighted by min(π_old / π_rollout, tis_cap),
-    correcting for the rollout engine's numerics. null: off (the rollout's log-probs are π_old)."""
     samples_logged: int = 4
     """Scored completions written to samples.jsonl per round."""
-    rollout_worker: bool = False
-    """Asynchronous RL (docs/rl.md): one vLLM engine in a process of its own (rollout.engine vllm, one trainer
-    process) samples each round and sends back its samples with their per-token log-probs and the weights version
-    they were drawn with; the trainer pushes each new version to it over a gloo process group. With max_staleness 0
-    the numbers are the colocated engine's."""
-    max_staleness: int = 0
-    """k: the worker samples round r + k with the weights of version r (after r rounds) while the trainer trains
-    rounds r .. r + k − 1; no round is trained more than k versions after its weights (an older one is dropped and
-    sampled again). 0: on-policy, as without the worker. k > 0 needs rollout_worker and tis_cap."""
-    rollout_worker_cpus: str | None = None
-    """The CPUs the worker runs on (`taskset -c`, e.g. 2-3; vLLM's CPU threads bound to them); null: the trainer's."""
-    rollout_worker_restarts: int = 2
-    """How many times in a run a rollout worker that exits, fails or misses a deadline is replaced by a fresh one,
-    given the trainer's current weights and every round requested but not yet trained (sampled again with them);
-    past that the step raises EngineSyncError (a rerun resumes from the last checkpoint)."""
-    rollout_worker_timeout_s: float = 3600.0
-    """Most seconds the trainer waits for the rollout worker at once (a round it samples, a version it has yet to
-    reach behind the rounds before it): a worker that stays silent longer is killed and the step raises
-    EngineSyncError naming its pid and the round or version it was on. The transfer itself: rollout.sync_timeout_s."""
     eval: TrainingEval = field(default_factory=TrainingEval)
     """Evaluation by generation every `eval.every` optimizer steps: suites, sampling, pass@k (off by default;
     components/README.md); beside the training reward, a reward-hacking warning
@@ -121,8 +97,6 @@ class GRPOConfig:
                 f"one of {', '.join(LOSS_AGGREGATIONS)}")
         check_clip_range(self.epsilon_low, self.epsilon_high)
         require(math.isfinite(self.beta) and self.beta >= 0, "beta", self.beta, "a number ≥ 0")
-        require(self.tis_cap is None or (math.isfinite(self.tis_cap) and self.tis_cap >= 1), "tis_cap", self.tis_cap,
-                "null (off) or a number ≥ 1 (verl and TRL use 2)")
         require(not (self.rollout.engine == "vllm" and self.lora.quantize != "none"), "rollout.engine",
                 self.rollout.engine, "hf with lora.quantize (the vllm engine takes the base with the adapters merged "
                 "in, and a 4- or 8-bit base is not merged)")

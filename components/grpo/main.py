@@ -42,7 +42,7 @@ from components.training.loop import Session, StepResult
 from components.training.lora import load_policy, save_policy
 from components.training.objectives import aggregation_weights, grpo_loss
 from components.training.rl import reference_model
-from components.training.rl_loop import RLStage, Round, train
+from components.training.rl_loop import RLStage, Round, correction_weights, train
 from components.training.rollout_worker import build_engine
 
 log = logging.getLogger("components.grpo")
@@ -174,7 +174,7 @@ def grpo_step(cfg: GRPOConfig, session: Session, model, rollout: Round, minibatc
     pick = lambda values: [values[sample] for sample in minibatch]  # noqa: E731
     advantages, old_logprobs = pick(rollout.advantages), pick(rollout.old_logprobs)
     ref_logprobs = pick(rollout.ref_logprobs) if cfg.loss_beta > 0 else None
-    rollout_logprobs = pick(rollout.rollout_logprobs) if cfg.tis_cap is not None else None
+    is_weights, is_sums = correction_weights(cfg, rollout, minibatch)  # tis_cap: π_old / π_rollout, bounded
     trained_tokens = dist.all_reduce_sum(float(sum(lengths)) if minibatch else 0.0)
     diff = {"total": 0.0, "count": 0.0, "max": 0.0}
 
@@ -186,10 +186,6 @@ def grpo_step(cfg: GRPOConfig, session: Session, model, rollout: Round, minibatc
         mask = micro_batch.loss_mask
         old = completion_values(micro_batch, examples, old_logprobs)
         token_weights = weights.to(logprobs.device)[sequence]
-        is_weights = None
-        if rollout_logprobs is not None:  # truncated importance sampling: min(π_old / π_rollout, C) per token
-            behaviour = completion_values(micro_batch, examples, rollout_logprobs)
-            is_weights = torch.exp(old - behaviour).clamp(max=cfg.tis_cap) * mask
         if measure:
             gap = (logprobs.detach().float() - old).abs() * mask
             diff["total"] += float(gap.sum())
@@ -197,12 +193,14 @@ def grpo_step(cfg: GRPOConfig, session: Session, model, rollout: Round, minibatc
             diff["max"] = max(diff["max"], float(gap.max()))
         loss, metrics = grpo_loss(
             logprobs, old, completion_values(micro_batch, examples, advantages), mask, token_weights,
-            epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.loss_beta, is_weights=is_weights,
+            epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.loss_beta,
+            is_weights=completion_values(micro_batch, examples, is_weights) if is_weights is not None else None,
             ref_logp=completion_values(micro_batch, examples, ref_logprobs) if ref_logprobs is not None else None)
         metrics["entropy"] = (entropy * mask).sum()
         return loss, metrics
 
     result = session.optimize(batches, loss_fn)
+    result.sums.update(is_sums)
     if measure:
         result.extra = gap_metrics(session.dist, diff["total"], diff["count"], diff["max"])
     return result, trained_tokens

@@ -10,6 +10,7 @@ from components.config import positive_ints, require
 from components.evaluation.suites import TrainingEval
 from components.models.config import ModelLoading
 from components.prompts import PromptSource
+from components.training.async_keys import AsyncKeys, check_async
 from components.training.config import (
     KL_CONTROLLERS,
     Adapter,
@@ -26,9 +27,10 @@ CRITIC_INITS = ("auto", "reward_model", "policy")
 
 
 @dataclass(kw_only=True)
-class PPOConfig:
+class PPOConfig(AsyncKeys):
     """A PPO stage: the rewards, the critic, the KL penalty, GAE and the clipped losses, and the parts `train`,
-    `prompts`, `sampling`, `loading` and `lora`."""
+    `prompts`, `sampling`, `loading` and `lora`; the keys of asynchronous RL and the off-policy correction it shares
+    with grpo (AsyncKeys)."""
 
     REMOVED: ClassVar[dict[str, str]] = {
         "vf_coef": "removed: the critic has its own AdamW, whose steps ignore a constant scale on its loss, so "
@@ -48,8 +50,9 @@ class PPOConfig:
     sampling: Sampling = field(default_factory=Sampling)
     """Temperature, top_p, max_new_tokens of the rollout (components/README.md)."""
     rollout: RolloutEngine = field(default_factory=RolloutEngine)
-    """The rollout engine that samples: hf (the actor itself) or vllm (one colocated engine per rank, the actor's
-    weights synced after each round's optimizer steps; components/README.md)."""
+    """The rollout engine that samples: hf (the actor itself) or vllm (one colocated engine per rank, or with
+    rollout_worker one in a process of its own; the actor's weights synced after each round's optimizer steps;
+    components/README.md)."""
     loading: ModelLoading = field(default_factory=ModelLoading)
     """How the models are loaded (components/README.md)."""
     lora: Adapter = field(default_factory=Adapter)
@@ -150,6 +153,7 @@ class PPOConfig:
                 self.rollout.tensor_parallel_size, "1 in ppo (each rank's rollout engine is colocated with its "
                 "trainer; tensor parallelism is for evaluate and reward_scoring)")
         check_round_checkpoints(self.train, self.steps_per_round)
+        check_async(self)
 
     @property
     def steps_per_round(self) -> int:

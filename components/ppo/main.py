@@ -4,9 +4,11 @@ Single device:   python -m components.ppo --config ppo.yaml      (or: posttrain 
 N ranks:         torchrun --nproc-per-node N -m components.ppo --config ppo.yaml   (DeepSpeed ZeRO)
 
 One round (a rollout): take `train.batch_size` prompts, sample one completion of each from the actor (π_old; its
-per-token log-probs come from the rollout), score each with the reward functions (a trained reward model, a
-verifier, or both: components/rewards), compute the reference's log-probs and the critic's values of every
-completion token, then per token
+per-token log-probs come from the rollout, or are recomputed by the actor when an engine samples; with
+`rollout_worker` the round comes from a vLLM engine in a process of its own, up to `max_staleness` versions behind,
+and `tis_cap` weighs the actor's loss by π_old / π_rollout: docs/rl.md), score each with the reward functions (a
+trained reward model, a verifier, or both: components/rewards), compute the reference's log-probs and the critic's
+values of every completion token, then per token
 
     r_t = −β·(log π_old − log π_ref)_t   (+ the score on the last token)         InstructGPT's k1 penalty
     δ_t = r_t + γ·V_{t+1} − V_t,   Â_t = δ_t + γλ·Â_{t+1},   G_t = Â_t + V_t        GAE(γ, λ)
@@ -54,7 +56,8 @@ from components.training.loop import Session, StepResult
 from components.training.lora import load_policy, save_policy
 from components.training.objectives import KLController, clipped_policy_loss, clipped_value_loss
 from components.training.rl import per_completion_token, reference_model
-from components.training.rl_loop import RLStage, Round, train
+from components.training.rl_loop import RLStage, Round, correction_weights, train
+from components.training.rollout_worker import build_engine
 
 log = logging.getLogger("components.ppo")
 
@@ -92,14 +95,15 @@ class PPO(RLStage):
     group_size = 1
     shuffle = True  # each epoch in an order of its own, as TRL's PPOTrainer
 
-    def __init__(self, cfg: PPOConfig, actor, ref_model, tokenizer, critic, kl_ctl: KLController, engine_name: str):
+    def __init__(self, cfg: PPOConfig, actor, ref_model, tokenizer, critic, kl_ctl: KLController):
         super().__init__(cfg, actor, ref_model, tokenizer)
         self.critic, self.kl_ctl = critic, kl_ctl
         self.prompts_per_round, self.passes, self.steps_per_round = cfg.train.batch_size, cfg.ppo_epochs, \
             cfg.steps_per_round
         # π_old and the KL are the actor's own log-probs: an engine's differ (its kernels, bf16, top-p
-        # renormalisation), so with one they are computed again, as verl does, and the gap is reported
-        self.recompute_old = engine_name != "hf"
+        # renormalisation; a rollout worker's are up to max_staleness versions old), so with one they are computed
+        # again, as verl does, and the gap is reported; tis_cap weighs the tokens by the two's ratio
+        self.recompute_old = cfg.rollout.engine != "hf" or cfg.tis_cap is not None
 
     @property
     def kl_coef(self) -> float:
@@ -171,10 +175,10 @@ def _run(cfg: PPOConfig, tracked) -> dict:
     if "kl_coef" in session.resumed:
         kl_ctl.value = float(session.resumed["kl_coef"])
     dist = session.dist
-    # one engine per rank, colocated with its actor (vllm: vLLM's external launcher over the ranks)
-    engine = cfg.rollout.build(actor, tokenizer, seed=cfg.train.seed,
-                               max_num_seqs=cfg.sampling.generation_batch_size, world_size=dist.world)
-    stage = PPO(cfg, actor, ref_model, tokenizer, critic, kl_ctl, engine.name)
+    # one engine per rank, colocated with its actor (vllm: vLLM's external launcher over the ranks), or with
+    # rollout_worker one vLLM engine in a process of its own sampling ahead (max_staleness)
+    engine = build_engine(cfg, actor, tokenizer, dist.world)
+    stage = PPO(cfg, actor, ref_model, tokenizer, critic, kl_ctl)
     try:
         history = train(stage, session, engine, prompt_rows, rewards, out)
         summary = {"rounds": -(-len(history) // cfg.steps_per_round) if history else 0, "steps": len(history),
@@ -196,7 +200,16 @@ def ppo_step(cfg: PPOConfig, session: Session, actor, critic, rollout: Round, mi
              ) -> tuple[StepResult, float, dict]:
     """One optimizer step of the actor (clipped surrogate, a token mean over every rank's minibatch) and one of the
     critic (clipped value loss) on the round's samples `minibatch` (this rank's). Returns the actor's result (its
-    sums hold the critic's too), the trained-token count over all ranks, and the critic's step numbers."""
+    sums hold the critic's too), the trained-token count over all ranks, and the critic's step numbers.
+
+    With tis_cap the surrogate's tokens are weighted by the off-policy correction (rl_loop.correction_weights) and
+    the critic's loss is not, as in verl (verl/trainer/ppo/core_algos.py: the policy losses multiply pg_losses by
+    rollout_is_weights, compute_value_loss takes none). The weight corrects the policy gradient, an expectation over
+    π_old's actions, for the tokens having been drawn by the engine's policy (a worker's: up to max_staleness
+    versions old); the critic regresses V(s_t) on the returns observed along those samples, and a per-token weight
+    on its squared error would only re-weight states, not turn them into π_old's returns (that takes off-policy
+    returns, e.g. V-trace). So a masked token (tis_mode mask) still trains the critic; verl's rejection mask also
+    drops it from GAE and the critic's loss."""
     dist = session.dist
     examples = [rollout.examples[sample] for sample in minibatch]
     pick = lambda values: [values[sample] for sample in minibatch]  # noqa: E731
@@ -206,6 +219,7 @@ def ppo_step(cfg: PPOConfig, session: Session, actor, critic, rollout: Round, mi
     tokens = dist.all_reduce_sum(float(sum(len(values) for values in old_logprobs)))
     normalizer = max(tokens, 1.0)
     cliprange = cfg.cliprange if cfg.cliprange is not None else math.inf
+    is_weights, is_sums = correction_weights(cfg, rollout, minibatch)  # tis_cap: π_old / π_rollout, bounded
 
     def actor_loss(index, micro_batch):
         logprobs, entropy = session.forward(actor, micro_batch, cfg.sampling.temperature)
@@ -213,8 +227,10 @@ def ppo_step(cfg: PPOConfig, session: Session, actor, critic, rollout: Round, mi
             return (logprobs * 0).sum(), {}
         mask = micro_batch.loss_mask
         old = completion_values(micro_batch, examples, old_logprobs)
-        loss, metrics = clipped_policy_loss(logprobs, old, completion_values(micro_batch, examples, advantages), mask,
-                                            normalizer, cliprange, cliprange)
+        # the correction weighs the surrogate's tokens (their counts stay the mask's); the critic's loss it does not
+        weighted = mask if is_weights is None else mask * completion_values(micro_batch, examples, is_weights)
+        loss, metrics = clipped_policy_loss(logprobs, old, completion_values(micro_batch, examples, advantages),
+                                            weighted, normalizer, cliprange, cliprange, count_mask=mask)
         with torch.no_grad():
             metrics = {"policy/clipfrac_avg": metrics["clip_ratio/low_mean"] + metrics["clip_ratio/high_mean"],
                        "policy/approxkl_avg": (0.5 * (logprobs - old) ** 2 * mask).sum(),
@@ -232,6 +248,7 @@ def ppo_step(cfg: PPOConfig, session: Session, actor, critic, rollout: Round, mi
         return loss, metrics
 
     result = session.optimize(batches, actor_loss)
+    result.sums.update(is_sums)
     value_result = session.optimize(batches, value_loss, engine="critic")
     # loss/* are already means over the step: record divides every sum by the token count, so scale them back up
     for key, value_sums in (("loss/policy_avg", result.sums), ("loss/value_avg", value_result.sums)):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from components.training.async_keys import TIS_LEVELS, TIS_MODES
 from components.training.config import DPO_LOSSES, LOSS_AGGREGATIONS, SCALE_REWARDS
 
 
@@ -137,9 +138,9 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
 
     advantages and weights are per token (a sequence's value repeated over its tokens); `mask` marks the
     completion tokens; metric sums count tokens (divide by the step's token count to report them).
-    is_weights ρ_t (default 1): truncated importance weights π_old / π_rollout. They weigh the policy-gradient
-    term only, as in TRL's GRPOTrainer and verl's compute_policy_loss: they correct for the tokens having been
-    sampled by the rollout engine, which the surrogate's gradient assumes came from π_old; the KL term is
+    is_weights ρ_t (default 1): importance weights π_old / π_rollout (`importance_weights`). They weigh the
+    policy-gradient term only, as in TRL's GRPOTrainer and verl's compute_policy_loss: they correct for the tokens
+    having been sampled by the rollout engine, which the surrogate's gradient assumes came from π_old; the KL term is
     an estimate of KL(π_θ‖π_ref) that the weights would only rescale per token.
     """
     w = weights * mask
@@ -152,6 +153,45 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
         loss = loss + beta * (kl * w).sum()
         m["kl"] = (kl.detach() * mask).sum()
     return loss, m
+
+
+IS_METRICS = {"truncate": "rollout_corr/rollout_is_ratio_fraction_high",
+              "mask": "rollout_corr/rollout_rs_masked_fraction"}
+"""The metric of each tis_mode: the fraction of the step's tokens whose weight was cut to the cap, or set to 0 (verl's
+names, verl/trainer/ppo/rollout_corr_helper.py; TRL logs no such fraction)."""
+
+
+def importance_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, cap: float, level: str = "token",
+                       mode: str = "truncate") -> tuple[Tensor, Tensor]:
+    """The off-policy correction's weight of each completion token, and where it bounded the weight (1.0: the
+    token's weight was truncated or masked).
+
+    old_logp, rollout_logp, mask: [N, T], the trainer's π_old, the rollout engine's log-probs and 1 on completion
+    tokens. ρ = π_old / π_rollout: per token (level token), or per sequence (level sequence: exp of the sum of the
+    sequence's log-ratios, the product of its tokens' ρ, on each of its tokens). mode truncate: min(ρ, cap) (TIS);
+    mode mask: ρ where 1/cap ≤ ρ ≤ cap, else 0 (masked IS: verl's rollout_is weights with its rejection mask
+    rollout_rs at the same threshold, whose lower bound defaults to 1/upper in the ratio-based version of
+    verl/trainer/ppo/rollout_corr_helper.py; TRL's vllm_importance_sampling_mode token_mask / sequence_mask,
+    trl/trainer/grpo_trainer.py, masks the same way but below no lower bound by default). A masked token keeps its
+    place in the step's normalizer, as in TRL (verl drops it from the response mask). The weights are detached:
+    they change the measure, not the objective. The ratio is formed in float32 without verl's ±20 clamp of the
+    log-ratio: exp overflows to inf, which truncate cuts to cap and mask sets to 0, and underflows to 0.
+    """
+    log_ratio = torch.where(mask > 0, old_logp.detach().float() - rollout_logp.float(), 0.0)
+    if level == "sequence":
+        log_ratio = log_ratio.sum(dim=-1, keepdim=True).expand_as(log_ratio)
+    elif level != "token":
+        raise ValueError(f"tis_level={level!r} is invalid: one of {', '.join(TIS_LEVELS)}")
+    ratio = torch.exp(log_ratio)
+    if mode == "truncate":
+        bounded = ratio > cap
+        weights = ratio.clamp(max=cap)
+    elif mode == "mask":
+        bounded = (ratio > cap) | (ratio < 1.0 / cap)
+        weights = torch.where(bounded, torch.zeros_like(ratio), ratio)
+    else:
+        raise ValueError(f"tis_mode={mode!r} is invalid: one of {', '.join(TIS_MODES)}")
+    return weights * mask, bounded.to(mask.dtype) * mask
 
 
 # ----------------------------------------------------------------------------------------------------

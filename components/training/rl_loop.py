@@ -34,7 +34,7 @@ from components.training.batching import Example
 from components.training.engines import EngineSyncError, logprob_gap
 from components.training.loop import Session, StepResult, step_indices
 from components.training.lora import base_reference
-from components.training.objectives import kl_k1
+from components.training.objectives import IS_METRICS, importance_weights, kl_k1
 from components.training.rl import completion_logprobs, minibatches, rollout_seed, write_samples
 from components.training.rollout_worker import RolloutWorker, VersionBook
 
@@ -275,6 +275,21 @@ def train(stage: RLStage, session: Session, engine, prompt_rows: list[dict], rew
             session.maybe_checkpoint(step, state)
             step += 1
     return session.finish()
+
+
+def correction_weights(cfg, rnd: Round, minibatch: list[int]) -> tuple[list[Tensor] | None, dict]:
+    """The off-policy correction of the round's samples `minibatch` (this rank's): each one's per-token importance
+    weights, π_old (the trainer's) over the engine's as cfg's tis_cap, tis_level and tis_mode bound them
+    (objectives.importance_weights), and the tokens they bounded, as a sum the step's record divides by its token
+    count (IS_METRICS). None and {} without tis_cap."""
+    if cfg.tis_cap is None:
+        return None, {}
+    old, mask = padded([rnd.old_logprobs[sample] for sample in minibatch])
+    behaviour, _ = padded([rnd.rollout_logprobs[sample] for sample in minibatch])
+    weights, bounded = importance_weights(old, behaviour, mask, cap=cfg.tis_cap, level=cfg.tis_level,
+                                          mode=cfg.tis_mode)
+    per_sample = [weights[row, :len(rnd.old_logprobs[sample])] for row, sample in enumerate(minibatch)]
+    return per_sample, {IS_METRICS[cfg.tis_mode]: float(bounded.sum())}
 
 
 def round_prompts(stage: RLStage, session: Session, prompt_rows: list[dict], round_index: int

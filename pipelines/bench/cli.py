@@ -20,7 +20,7 @@ from pipelines.bench.measure import device_name, pick_device
 from pipelines.bench.ours import (
     PPO_EPOCHS,
     run_ours,
-    run_ours_async_grpo,
+    run_ours_async,
     run_ours_dpo,
     run_ours_grpo,
     run_ours_ppo,
@@ -86,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="our rollout engine(s), comma-separated of hf, vllm: one grpo and one ppo line per engine "
                         "(the stages' rollout.engine; default: hf)")
     g.add_argument("--async", dest="asynchronous", type=int, default=None, metavar="K",
-                   help="also grpo with a rollout worker sampling ahead (max_staleness K), beside the vllm line: the "
-                        "trainer on the first half of this process's cores, the worker on the rest (taskset)")
+                   help="also grpo and ppo with a rollout worker sampling ahead (max_staleness K), each beside its "
+                        "vllm line: the trainer on the first half of this process's cores, the worker on the rest "
+                        "(taskset)")
     g.add_argument("--nproc", type=int, default=1,
                    help="processes (ranks) our grpo and ppo run on, under torchrun, each with its own engine; the "
                         "line's `ranks` holds each rank's numbers (default: 1)")
@@ -127,9 +128,9 @@ def _bad_arguments(a, objectives: list[str], peers: list[str]) -> str | None:
                                  or a.grpo_steps % k or a.grpo_warmup < 0):
         return ("GRPO needs --group ≥ 2 dividing --grpo-batch-size, --new-tokens, --prompt-len, "
                 "--grpo-steps ≥ 1, and --grpo-steps and --grpo-warmup multiples of --steps-per-rollout")
-    if a.asynchronous is not None and (a.asynchronous < 0 or "grpo" not in objectives or a.nproc > 1
-                                       or len(os.sched_getaffinity(0)) < 2):
-        return "--async K needs K ≥ 0, grpo among --objectives, --nproc 1 and two cores (trainer and worker)"
+    if a.asynchronous is not None and (a.asynchronous < 0 or not set(ROLLOUT_OBJECTIVES) & set(objectives)
+                                       or a.nproc > 1 or len(os.sched_getaffinity(0)) < 2):
+        return "--async K needs K ≥ 0, grpo or ppo among --objectives, --nproc 1 and two cores (trainer and worker)"
     if "ppo" in objectives and (min(a.grpo_batch_size, a.new_tokens, a.prompt_len, a.grpo_steps) < 1
                                 or a.grpo_warmup < 0):
         return "PPO needs --grpo-batch-size, --new-tokens, --prompt-len, --grpo-steps ≥ 1 and --grpo-warmup ≥ 0"
@@ -227,9 +228,9 @@ def _run(a, objectives: list[str], peers: list[str], emit) -> bool:
             ours["grpo"] = lambda a: run_ranks(a, "grpo", work, token_budget, a.ranks_timeout)
             ours["ppo"] = lambda a: run_ranks(a, "ppo", work, token_budget, a.ranks_timeout)
         def variants(obj: str) -> list[argparse.Namespace]:
-            """One run per rollout engine; with --async, grpo's are the synchronous vllm line and the asynchronous
-            one, beside each other."""
-            if obj == "grpo" and a.asynchronous is not None:
+            """One run per rollout engine; with --async, grpo's and ppo's are the synchronous vllm line and the
+            asynchronous one, beside each other."""
+            if obj in ROLLOUT_OBJECTIVES and a.asynchronous is not None:
                 return [argparse.Namespace(**{**vars(a), "rollout": "vllm", "asynchronous": k})
                         for k in (None, a.asynchronous)]
             engines = _split(a.rollout) if obj in ROLLOUT_OBJECTIVES else [None]
@@ -237,8 +238,10 @@ def _run(a, objectives: list[str], peers: list[str], emit) -> bool:
 
         runs = [(obj, args) for obj in objectives for args in variants(obj)]
         if a.asynchronous is not None:
-            ours["grpo"] = lambda a: (run_ours_async_grpo if a.asynchronous is not None else run_ours_grpo)(
-                a, work, dev, token_budget)
+            ours["grpo"] = lambda a: run_ours_async(a, "grpo", work, dev, token_budget) \
+                if a.asynchronous is not None else run_ours_grpo(a, work, dev, token_budget)
+            ours["ppo"] = lambda a: run_ours_async(a, "ppo", work, dev, token_budget) \
+                if a.asynchronous is not None else run_ours_ppo(a, work, dev, token_budget)
         for obj, args in runs:
             res = _measure(f"posttrain_{obj}", a.size, lambda: ours[obj](args))
             extra = {"rollout": args.rollout} if obj in ROLLOUT_OBJECTIVES else {}

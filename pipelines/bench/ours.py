@@ -52,12 +52,19 @@ def stage_config(a, objective: str, token_budget: int, model: str = "", data: st
             "num_generations": a.group, "prompts_per_round": round_size // a.group,
             "sampling": {"max_new_tokens": a.new_tokens, "generation_batch_size": round_size},
             "rollout": {"engine": a.rollout},
-            **({} if getattr(a, "asynchronous", None) is None else {
-                "rollout_worker": True, "max_staleness": a.asynchronous, "rollout_worker_cpus": a.worker_cpus,
-                **({"tis_cap": 2.0} if a.asynchronous else {})}),
+            **async_keys(a),
             "train": {"max_steps": total, "batch_size": a.grpo_batch_size, "token_budget": token_budget,
                       "lr": 1e-6, "seed": 0, "log_every": total}})
     raise ValueError(f"no stage for objective {objective!r}")
+
+
+def async_keys(a) -> dict:
+    """The rollout worker's keys of grpo's and ppo's configs under --async K (none without it): max_staleness K, the
+    worker on a.worker_cpus, and with K > 0 the off-policy correction it needs."""
+    if getattr(a, "asynchronous", None) is None:
+        return {}
+    return {"rollout_worker": True, "max_staleness": a.asynchronous, "rollout_worker_cpus": a.worker_cpus,
+            **({"tis_cap": 2.0} if a.asynchronous else {})}
 
 
 def run_ours(a, objective: str, examples: list, dev: torch.device, token_budget: int) -> dict:
@@ -215,15 +222,18 @@ def split_cores() -> tuple[list[int], list[int]]:
     return cores[:len(cores) // 2], cores[len(cores) // 2:]
 
 
-def run_ours_async_grpo(a, work: str, dev: torch.device, token_budget: int) -> dict:
-    """The grpo stage with a rollout worker sampling ahead (--async K: max_staleness K): this process trains on
-    the first half of its cores (its affinity and torch threads set for the run, then restored), the worker
+def run_ours_async(a, objective: str, work: str, dev: torch.device, token_budget: int) -> dict:
+    """The grpo or ppo stage with a rollout worker sampling ahead (--async K: max_staleness K): this process trains
+    on the first half of its cores (its affinity and torch threads set for the run, then restored), the worker
     samples on the rest (rollout_worker_cpus: taskset). Its completion tokens/s count the trained completion tokens
     over the measured steps' wall time, waits for the worker included (the synchronous line's count)."""
     trainer, worker = split_cores()
     a = argparse.Namespace(**{**vars(a), "worker_cpus": ",".join(map(str, worker))})
-    out, cfg = rollout_job(a, "grpo", work, token_budget)
-    from components.grpo.main import run
+    out, cfg = rollout_job(a, objective, work, token_budget)
+    if objective == "grpo":
+        from components.grpo.main import run
+    else:
+        from components.ppo.main import run
 
     affinity, threads, env = os.sched_getaffinity(0), torch.get_num_threads(), os.environ.get("POSTTRAIN_THREADS")
     os.sched_setaffinity(0, trainer)
@@ -238,12 +248,14 @@ def run_ours_async_grpo(a, work: str, dev: torch.device, token_budget: int) -> d
             os.environ.pop("POSTTRAIN_THREADS", None)
         else:
             os.environ["POSTTRAIN_THREADS"] = env
-    line = grpo_line(a, out, dev, token_budget)
-    measured = _metrics(out)[a.grpo_warmup:]
+    line = rollout_line(a, objective, out, dev, token_budget)
+    # the measured steps, and the first of each round (which holds its round's wait and sampling time)
+    per_round = a.steps_per_rollout if objective == "grpo" else PPO_EPOCHS
+    measured = _metrics(out)[a.grpo_warmup * (1 if objective == "grpo" else PPO_EPOCHS):]
     return {**line, **peaks(dev, rss_reset), "rollout": "vllm", "async": a.asynchronous, "nproc": 1,
             "trainer_cpus": trainer, "worker_cpus": worker,
-            "worker_sample_s": sum(r.get("async/sample_s", 0.0) for r in measured[::a.steps_per_rollout]),
-            "wait_s": sum(r.get("async/wait_s", 0.0) for r in measured[::a.steps_per_rollout]),
+            "worker_sample_s": sum(r.get("async/sample_s", 0.0) for r in measured[::per_round]),
+            "wait_s": sum(r.get("async/wait_s", 0.0) for r in measured[::per_round]),
             "staleness_hist": {key.rsplit("/", 1)[1]: value for key, value in measured[-1].items()
                                if key.startswith("async/staleness_hist/")},
             "dropped": measured[-1].get("async/dropped", 0)}
@@ -308,7 +320,7 @@ def rl_stage_config(a, objective: str, token_budget: int, model: str, data: str,
         return from_mapping(PPOConfig, {
             "model": model, "output_dir": out, "prompts": {"path": data}, "rewards": BENCH_REWARDS,
             "ppo_epochs": PPO_EPOCHS, "num_minibatches": 1, "rollout": {"engine": a.rollout},
-            "sampling": {"max_new_tokens": a.new_tokens, "generation_batch_size": a.grpo_batch_size},
+            "sampling": {"max_new_tokens": a.new_tokens, "generation_batch_size": a.grpo_batch_size}, **async_keys(a),
             "train": {"max_steps": total, "batch_size": a.grpo_batch_size, "token_budget": token_budget,
                       "lr": 1e-6, "seed": 0, "log_every": total}})
     raise ValueError(f"no stage for objective {objective!r}")

@@ -1,7 +1,9 @@
-"""Asynchronous RL on CPU with real vLLM: grpo with a rollout worker (a vLLM engine in a process of its own,
+"""Asynchronous RL on CPU with real vLLM: grpo and ppo with a rollout worker (a vLLM engine in a process of its own,
 components/training/rollout_worker.py) over the tiny model, a few one-step rounds of 16 samples each.
 
-- max_staleness 0: the metrics and samples equal the colocated synchronous loop's for the same seed;
+- max_staleness 0 (grpo and ppo): the metrics and samples equal the colocated synchronous loop's for the same seed;
+- ppo with max_staleness 1: no trained sample is more than one version old, the loss corrected per sequence with
+  masked importance weights; and (the hf engine, no vLLM) ppo's correction weighs the actor's loss, not the critic's;
 - max_staleness 1: no trained sample is more than one version old (from the logged versions), and each round's
   engine log-probs equal the trainer's under the weights of the version it names (≤ 1e-4, fp32); with a corrupted
   push the second check fails;
@@ -26,6 +28,8 @@ from components.config import from_mapping
 from components.grpo.config import GRPOConfig
 from components.grpo.main import run as run_grpo
 from components.models import load_model, load_tokenizer
+from components.ppo.config import PPOConfig
+from components.ppo.main import run as run_ppo
 from components.training import rollout_worker
 from components.training.batching import Example, micro_batches
 from components.training.engines import EngineSyncError
@@ -44,25 +48,35 @@ def lines(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines()]
 
 
-def mapping(model_dir, out, max_steps=3, **keys):
+STAGES = {"grpo": (GRPOConfig, run_grpo), "ppo": (PPOConfig, run_ppo)}
+ROUNDS = {"grpo": {"prompts_per_round": 4, "num_generations": 4},  # one step per round of ROUND samples each
+          "ppo": {"ppo_epochs": 1, "num_minibatches": 1}}
+
+
+def mapping(model_dir, out, max_steps=3, stage="grpo", **keys):
     return {"model": str(model_dir), "output_dir": str(out), "prompts": {"task": "arithmetic", "task_rows": 16},
-            "prompts_per_round": 4, "num_generations": 4, "samples_logged": ROUND,
+            **ROUNDS[stage], "samples_logged": ROUND,
             "sampling": {"max_new_tokens": 8, "temperature": 1.0}, "rollout": {"engine": "vllm", "sync_timeout_s": 60},
             "rewards": [{"name": "format", "pattern": "(?s)[0-9A-Za-z].*"}],
             "train": {"batch_size": ROUND, "lr": 3e-3, "max_steps": max_steps, "log_every": 1}, **keys}
 
 
-def config(model_dir, out, **keys):
-    return from_mapping(GRPOConfig, mapping(model_dir, out, **keys))
+def config(model_dir, out, stage="grpo", **keys):
+    return from_mapping(STAGES[stage][0], mapping(model_dir, out, stage=stage, **keys))
+
+
+def run(stage, cfg):
+    return STAGES[stage][1](cfg)
 
 
 def numbers(record):
     return {k: v for k, v in record.items() if not k.startswith("async/") and not k.endswith(TIMING)}
 
 
-def test_max_staleness_0_equals_the_synchronous_loop(tiny_model_dir, tmp_path):
-    run_grpo(config(tiny_model_dir, tmp_path / "sync"))
-    run_grpo(config(tiny_model_dir, tmp_path / "worker", rollout_worker=True))
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_max_staleness_0_equals_the_synchronous_loop(tiny_model_dir, tmp_path, stage):
+    run(stage, config(tiny_model_dir, tmp_path / "sync", stage))
+    run(stage, config(tiny_model_dir, tmp_path / "worker", stage, rollout_worker=True))
     sync, worker = lines(tmp_path / "sync" / "metrics.jsonl"), lines(tmp_path / "worker" / "metrics.jsonl")
     assert [numbers(r) for r in worker] == [numbers(r) for r in sync] and len(sync) == 3
     assert [r["async/staleness"] for r in worker] == [0, 0, 0] and worker[-1]["async/staleness_hist/0"] == 3 * ROUND
@@ -70,6 +84,37 @@ def test_max_staleness_0_equals_the_synchronous_loop(tiny_model_dir, tmp_path):
     assert [r["version"] for r in samples] == [r["round"] - 1 for r in samples]
     assert [{k: v for k, v in r.items() if k not in ("version", "sample")} for r in samples] == \
         lines(tmp_path / "sync" / "samples.jsonl")
+
+
+def test_ppo_max_staleness_1_trains_no_sample_older_than_one_version(tiny_model_dir, tmp_path):
+    out = tmp_path / "k1"
+    run_ppo(config(tiny_model_dir, out, "ppo", rollout_worker=True, max_staleness=1, tis_cap=2.0,
+                   tis_level="sequence", tis_mode="mask"))
+    samples = lines(out / "samples.jsonl")
+    ages = Counter(r["round"] - 1 - r["version"] for r in samples)
+    assert ages == {0: ROUND, 1: 2 * ROUND}  # round 1 from the start, rounds 2-3 one version behind: none older
+    metrics = lines(out / "metrics.jsonl")
+    assert [m["async/staleness"] for m in metrics] == [0, 1, 1] and metrics[-1]["async/dropped"] == 0
+    assert metrics[1]["sampling/sampling_logp_difference/max"] > 1e-2  # the stale round's gap to the actor
+    masked = [m["rollout_corr/rollout_rs_masked_fraction"] for m in metrics]
+    assert masked[0] == 0.0 and all(0.0 <= f <= 1.0 for f in masked), masked  # round 1: the actor's own weights
+
+
+def test_ppo_tis_weighs_the_actors_loss_and_not_the_critics(tiny_model_dir, tmp_path, monkeypatch):
+    """The hf engine (the actor samples: ρ = 1 up to float noise), one step; then every weight halved: the actor's
+    loss and gradient halve, the critic's do not move."""
+    from components.training import rl_loop
+
+    keys = dict(rollout={"engine": "hf"}, tis_cap=2.0, max_steps=1, whiten_advantages=False)
+    run_ppo(config(tiny_model_dir, tmp_path / "one", "ppo", **keys))
+    real = rl_loop.importance_weights
+    monkeypatch.setattr(rl_loop, "importance_weights", lambda *a, **k: (lambda w, b: (w / 2, b))(*real(*a, **k)))
+    run_ppo(config(tiny_model_dir, tmp_path / "half", "ppo", **keys))
+    [one], [half] = lines(tmp_path / "one" / "metrics.jsonl"), lines(tmp_path / "half" / "metrics.jsonl")
+    assert one["rollout_corr/rollout_is_ratio_fraction_high"] == 0.0 and abs(one["loss/policy_avg"]) > 1e-4
+    for key in ("loss/policy_avg", "grad_norm"):
+        assert half[key] == pytest.approx(one[key] / 2, rel=1e-5), key
+    assert (half["loss/value_avg"], half["val/grad_norm"]) == (one["loss/value_avg"], one["val/grad_norm"])
 
 
 def engine_gaps(model_dir, snapshots, taken):

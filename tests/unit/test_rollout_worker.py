@@ -10,6 +10,7 @@ import torch
 
 from components.config import ConfigError, from_mapping
 from components.grpo.config import GRPOConfig
+from components.ppo.config import PPOConfig
 from components.training.engines import EngineSyncError
 from components.training.rl_loop import Ahead
 from components.training.rollout import Rollout
@@ -151,10 +152,13 @@ def test_a_worker_that_dies_past_its_restarts_stops_the_step():
         run_rounds(ahead(StandIn(dies=[(0, "take")]), 0, restarts=0))
 
 
-def base(**keys):
-    return {"model": "m", "output_dir": "o", "prompts": {"task": "arithmetic"}, "rollout": {"engine": "vllm"}, **keys}
+def base(cls, **keys):
+    extra = {"rewards": [{"name": "arithmetic"}]} if cls is PPOConfig else {}
+    return {"model": "m", "output_dir": "o", "prompts": {"task": "arithmetic"}, "rollout": {"engine": "vllm"},
+            **extra, **keys}
 
 
+@pytest.mark.parametrize("cls", [GRPOConfig, PPOConfig])
 @pytest.mark.parametrize("keys, message", [
     ({"max_staleness": -1}, "max_staleness"),
     ({"max_staleness": 1, "tis_cap": 2.0}, "max_staleness.*without rollout_worker"),
@@ -164,11 +168,11 @@ def base(**keys):
     ({"rollout_worker": True, "rollout_worker_cpus": "0;1"}, "rollout_worker_cpus"),
     ({"rollout_worker_cpus": "1"}, "rollout_worker_cpus.*without rollout_worker"),
 ])
-def test_the_async_keys_are_checked_with_the_spec(keys, message):
+def test_the_async_keys_are_checked_with_the_spec(cls, keys, message):
     with pytest.raises(ConfigError, match=message):
-        from_mapping(GRPOConfig, base(**keys))
-    assert from_mapping(GRPOConfig, base(rollout_worker=True, max_staleness=2, tis_cap=2.0,
-                                         rollout_worker_cpus="1-2,4")).max_staleness == 2
+        from_mapping(cls, base(cls, **keys))
+    assert from_mapping(cls, base(cls, rollout_worker=True, max_staleness=2, tis_cap=2.0,
+                                  rollout_worker_cpus="1-2,4")).max_staleness == 2
 
 
 def test_the_worker_gets_no_torchrun_variables_and_its_own_cores():
@@ -194,13 +198,14 @@ def test_a_stage_that_declares_asynchronous_rl_must_have_the_keys():
 
     from components.stages import _check_config, get
 
-    grpo, ppo = get("grpo"), get("ppo")
-    assert grpo.asynchronous and not ppo.asynchronous
+    grpo, ppo, sft = get("grpo"), get("ppo"), get("sft")
+    assert grpo.asynchronous and ppo.asynchronous and not sft.asynchronous
     _check_config(grpo)
+    _check_config(ppo)
     with pytest.raises(ValueError, match="asynchronous=True is invalid: its config has no `max_staleness`"):
-        _check_config(dataclasses.replace(ppo, asynchronous=True))
+        _check_config(dataclasses.replace(sft, asynchronous=True))
     with pytest.raises(ValueError, match="asynchronous=False is invalid"):
-        _check_config(dataclasses.replace(grpo, asynchronous=False))
+        _check_config(dataclasses.replace(ppo, asynchronous=False))
 
 
 # The trainer's side against a real worker process (the module's own serve loop, weight group and messages) whose

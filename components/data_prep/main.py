@@ -48,7 +48,7 @@ from components.datasets import (
 from components.models import load_tokenizer
 from components.sources.formats import ALPACA_TEMPLATE, RowReader
 from components.sources.readers import READERS, BrokenFile, source_files
-from components.training.batching import render_prompt_completion
+from components.templates import render_prompt_completion
 
 log = logging.getLogger("components.data_prep")
 

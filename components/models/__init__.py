@@ -281,7 +281,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     of the model's type instead (Qwen2Tokenizer for a qwen2 config) and rebuild the tokenizer with that
     family's pre-tokenizer, which silently drops characters its vocabulary lacks (the spaces of "12 + 3").
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # AutoTokenizer's module imports torch: only when needed
 
     path = check_tokenizer_dir(path)
     cls = None
@@ -292,6 +292,8 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     if cls in GENERIC_TOKENIZERS and (path / "tokenizer.json").is_file():
         tok = PreTrainedTokenizerFast.from_pretrained(path)
     else:
+        from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 from components.config import UserError
-from components.training.batching import render_prompt
+from components.templates import render_prompt
 from components.training.config import RolloutEngine
 from components.training.distributed import is_partitioned
 from components.training.lora import is_lora, merged_weights

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from components.training.batching import render_prompt
+from components.templates import render_prompt
 from components.training.distributed import is_partitioned
 from components.training.lora import is_lora
 

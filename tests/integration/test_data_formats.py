@@ -15,7 +15,8 @@ from components.data_prep.config import DataPrepConfig
 from components.data_prep.main import run
 from components.datasets import DataError
 from components.models import load_tokenizer
-from components.training.batching import encode_example, render_prompt_completion
+from components.templates import render_prompt_completion
+from components.training.batching import encode_example
 
 SYSTEM = "Be brief."
 # CJK, emoji (with a skin tone and a ZWJ sequence) and combining marks (e + U+0301, not the precomposed é)

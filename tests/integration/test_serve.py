@@ -15,7 +15,8 @@ import pytest
 
 from components.config import from_mapping
 from components.models import load_model, load_tokenizer
-from components.training.batching import encode_example, render_prompt
+from components.templates import render_prompt
+from components.training.batching import encode_example
 from components.training.config import TrainConfig
 from tests.torchrun import free_port
 

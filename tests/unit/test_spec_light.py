@@ -52,3 +52,13 @@ def test_the_probe_sees_a_heavy_import(tmp_path):
                                                                  'sys.argv = ["pipelines.spec"'), str(SPECS[0])],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "torch" in json.loads(probe.stdout.strip().splitlines()[-1])["heavy"]
+
+
+def test_the_data_prep_step_imports_no_torch():
+    """data_prep renders and counts text (components/templates.py renders the chat templates without torch): its
+    module imports no torch, which each DAG run's data_prep step would otherwise pay for in seconds."""
+    done = subprocess.run([sys.executable, "-c", "import sys, components.data_prep.main; "
+                           "print(sorted(m for m in ('torch',) if m in sys.modules))"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -40,7 +40,8 @@ SLOW = ("tests/cluster/test_e2e.py", "tests/integration/test_demo.py", "tests/e2
 chosen by hand (`pytest -m "not slow" tests`); `make test` runs them all."""
 
 
-SPREAD = ("tests/integration/test_vllm_ranks.py", "tests/cluster/test_e2e.py", "tests/e2e/test_local_run.py",
+SPREAD = ("tests/integration/test_vllm_ranks.py", "tests/cluster/test_e2e.py", "tests/integration/test_async_rl.py",
+          "tests/e2e/test_local_run.py",
           "tests/integration/test_multinode.py", "tests/integration/test_demo.py",
           "tests/integration/test_reliability_runs.py", "tests/integration/test_vllm_lora.py",
           "tests/integration/test_sampling_parallel.py", "tests/integration/test_bench_ranks.py",

@@ -155,17 +155,24 @@ def test_a_branching_spec_runs_each_arm_from_its_start_and_measures_each_effect(
 
 
 def test_a_diverging_stage_fails_the_run_in_one_line_and_nothing_is_registered(tmp_path):
-    """`--param dpo_lr=1e30` with teacher-forced evaluation off: the demo DAG fails at dpo with the stage's one-line
-    reason (training diverged, naming the step), no later stage runs, and no model version is registered."""
+    """`--param dpo_lr=1e30` with teacher-forced evaluation off: the demo's DAG from dpo on (dpo → grpo → evaluate
+    → register, its pairs given as data instead of scored from a PSFT model: the failure needs no trained model)
+    fails at dpo with the stage's one-line reason (training diverged, naming the step), no later stage runs, and
+    no model version is registered."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "chosen": f" {i + 1}", "rejected": f" {i + 2}"})
+                             + "\n" for i in range(64)))
     data = copy.deepcopy(yaml.safe_load((SPECS_DIR / "demo.yaml").read_text()))
-    data["data"]["sources"][0]["rows"] = 2000
-    data["data"]["sources"][1]["rows"] = 64
+    prompts = {**data["data"]["sources"][1], "rows": 64}
+    data["data"]["sources"] = [{"name": "pairs", "uri": str(pairs), "shape": "preference"}, prompts]
+    data["stages"] = [stage for stage in data["stages"] if stage["stage"] not in ("psft", "reward_scoring")]
     for stage in data["stages"]:
         if stage["stage"] == "evaluate":
             stage["settings"] = {**(stage.get("settings") or {}), "teacher_forced": False}
     spec = parse_spec(data, "demo.yaml (diverging dpo)")
+    assert [stage.stage for stage in spec.stages] == ["dpo", "grpo", "evaluate", "register"]
     summary = run_local(spec, tmp_path / "out", state=tmp_path / "state",
-                        arguments={"psft_max_steps": 40, "dpo_max_steps": 4, "dpo_lr": 1e30})
+                        arguments={"dpo_max_steps": 4, "dpo_lr": 1e30})
 
     assert summary["status"] == "failed", summary
     assert summary["error"].startswith("dpo failed: ") and "training diverged" in summary["error"], summary["error"]

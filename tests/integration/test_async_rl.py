@@ -274,6 +274,9 @@ def test_bench_async_runs_beside_the_synchronous_line(capsys):
     sync, ahead = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert "error" not in sync and "error" not in ahead, (sync, ahead)
     assert sync["rollout"] == ahead["rollout"] == "vllm" and "async" not in sync and ahead["async"] == 1
+    # the synchronous line is the colocated vllm engine's bench line: its weights synced, on policy after each sync
+    assert sync["what"] == "posttrain_grpo" and sync["rollout_cache"] == "vllm" and sync["sync_s"] > 0
+    assert sync["logprob_diff_max"] < 1e-4
     assert ahead["trainer_cpus"] and ahead["worker_cpus"] and not set(ahead["trainer_cpus"]) & set(ahead["worker_cpus"])
     for line in (sync, ahead):
         assert 2 * 16 <= line["completion_tokens"] <= 2 * 16 * 12 and line["completion_tokens_per_s"] > 0

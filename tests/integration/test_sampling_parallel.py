@@ -104,9 +104,14 @@ def test_reward_scoring_on_two_processes_writes_what_one_writes(tmp_path, models
 
 def test_vllm_reward_scoring_on_two_engines(tmp_path, models):
     """Data parallel with the vllm engine: two engines (vLLM's external launcher, one per process), each half of
-    the prompts, each sample its own request with its own seed."""
+    the prompts, each sample its own request with its own seed. The one-engine run scores every sample and pairs a
+    prompt's better sample with a worse one."""
     settings = scoring_settings(models, rollout={"engine": "vllm"})
     one = scoring_outputs(run_stage("reward_scoring", settings, tmp_path / "one", nproc=1))
+    scored, pairs = (list(map(json.loads, one[key].splitlines())) for key in ("scored", "pairs"))
+    assert len(scored) == one["stats"]["samples"] == 27 and one["stats"]["pairs"] == len(pairs) >= 1
+    for p in pairs:
+        assert p["chosen_reward"] > p["rejected_reward"] and p["chosen"] != p["rejected"]
     assert scoring_outputs(run_stage("reward_scoring", settings, tmp_path / "two", nproc=2)) == one
 
 

@@ -64,8 +64,8 @@ def test_merged_weights_are_peft_s_merge_without_merging_in_place(tiny_model_dir
 
 
 def grpo_settings(model_dir, target_modules, **train) -> dict:
-    # 4 prompts × 4 samples a round, one optimizer step per round, 3 rounds; dropout 0: the trainer's log-probs
-    # are then exactly the policy's
+    # 4 prompts × 4 samples a round, one optimizer step per round, 3 rounds (unless `train` says); dropout 0: the
+    # trainer's log-probs are then exactly the policy's
     return {"model": str(model_dir), "prompts": {"task": "arithmetic", "task_rows": 16}, "prompts_per_round": 4,
             "num_generations": 4, "sampling": {"max_new_tokens": 8, "temperature": 1.0},
             "rollout": {"engine": "vllm", "sync_timeout_s": 120},
@@ -96,7 +96,7 @@ def test_grpo_with_lora_keeps_the_vllm_engine_on_policy(tiny_model_dir, tmp_path
         lines(tmp_path / "skipped" / "metrics.jsonl"))[1])
 
 
-SKIP_SECOND_SYNC = """
+SKIP_SYNC = """
 from components.grpo.main import main
 from components.training.engines import VLLMEngine
 
@@ -105,7 +105,7 @@ real, calls = VLLMEngine.sync, []
 
 def sync(self, model, tokenizer=None):
     calls.append(1)
-    if len(calls) != 2:
+    if len(calls) != {skipped}:
         real(self, model, tokenizer)
 
 
@@ -114,15 +114,15 @@ main()
 """
 
 
-def run_two_ranks(settings: dict, out: Path, skip_second_sync: bool = False) -> list[dict]:
+def run_two_ranks(settings: dict, out: Path, skip_sync: int | None = None) -> list[dict]:
     """grpo under torchrun with 2 processes (gloo, DeepSpeed), each rank with its own vLLM engine; with
-    `skip_second_sync` each rank's engine misses its second sync. Its metrics.jsonl rows."""
+    `skip_sync` each rank's engine misses that sync (1: the first). Its metrics.jsonl rows."""
     config = out.parent / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump({**settings, "output_dir": str(out)}))
     entry = ["-m", "components.grpo"]
-    if skip_second_sync:
+    if skip_sync:
         script = out.parent / f"{out.name}_skip.py"
-        script.write_text(SKIP_SECOND_SYNC)
+        script.write_text(SKIP_SYNC.replace("{skipped}", str(skip_sync)))
         entry = [str(script)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), *entry, "--config", str(config)]
@@ -133,19 +133,16 @@ def run_two_ranks(settings: dict, out: Path, skip_second_sync: bool = False) -> 
 
 
 def test_grpo_with_lora_and_a_vllm_engine_per_rank(tiny_model_dir, tmp_path):
-    """2 ranks, each with its engine. ZeRO-3 with every parameter partitioned (the base and the adapters): each
+    """2 ranks, each with its engine, ZeRO-3 with every parameter partitioned (the base and the adapters): each
     sync gathers a block's shards to merge it, and every engine stays within 1e-4 of the trainer (the gap's max is
-    over both ranks). ZeRO-2 with each rank's second sync skipped: the first sync is exact, round 3 is stale."""
+    over both ranks) through the first two syncs; each rank's third sync skipped, round 4 is stale, so the check
+    cannot pass on a missed sync. (ZeRO-2 with LoRA on 2 ranks, every round on policy: test_vllm_ranks.py.)"""
     zero3 = {"zero_stage": 3, "zero3_param_persistence_threshold": 0}
-    hist = run_two_ranks(grpo_settings(tiny_model_dir, "all-linear", precision="fp32", **zero3),
-                         tmp_path / "zero3")
-    assert [h["step"] for h in hist] == [1, 2, 3]
+    hist = run_two_ranks(grpo_settings(tiny_model_dir, "all-linear", precision="fp32", max_steps=4, **zero3),
+                         tmp_path / "zero3", skip_sync=3)
+    assert [h["step"] for h in hist] == [1, 2, 3, 4]
     gaps = [h["sampling/sampling_logp_difference/max"] for h in hist]
-    assert all(gap < 1e-4 for gap in gaps), gaps
-    assert all(h["rollout/sync_s"] > 0 for h in hist[:2]) and hist[2]["rollout/sync_s"] == 0
-    assert all(h["grad_norm"] > 0 for h in hist[:2])
-
-    stale = run_two_ranks(grpo_settings(tiny_model_dir, "all-linear", precision="fp32", zero_stage=2),
-                          tmp_path / "zero2", skip_second_sync=True)
-    assert stale[1]["sampling/sampling_logp_difference/max"] < 1e-4  # the first sync happened on both ranks
-    assert stale[2]["sampling/sampling_logp_difference/max"] > 1e-2  # round 3 sampled from the weights before step 2
+    assert all(gap < 1e-4 for gap in gaps[:3]), gaps  # the engines' first weights, and the two syncs after them
+    assert all(h["rollout/sync_s"] > 0 for h in hist[:2]) and hist[3]["rollout/sync_s"] == 0
+    assert all(h["grad_norm"] > 0 for h in hist[:3])
+    assert gaps[3] > 1e-2  # round 4 sampled from the weights before step 3

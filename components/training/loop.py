@@ -291,7 +291,9 @@ class Session:
         `result.sums` are divided by `normalizer` (the step's trained-token count); `extra` is reported as is.
         """
         dist = self.dist
-        totals = dist.all_reduce_sums({"loss": result.loss, **result.sums})
+        # union: a rank with no sample to train in this step (grpo's filter_zero_std kept none of its groups) has
+        # none of the loss's metric sums that the other ranks have
+        totals = dist.all_reduce_sums({"loss": result.loss, **result.sums}, union=True)
         tokens = dist.all_reduce_sum(float(sum(lengths)))
         flops = dist.all_reduce_sum(training_flops(self.model, lengths))
         record = {"step": step + 1, "loss": totals.pop("loss"),

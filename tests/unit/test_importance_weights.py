@@ -85,9 +85,31 @@ CONFIGS = {GRPOConfig: BASE, PPOConfig: {**BASE, "rewards": [{"name": "arithmeti
     ({"tis_mode": "mask"}, r"^config: tis_mode: 'mask' is invalid: truncate \(the default\) without tis_cap"),
     ({"tis_cap": 0.5}, r"^config: tis_cap: 0.5 is invalid: null \(off\) or a number ≥ 1"),
     ({"tis_cap": True}, r"^config: tis_cap: True is invalid"),
+    ({"tis_cap": 1.0, "tis_mode": "mask"}, r"^config: tis_cap: 1.0 is invalid: a number > 1 with tis_mode mask"),
 ])
 def test_the_correction_keys_are_checked_with_the_spec(cls, keys, message):
     with pytest.raises(ConfigError, match=message):
         from_mapping(cls, {**CONFIGS[cls], **keys})
     cfg = from_mapping(cls, {**CONFIGS[cls], "tis_cap": 2.0, "tis_level": "sequence", "tis_mode": "mask"})
     assert (cfg.tis_cap, cfg.tis_level, cfg.tis_mode) == (2.0, "sequence", "mask")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_a_steps_weights_follow_the_configs_level_and_mode(level):
+    """rl_loop.correction_weights (what grpo_step and ppo_step weigh the loss with) takes the round's π_old and engine
+    log-probs of the step's samples, and cfg's tis_cap, tis_level and tis_mode: sample 2 (two tokens, ratios 1.5 and
+    1.6) gets [1.5, 1.6] per token, 2.4 cut to 2 on both tokens per sequence; its bounded tokens are summed."""
+    from types import SimpleNamespace
+
+    from components.training.rl_loop import correction_weights
+
+    old, rollout = log_probs()
+    lengths = [3, 2, 2]
+    rnd = SimpleNamespace(old_logprobs=[old[i, :n].detach() for i, n in enumerate(lengths)],
+                          rollout_logprobs=[rollout[i, :n] for i, n in enumerate(lengths)])
+    cfg = SimpleNamespace(tis_cap=CAP, tis_level=level, tis_mode="truncate")
+    weights, sums = correction_weights(cfg, rnd, [1, 0])
+    expected, bounded = EXPECTED[(level, "truncate")]
+    assert [w.tolist() for w in weights] == [pytest.approx(expected[1][:2]), pytest.approx(expected[0])]
+    assert sums == {IS_METRICS["truncate"]: float(sum(bounded[1]) + sum(bounded[0]))}
+    assert correction_weights(SimpleNamespace(tis_cap=None), rnd, [0]) == (None, {})

@@ -249,9 +249,7 @@ def run_ours_async(a, objective: str, work: str, dev: torch.device, token_budget
         else:
             os.environ["POSTTRAIN_THREADS"] = env
     line = rollout_line(a, objective, out, dev, token_budget)
-    # the measured steps, and the first of each round (which holds its round's wait and sampling time)
-    per_round = a.steps_per_rollout if objective == "grpo" else PPO_EPOCHS
-    measured = _metrics(out)[a.grpo_warmup * (1 if objective == "grpo" else PPO_EPOCHS):]
+    measured, per_round = measured_steps(a, objective, out)  # a round's first step holds its wait and sampling
     return {**line, **peaks(dev, rss_reset), "rollout": "vllm", "async": a.asynchronous, "nproc": 1,
             "trainer_cpus": trainer, "worker_cpus": worker,
             "worker_sample_s": sum(r.get("async/sample_s", 0.0) for r in measured[::per_round]),
@@ -273,14 +271,22 @@ def rollout_line(a, objective: str, out: str, dev: torch.device, token_budget: i
     return (grpo_line if objective == "grpo" else ppo_line)(a, out, dev, token_budget)
 
 
+def measured_steps(a, objective: str, out: str) -> tuple[list[dict], int]:
+    """The metrics of the grpo or ppo stage's measured steps (after --grpo-warmup's: grpo's counts steps, ppo's
+    rounds of PPO_EPOCHS steps), and how many steps a round takes."""
+    per_round = a.steps_per_rollout if objective == "grpo" else PPO_EPOCHS
+    warmup_steps = a.grpo_warmup if objective == "grpo" else a.grpo_warmup * PPO_EPOCHS
+    return _metrics(out)[warmup_steps:], per_round
+
+
 def grpo_line(a, out: str, dev: torch.device, token_budget: int) -> dict:
     """The grpo line's numbers, from the stage's metrics (every rank's tokens; rank 0's step times)."""
-    measured = _metrics(out)[a.grpo_warmup:]
+    measured, per_round = measured_steps(a, "grpo", out)
     sec = sum(r["step_time_s"] for r in measured)
     completion = int(sum(r["trained_tokens"] for r in measured))  # μ = 1: each sampled token trains once
     tokens = int(sum(r["tokens"] for r in measured))
     flops = sum(r["flops"] for r in measured) * 4 / 3  # + the rollout: one forward of every sequence
-    first_of_round = measured[::a.steps_per_rollout]
+    first_of_round = measured[::per_round]
     return {**rates(tokens, sec, flops, len(measured), dev), "completion_tokens_per_s": completion / sec,
             "completion_tokens": completion, "tokens": tokens, "measured_s": sec,
             "rollout_s": sum(r["rollout_s"] for r in first_of_round), "token_budget": token_budget,
@@ -360,8 +366,8 @@ def run_ours_ppo(a, work: str, dev: torch.device, token_budget: int) -> dict:
 def ppo_line(a, out: str, dev: torch.device, token_budget: int) -> dict:
     """The ppo line's numbers, from the stage's metrics (every rank's tokens; rank 0's step times)."""
     cfg_size = SIZES[a.size]
-    measured = _metrics(out)[a.grpo_warmup * PPO_EPOCHS:]
-    first_of_round = measured[::PPO_EPOCHS]
+    measured, per_round = measured_steps(a, "ppo", out)
+    first_of_round = measured[::per_round]
     sec = sum(r["step_time_s"] for r in measured)  # a round's first step holds its rollout
     completion = int(sum(r["trained_tokens"] for r in first_of_round))  # one minibatch: every sampled token
     tokens = int(sum(r["tokens"] for r in measured))

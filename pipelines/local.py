@@ -47,6 +47,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -56,6 +57,7 @@ from components.stages import STAGES
 from components.stages import Stage as StageKind
 from components.stages import get as get_stage
 from components.tracking import UNDELIVERED
+from pipelines import step_server
 from pipelines.spec import Spec, load_spec
 
 log = logging.getLogger("pipelines.local")
@@ -202,8 +204,9 @@ class Steps:
     kfp.local.subprocess_task_handler.run_local_subprocess, starts each in a group of its own, so `stop` can signal a
     step with everything it started (torchrun's ranks) and nothing else."""
 
-    def __init__(self, root: Path, names: dict[str, str]):
+    def __init__(self, root: Path, names: dict[str, str], server: step_server.Server | None = None):
         self.root, self.names = root, {task: display for display, task in names.items()}
+        self.server = server  # forks the steps (pipelines.step_server), when running
         self.running: dict[int, str] = {}  # pid (= its process group) → the step's name
         self.signum: int | None = None
         self.stopped: list[str] = []
@@ -216,9 +219,10 @@ class Steps:
         with self._lock:
             if self.signum is not None:
                 raise RunStopped(self.signum)
+            extra = {**(env_vars or {}), **(self.server.env() if self.server else {})}
             proc = subprocess.Popen(step_command(full_command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, text=True, bufsize=1, process_group=0,
-                                    env={**os.environ, **env_vars} if env_vars else None)
+                                    env={**os.environ, **extra} if extra else None)
             task = _task_of(full_command, self.root)
             self.running[proc.pid] = self.names.get(task, task)
         try:
@@ -300,6 +304,20 @@ def _kfp_local_hooks(steps: Steps, names: list[str]):
     finally:
         executor_input_utils.get_local_pipeline_resource_name = name_fn
         subprocess_task_handler.run_local_subprocess = launch_fn
+
+
+@contextlib.contextmanager
+def _serving(server: step_server.Server | None):
+    """The step server runs while the body does (started with this process's environment, which the steps get)."""
+    if server is None:
+        yield
+        return
+    server.start(dict(os.environ))
+    try:
+        yield
+    finally:
+        server.close()
+        shutil.rmtree(Path(server.path).parent, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -406,10 +424,11 @@ def _run_local(spec: Spec, out: Path, state: Path, arguments: dict | None, verbo
     tasks = display_names(pipeline.pipeline_spec)
     before = set(runs.glob(f"{spec.name}-*")) if runs.exists() else set()
     t0, since_ms = time.perf_counter(), int(time.time() * 1000)
-    error, stopped, steps, names = None, None, Steps(runs, tasks), []
+    server = step_server.Server(Path(tempfile.mkdtemp(prefix="posttrain-steps-"))) if step_server.enabled() else None
+    error, stopped, steps, names = None, None, Steps(runs, tasks, server), []
     progress = Progress(out / "run.log", sys.stdout, tasks, verbose)
     with progress, warnings.catch_warnings(), contextlib.redirect_stdout(progress), \
-            _kfp_local_hooks(steps, names), _stopped_by_signals(steps):
+            _kfp_local_hooks(steps, names), _stopped_by_signals(steps), _serving(server):
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # our images run locally as this Python
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")  # resources
         try:

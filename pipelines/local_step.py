@@ -9,6 +9,9 @@ is about to drop anyway. Once the executor has written the step's outputs, this 
 sequence instead: non-daemon threads have been joined and every atexit callback has run (this one is registered
 first, so it runs last), logging and the standard streams are flushed, then os._exit(0). A step that raises exits
 as it always does (its traceback, status 1).
+
+In a local run whose step server runs (pipelines.step_server), this process only asks the server to fork the step and
+waits for its end; it runs the step itself when the server cannot.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ def _exit_without_teardown() -> None:
 
 
 def main() -> None:
+    server = os.environ.get("POSTTRAIN_STEP_SERVER")  # pipelines.step_server.SOCKET_ENV
+    if server:  # a fork of the run's step server, which has imported torch and the rest, runs the step
+        from pipelines import step_server
+
+        code = step_server.run_forked(server, sys.argv)
+        if code is not None:
+            step_server.exit_as(code)
     atexit.register(_exit_without_teardown)  # before anything the step imports registers its own: runs last
     from kfp.dsl.executor_main import executor_main
 

@@ -168,6 +168,11 @@ def refusal(request: dict, environ: dict[str, str], cwd: str) -> str | None:
                   if request["env"].get(k) != environ.get(k) and k not in SHELL_SET)
     if keys:
         return f"environment differs in {', '.join(keys)}"
+    return None
+
+
+def unforkable() -> str | None:
+    """Why this server's state does not allow a fork, or None."""
     if threading.active_count() != 1:
         return f"the server runs {threading.active_count()} Python threads"
     torch = sys.modules.get("torch")
@@ -283,7 +288,7 @@ def handle(conn: socket.socket, listener: socket.socket, environ: dict, cwd: str
         data, fds = data + chunk, fds + got
     try:
         request = json.loads(data)
-        why = refusal(request, environ, cwd) if len(fds) == 3 else "no standard streams"
+        why = refusal(request, environ, cwd) or unforkable() if len(fds) == 3 else "no standard streams"
         if why:
             conn.sendall(json.dumps({"refused": why}).encode() + b"\n")
             conn.close()

@@ -39,12 +39,16 @@ from pathlib import Path
 
 SOCKET_ENV = "POSTTRAIN_STEP_SERVER"
 """The server's socket, in a step's environment."""
+STOPS = {signal.SIGINT, signal.SIGTERM}
+"""The signals that stop a step (pipelines.local.Steps.stop): blocked across the fork, so one sent to the fork
+before it has its own handlers waits for them."""
 SWITCH_ENV = "POSTTRAIN_FORK_STEPS"
 """0: no server; every step starts as a fresh process."""
 RUNTIME_ENV = {"_KFP_RUNTIME": "true"}
 """What kfp.local's step command adds to the environment of the executor's process (the server's is the same)."""
-SHELL_SET = ("PWD", "OLDPWD", "SHLVL")
-"""Set by the shell that starts a step's process (dash sets PWD): not compared; the fork takes the step's."""
+SHELL_SET = ("PWD", "OLDPWD", "SHLVL", "_")
+"""Set by the shell that starts a step's process (dash sets PWD, bash `_` too): not compared; the fork takes the
+step's."""
 PRELOAD = ("torch", "transformers", "mlflow", "kfp.dsl.executor_main", "components.step", "components.tracking",
            "components.preflight.main")
 """Imported by the server before it serves, with every built-in stage's main module (components.stages) and the
@@ -102,33 +106,45 @@ class Server:
 
 def run_forked(path: str, argv: list[str]) -> int | None:
     """Run this step (`argv`: kfp's executor arguments) as a fork of the server at `path`, this process waiting;
-    returns its exit code (negative: the signal that ended it), or None when the server did not run it."""
+    returns its exit code (negative: the signal that ended it), or None when the server did not run it (said on
+    stderr; a stop signal that came meanwhile is raised here again, once the step is this process's to run)."""
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(path)
     except OSError as e:
         print(f"step server: {e}; the step runs in its own process", file=sys.stderr)
         return None
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    started = ended = None
-    try:  # a signal to the step's group reaches the fork too, which handles it; this waits for its end
+    early: list[int] = []  # stop signals that came before the fork was in this process's group
+    previous = {sig: signal.signal(sig, lambda signum, _: early.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    started = ended = why = None
+    try:
         request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "pgid": os.getpgid(0)}
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
         with conn.makefile("r") as replies:
             started = json.loads(replies.readline() or "null")
             if not started or "pid" not in started:  # refused, or the server is gone: run here
                 why = (started or {}).get("refused", "no answer")
-                print(f"step server: {why}; the step runs in its own process", file=sys.stderr)
-                return None
-            ended = json.loads(replies.readline() or "null")
+                started = None
+            else:
+                # the fork is in this process's group now (the server put it there before it answered): a
+                # signal to the group reaches it, which handles it, and this waits for its end
+                for sig in previous:
+                    signal.signal(sig, signal.SIG_IGN)
+                for signum in early:  # one that came before is passed on
+                    os.kill(started["pid"], signum)
+                ended = json.loads(replies.readline() or "null")
     except (OSError, ValueError) as e:
-        if not started:  # nothing was forked
-            print(f"step server: {e}; the step runs in its own process", file=sys.stderr)
-            return None
+        why = why or str(e)
     finally:
         conn.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if not started:  # nothing was forked
+        print(f"step server: {why}; the step runs in its own process", file=sys.stderr)
+        for signum in early:
+            signal.raise_signal(signum)
+        return None
     if not ended:  # the server died under a running step: its code is lost (never run a step twice)
         print(f"step server: it exited while step process {started['pid']} ran", file=sys.stderr)
         return 1
@@ -138,7 +154,8 @@ def run_forked(path: str, argv: list[str]) -> int | None:
 def exit_as(code: int) -> None:
     """Exit as a process whose step ended with `code` (negative: killed by that signal)."""
     if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL's action cannot be set (and needs not be)
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     os._exit(code if code >= 0 else 128 - code)
 
@@ -183,7 +200,7 @@ def unforkable() -> str | None:
 
 def child(request: dict, fds: list[int], listener: socket.socket, conns: list[socket.socket]) -> None:
     """In the fork: become the step's process and run kfp's executor; never returns."""
-    code = 1
+    code, interrupted = 1, False
     try:
         listener.close()
         for c in conns:
@@ -196,6 +213,7 @@ def child(request: dict, fds: list[int], listener: socket.socket, conns: list[so
         for sig in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # one sent meanwhile is delivered now
         for key in SHELL_SET:
             if key in request["env"]:
                 os.environ[key] = request["env"][key]
@@ -212,9 +230,10 @@ def child(request: dict, fds: list[int], listener: socket.socket, conns: list[so
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
-    except BaseException:
+    except BaseException as e:
         import traceback
         traceback.print_exc()
+        interrupted = isinstance(e, KeyboardInterrupt)
     finally:  # the interpreter's exit sequence without its teardown (pipelines.local_step): threads, atexit, streams
         with contextlib.suppress(BaseException):
             threading._shutdown()
@@ -226,6 +245,9 @@ def child(request: dict, fds: list[int], listener: socket.socket, conns: list[so
                 sys.modules["logging"].shutdown()
             sys.stdout.flush()
             sys.stderr.flush()
+        if interrupted:  # as the interpreter ends on an uncaught KeyboardInterrupt: killed by SIGINT
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         os._exit(code)
 
 
@@ -235,7 +257,7 @@ def serve(path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)  # steps that ask while this imports wait in the backlog
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, lambda *_: None)  # not SIG_IGN: a fork would discard a Ctrl-C sent before it is ready
     preload()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -252,8 +274,8 @@ def serve(path: str) -> None:
     while True:
         for key, _ in sel.select(timeout=1.0):
             if key.data == "stdin":
-                if not os.read(sys.stdin.fileno(), 4096):
-                    return
+                if not os.read(sys.stdin.fileno(), 4096):  # the run ended: exit without the teardown of torch & co
+                    os._exit(0)
             elif key.data == "wake":
                 with contextlib.suppress(BlockingIOError):
                     wake_r.recv(4096)
@@ -261,9 +283,9 @@ def serve(path: str) -> None:
                 conn, _ = listener.accept()
                 try:
                     handle(conn, listener, environ, cwd, waiting)
-                except (OSError, ValueError):
+                except Exception:  # a request cut short or malformed: that step runs in its own process
                     conn.close()
-        while waiting:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -281,21 +303,26 @@ def handle(conn: socket.socket, listener: socket.socket, environ: dict, cwd: str
            waiting: dict[int, socket.socket]) -> None:
     conn.settimeout(30)
     data, fds = b"", []
-    while not data.endswith(b"\n"):
-        chunk, got, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-        if not chunk:
-            raise ValueError("request cut short")
-        data, fds = data + chunk, fds + got
-    try:
+    try:  # the step's descriptors are closed here whatever happens (a fork that kept one would hold its pipe open)
+        while not data.endswith(b"\n"):
+            chunk, got, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+            fds += got
+            if not chunk:
+                raise ValueError("request cut short")
+            data += chunk
         request = json.loads(data)
         why = refusal(request, environ, cwd) or unforkable() if len(fds) == 3 else "no standard streams"
         if why:
             conn.sendall(json.dumps({"refused": why}).encode() + b"\n")
             conn.close()
             return
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
         pid = os.fork()
         if pid == 0:
             child(request, fds, listener, [conn, *waiting.values()])
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
+        with contextlib.suppress(OSError):  # the child does it too; whichever comes first, before the step learns
+            os.setpgid(pid, request["pgid"])  # the pid, so a signal to its group from then on reaches the fork
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         waiting[pid] = conn
     finally:

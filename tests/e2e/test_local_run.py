@@ -61,6 +61,8 @@ def test_short_demo_runs_every_stage(tmp_path):
 
     assert summary["status"] == "succeeded", summary["error"]
     assert json.loads((tmp_path / "out" / "run_summary.json").read_text()) == summary
+    # every step (kfp.local's real `sh -ec` command) was forked from the step server: none ran on its own
+    assert "step server:" not in (tmp_path / "out" / "run.log").read_text()
     stages = summary["stages"]
     assert list(stages) == ["base", "psft", "reward_scoring", "dpo", "grpo"]
     assert stages["psft"]["metrics"]["steps"] == 40 and stages["dpo"]["metrics"]["steps"] == 4

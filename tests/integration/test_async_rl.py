@@ -268,7 +268,7 @@ def test_the_trainer_killed_mid_step_takes_its_worker_along_and_the_run_resumes(
 def test_bench_async_runs_beside_the_synchronous_line(capsys):
     from pipelines.bench.cli import main
 
-    assert main(["--size", "small", "--json", "--objectives", "grpo", "--async", "1", "--prompt-len", "16",
+    assert main(["--size", "demo", "--json", "--objectives", "grpo", "--async", "1", "--prompt-len", "16",
                  "--new-tokens", "12", "--grpo-steps", "2", "--grpo-warmup", "1", "--grpo-batch-size", "16",
                  "--group", "4"]) == 0
     sync, ahead = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]

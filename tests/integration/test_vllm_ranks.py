@@ -219,8 +219,8 @@ def test_bench_measures_each_rank_with_either_engine(capsys):
     threads split over the ranks (one process: tests/unit/test_bench.py)."""
     from pipelines.bench.cli import main
 
-    # (the tiny bench shape's head_dim 16 is below what vLLM's CPU attention supports)
-    assert main(["--size", "small", "--json", "--objectives", "grpo,ppo", "--rollout", "hf,vllm", "--nproc", "2",
+    # (the demo model: head_dim 32, which vLLM's CPU attention supports; the tiny bench shape's 16 is below it)
+    assert main(["--size", "demo", "--json", "--objectives", "grpo,ppo", "--rollout", "hf,vllm", "--nproc", "2",
                  "--prompt-len", "16", "--new-tokens", "12", "--grpo-steps", "2", "--grpo-warmup", "1",
                  "--grpo-batch-size", "16", "--group", "4"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]

@@ -94,7 +94,9 @@ def test_a_forked_step_that_raises_exits_1_with_its_traceback(server, tmp_path):
     assert read(files["marker"]) == "atexit ran"
 
 
-def test_a_signal_to_the_steps_group_ends_the_fork_and_the_step_the_same_way(server, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_steps_group_ends_the_fork_and_the_step_the_same_way(server, tmp_path, sig):
+    # as a fresh interpreter ends: killed by SIGTERM (its default action), or by SIGINT after its KeyboardInterrupt
     proc, files = start_step(tmp_path, "sleep", step_env(server))
     sleeping = files["marker"].with_suffix(".sleeping")
     deadline = time.monotonic() + 120
@@ -102,11 +104,40 @@ def test_a_signal_to_the_steps_group_ends_the_fork_and_the_step_the_same_way(ser
         time.sleep(0.1)
     assert sleeping.exists(), proc.communicate()[1]
     fork = json.loads(read(files["marker"].with_suffix(".facts")))["pid"]
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGTERM
+    os.killpg(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == -sig, stderr
+    assert ("KeyboardInterrupt" in stderr) == (sig == signal.SIGINT)
+    assert read(files["marker"]) == "atexit ran" or sig == signal.SIGTERM
     time.sleep(0.5)  # the server reaps it
     assert not os.path.exists(f"/proc/{fork}")
+
+
+def test_a_stop_signal_that_comes_before_the_fork_stops_the_step(server, tmp_path):
+    """kfp.local's stop reaches a step still waiting for its fork (the server busy: importing, or another
+    request): the step ends by that signal, and the component never runs."""
+    import socket
+
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    busy.connect(server.path)
+    busy.sendall(b"{")  # a request not finished: the server waits for the rest, the next one waits in the backlog
+    try:
+        proc, files = start_step(tmp_path, "sleep", step_env(server))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and not any(
+                os.readlink(f"/proc/{proc.pid}/fd/{fd}").startswith("socket:")
+                for fd in os.listdir(f"/proc/{proc.pid}/fd") if os.path.exists(f"/proc/{proc.pid}/fd/{fd}")):
+            time.sleep(0.05)
+        time.sleep(0.5)  # connected; its handlers are set right after
+        assert proc.poll() is None
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # still waiting for its fork, the signal kept
+    finally:
+        busy.close()  # the server drops the unfinished request and forks the step
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, stderr
+    assert not files["marker"].with_suffix(".facts").exists()
 
 
 @pytest.mark.parametrize("why", ["environment", "no server"])

@@ -198,14 +198,19 @@ def unforkable() -> str | None:
     return None
 
 
-def child(request: dict, fds: list[int], listener: socket.socket, conns: list[socket.socket]) -> None:
-    """In the fork: become the step's process and run kfp's executor; never returns."""
+def child(request: dict, fds: list[int], go: int, listener: socket.socket, conns: list[socket.socket]) -> None:
+    """In the fork: become the step's process and run kfp's executor once the server has told the step it runs
+    here (`go`: a byte; end of file, the server gone or the step not told: exit, the step runs itself); never
+    returns."""
     code, interrupted = 1, False
     try:
         listener.close()
         for c in conns:
             c.close()
         os.setpgid(0, request["pgid"])
+        if os.read(go, 1) != b"1":
+            os._exit(1)
+        os.close(go)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
@@ -220,8 +225,7 @@ def child(request: dict, fds: list[int], listener: socket.socket, conns: list[so
             else:
                 os.environ.pop(key, None)
         sys.argv = list(request["argv"])
-        import pipelines.local_step as main_module  # __main__ as in the step's process (multiprocessing's spawn)
-        sys.modules["__main__"] = main_module
+        sys.modules["__main__"] = main_module()
         from kfp.dsl.executor_main import executor_main
 
         executor_main()
@@ -251,6 +255,17 @@ def child(request: dict, fds: list[int], listener: socket.socket, conns: list[so
         os._exit(code)
 
 
+def main_module():
+    """`__main__` as in `python -m pipelines.local_step`: named __main__, with local_step's spec and file (what
+    multiprocessing's spawn reads to start a child)."""
+    import types
+
+    import pipelines.local_step as local_step
+    module = types.ModuleType("__main__")
+    module.__dict__.update({k: v for k, v in vars(local_step).items() if k != "__name__"})
+    return module
+
+
 def serve(path: str) -> None:
     """Bind `path`, import PRELOAD, then fork each request until stdin closes."""
     environ, cwd = dict(os.environ), os.getcwd()
@@ -266,7 +281,7 @@ def serve(path: str) -> None:
     wake_w.setblocking(False)
     signal.set_wakeup_fd(wake_w.fileno())
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    waiting: dict[int, socket.socket] = {}  # a running fork's pid → its step's connection
+    waiting: dict[int, socket.socket | None] = {}  # a running fork's pid → its step's connection
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, "accept")
     sel.register(sys.stdin, selectors.EVENT_READ, "stdin")
@@ -317,14 +332,22 @@ def handle(conn: socket.socket, listener: socket.socket, environ: dict, cwd: str
             conn.close()
             return
         signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+        go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            child(request, fds, listener, [conn, *waiting.values()])
+            os.close(go_w)
+            child(request, fds, go_r, listener, [conn, *filter(None, waiting.values())])
+        os.close(go_r)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
-        with contextlib.suppress(OSError):  # the child does it too; whichever comes first, before the step learns
-            os.setpgid(pid, request["pgid"])  # the pid, so a signal to its group from then on reaches the fork
-        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-        waiting[pid] = conn
+        waiting[pid] = None  # reaped whatever happens next
+        try:
+            with contextlib.suppress(OSError):  # the child does it too; whichever comes first, before the step
+                os.setpgid(pid, request["pgid"])  # learns the pid, so a signal to its group reaches the fork
+            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            os.write(go_w, b"1")  # the step waits for this fork now: it may run (never both, never twice)
+            waiting[pid] = conn
+        finally:
+            os.close(go_w)
     finally:
         for fd in fds:
             os.close(fd)

@@ -27,7 +27,7 @@ COMPONENT = textwrap.dedent("""
         logging.basicConfig(level=logging.INFO)
         atexit.register(lambda: Path(marker).write_text("atexit ran"))
         facts = {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0), "torch": "torch" in sys.modules,
-                 "main": sys.modules["__main__"].__name__}
+                 "main": (sys.modules["__main__"].__name__, sys.modules["__main__"].__spec__.name)}
         Path(marker + ".facts").write_text(json.dumps(facts))
         if mode == "fail":
             raise ValueError("failing as asked")
@@ -79,7 +79,7 @@ def test_a_forked_step_keeps_its_outputs_log_atexit_and_process_group(server, tm
     facts = json.loads(read(files["marker"].with_suffix(".facts")))
     # run by a fork of the server (torch already imported there), in the group of the process kfp.local started
     assert facts["torch"] and facts["ppid"] == server.proc.pid and facts["pid"] != proc.pid, (facts, stderr)
-    assert facts["pgid"] == proc.pid and facts["main"] == "pipelines.local_step"
+    assert facts["pgid"] == proc.pid and facts["main"] == ["__main__", "pipelines.local_step"]
     assert json.loads(read(files["output"])) == {"parameterValues": {"Output": "done ok"}}
     assert read(files["marker"]) == "atexit ran"
     assert "last line of the step" in stdout + stderr and "Wrote executor output file" in stdout + stderr

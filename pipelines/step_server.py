@@ -289,7 +289,10 @@ def serve(path: str) -> None:
     while True:
         for key, _ in sel.select(timeout=1.0):
             if key.data == "stdin":
-                if not os.read(sys.stdin.fileno(), 4096):  # the run ended: exit without the teardown of torch & co
+                if not os.read(sys.stdin.fileno(), 4096):  # the run ended (or was killed): its socket and
+                    with contextlib.suppress(OSError):      # directory go, and this exits without the teardown
+                        os.unlink(path)                     # of torch & co
+                        os.rmdir(os.path.dirname(path))
                     os._exit(0)
             elif key.data == "wake":
                 with contextlib.suppress(BlockingIOError):

@@ -162,3 +162,26 @@ def test_refusal_names_what_differs():
     assert step_server.refusal({"cwd": "/w", "env": {"A": "2", "B": "1"}}, env, "/w") == \
         "environment differs in A, B"
     assert step_server.refusal({"cwd": "/v", "env": env}, env, "/w") == "working directory /v (the server's: /w)"
+
+
+def test_the_server_of_a_killed_run_exits_and_removes_its_socket(tmp_path):
+    """A run killed with SIGKILL cannot close its server: the server sees its stdin close, removes its socket and
+    directory, and exits."""
+    (tmp_path / "srv").mkdir()
+    run = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from pipelines import step_server\n"
+        f"srv = step_server.Server(Path({str(tmp_path / 'srv')!r}))\n"
+        "srv.start(dict(os.environ))\n"
+        "print(srv.proc.pid, flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    server = int(run.stdout.readline())
+    assert (tmp_path / "srv" / "steps.sock").exists()
+    run.kill()
+    run.wait()
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{server}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{server}") or open(f"/proc/{server}/stat").read().split()[2] == "Z"
+    assert not (tmp_path / "srv").exists()

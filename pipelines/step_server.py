@@ -116,7 +116,7 @@ def run_forked(path: str, argv: list[str]) -> int | None:
         return None
     early: list[int] = []  # stop signals that came before the fork was in this process's group
     previous = {sig: signal.signal(sig, lambda signum, _: early.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+                for sig in STOPS}
     started = ended = why = None
     try:
         request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "pgid": os.getpgid(0)}

@@ -2,7 +2,9 @@
 
 - PSFT freezes π_old for `updates_per_batch` optimizer steps: at the first step of each block its log-probs for the
   block's sequences are computed once, then every step of the block trains against them; a checkpoint keeps the
-  cached log-probs of the steps after it.
+  cached log-probs of the steps after it. At the block's first step π_old is the policy being trained, so that step
+  takes π_old's log-probs from its own forward (detached) instead of a second pass, unless the model has dropout
+  (its training forward is then not π_old's).
 - SFT-KL computes the reference model's log-probs for each micro-batch without gradients (a LoRA policy's
   reference: its base, the adapter disabled).
 """
@@ -41,7 +43,8 @@ def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Pa
         setup(session)
     if ref_model is not None and ref_model is not model:  # (the policy itself: a LoRA policy's base is the reference)
         ref_model.to(session.device).eval().requires_grad_(False)
-    old_cache = session.resumed.get("old_logp", {})  # step -> π_old log-probs of its micro-batches
+    old_cache = session.resumed.get("old_logp", {})  # step -> π_old log-probs of its micro-batches (None: its own)
+    dropout = has_dropout(model)
 
     def step_batches(step: int) -> tuple[list[PackedBatch], list[int]]:
         indices = step_indices(len(examples), cfg.batch_size, step, cfg.seed)[session.dist.rank::session.dist.world]
@@ -53,11 +56,11 @@ def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Pa
         batches, lengths = step_batches(step)
         use_clip = objective.method == "psft" and step >= objective.sft_warmup_steps
         if use_clip and step not in old_cache:
-            old_cache = _old_logprobs_block(session, model, step_batches, step, batches,
-                                            min(step + objective.updates_per_batch, cfg.max_steps))
+            end = min(step + objective.updates_per_batch, cfg.max_steps)
+            old_cache = _old_logprobs_block(session, model, step_batches, step, batches, end, itself=not dropout)
         normalizer = session.dist.all_reduce_sum(sum(float(batch.loss_mask.sum()) for batch in batches))
-        loss_fn = _sft_loss_fn(session, model, objective, normalizer,
-                               old_cache[step] if use_clip else None, ref_model)
+        loss_fn = _sft_loss_fn(session, model, objective, normalizer, ref_model,
+                               clip=use_clip, old_logprobs=old_cache.get(step))
         result = session.optimize(batches, loss_fn)
         session.record(step, result, normalizer, lengths, time.perf_counter() - started)
         session.maybe_checkpoint(step, {"old_logp": {later: logprobs for later, logprobs in old_cache.items()
@@ -65,28 +68,38 @@ def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Pa
     return session.finish()
 
 
+def has_dropout(model) -> bool:
+    """Whether the model's training forward is random (a dropout layer, a LoRA adapter's dropout, attention
+    dropout), so that it differs from the same weights' forward in eval mode."""
+    attention = getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0
+    return attention > 0 or any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules())
+
+
 def _old_logprobs_block(session: Session, model, step_batches, first: int, first_batches: list[PackedBatch],
-                        end: int) -> dict[int, list[torch.Tensor]]:
-    """A new π_old snapshot (PSFT): the log-probs of the sequences of steps first..end-1, computed now."""
-    cache = {}
+                        end: int, itself: bool) -> dict[int, list[torch.Tensor] | None]:
+    """A new π_old snapshot (PSFT): the log-probs of the sequences of steps first..end-1, computed now; with
+    `itself`, step `first`'s are None: its training forward, which runs π_old's weights, gives them."""
+    cache: dict[int, list[torch.Tensor] | None] = {first: None} if itself else {}
     model.eval()
     with torch.no_grad():
-        for step in range(first, end):
+        for step in range(first + int(itself), end):
             batches = first_batches if step == first else step_batches(step)[0]
             cache[step] = [session.forward(model, batch)[0].cpu() for batch in batches]
     model.train()
     return cache
 
 
-def _sft_loss_fn(session: Session, model, objective: SFTObjective, normalizer: float,
-                 old_logprobs: list[torch.Tensor] | None, ref_model):
-    """The loss of one micro-batch of a step: PSFT's clipped ratio when `old_logprobs` (π_old of the step's
-    micro-batches) is given, else SFT-KL or SFT."""
+def _sft_loss_fn(session: Session, model, objective: SFTObjective, normalizer: float, ref_model, *, clip: bool,
+                 old_logprobs: list[torch.Tensor] | None):
+    """The loss of one micro-batch of a step: with `clip`, PSFT's clipped ratio against `old_logprobs`, π_old's
+    log-probs of the step's micro-batches (None: π_old is the model as it is, its own forward gives them); else
+    SFT-KL or SFT."""
     def loss_fn(index: int, micro_batch: PackedBatch):
         logprobs, entropy = session.forward(model, micro_batch)
         mask = micro_batch.loss_mask
-        if old_logprobs is not None:
-            loss, metrics = psft_loss(logprobs, old_logprobs[index].to(session.device), mask, normalizer,
+        if clip:
+            old = logprobs.detach() if old_logprobs is None else old_logprobs[index].to(session.device)
+            loss, metrics = psft_loss(logprobs, old, mask, normalizer,
                                       epsilon_low=objective.epsilon_low, epsilon_high=objective.epsilon_high)
         elif objective.method == "sft_kl":
             with torch.no_grad(), base_reference(model) if ref_model is model else nullcontext():

@@ -87,3 +87,42 @@ def test_a_changed_config_is_not_resumed_silently(tiny_model_dir, tmp_path):
     assert run(from_mapping(SFTConfig, forced))["steps"] == 4
     # a neutral key (how often to log) is not a change: the original config with it resumes without the override
     assert run(from_mapping(SFTConfig, {**settings, "train": {**settings["train"], "log_every": 1}}))["steps"] == 4
+
+
+def test_psft_takes_each_blocks_first_pi_old_from_its_own_forward(tmp_path, tiny_model_dir, monkeypatch):
+    """At the first step of a π_old block the policy is π_old: that step's own forward gives π_old's log-probs,
+    one forward pass fewer per block, and the run is the one that computes them in a pass of their own, bit for
+    bit. A model with dropout (a LoRA adapter's) keeps the pass: its training forward is not π_old's."""
+    from peft import get_peft_model
+
+    import components.sft.loop as loop
+    from components.training.config import Adapter
+
+    tok = load_tokenizer(tiny_model_dir)
+    cfg = TrainConfig(max_steps=7, batch_size=16, token_budget=128, lr=3e-3, seed=3)
+    objective = SFTObjective(method="psft", updates_per_batch=3)
+    passes = []
+    block = loop._old_logprobs_block
+
+    def counted(*args, **kwargs):
+        cache = block(*args, **kwargs)
+        passes.append(sum(logprobs is not None for logprobs in cache.values()))
+        return cache
+    monkeypatch.setattr(loop, "_old_logprobs_block", counted)
+
+    def run(out):
+        passes.clear()
+        lines = train(cfg, load_model(tiny_model_dir), _examples(tok), tmp_path / out, pad_id=tok.pad_token_id,
+                      objective=objective)
+        return [{k: v for k, v in line.items() if "time" not in k and "per_s" not in k} for line in lines], passes[:]
+
+    own, own_passes = run("own")
+    assert not loop.has_dropout(load_model(tiny_model_dir))
+    monkeypatch.setattr(loop, "has_dropout", lambda model: True)
+    second, second_passes = run("second")
+    assert (own_passes, second_passes) == ([2, 2, 0], [3, 3, 1])  # blocks at steps 0, 3, 6 of 7
+    assert own == second
+    # π_old is the policy at each block's first step (0, 3, 6) and an older one after it
+    assert [line["kl_old"] == 0 for line in own] == [True, False, False] * 2 + [True], own
+    monkeypatch.undo()
+    assert loop.has_dropout(get_peft_model(load_model(tiny_model_dir), Adapter(enabled=True).peft_config()))

@@ -4,11 +4,9 @@ teardown.
     python -m pipelines.local_step --executor_input ... --function_to_execute ...   (kfp.dsl.executor_main's arguments)
 
 A step that has imported torch, transformers and MLflow spends seconds after its last line freeing them (8-10 s
-for a 1-step SFT step with the cores shared, 0.1-0.2 s without): the finalization of modules and objects the process
-is about to drop anyway. Once the executor has written the step's outputs, this exits at the end of the exit
-sequence instead: non-daemon threads have been joined and every atexit callback has run (this one is registered
-first, so it runs last), logging and the standard streams are flushed, then os._exit(0). A step that raises exits
-as it always does (its traceback, status 1).
+for a 1-step SFT step with the cores shared): the finalization of modules and objects the process is about to drop
+anyway. Once the executor has written the step's outputs, this exits at the end of the exit sequence instead
+(components.exiting). A step that raises exits as it always does (its traceback, status 1).
 
 In a local run whose step server runs (pipelines.step_server), this process only asks the server to fork the step and
 waits for its end; it runs the step itself when the server cannot.
@@ -16,21 +14,8 @@ waits for its end; it runs the step itself when the server cannot.
 
 from __future__ import annotations
 
-import atexit
 import os
 import sys
-
-_succeeded: list[bool] = []
-
-
-def _exit_without_teardown() -> None:
-    if not _succeeded:
-        return
-    if "logging" in sys.modules:
-        sys.modules["logging"].shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(0)
 
 
 def main() -> None:
@@ -41,11 +26,15 @@ def main() -> None:
         code = step_server.run_forked(server, sys.argv)
         if code is not None:
             step_server.exit_as(code)
-    atexit.register(_exit_without_teardown)  # before anything the step imports registers its own: runs last
-    from kfp.dsl.executor_main import executor_main
+    from components import exiting
+
+    exiting.run(_executor_main)
+
+
+def _executor_main() -> None:
+    from kfp.dsl.executor_main import executor_main  # imported after exiting.run registered its callback
 
     executor_main()
-    _succeeded.append(True)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,3 @@
-from components.data_prep.main import main
+from components import exiting
 
-main()
+exiting.run("components.data_prep.main")

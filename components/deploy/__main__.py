@@ -1,3 +1,3 @@
-from components.deploy.main import main
+from components import exiting
 
-main()
+exiting.run("components.deploy.main")

@@ -1,3 +1,3 @@
-from components.dpo.main import main
+from components import exiting
 
-main()
+exiting.run("components.dpo.main")

@@ -1,3 +1,3 @@
-from components.evaluate.main import main
+from components import exiting
 
-main()
+exiting.run("components.evaluate.main")

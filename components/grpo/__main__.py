@@ -1,3 +1,3 @@
-from components.grpo.main import main
+from components import exiting
 
-main()
+exiting.run("components.grpo.main")

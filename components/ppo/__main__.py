@@ -1,3 +1,3 @@
-from components.ppo.main import main
+from components import exiting
 
-main()
+exiting.run("components.ppo.main")

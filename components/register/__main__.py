@@ -1,3 +1,3 @@
-from components.register.main import main
+from components import exiting
 
-main()
+exiting.run("components.register.main")

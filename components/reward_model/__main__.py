@@ -1,3 +1,3 @@
-from components.reward_model.main import main
+from components import exiting
 
-main()
+exiting.run("components.reward_model.main")

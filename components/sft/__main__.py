@@ -1,3 +1,3 @@
-from components.sft.main import main
+from components import exiting
 
-main()
+exiting.run("components.sft.main")

@@ -4,10 +4,12 @@ components.<stage>`: a torchrun rank, a pod, a local step) once their work is do
 A process that has imported torch, transformers, MLflow or vLLM spends seconds after its last line freeing modules
 and objects it is about to drop anyway: on two idle cores 0.7 s for `import torch` alone, 1.4 s with a transformers
 model class, 2.5 s with vLLM's `LLM`, and 4 s after a grpo stage that ran a vLLM engine (more with the cores shared).
-`run(main)` registers an atexit callback first, so that it runs last, then runs `main`. When `main` returns, the
-interpreter's exit sequence runs as usual: non-daemon threads are joined and every other atexit callback runs (MLflow's,
-vLLM's, logging's flush); then that last callback flushes the standard streams and ends the process with os._exit(0),
-where the teardown would begin. A `main` that raises, or exits with a status, ends as it always does.
+`run(main)` registers an atexit callback first, so that it runs after every callback that `main`'s imports register,
+then runs `main`. When `main` returns, the interpreter's exit sequence runs as usual: non-daemon threads are joined
+and those callbacks run (MLflow's, vLLM's, multiprocessing's); then this one shuts logging down (whose own callback,
+registered when `components` was imported, would come after it), flushes the standard streams and ends the process
+with os._exit(0), where the teardown would begin. A `main` that raises, or exits with a status, ends as it always
+does.
 """
 
 from __future__ import annotations

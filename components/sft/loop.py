@@ -68,11 +68,30 @@ def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Pa
     return session.finish()
 
 
+RANDOM_IN_TRAINING = ("dropout", "pdrop", "layerdrop", "jitter")
+"""Parts of config keys whose value > 0 makes a model's training forward random: dropout called as a function (OPT,
+Falcon and BLOOM call F.dropout), attention dropout, dropped layers, a router's jitter (PhiMoE, Mixtral)."""
+
+
 def has_dropout(model) -> bool:
-    """Whether the model's training forward is random (a dropout layer, a LoRA adapter's dropout, attention
-    dropout), so that it differs from the same weights' forward in eval mode."""
-    attention = getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0
-    return attention > 0 or any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules())
+    """Whether the model's training forward is random (a dropout layer such as a LoRA adapter's, or a config value
+    of RANDOM_IN_TRAINING above 0, sub-configs included), so that it differs from the same weights' forward in eval
+    mode."""
+    if any(isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0 for module in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    return _random_settings(config.to_dict() if hasattr(config, "to_dict") else {})
+
+
+def _random_settings(settings: dict) -> bool:
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            if _random_settings(value):
+                return True
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+              and any(part in key for part in RANDOM_IN_TRAINING)):
+            return True
+    return False
 
 
 def _old_logprobs_block(session: Session, model, step_batches, first: int, first_batches: list[PackedBatch],

@@ -126,3 +126,6 @@ def test_psft_takes_each_blocks_first_pi_old_from_its_own_forward(tmp_path, tiny
     assert [line["kl_old"] == 0 for line in own] == [True, False, False] * 2 + [True], own
     monkeypatch.undo()
     assert loop.has_dropout(get_peft_model(load_model(tiny_model_dir), Adapter(enabled=True).peft_config()))
+    model = load_model(tiny_model_dir)
+    model.config.attention_dropout = 0.1  # attention dropout is a function call: no module shows it
+    assert loop.has_dropout(model)

@@ -44,7 +44,7 @@ def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Pa
     if ref_model is not None and ref_model is not model:  # (the policy itself: a LoRA policy's base is the reference)
         ref_model.to(session.device).eval().requires_grad_(False)
     old_cache = session.resumed.get("old_logp", {})  # step -> π_old log-probs of its micro-batches (None: its own)
-    dropout = has_dropout(model)
+    own_first = objective.method == "psft" and not has_dropout(model)  # a block's first step: π_old from its forward
 
     def step_batches(step: int) -> tuple[list[PackedBatch], list[int]]:
         indices = step_indices(len(examples), cfg.batch_size, step, cfg.seed)[session.dist.rank::session.dist.world]
@@ -57,7 +57,7 @@ def train(cfg: TrainConfig, model, examples: list[Example], output_dir: str | Pa
         use_clip = objective.method == "psft" and step >= objective.sft_warmup_steps
         if use_clip and step not in old_cache:
             end = min(step + objective.updates_per_batch, cfg.max_steps)
-            old_cache = _old_logprobs_block(session, model, step_batches, step, batches, end, itself=not dropout)
+            old_cache = _old_logprobs_block(session, model, step_batches, step, batches, end, itself=own_first)
         normalizer = session.dist.all_reduce_sum(sum(float(batch.loss_mask.sum()) for batch in batches))
         loss_fn = _sft_loss_fn(session, model, objective, normalizer, ref_model,
                                clip=use_clip, old_logprobs=old_cache.get(step))

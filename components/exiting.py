@@ -10,6 +10,11 @@ and those callbacks run (MLflow's, vLLM's, multiprocessing's); then this one shu
 registered when `components` was imported, would come after it), flushes the standard streams and ends the process
 with os._exit(0), where the teardown would begin. A `main` that raises, or exits with a status, ends as it always
 does.
+
+C++ static destructors do not run either, so nothing outside the process may depend on them: vLLM's CPU
+communicator removes its shared memory names only in one, and a name left behind refuses the next engine of that
+shape on the machine; the engine therefore removes them as soon as every rank has joined them
+(components/training/engines.py, `release_shm_names`).
 """
 
 from __future__ import annotations

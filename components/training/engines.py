@@ -307,6 +307,57 @@ def remove_orphan_dirs(parent: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+SHM_SUFFIX = "-cpushm_"
+"""vLLM's CPU communicator (a tensor- or pipeline-parallel group on CPU) keeps one POSIX shared memory segment per
+rank, named "<ident>-<group>-[<ranks>]-cpushm_<rank>" (vllm csrc/cpu/shm.cpp, SHMManager; the name from
+vllm/distributed/device_communicators/cpu_communicator.py). Each rank creates its own with O_EXCL, and the names
+are removed only by a C++ static destructor at the process's exit. Under torchrun the ident is the same for every
+run ("//" from env://), so a name left behind (a process ended by os._exit, components/exiting.py, or killed) makes
+the next engine of that shape on the machine fail: "create shm in SHMManager failed. errno: 17"."""
+
+
+def release_shm_names() -> None:
+    """Remove the names of this process's vLLM CPU communicator segments once every rank has joined them (vLLM's
+    `_init_cpu_shm` ends with a barrier after the join): the mappings stay, so the engine keeps working and no exit,
+    however abrupt, leaves a name behind. The destructor's own shm_unlink then finds nothing (ENOENT, ignored)."""
+    import _posixshmem
+
+    from vllm.distributed import parallel_state
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    for ref in list(parallel_state._groups.values()):
+        group = ref()
+        shm = getattr(getattr(group, "device_communicator", None), "dist_module", None)
+        if isinstance(shm, _CPUSHMDistributed):
+            for rank in range(group.world_size):
+                try:
+                    _posixshmem.shm_unlink(f"{shm.group_name}_{rank}")
+                except FileNotFoundError:
+                    pass
+
+
+def remove_orphan_shm(parent: Path = Path("/dev/shm"), min_age_s: float = 10.0) -> None:
+    """Remove the vLLM CPU communicator segments under `parent` that no live process maps: names left by an engine
+    killed while it was starting, before `release_shm_names`. A segment is mapped by its creator right after it
+    is created; `min_age_s` keeps the instant between the two."""
+    names = [path for path in parent.glob(f"*{SHM_SUFFIX}*") if path.is_file()]
+    if not names or not Path("/proc/self/maps").exists():
+        return
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split(maxsplit=5)[-1] for line in maps.read_text().splitlines() if str(parent) in line)
+        except OSError:  # gone meanwhile, or not ours to read: another user's, which cannot map a segment (0600)
+            continue
+    now = time.time()
+    for path in names:
+        try:
+            if str(path) not in mapped and now - path.stat().st_mtime > min_age_s:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+
 class VLLMEngine(Engine):
     """A colocated in-process vLLM engine over a copy of the policy's weights, or over a model directory."""
 
@@ -356,8 +407,10 @@ class VLLMEngine(Engine):
                 tokenizer.save_pretrained(self.dir)
             from vllm import LLM
 
+            remove_orphan_shm()
             with _context_proxies_hidden():
                 self.llm = LLM(**args)
+            release_shm_names()
             if not from_dir:
                 self._push(source, "rollout engine start (the policy's weights)", everything=True)
         except BaseException:

@@ -10,8 +10,10 @@ each), so the arithmetic is the same.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import yaml
 
 from components.datasets import write_jsonl
 from components.models import build_tiny_model
+from components.training.engines import SHM_SUFFIX
 from tests.torchrun import free_port, rank_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,8 +124,15 @@ def test_vllm_evaluate_on_one_engine_split_over_two_processes(tmp_path, models, 
     copy of a model."""
     settings = eval_settings(models, data_suite, rollout={"engine": "vllm"}, teacher_forced=False)
     one = eval_outputs(run_stage("evaluate", settings, tmp_path / "one", nproc=1))
+    # what a run killed while its engine started leaves: the segment vLLM creates with O_EXCL under this same name
+    # (components/training/engines.py, SHM_SUFFIX); the engine removes it as no process maps it
+    shm = Path("/dev/shm")
+    stale = shm / f"-tp:0-[0-1]{SHM_SUFFIX}0"
+    stale.write_bytes(bytes(4096))
+    os.utime(stale, (time.time() - 60, time.time() - 60))
     tp = eval_outputs(run_stage("evaluate", {**settings, "rollout": {"engine": "vllm", "tensor_parallel_size": 2}},
                                 tmp_path / "tp2", nproc=2))
+    assert not list(shm.glob(f"*{SHM_SUFFIX}*")), "the engine's exit left its shared memory names behind"
     assert tp["eval"]["config"]["rollout"].pop("tensor_parallel_size") == 2
     assert one["eval"]["config"]["rollout"].pop("tensor_parallel_size") == 1
     assert tp == one

@@ -68,3 +68,32 @@ def test_an_engine_folder_left_by_a_killed_process_is_removed_and_a_live_ones_ke
     remove_orphan_dirs(tmp_path)
     assert not orphan.exists()
     assert live.exists() and other.exists()
+
+
+def test_a_vllm_shm_segment_no_process_maps_is_removed_and_a_mapped_or_new_one_kept(tmp_path):
+    """vLLM's CPU communicator creates its segments with O_EXCL under a name that is the same for every torchrun
+    run (vllm csrc/cpu/shm.cpp, SHMManager::init_shm), so one left by a killed run would refuse the next engine."""
+    import subprocess
+    import sys
+    import time
+
+    from components.training.engines import SHM_SUFFIX, remove_orphan_shm
+
+    mapped, orphan, new = (tmp_path / f"-tp:0-[0-1]{SHM_SUFFIX}{i}" for i in (0, 1, 2))
+    for path in (mapped, orphan, new):
+        path.write_bytes(bytes(4096))
+    old = time.time() - 60
+    for path in (mapped, orphan):
+        os.utime(path, (old, old))
+    holder = subprocess.Popen([sys.executable, "-c", "import mmap, sys; f = open(sys.argv[1], 'r+b'); "
+                               "m = mmap.mmap(f.fileno(), 0); print('mapped', flush=True); sys.stdin.read()",
+                               str(mapped)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "mapped"
+        remove_orphan_shm(tmp_path)
+        assert mapped.exists() and new.exists() and not orphan.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    remove_orphan_shm(tmp_path)  # its holder gone, the mapped one is an orphan too
+    assert not mapped.exists() and new.exists()

@@ -3,10 +3,13 @@ evaluate stage's greedy completions, and Ctrl-C stops it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -76,6 +79,8 @@ def test_serve_answers_with_the_evaluate_stage_s_greedy_completions(tiny_model_d
         while "ready at" not in line and time.monotonic() < deadline and proc.poll() is None:
             line = proc.stdout.readline()
         assert "ready at" in line and f"http://127.0.0.1:{port}/v1" in line, line
+        # the server's logs (vLLM's and uvicorn's, on the stdout it inherits) read on, so no write of its blocks
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
         url = f"http://127.0.0.1:{port}/v1"
         tok = load_tokenizer(model_dir)
         for prompt, completion in expected.items():
@@ -89,7 +94,11 @@ def test_serve_answers_with_the_evaluate_stage_s_greedy_completions(tiny_model_d
             assert text["choices"][0]["text"] == completion, prompt
         assert _processes_serving(tmp_path / "served")  # the vLLM server, a process of its own
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        assert proc.wait(120) == 0
+        try:
+            code = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"posttrain serve did not stop within 120 s of Ctrl-C: {_signal_state(proc.pid)}")
+        assert code == 0
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
         assert _processes_serving(tmp_path / "served") == []  # stopped, not orphaned
@@ -97,7 +106,22 @@ def test_serve_answers_with_the_evaluate_stage_s_greedy_completions(tiny_model_d
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pid in _processes_serving(tmp_path / "served"):  # a server left by a failure: not to the next tests
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
     assert (tmp_path / "served" / "config.json").exists()
+
+
+def _signal_state(pid: int) -> str:
+    """What a process does with signals, and where each of its threads waits (/proc)."""
+    lines = [line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Sig")]
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+        with contextlib.suppress(OSError):
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            blocked = (task / "status").read_text().split("SigBlk:")[1].split()[0]
+            lines.append(f"thread {task.name} ({(task / 'comm').read_text().strip()}): {state} in "
+                         f"{(task / 'wchan').read_text() or '?'}, blocked {blocked}")
+    return "; ".join(lines)
 
 
 def _processes_serving(model_dir: Path) -> list[int]:

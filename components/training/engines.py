@@ -319,7 +319,8 @@ the next engine of that shape on the machine fail: "create shm in SHMManager fai
 def release_shm_names() -> None:
     """Remove the names of this process's vLLM CPU communicator segments once every rank has joined them (vLLM's
     `_init_cpu_shm` ends with a barrier after the join): the mappings stay, so the engine keeps working and no exit,
-    however abrupt, leaves a name behind. The destructor's own shm_unlink then finds nothing (ENOENT, ignored)."""
+    however abrupt, leaves a name behind. At a normal exit the destructor's own shm_unlink finds nothing (ENOENT,
+    ignored), unless another engine of the same shape on the machine is starting at that very moment."""
     import _posixshmem
 
     from vllm.distributed import parallel_state
@@ -337,24 +338,27 @@ def release_shm_names() -> None:
 
 
 def remove_orphan_shm(parent: Path = Path("/dev/shm"), min_age_s: float = 10.0) -> None:
-    """Remove the vLLM CPU communicator segments under `parent` that no live process maps: names left by an engine
-    killed while it was starting, before `release_shm_names`. A segment is mapped by its creator right after it
-    is created; `min_age_s` keeps the instant between the two."""
-    names = [path for path in parent.glob(f"*{SHM_SUFFIX}*") if path.is_file()]
+    """Remove this user's vLLM CPU communicator segments under `parent` that no live process maps: names left by an
+    engine killed while it was starting, before `release_shm_names`. A segment is mapped by its creator right after
+    it is created; `min_age_s` keeps the instant between the two. Another user's segments are never touched: their
+    processes' maps are not ours to read, and the sticky /dev/shm would refuse the unlink."""
+    parent = parent.resolve()  # /proc/<pid>/maps names the real path
+    uid = os.getuid()
+    names = [path for path in parent.glob(f"*{SHM_SUFFIX}*") if path.is_file() and path.stat().st_uid == uid]
     if not names or not Path("/proc/self/maps").exists():
         return
     mapped: set[str] = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
             mapped.update(line.split(maxsplit=5)[-1] for line in maps.read_text().splitlines() if str(parent) in line)
-        except OSError:  # gone meanwhile, or not ours to read: another user's, which cannot map a segment (0600)
+        except OSError:  # gone meanwhile, or another user's process: it cannot map this user's segments (0600)
             continue
     now = time.time()
     for path in names:
         try:
             if str(path) not in mapped and now - path.stat().st_mtime > min_age_s:
                 path.unlink()
-        except FileNotFoundError:
+        except OSError:  # removed meanwhile by another engine's start, or not removable: left as it is
             pass
 
 

@@ -9,6 +9,7 @@ each), so the arithmetic is the same.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -126,13 +127,16 @@ def test_vllm_evaluate_on_one_engine_split_over_two_processes(tmp_path, models, 
     one = eval_outputs(run_stage("evaluate", settings, tmp_path / "one", nproc=1))
     # what a run killed while its engine started leaves: the segment vLLM creates with O_EXCL under this same name
     # (components/training/engines.py, SHM_SUFFIX); the engine removes it as no process maps it
-    shm = Path("/dev/shm")
-    stale = shm / f"-tp:0-[0-1]{SHM_SUFFIX}0"
-    stale.write_bytes(bytes(4096))
-    os.utime(stale, (time.time() - 60, time.time() - 60))
+    group = f"-tp:0-[0-1]{SHM_SUFFIX}"
+    stale = Path("/dev/shm") / f"{group}0"
+    with contextlib.suppress(FileExistsError):  # one there already is left as it is
+        with open(stale, "xb") as f:
+            f.write(bytes(4096))
+        os.utime(stale, (time.time() - 60, time.time() - 60))
     tp = eval_outputs(run_stage("evaluate", {**settings, "rollout": {"engine": "vllm", "tensor_parallel_size": 2}},
                                 tmp_path / "tp2", nproc=2))
-    assert not list(shm.glob(f"*{SHM_SUFFIX}*")), "the engine's exit left its shared memory names behind"
+    left = [p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(group)]
+    assert not left, f"the engine's exit left its shared memory names behind: {left}"
     assert tp["eval"]["config"]["rollout"].pop("tensor_parallel_size") == 2
     assert one["eval"]["config"]["rollout"].pop("tensor_parallel_size") == 1
     assert tp == one

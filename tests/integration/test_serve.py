@@ -80,7 +80,7 @@ def test_serve_answers_with_the_evaluate_stage_s_greedy_completions(tiny_model_d
             line = proc.stdout.readline()
         assert "ready at" in line and f"http://127.0.0.1:{port}/v1" in line, line
         # the server's logs (vLLM's and uvicorn's, on the stdout it inherits) read on, so no write of its blocks
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        threading.Thread(target=_drain, args=(proc.stdout.buffer,), daemon=True).start()
         url = f"http://127.0.0.1:{port}/v1"
         tok = load_tokenizer(model_dir)
         for prompt, completion in expected.items():
@@ -106,10 +106,15 @@ def test_serve_answers_with_the_evaluate_stage_s_greedy_completions(tiny_model_d
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in _processes_serving(tmp_path / "served"):  # a server left by a failure: not to the next tests
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        for pid in _processes_serving(tmp_path / "served"):  # a server left by a failure, with its engine process
+            with contextlib.suppress(OSError):  # (its own session: serve starts it so)
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
     assert (tmp_path / "served" / "config.json").exists()
+
+
+def _drain(stream) -> None:
+    while stream.read1(1 << 16):
+        pass
 
 
 def _signal_state(pid: int) -> str:

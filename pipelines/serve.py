@@ -156,7 +156,7 @@ def main(argv: list[str]) -> int:
     try:
         wait_ready(url, proc, args.start_timeout)
         print(f"posttrain serve: ready at {url}/v1 (model {args.name!r}); Ctrl-C stops it", flush=True)
-        status = _wait(proc)
+        status = proc.wait()
         print(f"posttrain serve: the vLLM server exited with status {status}", file=sys.stderr)
     except ServeError as e:
         print(f"posttrain serve: {e}", file=sys.stderr)
@@ -168,17 +168,6 @@ def main(argv: list[str]) -> int:
             status = 1
         signal.signal(signal.SIGTERM, previous)
     return status
-
-
-def _wait(proc: subprocess.Popen) -> int:
-    """proc.wait(), a second at a time: the kernel may hand Ctrl-C to another of this process's threads (MLflow's
-    download pool), which interrupts no blocking wait of the main thread, and Python runs the handler only once the
-    main thread runs Python again."""
-    while True:
-        try:
-            return proc.wait(1.0)
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _interrupt(signum, frame):

@@ -71,8 +71,11 @@ def test_serve_answers_with_the_evaluate_stage_s_greedy_completions(tiny_model_d
     assert len(expected) == 20 and sum(bool(text) for text in expected.values()) >= 10
 
     port = free_port()
+    # SIGINT as a terminal leaves it: a suite started in the background of a non-interactive shell ignores it, and a
+    # program started with SIGINT ignored keeps ignoring it (Python does), so Ctrl-C would not reach serve
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--name", name, "--port", str(port),
-                             "--dir", str(tmp_path / "served")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                             "--dir", str(tmp_path / "served")], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 600
         line = ""
